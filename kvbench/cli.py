@@ -1,0 +1,99 @@
+"""The `kvbench` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from kvbench import models
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _int(text: str, flag: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{flag}: {text!r} is not a whole number") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvbench", description="Compare KV-cache compression policies honestly.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compare", help="run methods on the same model and samples, print a leaderboard")
+    c.add_argument("--methods", type=_csv, default=["full", "streamingllm", "h2o"],
+                   help="comma-separated method names (see `kvbench methods`)")
+    c.add_argument("--budget", type=_csv, default=["256"],
+                   help="KV budget per layer: tokens (256) or a ratio of tokens seen (0.25); comma-separated sweep")
+    c.add_argument("--tasks", type=_csv, default=["needle"], help="comma-separated built-in tasks")
+    c.add_argument("--context-lengths", type=_csv, default=None,
+                   help="needle context lengths in tokens, comma-separated (default: the task's own)")
+    c.add_argument("--limit", type=int, default=None, help="at most N samples per task")
+    c.add_argument("--model", default=models.DEFAULT_MODEL,
+                   help=f"bundled alias ({', '.join(models.BUNDLED)}), a .gguf file, or a local HF model directory")
+    c.add_argument("--method-args", action="append", default=[], metavar="METHOD:K=V[,K=V]",
+                   help="policy parameters, e.g. h2o:heavy_ratio=0.5 (repeatable)")
+    c.add_argument("--prefill-chunk", type=int, default=512, help="prefill chunk size in tokens")
+    c.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    c.add_argument("--out", type=Path, default=None, help="output folder (default: a new folder in reports/runs/)")
+    c.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    sub.add_parser("methods", help="list the registered methods and their parameters")
+    return p
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from kvbench.compare import CompareSpec, default_out_dir, parse_method_args, run
+    from kvbench.leaderboard import markdown
+    from kvbench.policy import Budget
+
+    spec = CompareSpec(
+        methods=args.methods,
+        budgets=[Budget.parse(b) for b in args.budget],
+        tasks=args.tasks,
+        model=args.model,
+        limit=args.limit,
+        prefill_chunk=args.prefill_chunk,
+        method_args=parse_method_args(args.method_args),
+        device=args.device,
+        context_lengths=tuple(_int(x, "--context-lengths") for x in args.context_lengths)
+        if args.context_lengths else None,
+    )
+    if args.prefill_chunk <= 0:
+        raise ValueError(f"--prefill-chunk must be positive, got {args.prefill_chunk}")
+    out = args.out or default_out_dir(spec.methods)
+    records = run(spec, out, progress=not args.no_progress)
+    print(markdown(records))
+    print(f"wrote {out / 'results.json'} and {out / 'leaderboard.md'}")
+    return 0
+
+
+def _methods() -> int:
+    import dataclasses
+
+    from kvbench.policy import available, parameters
+
+    for name in available():
+        params = [f"{f.name}={f.default}" for f in parameters(name).values()
+                  if f.name != "budget" and f.default is not dataclasses.MISSING]
+        print(f"{name:14s} {' '.join(params)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "compare":
+            return _compare(args)
+        return _methods()
+    except (ValueError, FileNotFoundError) as err:
+        print(f"kvbench: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Run records -> a markdown leaderboard (tabulate), one row per (method, budget)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tabulate import tabulate
+
+from kvbench.records import MIB
+
+
+def _fmt(x: float | None, digits: int = 1) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def _task_cells(m: dict[str, Any], task: str, with_compression: bool) -> list[str]:
+    if task not in m["accuracy"]:
+        return ["–", "–"] if with_compression else ["–"]
+    cells = [_fmt(100 * m["accuracy"][task], 0) + "%"]
+    if with_compression:
+        cells.append(_fmt(m["kv_compression_by_task"][task], 3))
+    return cells
+
+
+def rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    tasks = sorted({t for r in records for t in r["metrics"]["accuracy"]})
+    full = next((r["metrics"] for r in records if r["method"] == "full"), None)
+    base = full["decode_ms_p50"] if full else None
+    per_task = len(tasks) > 1
+    task_cols = [f"{t} {what}" for t in tasks for what in (("acc", "KV comp.") if per_task else ("acc",))]
+    headers = ["method", "budget", *task_cols, "KV compression", "active KV MiB",
+               "peak KV MiB", "frozen MiB", "prefill ms", "decode ms p50", "decode ms p95", "tok/s",
+               "decode × full"]
+    table = []
+    for r in records:
+        m = r["metrics"]
+        ratio = m["decode_ms_p50"] / base if base and m["decode_ms_p50"] else None
+        table.append([
+            r["method"], r["budget"] or "all",
+            *(cell for t in tasks for cell in _task_cells(m, t, per_task)),
+            _fmt(m["kv_compression"], 3), _fmt(m["active_kv_bytes"] / MIB, 2), _fmt(m["peak_kv_bytes"] / MIB, 2),
+            _fmt(m["frozen_kv_bytes"] / MIB, 2), _fmt(m["prefill_ms"], 0), _fmt(m["decode_ms_p50"]),
+            _fmt(m["decode_ms_p95"]), _fmt(m["tokens_per_s"]), _fmt(ratio, 2),
+        ])
+    return headers, table
+
+
+def markdown(records: list[dict[str, Any]], title: str | None = None) -> str:
+    headers, table = rows(records)
+    body = tabulate(table, headers=headers, tablefmt="github", disable_numparse=True)
+    if not records:
+        return body + "\n"
+    v = records[0]["versions"]
+    c = records[0]["config"]
+    head = [f"# {title}", ""] if title else []
+    head.append(
+        f"Model `{c['model']}` · attention `{c['attention']}` · prefill chunk {c['prefill_chunk']} · "
+        f"{v.get('device')} · torch {v.get('torch')} · transformers {v.get('transformers')} · "
+        f"kvbench {v.get('kvbench')}"
+    )
+    notes = [
+        "",
+        "KV compression = 1 − active/full KV bytes at the end of each sample (mean); peak KV = high-water "
+        "mark of active KV over the run (max); decode × full = decode ms p50 over the `full` row's, same run.",
+    ]
+    return "\n".join([*head, "", body, *notes]) + "\n"

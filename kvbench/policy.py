@@ -1,0 +1,212 @@
+"""The KVPolicy contract: a policy looks at one layer's cache and returns a Decision.
+
+Policies decide, the cache moves data. A policy never gathers, copies or offloads tensors:
+it returns boolean masks over the active (and frozen) tokens, and `PolicyCache` applies them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+ALL_ROWS = sys.maxsize
+"""`attn_rows` value asking for the attention of every query of the step (H2O's accumulation)."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many active tokens a layer may hold: a token count, or a ratio of the tokens seen."""
+
+    tokens: int | None = None
+    ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.tokens is None) == (self.ratio is None):
+            raise ValueError("a budget is either a token count or a ratio, exactly one of them")
+        if self.tokens is not None and self.tokens <= 0:
+            raise ValueError(f"budget must be a positive token count, got {self.tokens}")
+        if self.ratio is not None and not 0.0 < self.ratio <= 1.0:
+            raise ValueError(f"a budget ratio must lie in (0, 1], got {self.ratio}")
+
+    @classmethod
+    def parse(cls, text: str | int | float) -> Budget:
+        """'256' -> 256 tokens; '0.25' -> a quarter of the tokens seen."""
+        s = str(text).strip()
+        try:
+            if any(c in s for c in ".eE"):
+                return cls(ratio=float(s))
+            return cls(tokens=int(s))
+        except ValueError as err:
+            if "budget" in str(err):
+                raise
+            raise ValueError(
+                f"budget {text!r} is neither a positive token count (e.g. 256) "
+                "nor a ratio in (0, 1] (e.g. 0.25)"
+            ) from None
+
+    def capacity(self, seen: int) -> int:
+        """Active tokens allowed once `seen` tokens have gone through the layer."""
+        if self.tokens is not None:
+            return self.tokens
+        return max(1, int(self.ratio * seen))
+
+    def __str__(self) -> str:
+        return str(self.tokens) if self.tokens is not None else f"{self.ratio:g}"
+
+
+@dataclass
+class LayerView:
+    """Read-only view of one layer after a cache update, handed to `KVPolicy.step`.
+
+    Shapes: B = batch, K = KV heads, n = active tokens, m = frozen tokens, G = query heads per KV
+    head, w = requested query rows. `state` holds the policy's own per-token tensors ([B, K, n]),
+    which the cache keeps aligned with the tokens through every eviction, freeze and thaw; the
+    policy may replace entries (same shape) but never moves KV data.
+    """
+
+    layer_idx: int
+    num_layers: int
+    keys: torch.Tensor  # [B, K, n, d], RoPE already applied at each token's true position
+    values: torch.Tensor  # [B, K, n, d]
+    positions: torch.Tensor  # [B, K, n] true (original) positions
+    new_tokens: int  # tokens appended by this step (the last `new_tokens` of the active set)
+    seen: int  # tokens that have gone through this layer so far
+    prefill: bool  # True while the prompt is being consumed
+    attn: torch.Tensor | None  # [B, K, G, w, n] softmax rows of the last w queries, fp32
+    state: dict[str, torch.Tensor]
+    frozen_positions: torch.Tensor | None = None  # [B, K, m]
+    frozen_state: dict[str, torch.Tensor] = field(default_factory=dict)  # [B, K, m] each
+    step: int = 0  # forward passes so far (prefill chunks + decode steps)
+    extras: dict[str, Any] = field(default_factory=dict)  # engine signals, e.g. next-token entropy
+
+    @property
+    def n(self) -> int:
+        return self.keys.shape[2]
+
+
+@dataclass
+class Decision:
+    """What to do with the tokens of one layer. Masks broadcast to [B, K, n] (or [B, K, m]).
+
+    keep:   active tokens that stay active (None: all of them).
+    freeze: active tokens moved to the off-device store (must not overlap `keep`).
+    thaw:   frozen tokens restored to the active cache.
+    Active tokens neither kept nor frozen are evicted for good.
+    """
+
+    keep: torch.Tensor | None = None
+    freeze: torch.Tensor | None = None
+    thaw: torch.Tensor | None = None
+
+
+@dataclass
+class KVPolicy:
+    """Base class of every method. Subclasses are dataclasses registered with `@register`.
+
+    Class attributes declare what the policy needs, so the engine computes nothing else:
+    `attn_rows` (attention rows of the last w queries; 0 = none, ALL_ROWS = every query) and
+    `token_state` (names of per-token float tensors the cache should keep for the policy).
+    """
+
+    name: ClassVar[str] = ""
+    attn_rows: ClassVar[int] = 0
+    token_state: ClassVar[tuple[str, ...]] = ()
+    budget: Budget | None = None
+
+    def __post_init__(self) -> None:
+        if self.budget is not None and not isinstance(self.budget, Budget):
+            self.budget = Budget.parse(self.budget)
+
+    def capacity(self, seen: int) -> int:
+        if self.budget is None:
+            raise ValueError(f"method {self.name!r} needs a budget (e.g. --budget 256)")
+        return self.budget.capacity(seen)
+
+    def wants_attention(self, prefill: bool, last_chunk: bool) -> int:
+        """Query rows of attention this step needs (0 = none). Override to ask only sometimes."""
+        return self.attn_rows
+
+    def step(self, view: LayerView) -> Decision | None:
+        """Return what to do with this layer's tokens, or None to leave the cache as it is."""
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget sequence-level state before a new sequence (per-token state lives in the cache)."""
+
+    def observe(self, signals: dict[str, Any]) -> None:
+        """Engine signals after each forward (e.g. next-token entropy); most policies ignore them."""
+
+    def config(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["budget"] = str(self.budget) if self.budget is not None else None
+        return out
+
+
+_REGISTRY: dict[str, type[KVPolicy]] = {}
+
+
+def register(name: str) -> Callable[[type[KVPolicy]], type[KVPolicy]]:
+    """Class decorator: make a policy resolvable by name (`--methods NAME`, `method=NAME`)."""
+
+    def wrap(cls: type[KVPolicy]) -> type[KVPolicy]:
+        if name in _REGISTRY:
+            raise ValueError(f"method {name!r} is registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def available() -> list[str]:
+    import kvbench.methods  # noqa: F401  (registers the built-in methods)
+
+    return sorted(_REGISTRY)
+
+
+def policy_class(name: str) -> type[KVPolicy]:
+    known = available()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(known)}")
+    return _REGISTRY[name]
+
+
+def parameters(name: str) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(policy_class(name)) if f.init}
+
+
+def make_policy(name: str, budget: Budget | str | int | None = None, **params: Any) -> KVPolicy:
+    """Build a registered policy, checking parameter names and coercing string values."""
+    cls = policy_class(name)
+    fields = parameters(name)
+    unknown = sorted(set(params) - set(fields))
+    if unknown:
+        allowed = ", ".join(f for f in sorted(fields) if f != "budget") or "(none)"
+        raise ValueError(f"method {name!r} has no parameter {', '.join(unknown)}; its parameters: {allowed}")
+    kwargs = {k: _coerce(name, k, v, fields[k]) for k, v in params.items()}
+    if budget is not None:
+        kwargs["budget"] = budget if isinstance(budget, Budget) else Budget.parse(budget)
+    return cls(**kwargs)
+
+
+def _coerce(method: str, key: str, value: Any, f: dataclasses.Field) -> Any:
+    if not isinstance(value, str):
+        return value
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+    try:
+        if kind.startswith("bool"):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return value.lower() in ("true", "1")
+        if kind.startswith("int"):
+            return int(value)
+        if kind.startswith("float"):
+            return float(value)
+    except ValueError:
+        raise ValueError(f"{method}: parameter {key}={value!r} is not a valid {kind}") from None
+    return value

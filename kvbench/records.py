@@ -1,0 +1,110 @@
+"""Run records: per-sample outcomes folded into one record per (method, budget), and atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvbench.engine import RunResult
+
+MIB = 1024 * 1024
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("kvbench", "torch", "transformers", "lm_eval", "flash_attn"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            continue
+    out["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{os.cpu_count()}"
+    out["torch_threads"] = str(torch.get_num_threads())
+    return out
+
+
+def sample_record(task: str, sample, result: RunResult, score: float) -> dict[str, Any]:
+    c = result.cache
+    return {
+        "task": task,
+        "id": sample.id,
+        "answer": sample.answer,
+        "prediction": result.text,
+        "score": score,
+        "meta": sample.meta,
+        "prompt_tokens": result.prompt_tokens,
+        "new_tokens": len(result.tokens),
+        "stop_reason": result.stop_reason,
+        "prefill_ms": result.prefill_s * 1e3,
+        "decode_ms": [s * 1e3 for s in result.decode_s],
+        "kv_compression": c.kv_compression,
+        "active_kv_bytes": c.active_bytes,
+        "full_kv_bytes": c.full_bytes,
+        "peak_kv_bytes": c.peak_active_bytes,
+        "frozen_kv_bytes": c.frozen_bytes,
+        "peak_frozen_kv_bytes": c.peak_frozen_bytes,
+        "evicted_tokens": sum(c.evicted_tokens),
+        "freezes": c.freezes,
+        "thaws": c.thaws,
+        "offload": vars(c.offload),
+        "restore": vars(c.restore),
+        "memory_peak_bytes": result.memory_peak_bytes,
+    }
+
+
+def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Aggregate metrics of one method row: accuracy per task, bytes, latency percentiles."""
+    tasks = sorted({s["task"] for s in samples})
+    steps = sorted(ms for s in samples for ms in s["decode_ms"])
+    decode_total_s = sum(steps) / 1e3
+
+    def pct(q: float) -> float | None:
+        return steps[min(len(steps) - 1, int(q * len(steps)))] if steps else None
+
+    def mean(key: str) -> float:
+        return statistics.fmean(s[key] for s in samples)
+
+    return {
+        "accuracy": {t: statistics.fmean(s["score"] for s in samples if s["task"] == t) for t in tasks},
+        "samples": len(samples),
+        "kv_compression": mean("kv_compression"),
+        "kv_compression_by_task": {
+            t: statistics.fmean(s["kv_compression"] for s in samples if s["task"] == t) for t in tasks
+        },
+        "active_kv_bytes": mean("active_kv_bytes"),
+        "full_kv_bytes": mean("full_kv_bytes"),
+        "peak_kv_bytes": max(s["peak_kv_bytes"] for s in samples),
+        "frozen_kv_bytes": mean("frozen_kv_bytes"),
+        "peak_frozen_kv_bytes": max(s["peak_frozen_kv_bytes"] for s in samples),
+        "memory_peak_bytes": max(s["memory_peak_bytes"] for s in samples),
+        "prefill_ms": mean("prefill_ms"),
+        "decode_ms_p50": pct(0.5),
+        "decode_ms_p95": pct(0.95),
+        "tokens_per_s": len(steps) / decode_total_s if decode_total_s else None,
+        "freezes": sum(s["freezes"] for s in samples),
+        "thaws": sum(s["thaws"] for s in samples),
+    }
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file next to `path`, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def dump_json(records: list[dict[str, Any]]) -> str:
+    return json.dumps(records, indent=1, sort_keys=False) + "\n"

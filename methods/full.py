@@ -1,0 +1,12 @@
+"""Full cache: no compression. The reference row every other method is compared against."""
+
+from dataclasses import dataclass
+
+from kvbench.policy import Decision, KVPolicy, LayerView, register
+
+
+@register("full")
+@dataclass
+class Full(KVPolicy):
+    def step(self, view: LayerView) -> Decision | None:
+        return None

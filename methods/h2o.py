@@ -1,0 +1,30 @@
+"""H2O, Heavy-Hitter Oracle (Zhang et al., 2023, arXiv 2306.14048).
+
+Each token's score is the attention it has received, accumulated over every query so far (prefill
+and decode), per KV head (summed over the query heads sharing it). Over budget, a head keeps its
+`heavy_ratio` share of the budget as the highest-scoring tokens and the rest as the most recent
+tokens: the paper's default splits the budget in halves.
+"""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from kvbench.policy import ALL_ROWS, Decision, KVPolicy, LayerView, register
+from kvbench.select import newest, per_kv_head, top_k
+
+
+@register("h2o")
+@dataclass
+class H2O(KVPolicy):
+    attn_rows: ClassVar[int] = ALL_ROWS
+    token_state: ClassVar[tuple[str, ...]] = ("score",)
+    heavy_ratio: float = 0.5
+
+    def step(self, view: LayerView) -> Decision | None:
+        score = view.state["score"] + per_kv_head(view.attn)
+        view.state["score"] = score
+        cap = self.capacity(view.seen)
+        if view.n <= cap:
+            return None
+        recent = newest(view.positions, cap - int(cap * self.heavy_ratio))
+        return Decision(keep=recent | top_k(score, int(cap * self.heavy_ratio), exclude=recent))

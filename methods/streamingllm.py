@@ -1,0 +1,23 @@
+"""StreamingLLM (Xiao et al., 2023, arXiv 2309.17453): attention sinks plus a recent window.
+
+Keeps the first `sinks` tokens and the most recent (budget - sinks) tokens; needs no attention
+statistics, so it costs nothing beyond the eviction itself.
+"""
+
+from dataclasses import dataclass
+
+from kvbench.policy import Decision, KVPolicy, LayerView, register
+from kvbench.select import newest, oldest
+
+
+@register("streamingllm")
+@dataclass
+class StreamingLLM(KVPolicy):
+    sinks: int = 4
+
+    def step(self, view: LayerView) -> Decision | None:
+        cap = self.capacity(view.seen)
+        if view.n <= cap:
+            return None
+        sinks = min(self.sinks, cap)
+        return Decision(keep=oldest(view.positions, sinks) | newest(view.positions, cap - sinks))

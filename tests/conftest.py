@@ -1,0 +1,40 @@
+"""Shared fixtures. The model fixtures load the real bundled SmolLM2-135M (dequantized copy cached)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvbench.cache import PolicyCache
+from kvbench.policy import KVPolicy
+
+
+@pytest.fixture(scope="session")
+def model_and_tokenizer():
+    from kvbench import models
+
+    torch.manual_seed(0)
+    return models.load(models.DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def engine(model_and_tokenizer):
+    from kvbench.engine import Engine
+
+    model, tok = model_and_tokenizer
+    return Engine(model, tok, prefill_chunk=128)
+
+
+def feed(cache: PolicyCache, layer: int, start: int, q: int, heads: int = 2, dim: int = 4,
+         attn: torch.Tensor | None = None, gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append q synthetic tokens at positions start.. to one layer and run the policy, as attention would."""
+    cache.begin_step(torch.arange(start, start + q)[None], prefill=False)
+    k = torch.randn(1, heads, q, dim, generator=gen)
+    v = torch.randn(1, heads, q, dim, generator=gen)
+    cache.layers[layer].update(k, v)
+    cache.after_attention(layer, attn)
+    return k, v
+
+
+def make_cache(policy: KVPolicy, layers: int = 1) -> PolicyCache:
+    return PolicyCache(policy, layers)

@@ -1,0 +1,45 @@
+"""The kvbench attention function against a plain reference computation."""
+
+import torch
+
+from kvbench.attention import _sdpa, attention_rows
+
+
+def reference(query, key, value, scaling):
+    b, h, q, d = query.shape
+    kv = key.shape[1]
+    key = key.repeat_interleave(h // kv, dim=1)
+    value = value.repeat_interleave(h // kv, dim=1)
+    n = key.shape[2]
+    scores = query @ key.transpose(-1, -2) * scaling
+    visible = torch.ones(q, n, dtype=torch.bool).tril(n - q)  # bottom-right causal
+    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    return probs @ value, probs
+
+
+def test_chunk_attention_is_bottom_right_causal_with_gqa():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 6, 5, 8, generator=g)
+    k, v = torch.randn(2, 1, 2, 12, 8, generator=g)
+    out = _sdpa(q, k, v, 8**-0.5)
+    ref, _ = reference(q, k, v, 8**-0.5)
+    torch.testing.assert_close(out, ref.transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+def test_decode_attention_packs_gqa_correctly():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 6, 1, 8, generator=g)
+    k, v = torch.randn(2, 2, 3, 9, 8, generator=g)
+    out = _sdpa(q, k, v, 0.3)
+    ref, _ = reference(q, k, v, 0.3)
+    torch.testing.assert_close(out, ref.transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+def test_attention_rows_equal_the_last_rows_of_the_full_matrix():
+    g = torch.Generator().manual_seed(2)
+    q, k = torch.randn(1, 6, 7, 8, generator=g), torch.randn(1, 2, 15, 8, generator=g)
+    _, probs = reference(q, k, torch.zeros(1, 2, 15, 8), 8**-0.5)
+    rows = attention_rows(q, k, 3, 8**-0.5)  # [B, K, G, w, n]
+    assert rows.shape == (1, 2, 3, 3, 15)
+    torch.testing.assert_close(rows.reshape(1, 6, 3, 15), probs[:, :, -3:, :], atol=1e-6, rtol=1e-5)
+    assert torch.all(rows[..., 0, -2:] == 0)  # row 0 of the window cannot see the last two keys

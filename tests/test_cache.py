@@ -1,0 +1,97 @@
+"""PolicyCache mechanics on synthetic tensors: real eviction, freeze/thaw, accounting."""
+
+import torch
+
+from conftest import feed, make_cache
+from kvbench.policy import Decision, KVPolicy, LayerView
+
+
+class Scripted(KVPolicy):
+    """Applies one pre-set decision on the next step, then nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.next: Decision | None = None
+
+    def step(self, view: LayerView) -> Decision | None:
+        d, self.next = self.next, None
+        return d
+
+
+def test_eviction_really_frees_bytes():
+    policy = Scripted()
+    cache = make_cache(policy)
+    feed(cache, 0, 0, 10)
+    full_bytes = cache.active_bytes
+    assert full_bytes == 2 * 1 * 2 * 10 * 4 * 4  # K and V, B=1, 2 heads, 10 tokens, dim 4, fp32
+    policy.next = Decision(keep=torch.arange(11) % 2 == 0)  # keep even tokens among 11
+    feed(cache, 0, 10, 1)
+    layer = cache.layers[0]
+    assert layer.positions[0, 0].tolist() == [0, 2, 4, 6, 8, 10]
+    assert layer.keys.untyped_storage().nbytes() == 6 * 2 * 4 * 4  # a new, smaller tensor: bytes really gone
+    assert cache.active_bytes == 2 * 6 * 2 * 4 * 4
+    assert cache.peak_active_bytes == 2 * 11 * 2 * 4 * 4
+    assert layer.evicted == 5 and layer.seen == 11
+
+
+def test_per_head_decisions_keep_separate_sets():
+    policy = Scripted()
+    cache = make_cache(policy)
+    feed(cache, 0, 0, 4)
+    keep = torch.tensor([[[True, False, True, False, False], [False, True, False, False, True]]])
+    policy.next = Decision(keep=keep)
+    k_new, _ = feed(cache, 0, 4, 1)
+    layer = cache.layers[0]
+    assert layer.positions[0].tolist() == [[0, 2], [1, 4]]
+    assert torch.equal(layer.keys[0, 1, 1], k_new[0, 1, 0])
+
+
+def test_unequal_per_head_counts_are_refused():
+    policy = Scripted()
+    cache = make_cache(policy)
+    feed(cache, 0, 0, 3)
+    policy.next = Decision(keep=torch.tensor([[[True, True, False, True], [True, False, False, False]]]))
+    try:
+        feed(cache, 0, 3, 1)
+    except ValueError as err:
+        assert "same number of tokens" in str(err)
+    else:
+        raise AssertionError("unequal per-head keep counts were accepted")
+
+
+def test_freeze_then_thaw_is_bit_exact_and_accounted():
+    policy = Scripted()
+    cache = make_cache(policy)
+    k0, v0 = feed(cache, 0, 0, 6)
+    layer = cache.layers[0]
+    freeze = torch.tensor([False, True, False, True, False, False, False])
+    policy.next = Decision(keep=~freeze, freeze=freeze)
+    feed(cache, 0, 6, 1)
+    assert layer.frozen.positions[0, 0].tolist() == [1, 3]
+    assert layer.get_seq_length() == 5 and layer.frozen.size == 2
+    assert cache.frozen_bytes == 2 * 2 * 2 * 4 * 4
+    assert cache.stats().offload.count == 1
+    policy.next = Decision(thaw=torch.tensor([True, True]))
+    feed(cache, 0, 7, 1)
+    assert layer.frozen.size == 0 and cache.frozen_bytes == 0
+    order = layer.positions[0, 0].tolist()
+    for pos in (1, 3):
+        i = order.index(pos)
+        assert torch.equal(layer.keys[0, :, i], k0[0, :, pos])
+        assert torch.equal(layer.values[0, :, i], v0[0, :, pos])
+    s = cache.stats()
+    assert s.freezes == 2 and s.thaws == 2 and s.restore.count == 1
+    assert s.active_tokens[0] + s.frozen_tokens[0] + s.evicted_tokens[0] == s.seen_tokens == 8
+
+
+def test_keep_and_freeze_overlap_is_refused():
+    policy = Scripted()
+    cache = make_cache(policy)
+    feed(cache, 0, 0, 2)
+    policy.next = Decision(keep=torch.tensor([True, True, True]), freeze=torch.tensor([True, False, False]))
+    try:
+        feed(cache, 0, 2, 1)
+    except ValueError as err:
+        assert "both kept and frozen" in str(err)
+    else:
+        raise AssertionError("overlapping keep and freeze were accepted")

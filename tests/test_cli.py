@@ -1,0 +1,61 @@
+"""`kvbench compare` end to end: a small real run, and bad input refused cleanly with nothing written."""
+
+import json
+
+import pytest
+
+from kvbench.cli import main
+
+
+def run_cli(capsys, *args):
+    code = main(["compare", "--no-progress", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.model
+def test_compare_writes_results_and_prints_table(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, _ = run_cli(capsys, "--methods", "full,streamingllm", "--budget", "64", "--tasks", "needle-1k",
+                              "--limit", "2", "--out", str(out))
+    assert code == 0
+    records = json.loads((out / "results.json").read_text())
+    assert [(r["method"], r["budget"]) for r in records] == [("full", None), ("streamingllm", "64")]
+    for r in records:
+        m = r["metrics"]
+        assert set(m) >= {"accuracy", "kv_compression", "active_kv_bytes", "peak_kv_bytes", "prefill_ms",
+                          "decode_ms_p50", "decode_ms_p95", "tokens_per_s"}
+        assert len(r["samples"]) == 2 and all("prediction" in s for s in r["samples"])
+        assert r["versions"]["transformers"] and r["config"]["policy"]
+    assert records[0]["metrics"]["kv_compression"] == 0.0
+    assert records[1]["metrics"]["kv_compression"] > 0.9  # 64 of ~1000 tokens kept
+    assert records[1]["metrics"]["active_kv_bytes"] < records[0]["metrics"]["active_kv_bytes"] / 10
+    assert "| streamingllm" in stdout and "decode × full" in stdout
+    assert (out / "leaderboard.md").read_text().count("| full") == 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--methods", "full,snapkvv"], "unknown method 'snapkvv'; known methods: full, h2o, streamingllm"),
+    (["--methods", "h2o", "--budget", "0"], "budget must be a positive token count, got 0"),
+    (["--methods", "h2o", "--budget", "-3"], "budget must be a positive token count, got -3"),
+    (["--tasks", "mmlu"], "unknown task 'mmlu'; known tasks: needle, needle-1k, needle-2k"),
+    (["--model", "/nonexistent/model.gguf"], "model file not found: /nonexistent/model.gguf"),
+    (["--model", "/nonexistent/dir"], "model '/nonexistent/dir' not found"),
+    (["--method-args", "h2o:heavy=0.1"], "method 'h2o' has no parameter heavy; its parameters: heavy_ratio"),
+    (["--method-args", "h2o"], "must look like METHOD:key=value"),
+])
+def test_bad_input_is_refused_and_nothing_is_written(tmp_path, capsys, args, message):
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, *args, "--out", str(out))
+    assert code == 2
+    assert message in err
+    assert not out.exists()
+
+
+@pytest.mark.model
+def test_prompt_beyond_context_window_is_refused_before_running(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "--methods", "full", "--context-lengths", "9000", "--out", str(out))
+    assert code == 2
+    assert "exceeds the model's context window of 8192 positions" in err
+    assert not out.exists()

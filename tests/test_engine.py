@@ -1,0 +1,105 @@
+"""The engine on the real bundled model (SmolLM2-135M-Instruct)."""
+
+import pytest
+import torch
+
+from kvbench.engine import PromptTooLong
+from kvbench.policy import make_policy
+from kvbench.tasks import make_task
+
+pytestmark = pytest.mark.model
+
+PROMPT = "Write a short poem about the sea, then explain what a rhyme is."
+LONG = " ".join([PROMPT] * 30)  # about 430 tokens
+
+
+def test_full_cache_matches_plain_transformers(model_and_tokenizer, engine):
+    from transformers import AutoModelForCausalLM
+
+    model, tok = model_and_tokenizer
+    ids = engine.encode_chat(PROMPT)
+    ours = engine.generate(ids, make_policy("full"), max_new_tokens=24, return_logits=True)
+    plain = AutoModelForCausalLM.from_pretrained(model.name_or_path, dtype=torch.float32, attn_implementation="sdpa")
+    ref = plain.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True, eos_token_id=sorted(engine.eos_ids))
+    ref_tokens = ref.sequences[0, len(ids):].tolist()
+    assert ours.tokens == [t for t in ref_tokens if t not in engine.eos_ids]
+    assert len(ours.tokens) >= 10
+    for mine, theirs in zip(ours.logits, ref.logits, strict=False):
+        torch.testing.assert_close(mine, theirs[0].float(), atol=1e-4, rtol=0)
+
+
+def test_streamingllm_bounds_every_layer_and_keeps_sinks_plus_window(engine):
+    budget, chunk = 96, engine.prefill_chunk
+    ids = engine.encode_chat(LONG)
+    seen_steps = []
+
+    def check(cache):
+        for layer in cache.layers:
+            assert layer.get_seq_length() <= budget
+            pos = sorted(layer.positions[0, 0].tolist())
+            assert pos == [0, 1, 2, 3, *range(layer.seen - (budget - 4), layer.seen)]
+        seen_steps.append(cache.layers[0].seen)
+
+    result = engine.generate(ids, make_policy("streamingllm", budget), max_new_tokens=8, on_step=check)
+    assert len(ids) > 3 * budget and len(seen_steps) >= 4
+    token_bytes = result.cache.full_bytes // result.cache.seen_tokens
+    per_layer = token_bytes // len(engine.model.model.layers)
+    assert result.cache.peak_active_bytes <= (budget * len(engine.model.model.layers) + chunk) * per_layer
+    assert result.cache.kv_compression > 0.7
+
+
+@pytest.mark.parametrize("method", ["streamingllm", "h2o", "full"])
+def test_active_plus_evicted_equals_seen_at_every_step(engine, method):
+    ids = engine.encode_chat(LONG)
+    steps = []
+
+    def check(cache):
+        for layer in cache.layers:
+            assert layer.get_seq_length() + layer.frozen.size + layer.evicted == layer.seen
+        steps.append(cache.layers[0].seen)
+
+    engine.generate(ids, make_policy(method, None if method == "full" else 64), max_new_tokens=6, on_step=check)
+    assert steps[-1] == len(ids) + len(steps) - (len(ids) + 127) // 128
+
+
+def test_h2o_kept_set_follows_accumulated_attention(engine):
+    """On the real model, H2O's survivors outside the recent window are the top accumulated scores."""
+    budget = 64
+    ids = engine.encode_chat(LONG)
+    checked = []
+
+    def check(cache):
+        layer = cache.layers[5]
+        if layer.seen > budget:
+            pos, score = layer.positions[0], layer.state["score"][0]
+            recent = pos >= layer.seen - budget // 2
+            assert int(recent.sum(-1)[0]) == budget // 2
+            assert layer.get_seq_length() == budget
+            checked.append(True)
+            assert score.shape == pos.shape
+
+    engine.generate(ids, make_policy("h2o", budget), max_new_tokens=4, on_step=check)
+    assert checked
+
+
+def test_prompt_longer_than_context_window_is_refused(engine):
+    with pytest.raises(PromptTooLong, match="exceeds the model's context window of 8192"):
+        engine.generate(list(range(100, 8300)), make_policy("full"))
+
+
+def test_full_cache_finds_the_needle_at_1k(engine):
+    task = make_task("needle-1k")
+    samples = task.samples(engine)
+    scores = [task.score(engine.generate(s.prompt_ids, make_policy("full"), task.max_new_tokens, task.stop).text, s)
+              for s in samples]
+    assert sum(scores) / len(scores) >= 0.9
+
+
+def test_needle_generator_is_deterministic(engine):
+    a = make_task("needle", seed=3).samples(engine)
+    b = make_task("needle", seed=3).samples(engine)
+    c = make_task("needle", seed=4).samples(engine)
+    assert a == b
+    assert [s.answer for s in a] != [s.answer for s in c]
+    assert all(s.answer in engine.tokenizer.decode(s.prompt_ids) for s in a)
