@@ -1,22 +1,23 @@
 """PolicyCache: a transformers `Cache` whose layers apply KVPolicy decisions with real data movement.
 
 Every token of a layer is in exactly one of three places: active (on the compute device, seen by
-attention), frozen (in the off-device store, pinned host memory on CUDA) or evicted (gone). Eviction
-gathers the survivors into new tensors, so the dropped bytes are really released; freeze and thaw
-copy rows between device and store bit for bit, with the token's true position and its per-token
-policy state travelling along.
+attention), frozen (in the off-device store, pinned host memory on CUDA) or evicted (gone). `Rows`
+(kvbench/rows.py) holds each place's data: evicted rows are overwritten and sparse buffers are
+reallocated smaller, so dropped bytes are really released; freeze and thaw copy rows between device
+and store bit for bit, with the token's true position and its per-token policy state travelling along.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvbench.policy import Decision, KVPolicy, LayerView
+from kvbench.rows import RowData, Rows, new_meta
 
 
 @dataclass
@@ -40,6 +41,7 @@ class CacheStats:
     full_bytes: int  # what an uncompressed cache would hold now
     peak_active_bytes: int  # high-water mark of active KV, measured at every append and compaction
     peak_frozen_bytes: int
+    peak_reserved_bytes: int  # high-water mark of device buffers, spare capacity included
     seen_tokens: int  # per layer
     active_tokens: list[int]
     frozen_tokens: list[int]
@@ -49,9 +51,18 @@ class CacheStats:
     offload: Transfers
     restore: Transfers
 
+    step_active_bytes: float  # active KV averaged over steps (prefill chunks and decode steps)
+    step_full_bytes: float  # what a full cache would have held, averaged over the same steps
+
     @property
     def kv_compression(self) -> float:
+        """1 - active/full at the end of the run."""
         return 1.0 - self.active_bytes / self.full_bytes if self.full_bytes else 0.0
+
+    @property
+    def mean_kv_compression(self) -> float:
+        """1 - active/full averaged over every step of the run."""
+        return 1.0 - self.step_active_bytes / self.step_full_bytes if self.step_full_bytes else 0.0
 
 
 def _as3d(mask: torch.Tensor) -> torch.Tensor:
@@ -71,36 +82,9 @@ def _index(mask: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
     return torch.argsort((~full).to(torch.int8), dim=-1, stable=True)[..., :k]
 
 
-def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Rows `idx` of a [B, K, n, ...] tensor along axis 2 (a new tensor: the old one can be freed)."""
-    if idx.dim() == 1:
-        return t.index_select(2, idx.to(t.device))
-    idx = idx.to(t.device)
-    if t.dim() == 4:
-        idx = idx.unsqueeze(-1).expand(-1, -1, -1, t.shape[-1])
-    return t.gather(2, idx.expand(t.shape[0], t.shape[1], *idx.shape[2:]))
-
-
-@dataclass
-class FrozenStore:
-    """Off-device rows of one layer: K/V, true positions and the policy's per-token state."""
-
-    keys: torch.Tensor | None = None
-    values: torch.Tensor | None = None
-    positions: torch.Tensor | None = None
-    state: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    @property
-    def size(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[2]
-
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
-
-
 class PolicyLayer(CacheLayerMixin):
-    """One layer's active KV plus its frozen store. `update` only appends; the policy runs after attention."""
+    """One layer: active rows on the compute device, frozen rows in host memory. `update` only appends;
+    the policy runs after attention (`PolicyCache.after_attention`) and its decision is applied here."""
 
     is_sliding = False
 
@@ -108,140 +92,132 @@ class PolicyLayer(CacheLayerMixin):
         super().__init__()
         self.owner = owner
         self.layer_idx = layer_idx
-        self.positions: torch.Tensor | None = None
-        self.state: dict[str, torch.Tensor] = {}
-        self.frozen = FrozenStore()
+        names = owner.policy.token_state
+        self.active = Rows(names, torch.device("cpu"))
+        self.frozen = Rows(names, torch.device("cpu"), pin=owner.pin_memory)
+        self._handed: tuple[dict, dict] = ({}, {})
         self.seen = 0
         self.evicted = 0
         self.new_tokens = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        b, k, _, d = key_states.shape
-        self.keys = key_states.new_empty((b, k, 0, d))
-        self.values = value_states.new_empty((b, k, 0, value_states.shape[-1]))
-        self.positions = torch.empty((b, k, 0), dtype=torch.long, device=self.device)
-        self.state = {
-            name: torch.zeros((b, k, 0), dtype=torch.float32, device=self.device)
-            for name in self.owner.policy.token_state
-        }
+        self.active.device = self.device
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        b, k, q, _ = key_states.shape
-        before = self.keys.nbytes + self.values.nbytes
-        self.keys = torch.cat([self.keys, key_states], dim=2)
-        self.values = torch.cat([self.values, value_states], dim=2)
-        pos = self.owner.pending_positions.to(self.device)  # [B, q]
-        self.positions = torch.cat([self.positions, pos[:, None, :].expand(b, k, q)], dim=2)
-        for name, t in self.state.items():
-            self.state[name] = torch.cat([t, t.new_zeros((b, k, q))], dim=2)
+        b, h, q, _ = key_states.shape
+        before = self._sizes()
+        pos = self.owner.pending_positions.to(self.device)[:, None, :].expand(b, h, q)
+        self.active.append((key_states, value_states, new_meta(pos, len(self.owner.policy.token_state))))
         self.seen += q
         self.new_tokens = q
-        self.owner._account(self.keys.nbytes + self.values.nbytes - before, 0)
+        self._refresh(before)
         return self.keys, self.values
 
+    def _sizes(self) -> tuple[int, int, int]:
+        return self.active.nbytes, self.frozen.nbytes, self.active.reserved_bytes
+
+    def _refresh(self, before: tuple[int, int, int]) -> None:
+        self.keys, self.values = self.active.keys(), self.active.values()
+        self.owner._account(*(after - prev for after, prev in zip(self._sizes(), before, strict=True)))
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self.active.positions()
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
+        return self.active.n + query_length, 0
 
     def get_seq_length(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[2]
+        return self.active.n
 
     def get_max_length(self) -> int:
         return -1
 
     def view(self, attn: torch.Tensor | None) -> LayerView:
         f = self.frozen
+        self._handed = (self.active.state_view(), f.state_view() if f.n else {})
         return LayerView(
             layer_idx=self.layer_idx,
             num_layers=len(self.owner.layers),
             keys=self.keys,
             values=self.values,
-            positions=self.positions,
+            positions=self.active.positions(),
             new_tokens=self.new_tokens,
             seen=self.seen,
             prefill=self.owner.prefill,
             attn=attn,
-            state=self.state,
-            frozen_positions=f.positions,
-            frozen_state=f.state,
+            state=dict(self._handed[0]),
+            frozen_positions=f.positions() if f.n else None,
+            frozen_state=dict(self._handed[1]),
             step=self.owner.steps,
             extras=self.owner.extras,
         )
 
+    def store_state(self, view: LayerView) -> None:
+        """Write back the per-token state entries the policy replaced (in-place edits are already there)."""
+        for rows, state, handed in zip((self.active, self.frozen), (view.state, view.frozen_state), self._handed,
+                                       strict=True):
+            replaced = {k: t for k, t in state.items() if t is not handed.get(k)}
+            if replaced:
+                rows.set_state(replaced)
+
+    def compact(self, slack: int) -> None:
+        """Return mostly empty buffers to the allocator (after evictions or freezes)."""
+        if max(self.active.cap - slack * self.active.n, self.frozen.cap - slack * self.frozen.n) <= 64:
+            return
+        before = self._sizes()
+        self.active.compact(slack)
+        self.frozen.compact(slack)
+        self._refresh(before)
+
     # -- applying a decision ------------------------------------------------------------------
     def apply(self, d: Decision) -> None:
-        b, k, n, _ = self.keys.shape
-        shape = (b, k, n)
-        keep = torch.ones(shape, dtype=torch.bool, device=self.device) if d.keep is None else _as3d(d.keep)
-        freeze = None if d.freeze is None else _as3d(d.freeze).expand(shape)
-        if freeze is not None and bool((keep.expand(shape) & freeze).any()):
+        b, h, n = self.keys.shape[:3]
+        shape = (b, h, n)
+        before = self._sizes()
+        keep = torch.ones((1, 1, n), dtype=torch.bool, device=self.device) if d.keep is None else _as3d(d.keep)
+        freeze = None if d.freeze is None else _as3d(d.freeze)
+        if freeze is not None and bool((keep & freeze).any()):
             raise ValueError(f"layer {self.layer_idx}: a token cannot be both kept and frozen")
-        thaw = None
-        if d.thaw is not None and self.frozen.size:
-            m_shape = (b, k, self.frozen.size)
-            thaw_mask = _as3d(d.thaw.to(self.frozen.keys.device)).expand(m_shape)
-            if bool(thaw_mask.any()):
-                thaw = (_index(thaw_mask, m_shape), _index(~thaw_mask, m_shape))
+        thaw_idx = thawed = frozen_rows = None
+        if d.thaw is not None and self.frozen.n:
+            thaw = _as3d(d.thaw.cpu())
+            if bool(thaw.any()):
+                thaw_idx = _index(thaw, (b, h, self.frozen.n))
+                thawed = self._restore_rows(thaw_idx)
+        if freeze is not None and bool(freeze.any()):
+            frozen_rows = self._offload_rows(_index(freeze, shape))
+        if thaw_idx is not None or frozen_rows is not None:
+            empty = torch.empty(0, dtype=torch.long)
+            self.frozen.swap(empty if thaw_idx is None else thaw_idx, frozen_rows)
+        drop = ~keep
+        drop_idx = _index(drop, shape) if bool(drop.any()) else torch.empty(0, dtype=torch.long, device=self.device)
+        self.active.swap(drop_idx, thawed)
+        self.evicted += drop_idx.shape[-1] - (0 if frozen_rows is None else frozen_rows[0].shape[2])
+        self._refresh(before)
 
-        before = self.keys.nbytes + self.values.nbytes
-        frozen_before = self.frozen.nbytes
-        kept_count = int(_as3d(keep).expand(shape)[0, 0].sum())
-        frozen_count = 0 if freeze is None else int(freeze[0, 0].sum())
-        thawed = None if thaw is None else self._pop_frozen(*thaw)
-        if frozen_count:
-            self._push_frozen(_index(freeze, shape))
-        if kept_count < n:
-            idx = _index(keep, shape)
-            self.keys, self.values = _take(self.keys, idx), _take(self.values, idx)
-            self.positions = _take(self.positions, idx)
-            self.state = {name: _take(t, idx) for name, t in self.state.items()}
-            self.evicted += n - kept_count - frozen_count
-        if thawed is not None:
-            self._append_rows(*thawed)
-        self.owner._account(
-            self.keys.nbytes + self.values.nbytes - before, self.frozen.nbytes - frozen_before
-        )
-
-    def _push_frozen(self, idx: torch.Tensor) -> None:
-        """Copy the rows `idx` to the off-device store (the caller drops them from the active set)."""
+    def _offload_rows(self, idx: torch.Tensor) -> RowData:
+        """Host copies of active rows `idx`, bound for the frozen store."""
         t0 = time.perf_counter()
-        rows = [self.owner.to_store(_take(t, idx)) for t in (self.keys, self.values)]
-        pos = _take(self.positions, idx).cpu()
-        state = {name: _take(t, idx).cpu() for name, t in self.state.items()}
-        f = self.frozen
-        if f.keys is None:
-            f.keys, f.values, f.positions, f.state = rows[0], rows[1], pos, state
-        else:
-            f.keys = torch.cat([f.keys, rows[0]], dim=2)
-            f.values = torch.cat([f.values, rows[1]], dim=2)
-            f.positions = torch.cat([f.positions, pos], dim=2)
-            f.state = {name: torch.cat([f.state[name], s], dim=2) for name, s in state.items()}
-        self.owner.freezes += pos.shape[2]
-        self.owner.offload.add(rows[0].nbytes + rows[1].nbytes, time.perf_counter() - t0)
+        k, v, meta = self.active.select(idx)
+        rows = (k.cpu(), v.cpu(), meta.cpu())
+        self.owner.freezes += meta.shape[2]
+        self.owner.offload.add(k.nbytes + v.nbytes, time.perf_counter() - t0)
+        return rows
 
-    def _pop_frozen(self, idx: torch.Tensor, remain_idx: torch.Tensor):
-        """Take rows `idx` out of the store, back on the compute device; `remain_idx` stay frozen."""
+    def _restore_rows(self, idx: torch.Tensor) -> RowData:
+        """Device copies of frozen rows `idx`, bound for the active rows."""
         t0 = time.perf_counter()
-        f, dev = self.frozen, self.device
-        out = [_take(t, idx).to(dev, non_blocking=True) for t in (f.keys, f.values, f.positions)]
-        state = {name: _take(t, idx).to(dev) for name, t in f.state.items()}
-        if remain_idx.shape[-1]:
-            f.keys, f.values, f.positions = (_take(t, remain_idx) for t in (f.keys, f.values, f.positions))
-            f.state = {name: _take(t, remain_idx) for name, t in f.state.items()}
-        else:
-            self.frozen = FrozenStore()
-        self.owner.thaws += out[0].shape[2]
-        self.owner.restore.add(out[0].nbytes + out[1].nbytes, time.perf_counter() - t0)
-        return (*out, state)
-
-    def _append_rows(self, keys, values, positions, state) -> None:
-        self.keys = torch.cat([self.keys, keys], dim=2)
-        self.values = torch.cat([self.values, values], dim=2)
-        self.positions = torch.cat([self.positions, positions], dim=2)
-        self.state = {name: torch.cat([t, state[name]], dim=2) for name, t in self.state.items()}
+        k, v, meta = self.frozen.select(idx)
+        dev = self.device
+        rows = (k.to(dev, non_blocking=True), v.to(dev, non_blocking=True), meta.to(dev))
+        self.owner.thaws += meta.shape[2]
+        self.owner.restore.add(k.nbytes + v.nbytes, time.perf_counter() - t0)
+        return rows
 
 
 class PolicyCache(Cache):
@@ -249,11 +225,11 @@ class PolicyCache(Cache):
 
     def __init__(self, policy: KVPolicy, num_layers: int, device: torch.device | str = "cpu") -> None:
         self.policy = policy
+        self.pin_memory = torch.device(device).type == "cuda"
         super().__init__(layers=[PolicyLayer(self, i) for i in range(num_layers)])
-        device = torch.device(device)
-        self.pin_memory = device.type == "cuda"
         self.pending_positions = torch.zeros((1, 0), dtype=torch.long)
         self.prefill = True
+        self.last_chunk = False
         self.attn_rows = 0
         self.steps = 0
         self.extras: dict = {}
@@ -261,49 +237,62 @@ class PolicyCache(Cache):
         self.frozen_bytes = 0
         self.peak_active_bytes = 0
         self.peak_frozen_bytes = 0
+        self.reserved_bytes = 0
+        self.peak_reserved_bytes = 0
         self.freezes = 0
         self.thaws = 0
         self.offload = Transfers()
         self.restore = Transfers()
+        self._sum_active = 0
+        self._sum_full = 0
+        self._token_bytes = 0
 
     # -- called by the engine around each forward ---------------------------------------------
     def begin_step(self, position_ids: torch.Tensor, prefill: bool, last_chunk: bool = True) -> None:
         self.pending_positions = position_ids
         self.prefill = prefill
+        self.last_chunk = last_chunk
         self.attn_rows = self.policy.wants_attention(prefill, last_chunk)
 
     def end_step(self) -> None:
+        # at the end of the prompt, give back what prefill chunks reserved; later only clearly idle space,
+        # so a cache whose size swings (freeze/thaw) does not reallocate every step
+        slack = 2 if self.prefill and self.last_chunk else 4
+        for layer in self.layers:
+            layer.compact(slack)
         self.steps += 1
+        self._sum_active += self.active_bytes
+        self._sum_full += self.layers[0].seen * self.token_bytes()
 
     # -- called by the attention function after computing a layer's output ----------------------
     def after_attention(self, layer_idx: int, attn: torch.Tensor | None) -> None:
         layer = self.layers[layer_idx]
-        decision = self.policy.step(layer.view(attn))
+        view = layer.view(attn)
+        decision = self.policy.step(view)
+        if self.policy.token_state:
+            layer.store_state(view)
         if decision is not None:
             layer.apply(decision)
 
     # -- accounting -------------------------------------------------------------------------------
-    def _account(self, active_delta: int, frozen_delta: int) -> None:
+    def _account(self, active_delta: int, frozen_delta: int, reserved_delta: int) -> None:
         self.active_bytes += active_delta
         self.frozen_bytes += frozen_delta
+        self.reserved_bytes += reserved_delta
         self.peak_active_bytes = max(self.peak_active_bytes, self.active_bytes)
         self.peak_frozen_bytes = max(self.peak_frozen_bytes, self.frozen_bytes)
-
-    def to_store(self, t: torch.Tensor) -> torch.Tensor:
-        """`t` (fresh rows from a gather) in host memory: pinned and asynchronous on CUDA."""
-        if not self.pin_memory:
-            return t.to("cpu")
-        buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        return buf.copy_(t, non_blocking=True)
+        self.peak_reserved_bytes = max(self.peak_reserved_bytes, self.reserved_bytes)
 
     def token_bytes(self) -> int:
-        """Bytes one token occupies across all layers (K and V)."""
-        total = 0
-        for layer in self.layers:
-            if layer.is_initialized:
-                b, k, _, d = layer.keys.shape
-                total += b * k * (d + layer.values.shape[-1]) * layer.keys.element_size()
-        return total
+        """Bytes one token occupies across all layers (K and V); fixed once every layer has seen data."""
+        if not self._token_bytes:
+            total = 0
+            for layer in self.layers:
+                if not layer.is_initialized:
+                    return 0
+                total += layer.active.row_bytes()
+            self._token_bytes = total
+        return self._token_bytes
 
     def stats(self) -> CacheStats:
         layers = self.layers
@@ -314,12 +303,15 @@ class PolicyCache(Cache):
             full_bytes=seen * self.token_bytes(),
             peak_active_bytes=self.peak_active_bytes,
             peak_frozen_bytes=self.peak_frozen_bytes,
+            peak_reserved_bytes=self.peak_reserved_bytes,
             seen_tokens=seen,
-            active_tokens=[layer.get_seq_length() for layer in layers],
-            frozen_tokens=[layer.frozen.size for layer in layers],
+            active_tokens=[layer.active.n for layer in layers],
+            frozen_tokens=[layer.frozen.n for layer in layers],
             evicted_tokens=[layer.evicted for layer in layers],
             freezes=self.freezes,
             thaws=self.thaws,
             offload=dataclasses.replace(self.offload),
             restore=dataclasses.replace(self.restore),
+            step_active_bytes=self._sum_active / max(1, self.steps),
+            step_full_bytes=self._sum_full / max(1, self.steps),
         )

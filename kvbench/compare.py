@@ -12,11 +12,9 @@ from tqdm.auto import tqdm
 from kvbench import models
 from kvbench.engine import Engine
 from kvbench.leaderboard import markdown
-from kvbench.policy import Budget, KVPolicy, make_policy
+from kvbench.policy import Budget, KVPolicy, make_policy, policy_class
 from kvbench.records import dump_json, sample_record, summarize, versions, write_atomic
 from kvbench.tasks import Task, make_task
-
-UNBUDGETED = {"full"}
 
 
 @dataclass
@@ -57,7 +55,7 @@ def plan(spec: CompareSpec) -> list[KVPolicy]:
     policies = []
     for name in dict.fromkeys(spec.methods):
         params = spec.method_args.get(name, {})
-        if name in UNBUDGETED:
+        if not policy_class(name).uses_budget:
             policies.append(make_policy(name, **params))
             continue
         if not spec.budgets:

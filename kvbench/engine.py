@@ -36,6 +36,7 @@ class RunResult:
     cache: CacheStats
     memory_peak_bytes: int  # allocator peak on CUDA, peak process RSS sampled per step on CPU
     logits: list[torch.Tensor] = field(default_factory=list)  # per generated token, if asked for
+    policy_report: dict = field(default_factory=dict)
 
 
 class Engine:
@@ -86,6 +87,7 @@ class Engine:
         stop: Sequence[str] = (),
         on_step: Callable[[PolicyCache], None] | None = None,
         return_logits: bool = False,
+        ignore_eos: bool = False,
     ) -> RunResult:
         n = len(input_ids)
         if n == 0:
@@ -108,9 +110,12 @@ class Engine:
                 logits_to_keep=1, **{CACHE_KWARG: cache},
             )
             cache.end_step()
+            logits = out.logits[0, -1]
+            if policy.signals:
+                policy.observe(_signals(policy.signals, logits, cache.steps))
             if on_step is not None:
                 on_step(cache)
-            return out.logits[0, -1]
+            return logits
 
         t0 = time.perf_counter()
         for start in range(0, n, self.prefill_chunk):
@@ -126,8 +131,9 @@ class Engine:
         generated = [token]
         decode_s: list[float] = []
         reason = "length"
+        eos_ids = set() if ignore_eos else self.eos_ids
         for _ in range(max_new_tokens - 1):
-            if token in self.eos_ids:
+            if token in eos_ids:
                 reason = "eos"
                 break
             if stop and _hit_stop(self.tokenizer.decode(generated, skip_special_tokens=True), stop):
@@ -144,16 +150,25 @@ class Engine:
             rss_peak = max(rss_peak, proc.memory_info().rss)
             generated.append(token)
         else:
-            if token in self.eos_ids:
+            if token in eos_ids:
                 reason = "eos"
-        if generated and generated[-1] in self.eos_ids:
+        if generated and generated[-1] in eos_ids:
             generated = generated[:-1]
         text = self.tokenizer.decode(generated, skip_special_tokens=True)
         text, hit = _cut_at_stop(text, stop)
         if hit:
             reason = "stop"
         peak = torch.cuda.max_memory_allocated(self.device) if cuda else rss_peak
-        return RunResult(n, generated, text, reason, prefill_s, decode_s, cache.stats(), int(peak), kept_logits)
+        return RunResult(n, generated, text, reason, prefill_s, decode_s, cache.stats(), int(peak), kept_logits,
+                         policy.report())
+
+
+def _signals(names: Sequence[str], logits: torch.Tensor, step: int) -> dict:
+    out: dict = {"step": step}
+    if "entropy" in names:
+        logp = logits.float().log_softmax(-1)
+        out["entropy"] = float(-(logp.exp() * logp).sum())
+    return out
 
 
 def _hit_stop(text: str, stop: Sequence[str]) -> bool:

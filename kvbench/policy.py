@@ -109,13 +109,17 @@ class KVPolicy:
     """Base class of every method. Subclasses are dataclasses registered with `@register`.
 
     Class attributes declare what the policy needs, so the engine computes nothing else:
-    `attn_rows` (attention rows of the last w queries; 0 = none, ALL_ROWS = every query) and
-    `token_state` (names of per-token float tensors the cache should keep for the policy).
+    `attn_rows` (attention rows of the last w queries; 0 = none, ALL_ROWS = every query),
+    `token_state` (names of per-token float tensors the cache should keep for the policy),
+    `signals` (engine signals passed to `observe`, e.g. "entropy" of the next-token distribution)
+    and `uses_budget` (False for methods driven by thresholds rather than a token budget).
     """
 
     name: ClassVar[str] = ""
     attn_rows: ClassVar[int] = 0
     token_state: ClassVar[tuple[str, ...]] = ()
+    signals: ClassVar[tuple[str, ...]] = ()
+    uses_budget: ClassVar[bool] = True
     budget: Budget | None = None
 
     def __post_init__(self) -> None:
@@ -139,7 +143,11 @@ class KVPolicy:
         """Forget sequence-level state before a new sequence (per-token state lives in the cache)."""
 
     def observe(self, signals: dict[str, Any]) -> None:
-        """Engine signals after each forward (e.g. next-token entropy); most policies ignore them."""
+        """Engine signals after each forward (those named in `signals`, plus "step": the next step's index)."""
+
+    def report(self) -> dict[str, Any]:
+        """Sequence-level counters to put in the run record (e.g. recovery events)."""
+        return {}
 
     def config(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

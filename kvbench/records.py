@@ -45,9 +45,11 @@ def sample_record(task: str, sample, result: RunResult, score: float) -> dict[st
         "prefill_ms": result.prefill_s * 1e3,
         "decode_ms": [s * 1e3 for s in result.decode_s],
         "kv_compression": c.kv_compression,
+        "mean_kv_compression": c.mean_kv_compression,
         "active_kv_bytes": c.active_bytes,
         "full_kv_bytes": c.full_bytes,
         "peak_kv_bytes": c.peak_active_bytes,
+        "peak_reserved_kv_bytes": c.peak_reserved_bytes,
         "frozen_kv_bytes": c.frozen_bytes,
         "peak_frozen_kv_bytes": c.peak_frozen_bytes,
         "evicted_tokens": sum(c.evicted_tokens),
@@ -56,6 +58,7 @@ def sample_record(task: str, sample, result: RunResult, score: float) -> dict[st
         "offload": vars(c.offload),
         "restore": vars(c.restore),
         "memory_peak_bytes": result.memory_peak_bytes,
+        "policy": result.policy_report,
     }
 
 
@@ -75,12 +78,14 @@ def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "accuracy": {t: statistics.fmean(s["score"] for s in samples if s["task"] == t) for t in tasks},
         "samples": len(samples),
         "kv_compression": mean("kv_compression"),
+        "mean_kv_compression": mean("mean_kv_compression"),
         "kv_compression_by_task": {
             t: statistics.fmean(s["kv_compression"] for s in samples if s["task"] == t) for t in tasks
         },
         "active_kv_bytes": mean("active_kv_bytes"),
         "full_kv_bytes": mean("full_kv_bytes"),
         "peak_kv_bytes": max(s["peak_kv_bytes"] for s in samples),
+        "peak_reserved_kv_bytes": max(s["peak_reserved_kv_bytes"] for s in samples),
         "frozen_kv_bytes": mean("frozen_kv_bytes"),
         "peak_frozen_kv_bytes": max(s["peak_frozen_kv_bytes"] for s in samples),
         "memory_peak_bytes": max(s["memory_peak_bytes"] for s in samples),
@@ -90,7 +95,21 @@ def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "tokens_per_s": len(steps) / decode_total_s if decode_total_s else None,
         "freezes": sum(s["freezes"] for s in samples),
         "thaws": sum(s["thaws"] for s in samples),
+        "policy": _sum_counters([s["policy"] for s in samples]),
+        "transfer_ms": sum(s["offload"]["seconds"] + s["restore"]["seconds"] for s in samples) * 1e3,
     }
+
+
+def _sum_counters(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """Add up numeric (possibly nested) counters of per-sample policy reports."""
+    out: dict[str, Any] = {}
+    for rep in reports:
+        for key, value in rep.items():
+            if isinstance(value, dict):
+                out[key] = _sum_counters([out.get(key, {}), value])
+            elif isinstance(value, int | float):
+                out[key] = out.get(key, 0) + value
+    return out
 
 
 def write_atomic(path: Path, text: str) -> None:

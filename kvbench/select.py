@@ -1,8 +1,8 @@
 """Token-selection helpers shared by the methods: masks over a layer's active tokens, per row.
 
 All take and return [B, K, n] tensors (or anything broadcastable), so a method written with them
-works unchanged for per-layer and per-head decisions. Ranking uses true positions, never the
-physical order in the cache, which thaws and re-appends can change.
+works unchanged for per-layer and per-head decisions. Windows are defined on true positions, never
+on the physical order of rows in the cache, which evictions, thaws and re-appends change.
 """
 
 from __future__ import annotations
@@ -10,19 +10,14 @@ from __future__ import annotations
 import torch
 
 
-def position_rank(positions: torch.Tensor) -> torch.Tensor:
-    """0 for the oldest token of each row, n - 1 for the newest."""
-    return positions.argsort(dim=-1).argsort(dim=-1)
+def sinks(positions: torch.Tensor, k: int) -> torch.Tensor:
+    """Tokens at the first k positions of the sequence (attention sinks)."""
+    return positions < k
 
 
-def oldest(positions: torch.Tensor, k: int) -> torch.Tensor:
-    """The k earliest tokens of each row (attention sinks)."""
-    return position_rank(positions) < k
-
-
-def newest(positions: torch.Tensor, k: int) -> torch.Tensor:
-    """The k most recent tokens of each row (the local window)."""
-    return position_rank(positions) >= positions.shape[-1] - k
+def recent(positions: torch.Tensor, seen: int, k: int) -> torch.Tensor:
+    """Tokens among the k most recent positions (the local window), `seen` tokens into the sequence."""
+    return positions >= seen - k
 
 
 def top_k(scores: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Full cache: no compression. The reference row every other method is compared against."""
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from kvbench.policy import Decision, KVPolicy, LayerView, register
 
@@ -8,5 +9,7 @@ from kvbench.policy import Decision, KVPolicy, LayerView, register
 @register("full")
 @dataclass
 class Full(KVPolicy):
+    uses_budget: ClassVar[bool] = False
+
     def step(self, view: LayerView) -> Decision | None:
         return None

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from kvbench.policy import ALL_ROWS, Decision, KVPolicy, LayerView, register
-from kvbench.select import newest, per_kv_head, top_k
+from kvbench.select import per_kv_head, recent, top_k
 
 
 @register("h2o")
@@ -26,5 +26,5 @@ class H2O(KVPolicy):
         cap = self.capacity(view.seen)
         if view.n <= cap:
             return None
-        recent = newest(view.positions, cap - int(cap * self.heavy_ratio))
-        return Decision(keep=recent | top_k(score, int(cap * self.heavy_ratio), exclude=recent))
+        window = recent(view.positions, view.seen, cap - int(cap * self.heavy_ratio))
+        return Decision(keep=window | top_k(score, int(cap * self.heavy_ratio), exclude=window))

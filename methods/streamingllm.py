@@ -7,7 +7,7 @@ statistics, so it costs nothing beyond the eviction itself.
 from dataclasses import dataclass
 
 from kvbench.policy import Decision, KVPolicy, LayerView, register
-from kvbench.select import newest, oldest
+from kvbench.select import recent, sinks
 
 
 @register("streamingllm")
@@ -19,5 +19,5 @@ class StreamingLLM(KVPolicy):
         cap = self.capacity(view.seen)
         if view.n <= cap:
             return None
-        sinks = min(self.sinks, cap)
-        return Decision(keep=oldest(view.positions, sinks) | newest(view.positions, cap - sinks))
+        first = min(self.sinks, cap)
+        return Decision(keep=sinks(view.positions, first) | recent(view.positions, view.seen, cap - first))

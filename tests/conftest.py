@@ -33,6 +33,7 @@ def feed(cache: PolicyCache, layer: int, start: int, q: int, heads: int = 2, dim
     v = torch.randn(1, heads, q, dim, generator=gen)
     cache.layers[layer].update(k, v)
     cache.after_attention(layer, attn)
+    cache.end_step()
     return k, v
 
 

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from kvbench.cli import main
+from kvbench.policy import available
 
 
 def run_cli(capsys, *args):
@@ -35,7 +36,7 @@ def test_compare_writes_results_and_prints_table(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--methods", "full,snapkvv"], "unknown method 'snapkvv'; known methods: full, h2o, streamingllm"),
+    (["--methods", "full,snapkvv"], "unknown method 'snapkvv'; known methods: " + ", ".join(available())),
     (["--methods", "h2o", "--budget", "0"], "budget must be a positive token count, got 0"),
     (["--methods", "h2o", "--budget", "-3"], "budget must be a positive token count, got -3"),
     (["--tasks", "mmlu"], "unknown task 'mmlu'; known tasks: needle, needle-1k, needle-2k"),

@@ -1,0 +1,125 @@
+"""ASR-KF-EGR: Adaptive Soft Rolling KV Freeze with Entropy-Guided Recovery (arXiv 2512.11221).
+
+Nothing is evicted. A token whose attention stays low is *frozen*: left out of attention and moved
+to the off-device store for a number of steps that grows sublinearly with how often it was found
+unimportant, then thawed back, byte-exact, at its original position. A spike in next-token entropy
+thaws tokens early, escalating from a soft to a window to a full reset.
+
+Choices the paper leaves open (each a parameter):
+- importance: mean attention probability a token receives from the last `window` queries, averaged
+  over all query heads of the layer (one decision per layer). At a prefill chunk that is the exact
+  mean of the chunk's last `window` rows; during decode, one row per step enters an exponential
+  moving average with time constant `window` (the W-row mean without storing W rows).
+- low importance: importance < tau / |active|, i.e. below tau times a uniform share. The first
+  `sinks` tokens and the `window` most recent tokens are never frozen.
+- schedule: each detection adds 1 to the token's count c; the freeze lasts d = floor(sqrt(c) / k)
+  steps (prefill chunks and decode steps), and only when d >= 1 (k > 1 needs repeated detections).
+- recovery: entropy H of the next-token distribution; a spike is H > mean + sigma * std over the
+  last `entropy_history` steps (at least 8 steps of history). A spike within `escalation_gap` steps
+  of the previous one escalates one level: soft (thaw tokens with d > 1) -> window (thaw tokens
+  frozen in the last `window` steps) -> full (thaw everything, clear counts). Thaws take effect after
+  the next step's attention. The paper's fourth level (regenerate the last k tokens after a full
+  reset) needs the engine to roll back generated tokens and is not implemented.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from kvbench.policy import Decision, KVPolicy, LayerView, register
+from kvbench.select import recent, sinks
+
+LEVELS = ("soft", "window", "full")
+
+
+@register("asrkf")
+@dataclass
+class ASRKF(KVPolicy):
+    token_state: ClassVar[tuple[str, ...]] = ("importance", "count", "until")
+    signals: ClassVar[tuple[str, ...]] = ("entropy",)
+    uses_budget: ClassVar[bool] = False
+    window: int = 32
+    tau: float = 0.5
+    k: float = 1.0
+    sinks: int = 4
+    recovery: bool = True
+    entropy_history: int = 32
+    sigma: float = 2.0
+    escalation_gap: int = 8
+    _entropies: deque = field(default_factory=deque, init=False, repr=False)
+    _level: int = field(default=0, init=False, repr=False)
+    _last_spike: int = field(default=-(10**9), init=False, repr=False)
+    _pending: tuple[int, int] | None = field(default=None, init=False, repr=False)  # (level, step)
+    _events: dict[str, int] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.window < 1 or self.tau <= 0 or self.k <= 0:
+            raise ValueError(f"asrkf: window >= 1, tau > 0 and k > 0 required, got {self.window}, {self.tau}, {self.k}")
+        self.reset()
+
+    def reset(self) -> None:
+        self._entropies = deque(maxlen=self.entropy_history)
+        self._level, self._last_spike, self._pending = 0, -(10**9), None
+        self._events = dict.fromkeys(LEVELS, 0)
+
+    def wants_attention(self, prefill: bool, last_chunk: bool) -> int:
+        return self.window
+
+    def config(self) -> dict[str, Any]:
+        return {k: v for k, v in super().config().items() if not k.startswith("_")}
+
+    def report(self) -> dict[str, Any]:
+        return {"recoveries": dict(self._events)}
+
+    def observe(self, signals: dict[str, Any]) -> None:
+        h, hist = signals["entropy"], self._entropies
+        if self.recovery and len(hist) >= 8 and h > statistics.fmean(hist) + self.sigma * statistics.pstdev(hist):
+            step = signals["step"]
+            self._level = min(self._level + 1, len(LEVELS)) if step - self._last_spike <= self.escalation_gap else 1
+            self._last_spike = step
+            self._pending = (self._level, step)
+            self._events[LEVELS[self._level - 1]] += 1
+        hist.append(h)
+
+    def _duration(self, count: torch.Tensor) -> torch.Tensor:
+        return torch.floor(count.sqrt() / self.k)
+
+    def step(self, view: LayerView) -> Decision | None:
+        s, pos = view.state, view.positions[:, :1]  # per-layer decision: one row serves every KV head
+        seen_attn = view.attn.mean(dim=(1, 2, 3))[:, None]  # [B, 1, n]
+        rate = 1.0 if view.prefill else 1.0 / self.window
+        importance = s["importance"][:, :1]
+        importance = importance + rate * (seen_attn - importance)
+        low = (importance < self.tau / view.n) & ~(sinks(pos, self.sinks) | recent(pos, view.seen, self.window))
+        count = s["count"][:, :1] + low
+        duration = self._duration(count)
+        freeze = low & (duration >= 1)
+        until = torch.where(freeze, view.step + duration, s["until"][:, :1])
+        shape = s["count"].shape
+        s["importance"], s["count"], s["until"] = (t.expand(shape) for t in (importance, count, until))
+
+        thaw = None
+        if view.frozen_positions is not None:
+            f = view.frozen_state
+            thaw = f["until"][:, :1] <= view.step
+            if self._pending is not None and self._pending[1] == view.step:
+                thaw = thaw | self._recovery_thaw(self._pending[0], view)
+        return Decision(keep=~freeze, freeze=freeze, thaw=thaw)
+
+    def _recovery_thaw(self, level: int, view: LayerView) -> torch.Tensor:
+        f = view.frozen_state
+        count, until = f["count"][:, :1], f["until"][:, :1]
+        duration = self._duration(count)
+        if LEVELS[level - 1] == "soft":
+            return duration > 1
+        if LEVELS[level - 1] == "window":
+            return until - duration >= view.step - self.window
+        view.state["count"] = torch.zeros_like(view.state["count"])  # full reset: clear every count
+        f["count"] = torch.zeros_like(f["count"])
+        return torch.ones_like(count, dtype=torch.bool)
