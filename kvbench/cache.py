@@ -17,7 +17,8 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvbench.policy import Decision, KVPolicy, LayerView
-from kvbench.rows import RowData, Rows, new_meta
+from kvbench.rope import Rope
+from kvbench.rows import ROT, RowData, Rows, new_meta
 
 
 @dataclass
@@ -111,7 +112,8 @@ class PolicyLayer(CacheLayerMixin):
         b, h, q, _ = key_states.shape
         before = self._sizes()
         pos = self.owner.pending_positions.to(self.device)[:, None, :].expand(b, h, q)
-        self.active.append((key_states, value_states, new_meta(pos, len(self.owner.policy.token_state))))
+        rot = self.owner.pending_rotations.to(self.device)[:, None, :].expand(b, h, q)
+        self.active.append((key_states, value_states, new_meta(pos, rot, len(self.owner.policy.token_state))))
         self.seen += q
         self.new_tokens = q
         self._refresh(before)
@@ -198,7 +200,18 @@ class PolicyLayer(CacheLayerMixin):
         drop_idx = _index(drop, shape) if bool(drop.any()) else torch.empty(0, dtype=torch.long, device=self.device)
         self.active.swap(drop_idx, thawed)
         self.evicted += drop_idx.shape[-1] - (0 if frozen_rows is None else frozen_rows[0].shape[2])
+        if self.owner.positions == "rerotate":
+            self._rerotate()
         self._refresh(before)
+
+    def _rerotate(self) -> None:
+        """Turn every active key to its rank among the layer's true positions (contiguous in-cache positions)."""
+        rows = self.active
+        target = rows.positions().argsort(-1).argsort(-1)
+        delta = target - rows.rotations()
+        if bool(delta.any()):
+            rows.k[:, :, : rows.n] = self.owner.rope.rotate(rows.keys(), delta)
+            rows.meta[:, :, : rows.n, ROT] = target.float()
 
     def _offload_rows(self, idx: torch.Tensor) -> RowData:
         """Host copies of active rows `idx`, bound for the frozen store."""
@@ -220,14 +233,25 @@ class PolicyLayer(CacheLayerMixin):
         return rows
 
 
+POSITION_MODES = ("original", "rerotate", "naive")
+
+
 class PolicyCache(Cache):
     """The cache the engine hands to the model: one PolicyLayer per decoder layer, one policy for all."""
 
-    def __init__(self, policy: KVPolicy, num_layers: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, policy: KVPolicy, num_layers: int, device: torch.device | str = "cpu",
+                 positions: str = "original", rope: Rope | None = None) -> None:
+        if positions not in POSITION_MODES:
+            raise ValueError(f"unknown positions mode {positions!r}; allowed: {', '.join(POSITION_MODES)}")
+        if positions == "rerotate" and rope is None:
+            raise ValueError("positions=rerotate needs the model's RoPE parameters")
         self.policy = policy
+        self.positions = positions
+        self.rope = rope
         self.pin_memory = torch.device(device).type == "cuda"
         super().__init__(layers=[PolicyLayer(self, i) for i in range(num_layers)])
         self.pending_positions = torch.zeros((1, 0), dtype=torch.long)
+        self.pending_rotations = self.pending_positions
         self.prefill = True
         self.last_chunk = False
         self.attn_rows = 0
@@ -248,11 +272,28 @@ class PolicyCache(Cache):
         self._token_bytes = 0
 
     # -- called by the engine around each forward ---------------------------------------------
-    def begin_step(self, position_ids: torch.Tensor, prefill: bool, last_chunk: bool = True) -> None:
+    def begin_step(self, position_ids: torch.Tensor, prefill: bool, last_chunk: bool = True,
+                   rotation_ids: torch.Tensor | None = None) -> None:
+        """`position_ids`: the new tokens' true positions; `rotation_ids`: the positions the model rotates
+        them at (the same in `original` mode, in-cache positions in `rerotate` and `naive`)."""
         self.pending_positions = position_ids
+        self.pending_rotations = position_ids if rotation_ids is None else rotation_ids
         self.prefill = prefill
         self.last_chunk = last_chunk
         self.attn_rows = self.policy.wants_attention(prefill, last_chunk)
+
+    def next_rotations(self, start: int, q: int) -> torch.Tensor:
+        """Positions to give the model for the next q tokens under this cache's position mode."""
+        if self.positions == "original":
+            return torch.arange(start, start + q)[None]
+        counts = {layer.active.n for layer in self.layers}
+        if self.positions == "rerotate" and len(counts) > 1:
+            raise ValueError(
+                f"positions=rerotate needs every layer to hold the same number of tokens, but method "
+                f"{self.policy.name!r} keeps {min(counts)}..{max(counts)}; use original or naive"
+            )
+        n = self.layers[0].active.n  # naive: the shrunk length of layer 0, as get_seq_length() would say
+        return torch.arange(n, n + q)[None]
 
     def end_step(self) -> None:
         # at the end of the prompt, give back what prefill chunks reserved; later only clearly idle space,

@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"bundled alias ({', '.join(models.BUNDLED)}), a .gguf file, or a local HF model directory")
     c.add_argument("--method-args", action="append", default=[], metavar="METHOD:K=V[,K=V]",
                    help="policy parameters, e.g. h2o:heavy_ratio=0.5 (repeatable)")
+    c.add_argument("--positions", type=_csv, default=["original"],
+                   help="position handling after eviction: original, rerotate, naive (comma-separated sweep)")
     c.add_argument("--prefill-chunk", type=int, default=512, help="prefill chunk size in tokens")
     c.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     c.add_argument("--out", type=Path, default=None, help="output folder (default: a new folder in reports/runs/)")
@@ -60,6 +62,7 @@ def _compare(args: argparse.Namespace) -> int:
         prefill_chunk=args.prefill_chunk,
         method_args=parse_method_args(args.method_args),
         device=args.device,
+        positions=args.positions,
         context_lengths=tuple(_int(x, "--context-lengths") for x in args.context_lengths)
         if args.context_lengths else None,
     )

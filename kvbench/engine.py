@@ -17,6 +17,7 @@ import torch
 from kvbench.attention import CACHE_KWARG, backend_for
 from kvbench.cache import CacheStats, PolicyCache
 from kvbench.policy import KVPolicy
+from kvbench.rope import Rope
 
 
 class PromptTooLong(ValueError):
@@ -78,6 +79,10 @@ class Engine:
             text = user + "\n"
         return self.tokenizer(text + assistant_prefix, add_special_tokens=False)["input_ids"]
 
+    def session(self, policy: KVPolicy, positions: str = "original",
+                on_step: Callable[[PolicyCache], None] | None = None) -> Session:
+        return Session(self, policy, positions, on_step)
+
     @torch.inference_mode()
     def generate(
         self,
@@ -88,79 +93,147 @@ class Engine:
         on_step: Callable[[PolicyCache], None] | None = None,
         return_logits: bool = False,
         ignore_eos: bool = False,
+        positions: str = "original",
     ) -> RunResult:
-        n = len(input_ids)
-        if n == 0:
+        if not input_ids:
             raise ValueError("empty prompt")
-        self.check_fits(n, max_new_tokens)
-        policy.reset()
-        cache = PolicyCache(policy, self.model.config.num_hidden_layers, self.device)
-        ids = torch.tensor([list(input_ids)], dtype=torch.long, device=self.device)
-        cuda = self.device.type == "cuda"
-        proc = psutil.Process()
-        rss_peak = proc.memory_info().rss
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
-
-        def forward(chunk: torch.Tensor, start: int, prefill: bool, last: bool) -> torch.Tensor:
-            pos = torch.arange(start, start + chunk.shape[1], device=self.device)[None]
-            cache.begin_step(pos, prefill=prefill, last_chunk=last)
-            out = self.model(
-                input_ids=chunk, position_ids=pos, past_key_values=cache, use_cache=True,
-                logits_to_keep=1, **{CACHE_KWARG: cache},
-            )
-            cache.end_step()
-            logits = out.logits[0, -1]
-            if policy.signals:
-                policy.observe(_signals(policy.signals, logits, cache.steps))
-            if on_step is not None:
-                on_step(cache)
-            return logits
-
+        self.check_fits(len(input_ids), max_new_tokens)
+        session = self.session(policy, positions, on_step)
         t0 = time.perf_counter()
-        for start in range(0, n, self.prefill_chunk):
-            end = min(n, start + self.prefill_chunk)
-            logits = forward(ids[:, start:end], start, prefill=True, last=end == n)
-            rss_peak = max(rss_peak, proc.memory_info().rss)
-        token = int(logits.argmax())
-        if cuda:
-            torch.cuda.synchronize(self.device)
+        logits = session.feed(input_ids)
+        session.sync()
         prefill_s = time.perf_counter() - t0
-        kept_logits = [logits.float().cpu()] if return_logits else []
+        reply = session.reply(logits, max_new_tokens, stop, ignore_eos, return_logits)
+        return RunResult(len(input_ids), reply.tokens, reply.text, reply.stop_reason, prefill_s, reply.decode_s,
+                         session.cache.stats(), session.memory_peak(), reply.logits, policy.report())
 
-        generated = [token]
-        decode_s: list[float] = []
+    @torch.inference_mode()
+    def converse(self, turns: Sequence[str], policy: KVPolicy, max_new_tokens: int = 32, stop: Sequence[str] = (),
+                 positions: str = "original") -> list[RunResult]:
+        """A multi-turn conversation on one cache: each user turn is fed through the policy, then answered.
+        Positions may run past the model's trained window (that is what such probes measure)."""
+        session = self.session(policy, positions)
+        messages: list[dict[str, str]] = []
+        results = []
+        for turn in turns:
+            ids = session.pending + self._turn_ids(messages, turn, session.pending)
+            messages.append({"role": "user", "content": turn})
+            t0 = time.perf_counter()
+            logits = session.feed(ids)
+            session.sync()
+            prefill_s = time.perf_counter() - t0
+            reply = session.reply(logits, max_new_tokens, stop)
+            messages.append({"role": "assistant", "content": reply.text})
+            results.append(RunResult(len(ids), reply.tokens, reply.text, reply.stop_reason, prefill_s,
+                                     reply.decode_s, session.cache.stats(), session.memory_peak(), [],
+                                     policy.report()))
+        return results
+
+    def _turn_ids(self, messages: list[dict[str, str]], turn: str, pending: list[int]) -> list[int]:
+        """Tokens that take a transcript (whose last reply is fed up to `pending`) to the next user turn."""
+        if not messages:
+            return self.encode_chat(turn)
+        render = self.tokenizer.apply_chat_template
+        before = render(messages, tokenize=False)
+        after = render([*messages, {"role": "user", "content": turn}], tokenize=False, add_generation_prompt=True)
+        if not after.startswith(before):
+            raise ValueError("this model's chat template rewrites earlier turns; multi-turn needs a prefix-stable one")
+        reply = messages[-1]["content"]
+        tail = before[before.rindex(reply) + len(reply):] if reply else before[len(before.rstrip()):]
+        fed = self.tokenizer.decode(pending[-1:]) if pending and pending[-1] in self.eos_ids else ""
+        tail = tail[len(fed):] if fed and tail.startswith(fed) else tail
+        return self.tokenizer(tail + after[len(before):], add_special_tokens=False)["input_ids"]
+
+
+@dataclass
+class Reply:
+    tokens: list[int]
+    text: str
+    stop_reason: str
+    decode_s: list[float]
+    logits: list[torch.Tensor]
+
+
+class Session:
+    """One sequence on one PolicyCache: prompt chunks and decode steps can alternate (multi-turn)."""
+
+    def __init__(self, engine: Engine, policy: KVPolicy, positions: str,
+                 on_step: Callable[[PolicyCache], None] | None) -> None:
+        self.engine, self.policy, self.on_step = engine, policy, on_step
+        policy.reset()
+        model = engine.model
+        rope = Rope.from_model(model) if positions == "rerotate" else None
+        self.cache = PolicyCache(policy, model.config.num_hidden_layers, engine.device, positions, rope)
+        self.seen = 0
+        self.pending: list[int] = []  # generated tokens not yet fed back (the last one of a reply)
+        self.cuda = engine.device.type == "cuda"
+        self._proc = psutil.Process()
+        self._rss_peak = self._proc.memory_info().rss
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(engine.device)
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.engine.device)
+
+    def memory_peak(self) -> int:
+        return int(torch.cuda.max_memory_allocated(self.engine.device) if self.cuda else self._rss_peak)
+
+    def _forward(self, ids: torch.Tensor, prefill: bool, last: bool) -> torch.Tensor:
+        engine, cache, q = self.engine, self.cache, ids.shape[1]
+        pos = torch.arange(self.seen, self.seen + q, device=engine.device)[None]
+        rot = cache.next_rotations(self.seen, q).to(engine.device)
+        cache.begin_step(pos, prefill=prefill, last_chunk=last, rotation_ids=rot)
+        out = engine.model(input_ids=ids, position_ids=rot, past_key_values=cache, use_cache=True,
+                           logits_to_keep=1, **{CACHE_KWARG: cache})
+        cache.end_step()
+        self.seen += q
+        logits = out.logits[0, -1]
+        if self.policy.signals:
+            self.policy.observe(_signals(self.policy.signals, logits, cache.steps))
+        if self.on_step is not None:
+            self.on_step(cache)
+        self._rss_peak = max(self._rss_peak, self._proc.memory_info().rss)
+        return logits
+
+    def feed(self, input_ids: Sequence[int]) -> torch.Tensor:
+        """Consume tokens in prefill chunks (the policy runs after each); logits after the last one."""
+        ids = torch.tensor([list(input_ids)], dtype=torch.long, device=self.engine.device)
+        n, chunk = ids.shape[1], self.engine.prefill_chunk
+        for start in range(0, n, chunk):
+            end = min(n, start + chunk)
+            logits = self._forward(ids[:, start:end], prefill=True, last=end == n)
+        self.pending = []
+        return logits
+
+    def reply(self, logits: torch.Tensor, max_new_tokens: int, stop: Sequence[str] = (), ignore_eos: bool = False,
+              return_logits: bool = False) -> Reply:
+        """Greedy decode from `logits` until eos, a stop string or `max_new_tokens`."""
+        tok = self.engine.tokenizer
+        eos_ids = set() if ignore_eos else self.engine.eos_ids
+        token = int(logits.argmax())
+        generated, decode_s = [token], []
+        kept = [logits.float().cpu()] if return_logits else []
         reason = "length"
-        eos_ids = set() if ignore_eos else self.eos_ids
-        for _ in range(max_new_tokens - 1):
+        while len(generated) < max_new_tokens:
             if token in eos_ids:
-                reason = "eos"
                 break
-            if stop and _hit_stop(self.tokenizer.decode(generated, skip_special_tokens=True), stop):
-                reason = "stop"
+            if stop and _hit_stop(tok.decode(generated, skip_special_tokens=True), stop):
                 break
             t = time.perf_counter()
-            logits = forward(torch.tensor([[token]], device=self.device), n + len(generated) - 1, False, True)
+            logits = self._forward(torch.tensor([[token]], device=self.engine.device), prefill=False, last=True)
             token = int(logits.argmax())
-            if cuda:
-                torch.cuda.synchronize(self.device)
+            self.sync()
             decode_s.append(time.perf_counter() - t)
             if return_logits:
-                kept_logits.append(logits.float().cpu())
-            rss_peak = max(rss_peak, proc.memory_info().rss)
+                kept.append(logits.float().cpu())
             generated.append(token)
-        else:
-            if token in eos_ids:
-                reason = "eos"
-        if generated and generated[-1] in eos_ids:
+        self.pending = [token]
+        if token in eos_ids:
+            reason = "eos"
             generated = generated[:-1]
-        text = self.tokenizer.decode(generated, skip_special_tokens=True)
-        text, hit = _cut_at_stop(text, stop)
-        if hit:
-            reason = "stop"
-        peak = torch.cuda.max_memory_allocated(self.device) if cuda else rss_peak
-        return RunResult(n, generated, text, reason, prefill_s, decode_s, cache.stats(), int(peak), kept_logits,
-                         policy.report())
+        text, hit = _cut_at_stop(tok.decode(generated, skip_special_tokens=True), stop)
+        return Reply(generated, text, "stop" if hit else reason, decode_s, kept)
 
 
 def _signals(names: Sequence[str], logits: torch.Tensor, step: int) -> dict:

@@ -28,20 +28,26 @@ def rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     base = full["decode_ms_p50"] if full else None
     per_task = len(tasks) > 1
     task_cols = [f"{t} {what}" for t in tasks for what in (("acc", "KV comp.") if per_task else ("acc",))]
-    headers = ["method", "budget", *task_cols, "KV compression", "active KV MiB",
-               "peak KV MiB", "frozen MiB", "prefill ms", "decode ms p50", "decode ms p95", "tok/s",
-               "decode × full"]
+    headers = ["method", "budget", "positions", *task_cols, "KV compression", "active KV MiB",
+               "peak KV MiB", "prefill ms", "decode ms p50", "decode ms p95", "tok/s", "decode × full"]
+    freezing = any(r["metrics"]["freezes"] for r in records)
+    if freezing:
+        headers += ["mean KV comp.", "frozen MiB", "thaws", "recoveries"]
     table = []
     for r in records:
         m = r["metrics"]
         ratio = m["decode_ms_p50"] / base if base and m["decode_ms_p50"] else None
         table.append([
-            r["method"], r["budget"] or "all",
+            f"{r['method']} {r['variant']}".strip(), r["budget"] or "all", r.get("positions", "original"),
             *(cell for t in tasks for cell in _task_cells(m, t, per_task)),
             _fmt(m["kv_compression"], 3), _fmt(m["active_kv_bytes"] / MIB, 2), _fmt(m["peak_kv_bytes"] / MIB, 2),
-            _fmt(m["frozen_kv_bytes"] / MIB, 2), _fmt(m["prefill_ms"], 0), _fmt(m["decode_ms_p50"]),
+            _fmt(m["prefill_ms"], 0), _fmt(m["decode_ms_p50"]),
             _fmt(m["decode_ms_p95"]), _fmt(m["tokens_per_s"]), _fmt(ratio, 2),
         ])
+        if freezing:
+            recoveries = sum(m["policy"].get("recoveries", {}).values())
+            table[-1] += [_fmt(m["mean_kv_compression"], 3), _fmt(m["frozen_kv_bytes"] / MIB, 2),
+                          str(m["thaws"]), str(recoveries)]
     return headers, table
 
 

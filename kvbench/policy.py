@@ -112,7 +112,8 @@ class KVPolicy:
     `attn_rows` (attention rows of the last w queries; 0 = none, ALL_ROWS = every query),
     `token_state` (names of per-token float tensors the cache should keep for the policy),
     `signals` (engine signals passed to `observe`, e.g. "entropy" of the next-token distribution)
-    and `uses_budget` (False for methods driven by thresholds rather than a token budget).
+    `uses_budget` (False for methods driven by thresholds rather than a token budget), `evicts` and
+    `uniform_layers` (whether all layers hold equally many tokens: `rerotate` needs it).
     """
 
     name: ClassVar[str] = ""
@@ -120,6 +121,8 @@ class KVPolicy:
     token_state: ClassVar[tuple[str, ...]] = ()
     signals: ClassVar[tuple[str, ...]] = ()
     uses_budget: ClassVar[bool] = True
+    evicts: ClassVar[bool] = True  # False: the cache never loses a token (full), position modes do not apply
+    uniform_layers: ClassVar[bool] = True  # every layer holds the same number of tokens (rerotate needs it)
     budget: Budget | None = None
 
     def __post_init__(self) -> None:

@@ -101,14 +101,17 @@ def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _sum_counters(reports: list[dict[str, Any]]) -> dict[str, Any]:
-    """Add up numeric (possibly nested) counters of per-sample policy reports."""
+    """Fold per-sample policy reports: integer counters add up, float measurements are averaged."""
+    keys = dict.fromkeys(k for rep in reports for k in rep)
     out: dict[str, Any] = {}
-    for rep in reports:
-        for key, value in rep.items():
-            if isinstance(value, dict):
-                out[key] = _sum_counters([out.get(key, {}), value])
-            elif isinstance(value, int | float):
-                out[key] = out.get(key, 0) + value
+    for key in keys:
+        values = [rep[key] for rep in reports if key in rep]
+        if all(isinstance(v, dict) for v in values):
+            out[key] = _sum_counters(values)
+        elif all(isinstance(v, int) for v in values):
+            out[key] = sum(values)
+        elif all(isinstance(v, int | float) for v in values):
+            out[key] = statistics.fmean(values)
     return out
 
 

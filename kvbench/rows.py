@@ -1,7 +1,8 @@
 """Rows: one layer's token rows on one device, in buffers with spare capacity.
 
-K and V are [B, K, cap, d]; `meta` [B, K, cap, 1 + S] (float32) packs each token's true position
-(column 0, exact below 2**24) and the policy's S per-token state values, so moving a token is three
+K and V are [B, K, cap, d]; `meta` [B, K, cap, 2 + S] (float32) packs each token's true position
+(column 0, exact below 2**24), the position its key is currently rotated at (column 1: the same
+unless keys were re-rotated) and the policy's S per-token state values, so moving a token is three
 row copies whatever the policy keeps. The first `n` rows are valid. Appending writes in place (the
 buffer grows by a quarter when full), and removing rows moves the last valid rows into the holes,
 so a decode step, a freeze or a thaw costs O(rows moved) instead of rewriting the whole cache. Row
@@ -16,10 +17,14 @@ import torch
 RowData = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # K, V, meta
 
 
-def new_meta(positions: torch.Tensor, state_count: int) -> torch.Tensor:
-    """Meta rows for fresh tokens: their positions [B, K, q] and zeroed policy state."""
-    meta = positions.new_zeros((*positions.shape, 1 + state_count), dtype=torch.float32)
-    meta[..., 0] = positions
+POS, ROT, STATE = 0, 1, 2  # meta columns
+
+
+def new_meta(positions: torch.Tensor, rotated_at: torch.Tensor, state_count: int) -> torch.Tensor:
+    """Meta rows for fresh tokens: true positions and rotation positions [B, K, q], zeroed policy state."""
+    meta = positions.new_zeros((*positions.shape, STATE + state_count), dtype=torch.float32)
+    meta[..., POS] = positions
+    meta[..., ROT] = rotated_at
     return meta
 
 
@@ -69,17 +74,21 @@ class Rows:
         return self.v[:, :, : self.n]
 
     def positions(self) -> torch.Tensor:
-        return self.meta[:, :, : self.n, 0].long()
+        return self.meta[:, :, : self.n, POS].long()
+
+    def rotations(self) -> torch.Tensor:
+        """Positions the valid keys are currently rotated at."""
+        return self.meta[:, :, : self.n, ROT].long()
 
     def state_view(self) -> dict[str, torch.Tensor]:
         """Per-token policy state as [B, K, n] views: in-place edits land in the buffer."""
-        return {name: self.meta[:, :, : self.n, 1 + i] for i, name in enumerate(self.state_names)}
+        return {name: self.meta[:, :, : self.n, STATE + i] for i, name in enumerate(self.state_names)}
 
     def set_state(self, state: dict[str, torch.Tensor]) -> None:
         """Write a policy's replaced per-token state (each [B, K, n] or broadcastable) back in place."""
         for i, name in enumerate(self.state_names):
             if name in state:
-                self.meta[:, :, : self.n, 1 + i] = state[name]
+                self.meta[:, :, : self.n, STATE + i] = state[name]
 
     def _buffers(self) -> list[torch.Tensor]:
         return [self.k, self.v, self.meta]

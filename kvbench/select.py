@@ -33,3 +33,16 @@ def top_k(scores: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> 
 def per_kv_head(attn: torch.Tensor) -> torch.Tensor:
     """[B, K, G, w, n] attention rows -> [B, K, n]: summed over the queries and a KV head's query heads."""
     return attn.sum(dim=(2, 3))
+
+
+def per_layer(attn: torch.Tensor) -> torch.Tensor:
+    """[B, K, G, w, n] attention rows -> [B, 1, n]: mean over query heads, summed over the queries."""
+    return attn.mean(dim=(1, 2)).sum(dim=1)[:, None]
+
+
+def accumulate(view, name: str, contribution: torch.Tensor, decay: float = 1.0) -> torch.Tensor:
+    """Running per-token score kept in the cache: score <- decay * score + contribution."""
+    old = view.state[name]
+    score = (old[:, :1] if contribution.shape[1] == 1 else old) * decay + contribution
+    view.state[name] = score.expand(old.shape)
+    return score

@@ -43,6 +43,7 @@ class ASRKF(KVPolicy):
     token_state: ClassVar[tuple[str, ...]] = ("importance", "count", "until")
     signals: ClassVar[tuple[str, ...]] = ("entropy",)
     uses_budget: ClassVar[bool] = False
+    uniform_layers: ClassVar[bool] = False
     window: int = 32
     tau: float = 0.5
     k: float = 1.0
@@ -51,6 +52,7 @@ class ASRKF(KVPolicy):
     entropy_history: int = 32
     sigma: float = 2.0
     escalation_gap: int = 8
+    heads: str = "mean"
     _entropies: deque = field(default_factory=deque, init=False, repr=False)
     _level: int = field(default=0, init=False, repr=False)
     _last_spike: int = field(default=-(10**9), init=False, repr=False)
@@ -61,6 +63,8 @@ class ASRKF(KVPolicy):
         super().__post_init__()
         if self.window < 1 or self.tau <= 0 or self.k <= 0:
             raise ValueError(f"asrkf: window >= 1, tau > 0 and k > 0 required, got {self.window}, {self.tau}, {self.k}")
+        if self.heads not in ("mean", "max"):
+            raise ValueError(f"asrkf: heads must be 'mean' or 'max', got {self.heads!r}")
         self.reset()
 
     def reset(self) -> None:
@@ -92,7 +96,8 @@ class ASRKF(KVPolicy):
 
     def step(self, view: LayerView) -> Decision | None:
         s, pos = view.state, view.positions[:, :1]  # per-layer decision: one row serves every KV head
-        seen_attn = view.attn.mean(dim=(1, 2, 3))[:, None]  # [B, 1, n]
+        rows = view.attn.mean(dim=3)  # [B, K, G, n]: mean over the last queries
+        seen_attn = (rows.mean(dim=(1, 2)) if self.heads == "mean" else rows.amax(dim=(1, 2)))[:, None]  # [B, 1, n]
         rate = 1.0 if view.prefill else 1.0 / self.window
         importance = s["importance"][:, :1]
         importance = importance + rate * (seen_attn - importance)

@@ -10,6 +10,7 @@ from kvbench.policy import Decision, KVPolicy, LayerView, register
 @dataclass
 class Full(KVPolicy):
     uses_budget: ClassVar[bool] = False
+    evicts: ClassVar[bool] = False
 
     def step(self, view: LayerView) -> Decision | None:
         return None

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from kvbench.policy import ALL_ROWS, Decision, KVPolicy, LayerView, register
-from kvbench.select import per_kv_head, recent, top_k
+from kvbench.select import accumulate, per_kv_head, recent, top_k
 
 
 @register("h2o")
@@ -21,8 +21,7 @@ class H2O(KVPolicy):
     heavy_ratio: float = 0.5
 
     def step(self, view: LayerView) -> Decision | None:
-        score = view.state["score"] + per_kv_head(view.attn)
-        view.state["score"] = score
+        score = accumulate(view, "score", per_kv_head(view.attn))
         cap = self.capacity(view.seen)
         if view.n <= cap:
             return None

@@ -18,6 +18,7 @@ class Task(Protocol):
     name: str
     max_new_tokens: int
     stop: tuple[str, ...]
+    ignore_eos: bool  # generate exactly max_new_tokens (long-generation tasks)
 
     def samples(self, engine, limit: int | None = None) -> list[Sample]: ...
 

@@ -31,6 +31,7 @@ class NeedleTask:
     name: str = "needle"
     max_new_tokens: int = 8
     stop: tuple[str, ...] = ("\n",)
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         bad = [d for d in self.depths if not 0.0 <= d <= 1.0]

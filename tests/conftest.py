@@ -26,10 +26,11 @@ def engine(model_and_tokenizer):
 
 
 def feed(cache: PolicyCache, layer: int, start: int, q: int, heads: int = 2, dim: int = 4,
-         attn: torch.Tensor | None = None, gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+         attn: torch.Tensor | None = None, gen: torch.Generator | None = None, prefill: bool = False,
+         keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Append q synthetic tokens at positions start.. to one layer and run the policy, as attention would."""
-    cache.begin_step(torch.arange(start, start + q)[None], prefill=False)
-    k = torch.randn(1, heads, q, dim, generator=gen)
+    cache.begin_step(torch.arange(start, start + q)[None], prefill=prefill, last_chunk=True)
+    k = torch.randn(1, heads, q, dim, generator=gen) if keys is None else keys
     v = torch.randn(1, heads, q, dim, generator=gen)
     cache.layers[layer].update(k, v)
     cache.after_attention(layer, attn)

@@ -6,6 +6,7 @@ import pytest
 
 from kvbench.cli import main
 from kvbench.policy import available
+from kvbench.tasks import TASKS
 
 
 def run_cli(capsys, *args):
@@ -39,7 +40,9 @@ def test_compare_writes_results_and_prints_table(tmp_path, capsys):
     (["--methods", "full,snapkvv"], "unknown method 'snapkvv'; known methods: " + ", ".join(available())),
     (["--methods", "h2o", "--budget", "0"], "budget must be a positive token count, got 0"),
     (["--methods", "h2o", "--budget", "-3"], "budget must be a positive token count, got -3"),
-    (["--tasks", "mmlu"], "unknown task 'mmlu'; known tasks: needle, needle-1k, needle-2k"),
+    (["--tasks", "mmlu"], "unknown task 'mmlu'; known tasks: " + ", ".join(sorted(TASKS))),
+    (["--positions", "sideways"], "is not a position mode; allowed: original, rerotate, naive"),
+    (["--methods", "pyramidkv", "--positions", "rerotate"], "rerotate needs the same token count in every layer"),
     (["--model", "/nonexistent/model.gguf"], "model file not found: /nonexistent/model.gguf"),
     (["--model", "/nonexistent/dir"], "model '/nonexistent/dir' not found"),
     (["--method-args", "h2o:heavy=0.1"], "method 'h2o' has no parameter heavy; its parameters: heavy_ratio"),
@@ -60,3 +63,15 @@ def test_prompt_beyond_context_window_is_refused_before_running(tmp_path, capsys
     assert code == 2
     assert "exceeds the model's context window of 8192 positions" in err
     assert not out.exists()
+
+
+def test_method_args_sweep_expands_into_rows():
+    from kvbench.compare import CompareSpec, expand_sweep, plan
+    from kvbench.policy import Budget
+
+    assert expand_sweep({"tau": "0.25|0.5", "k": "1"}) == [{"tau": "0.25", "k": "1"}, {"tau": "0.5", "k": "1"}]
+    spec = CompareSpec(methods=["full", "asrkf", "h2o"], budgets=[Budget(tokens=64), Budget(tokens=128)],
+                       tasks=["needle"], method_args={"asrkf": {"tau": "0.25|0.5|1"}})
+    rows = [(p.name, str(p.budget) if p.budget else None, getattr(p, "tau", None)) for p, _ in plan(spec)]
+    assert rows == [("full", None, None), ("asrkf", None, 0.25), ("asrkf", None, 0.5), ("asrkf", None, 1.0),
+                    ("h2o", "64", None), ("h2o", "128", None)]

@@ -117,3 +117,30 @@ def test_needle_generator_is_deterministic(engine):
     assert a == b
     assert [s.answer for s in a] != [s.answer for s in c]
     assert all(s.answer in engine.tokenizer.decode(s.prompt_ids) for s in a)
+
+
+def test_asrkf_freezes_and_thaws_without_losing_a_token_on_the_real_model(engine):
+    frozen_seen = []
+
+    def check(cache):
+        for layer in cache.layers:
+            assert layer.evicted == 0
+            assert layer.active.n + layer.frozen.n == layer.seen
+        frozen_seen.append(cache.frozen_bytes)
+
+    r = engine.generate(engine.encode_chat(LONG), make_policy("asrkf"), max_new_tokens=24, ignore_eos=True,
+                        on_step=check)
+    assert max(frozen_seen) > 0 and r.cache.thaws > 0 and r.cache.restore.bytes > 0
+    assert r.cache.mean_kv_compression > 0.2
+    assert len(r.tokens) == 24
+
+
+def test_asrkf_retrieval_safe_setting_finds_the_needle_where_full_does(engine):
+    """heads=max, tau=0.25 (see reports/asrkf): a token any head relies on is not frozen."""
+    task = make_task("needle-1k", depths=(0.1, 0.9))
+    policies = {"full": lambda: make_policy("full"), "asrkf": lambda: make_policy("asrkf", heads="max", tau=0.25)}
+    for s in task.samples(engine):
+        answers = {m: engine.generate(s.prompt_ids, make(), task.max_new_tokens, task.stop).text
+                   for m, make in policies.items()}
+        assert task.score(answers["full"], s) == 1.0
+        assert task.score(answers["asrkf"], s) == 1.0

@@ -42,3 +42,90 @@ def test_h2o_scores_accumulate_over_steps():
     by_position = dict(zip(layer.positions[0, 0].tolist(), layer.active.state_view()["score"][0, 0].tolist(),
                            strict=True))
     torch.testing.assert_close(torch.tensor([by_position[p] for p in (0, 1, 3, 4)]), torch.tensor([0.8, 0.6, 0.1, 0.4]))
+
+
+def kept(cache, head: int = 0) -> list[int]:
+    return sorted(cache.layers[0].positions[0, head].tolist())
+
+
+def test_attentiontop_keeps_top_r_share_by_cumulative_attention():
+    cache = make_cache(make_policy("attentiontop", 4, r=0.75))
+    feed(cache, 0, 0, 6, attn=attn_rows([[0.3, 0.05, 0.2, 0.1, 0.25, 0.1], [0.3, 0.05, 0.2, 0.1, 0.25, 0.1]]))
+    assert kept(cache) == [0, 2, 3, 4, 5] == kept(cache, 1)  # ceil(0.75 * 6) = 5: only token 1 goes
+
+
+def test_gist_keeps_a_contiguous_initial_block_and_the_recent_window():
+    cache = make_cache(make_policy("gist", 5, sinks=2))
+    feed(cache, 0, 0, 10)
+    assert kept(cache) == [0, 1, 7, 8, 9]
+
+
+def test_tova_drops_what_the_last_query_attends_to_least_averaged_over_heads():
+    cache = make_cache(make_policy("tova", 3))
+    feed(cache, 0, 0, 5, attn=attn_rows([[0.1, 0.5, 0.1, 0.2, 0.1], [0.3, 0.0, 0.1, 0.4, 0.2]]))
+    assert kept(cache) == [0, 1, 3] == kept(cache, 1)  # means: .2 .25 .1 .3 .15
+
+
+def test_knorm_keeps_the_lowest_norm_keys_per_head():
+    cache = make_cache(make_policy("knorm", 2))
+    norms = torch.tensor([[5.0, 1.0, 3.0, 0.5], [0.1, 9.0, 0.2, 4.0]])
+    keys = torch.zeros(1, 2, 4, 4)
+    keys[0, :, :, 0] = norms
+    feed(cache, 0, 0, 4, keys=keys)
+    assert kept(cache, 0) == [1, 3] and kept(cache, 1) == [0, 2]
+
+
+def snap_rows(votes: list[list[float]]) -> torch.Tensor:
+    """Observation-window attention whose per-head vote sums are `votes`: [1, K, 1, 1, n]."""
+    return torch.tensor(votes)[None, :, None, None, :]
+
+
+def test_snapkv_without_pooling_keeps_top_votes_per_head_plus_window():
+    cache = make_cache(make_policy("snapkv", 4, window=2, kernel=1))
+    feed(cache, 0, 0, 8, prefill=True, attn=snap_rows([[0.1, 0.0, 0.5, 0.0, 0.3, 0.0, 0.05, 0.05],
+                                                        [0.0, 0.6, 0.0, 0.0, 0.0, 0.3, 0.05, 0.05]]))
+    assert kept(cache, 0) == [2, 4, 6, 7] and kept(cache, 1) == [1, 5, 6, 7]
+
+
+def test_snapkv_pooling_keeps_the_neighbours_of_a_peak():
+    cache = make_cache(make_policy("snapkv", 5, window=2, kernel=3))
+    votes = [0.01, 0.0, 0.9, 0.0, 0.02, 0.0, 0.0, 0.0, 0.03, 0.04]
+    feed(cache, 0, 0, 10, prefill=True, attn=snap_rows([votes, votes]))
+    assert kept(cache) == [1, 2, 3, 8, 9]
+
+
+def test_snapkv_leaves_decode_alone():
+    cache = make_cache(make_policy("snapkv", 4, window=2))
+    feed(cache, 0, 0, 3)  # a decode-time step never asks for attention or evicts
+    assert cache.attn_rows == 0 and kept(cache) == [0, 1, 2]
+
+
+def test_pyramidkv_budgets_shrink_linearly_with_depth_and_average_the_budget():
+    from kvbench.policy import LayerView
+
+    policy = make_policy("pyramidkv", 64, beta=20)
+    caps = [policy.layer_capacity(LayerView(i, 30, None, None, None, 0, 1000, True, None, {}))
+            for i in range(30)]
+    assert caps[0] == round(2 * 64 - 3.2) and caps[-1] == round(3.2)
+    assert all(a > b for a, b in zip(caps, caps[1:], strict=False))
+    assert abs(sum(caps) / 30 - 64) < 1
+
+
+def test_lethe_prunes_to_salient_sinks_and_recent_when_attention_drops_off():
+    policy = make_policy("lethe", 10, sinks=1, recent=0.2, mass=0.9, dropoff=0.5)
+    cache = make_cache(policy)
+    row = [0.0] * 20
+    row[5], row[11] = 0.6, 0.35  # two tokens hold 95% of the attention
+    feed(cache, 0, 0, 20, attn=attn_rows([row, row]))
+    assert kept(cache) == [0, 5, 11, 18, 19]  # salient {5, 11} + sink {0} + recent 20% of 10 = {18, 19}
+    assert "0" in policy.report()["hoyer_by_layer"]
+
+
+def test_lethe_keeps_everything_and_doubles_its_threshold_when_attention_is_flat():
+    policy = make_policy("lethe", 10)
+    cache = make_cache(policy)
+    feed(cache, 0, 0, 20, attn=attn_rows([[0.05] * 20, [0.05] * 20]))
+    assert kept(cache) == list(range(20))
+    assert policy.report()["threshold_doublings"] == 1
+    feed(cache, 0, 20, 1, attn=attn_rows([[0.05] * 21, [0.05] * 21]))  # 21 <= doubled threshold 20? no: 21 > 20
+    assert policy.report()["threshold_doublings"] == 2

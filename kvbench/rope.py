@@ -1,0 +1,31 @@
+"""Re-rotating cached keys (the `rerotate` position mode).
+
+RoPE rotates each pair of key channels by position * inv_freq, and rotations compose, so a key
+rotated at position p moves to position p' by one more rotation of (p' - p) * inv_freq. This is the
+"rotate_half" layout shared by Llama, Mistral, Qwen and Gemma in transformers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class Rope:
+    def __init__(self, inv_freq: torch.Tensor) -> None:
+        self.inv_freq = inv_freq.float()
+
+    @classmethod
+    def from_model(cls, model) -> Rope:
+        rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
+        if rotary is None or not hasattr(rotary, "inv_freq"):
+            raise ValueError("positions=rerotate needs a RoPE model (no rotary_emb.inv_freq found)")
+        return cls(rotary.inv_freq)
+
+    def rotate(self, keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Keys [B, K, n, d] turned by `delta` [B, K, n] positions (float64 angles, original dtype out)."""
+        angles = delta.double().unsqueeze(-1) * self.inv_freq.to(keys.device).double()  # [B, K, n, d/2]
+        cos, sin = torch.cat([angles.cos()] * 2, dim=-1), torch.cat([angles.sin()] * 2, dim=-1)
+        k = keys.double()
+        half = k.shape[-1] // 2
+        rotated_half = torch.cat([-k[..., half:], k[..., :half]], dim=-1)
+        return (k * cos + rotated_half * sin).to(keys.dtype)

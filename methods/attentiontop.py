@@ -1,0 +1,31 @@
+"""AttentionTop (arXiv 2511.04686, "Stateful KV Cache Management for LLMs"): once a layer holds more
+than the budget, keep the top ceil(r * n) tokens by attention accumulated over every query so far
+(mean over the layer's heads: one token set per layer). With the paper's r = 0.99, each step over
+budget drops the least-attended 1%, so the cache shrinks towards the budget gradually.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+from kvbench.policy import ALL_ROWS, Decision, KVPolicy, LayerView, register
+from kvbench.select import accumulate, per_layer, top_k
+
+
+@register("attentiontop")
+@dataclass
+class AttentionTop(KVPolicy):
+    attn_rows: ClassVar[int] = ALL_ROWS
+    token_state: ClassVar[tuple[str, ...]] = ("score",)
+    r: float = 0.99
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 < self.r <= 1.0:
+            raise ValueError(f"attentiontop: r must lie in (0, 1], got {self.r}")
+
+    def step(self, view: LayerView) -> Decision | None:
+        score = accumulate(view, "score", per_layer(view.attn))
+        if view.n <= self.capacity(view.seen):
+            return None
+        return Decision(keep=top_k(score, math.ceil(self.r * view.n)))

@@ -1,0 +1,15 @@
+"""Contiguous gist (arXiv 2511.04686): a contiguous initial block of `sinks` tokens (the gist of the
+conversation's start) plus the most recent window; nothing in between survives. StreamingLLM's rule
+with a long initial block instead of 4 attention sinks.
+"""
+
+from dataclasses import dataclass
+
+from kvbench.methods.streamingllm import StreamingLLM
+from kvbench.policy import register
+
+
+@register("gist")
+@dataclass
+class Gist(StreamingLLM):
+    sinks: int = 64

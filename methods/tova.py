@@ -1,0 +1,23 @@
+"""TOVA, Token Omission Via Attention (Oren et al., 2024, arXiv 2401.06104).
+
+Whenever a layer holds more than the budget, drop the tokens the current (last) query attends to
+least, averaged over all heads: one token set per layer. Needs only the last query row each step.
+"""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from kvbench.policy import Decision, KVPolicy, LayerView, register
+from kvbench.select import per_layer, top_k
+
+
+@register("tova")
+@dataclass
+class TOVA(KVPolicy):
+    attn_rows: ClassVar[int] = 1
+
+    def step(self, view: LayerView) -> Decision | None:
+        cap = self.capacity(view.seen)
+        if view.n <= cap:
+            return None
+        return Decision(keep=top_k(per_layer(view.attn), cap))

@@ -1,0 +1,64 @@
+"""Multi-turn stateful probe (the protocol of arXiv 2511.04686): one cache across a long conversation.
+
+Each user turn brings a new passage of real English (CPython's pydoc topics, shipped with Python)
+holding a 5-digit code, and asks for that code. The conversation keeps growing through the policy,
+so later turns run at positions approaching and then passing the model's trained window (8k for
+SmolLM2); a policy that scrambles positions shows up as wrong answers in late turns. Seeded: the same
+seed gives the same passages and codes.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from pydoc_data.topics import topics
+
+from kvbench.tasks.base import Sample
+
+QUESTION = "What is the code of this passage? Answer with the number only."
+
+
+def passages(words_per_passage: int) -> list[str]:
+    """Plain-prose chunks of the pydoc topics, in a fixed order."""
+    words = [w for key in sorted(topics) for w in topics[key].split() if not any(c in w for c in "{}<>|`*=+-")]
+    starts = range(0, len(words) - words_per_passage, words_per_passage)
+    return [" ".join(words[i : i + words_per_passage]) for i in starts]
+
+
+@dataclass
+class MultiTurnTask:
+    turns: int = 24
+    words_per_turn: int = 260
+    conversations: int = 2
+    seed: int = 0
+    name: str = "multiturn"
+    max_new_tokens: int = 8
+    stop: tuple[str, ...] = ("\n",)
+    ignore_eos: bool = False
+
+    def samples(self, engine, limit: int | None = None) -> list[Sample]:
+        rng = random.Random(self.seed)
+        pool = passages(self.words_per_turn)
+        out = []
+        for c in range(self.conversations):
+            chosen = rng.sample(pool, self.turns)
+            codes = [str(rng.randrange(10000, 100000)) for _ in chosen]
+            turns = []
+            for text, code in zip(chosen, codes, strict=True):
+                words = text.split()
+                at = rng.randrange(len(words) // 4, 3 * len(words) // 4)
+                body = " ".join([*words[:at], f"The code of this passage is {code}.", *words[at:]])
+                turns.append(f"{body}\n\n{QUESTION}")
+            out.append(Sample(f"multiturn-{c}", (), "|".join(codes), {"turns": turns}))
+        return out[:limit] if limit else out
+
+    def score_turn(self, prediction: str, answer: str) -> float:
+        found = re.search(r"\d+", prediction)
+        return float(found is not None and found.group(0) == answer)
+
+    def score(self, prediction: str, sample: Sample) -> float:
+        """Mean over turns; `prediction` is the replies joined by '|'."""
+        pairs = zip(prediction.split("|"), sample.answer.split("|"), strict=True)
+        scores = [self.score_turn(p, a) for p, a in pairs]
+        return sum(scores) / len(scores)
