@@ -307,6 +307,8 @@ class PolicyCache(Cache):
 
     # -- called by the attention function after computing a layer's output ----------------------
     def after_attention(self, layer_idx: int, attn: torch.Tensor | None) -> None:
+        if self.policy.passive:
+            return
         layer = self.layers[layer_idx]
         view = layer.view(attn)
         decision = self.policy.step(view)

@@ -44,6 +44,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", type=Path, default=None, help="output folder (default: a new folder in reports/runs/)")
     c.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
+    b = sub.add_parser("bench", help="decode/prefill time and peak KV of each method vs full, per context length")
+    b.add_argument("--methods", type=_csv, default=["full", "streamingllm", "h2o", "asrkf"])
+    b.add_argument("--contexts", type=_csv, default=["1024", "2048", "4096", "8000"])
+    b.add_argument("--budget", default="512", help="budget for methods that take one")
+    b.add_argument("--new-tokens", type=int, default=32)
+    b.add_argument("--model", default=models.DEFAULT_MODEL)
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    b.add_argument("--prefill-chunk", type=int, default=512)
+    b.add_argument("--out", type=Path, default=Path("reports") / "bench")
+    b.add_argument("--no-progress", action="store_true")
+
     sub.add_parser("methods", help="list the registered methods and their parameters")
     return p
 
@@ -75,6 +87,17 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from kvbench.bench import BenchSpec, run
+
+    spec = BenchSpec(methods=args.methods, contexts=[_int(c, "--contexts") for c in args.contexts],
+                     budget=args.budget, new_tokens=args.new_tokens, model=args.model, device=args.device,
+                     dtype=args.dtype, prefill_chunk=args.prefill_chunk)
+    run(spec, args.out, progress=not args.no_progress)
+    print((args.out / "bench.md").read_text())
+    return 0
+
+
 def _methods() -> int:
     import dataclasses
 
@@ -92,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "compare":
             return _compare(args)
+        if args.command == "bench":
+            return _bench(args)
         return _methods()
     except (ValueError, FileNotFoundError) as err:
         print(f"kvbench: error: {err}", file=sys.stderr)

@@ -95,7 +95,7 @@ def run(spec: CompareSpec, out_dir: Path | None = None, progress: bool = True) -
     work = [(task, s) for task in tasks for s in task.samples(engine, spec.limit)]
     for task, s in work:
         engine.check_fits(len(s.prompt_ids), task.max_new_tokens)
-    engine.generate(work[0][1].prompt_ids[:64], make_policy("full"), max_new_tokens=4)  # warm-up
+    engine.generate(engine.encode_chat("Hello"), make_policy("full"), max_new_tokens=4)  # warm-up
 
     config = {"model": spec.model, "device": spec.device, "attention": engine.attention_backend,
               "prefill_chunk": spec.prefill_chunk, "limit": spec.limit}

@@ -122,6 +122,7 @@ class KVPolicy:
     signals: ClassVar[tuple[str, ...]] = ()
     uses_budget: ClassVar[bool] = True
     evicts: ClassVar[bool] = True  # False: the cache never loses a token (full), position modes do not apply
+    passive: ClassVar[bool] = False  # True: never changes the cache, so the engine does not even call `step`
     uniform_layers: ClassVar[bool] = True  # every layer holds the same number of tokens (rerotate needs it)
     budget: Budget | None = None
 

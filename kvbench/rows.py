@@ -104,8 +104,9 @@ class Rows:
         self.k, self.v, self.meta = new
 
     def compact(self, slack: int = 2) -> None:
-        """Give spare capacity back to the allocator when over `slack` times the valid rows are reserved."""
-        if self.cap > slack * self.n + 64:
+        """Give spare capacity back to the allocator when over `slack` times the valid rows are reserved.
+        Pinned host buffers are kept: allocating pinned memory costs milliseconds per call."""
+        if not self.pin and self.cap > slack * self.n + 64:
             self._resize(self.n + self.n // 4 + 16, (self.k, self.v, self.meta))
 
     def _wait(self) -> None:
@@ -118,7 +119,8 @@ class Rows:
     def append(self, data: RowData) -> None:
         q = data[0].shape[2]
         if self.n + q > self.cap:
-            self._resize(max(self.n + q, self.cap + self.cap // 4 + 16), data)
+            growth = self.cap if self.pin else self.cap // 4 + 16  # pinned: double, allocations are slow
+            self._resize(max(self.n + q, self.cap + growth), data)
         end = self.n + q
         blocking = not (self.pin and data[0].is_cuda)
         for buf, rows in zip(self._buffers(), data, strict=True):

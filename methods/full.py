@@ -11,6 +11,7 @@ from kvbench.policy import Decision, KVPolicy, LayerView, register
 class Full(KVPolicy):
     uses_budget: ClassVar[bool] = False
     evicts: ClassVar[bool] = False
+    passive: ClassVar[bool] = True
 
     def step(self, view: LayerView) -> Decision | None:
         return None

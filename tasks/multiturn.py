@@ -33,7 +33,7 @@ class MultiTurnTask:
     conversations: int = 2
     seed: int = 0
     name: str = "multiturn"
-    max_new_tokens: int = 8
+    max_new_tokens: int = 16
     stop: tuple[str, ...] = ("\n",)
     ignore_eos: bool = False
 

@@ -75,3 +75,16 @@ def test_method_args_sweep_expands_into_rows():
     rows = [(p.name, str(p.budget) if p.budget else None, getattr(p, "tau", None)) for p, _ in plan(spec)]
     assert rows == [("full", None, None), ("asrkf", None, 0.25), ("asrkf", None, 0.5), ("asrkf", None, 1.0),
                     ("h2o", "64", None), ("h2o", "128", None)]
+
+
+@pytest.mark.model
+def test_bench_reports_every_method_against_full_at_each_context(tmp_path, capsys):
+    code = main(["bench", "--methods", "full,streamingllm", "--contexts", "200,300", "--new-tokens", "3",
+                 "--budget", "64", "--out", str(tmp_path), "--no-progress"])
+    assert code == 0
+    record = json.loads((tmp_path / "bench.json").read_text())[0]
+    rows = {(r["method"], r["context"]): r for r in record["rows"]}
+    assert set(rows) == {(m, c) for m in ("full", "streamingllm") for c in (200, 300)}
+    assert all(rows[("full", c)]["decode_vs_full"] == 1.0 for c in (200, 300))
+    assert rows[("streamingllm", 300)]["active_kv_bytes"] < rows[("full", 300)]["active_kv_bytes"] / 4
+    assert "| 300" in capsys.readouterr().out
