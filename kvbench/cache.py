@@ -157,6 +157,7 @@ class PolicyLayer(CacheLayerMixin):
             frozen_state=dict(self._handed[1]),
             step=self.owner.steps,
             extras=self.owner.extras,
+            phase=self.owner.phase,
         )
 
     def store_state(self, view: LayerView) -> None:
@@ -253,6 +254,7 @@ class PolicyCache(Cache):
         self.pending_positions = torch.zeros((1, 0), dtype=torch.long)
         self.pending_rotations = self.pending_positions
         self.prefill = True
+        self.phase = "prefill"
         self.last_chunk = False
         self.attn_rows = 0
         self.steps = 0
@@ -280,7 +282,27 @@ class PolicyCache(Cache):
         self.pending_rotations = position_ids if rotation_ids is None else rotation_ids
         self.prefill = prefill
         self.last_chunk = last_chunk
-        self.attn_rows = self.policy.wants_attention(prefill, last_chunk)
+        if self.phase != "reconstruct":
+            self.phase = "prefill" if prefill else "decode"
+        self.attn_rows = self.policy.wants_attention(self.phase, last_chunk)
+
+    def drop_from(self, first_position: int) -> None:
+        """Remove every token at or after `first_position` from all layers, as if never fed (the scratch
+        tokens of a reconstruction pass). Not an eviction: `seen` shrinks with them."""
+        for layer in self.layers:
+            before = layer._sizes()
+            idx = (layer.active.positions()[0, 0] >= first_position).nonzero().squeeze(-1)
+            layer.active.remove(idx)
+            layer.seen -= idx.numel()
+            layer._refresh(before)
+
+    def compress(self) -> None:
+        """After a reconstruction pass: one policy step per layer with the completed scores (no attention)."""
+        self.phase = "compress"
+        for i in range(len(self.layers)):
+            self.after_attention(i, None)
+        self.end_step()
+        self.phase = "prefill"
 
     def next_rotations(self, start: int, q: int) -> torch.Tensor:
         """Positions to give the model for the next q tokens under this cache's position mode."""

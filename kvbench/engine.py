@@ -179,18 +179,20 @@ class Session:
     def memory_peak(self) -> int:
         return int(torch.cuda.max_memory_allocated(self.engine.device) if self.cuda else self._rss_peak)
 
-    def _forward(self, ids: torch.Tensor, prefill: bool, last: bool) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, prefill: bool, last: bool, all_logits: bool = False) -> torch.Tensor:
         engine, cache, q = self.engine, self.cache, ids.shape[1]
         pos = torch.arange(self.seen, self.seen + q, device=engine.device)[None]
         rot = cache.next_rotations(self.seen, q).to(engine.device)
         cache.begin_step(pos, prefill=prefill, last_chunk=last, rotation_ids=rot)
         out = engine.model(input_ids=ids, position_ids=rot, past_key_values=cache, use_cache=True,
-                           logits_to_keep=1, **{CACHE_KWARG: cache})
+                           logits_to_keep=0 if all_logits else 1, **{CACHE_KWARG: cache})
         cache.end_step()
         self.seen += q
         logits = out.logits[0, -1]
         if self.policy.signals:
             self.policy.observe(_signals(self.policy.signals, logits, cache.steps))
+        if all_logits:
+            logits = out.logits[0]
         if self.on_step is not None:
             self.on_step(cache)
         self._rss_peak = max(self._rss_peak, self._proc.memory_info().rss)
@@ -203,8 +205,42 @@ class Session:
         for start in range(0, n, chunk):
             end = min(n, start + chunk)
             logits = self._forward(ids[:, start:end], prefill=True, last=end == n)
+        if self.policy.reconstruction_prompt is not None:
+            self._reconstruct(list(input_ids))
         self.pending = []
         return logits
+
+    def _reconstruct(self, context: list[int], span: int = 2048) -> None:
+        """KVzip-style scoring pass: for each `span`-token slice of the context, feed the reconstruction
+        prompt and the slice as scratch tokens (the policy scores the context with their attention),
+        then drop the scratch so the cache and position count are as before."""
+        prompt = self.engine.tokenizer(self.policy.reconstruction_prompt, add_special_tokens=False)["input_ids"]
+        end, chunk = self.seen, self.engine.prefill_chunk
+        for lo in range(0, len(context), span):
+            scratch = torch.tensor([prompt + context[lo : lo + span]], device=self.engine.device)
+            self.cache.phase = "reconstruct"
+            for start in range(0, scratch.shape[1], chunk):
+                self._forward(scratch[:, start : start + chunk], prefill=True, last=False)
+            self.seen = end
+            self.cache.phase = "prefill"
+            self.cache.drop_from(end)
+        self.cache.compress()
+
+    def score(self, logits: torch.Tensor, continuation: Sequence[int]) -> tuple[float, bool]:
+        """Log-probability of `continuation` after the fed tokens (whose last logits are `logits`), and
+        whether it is the greedy continuation. The continuation goes through the policy chunk by chunk,
+        so every token is scored against the compressed cache."""
+        cont = torch.tensor(list(continuation), device=self.engine.device)
+        step_logits = [logits[None]]
+        chunk = self.engine.prefill_chunk
+        for start in range(0, len(cont) - 1, chunk):
+            piece = cont[start : min(start + chunk, len(cont) - 1)]
+            step_logits.append(self._forward(piece[None], prefill=True, last=True, all_logits=True))
+        logp = torch.cat(step_logits).float().log_softmax(-1)
+        total = float(logp.gather(-1, cont[:, None]).sum())
+        greedy = bool((logp.argmax(-1) == cont).all())
+        self.pending = [int(cont[-1])]
+        return total, greedy
 
     def reply(self, logits: torch.Tensor, max_new_tokens: int, stop: Sequence[str] = (), ignore_eos: bool = False,
               return_logits: bool = False) -> Reply:

@@ -90,12 +90,7 @@ def load(model: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype = t
     import kvbench.attention as attention
 
     src = resolve(model)
-    directory, gguf = src.directory, src.gguf_file
-    if gguf is not None:
-        cached = _dequantized_dir(src)
-        if not (cached / "config.json").is_file():
-            _dequantize(src, cached)
-        directory, gguf = cached, None
+    directory = local_dir(model)
     tok = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     lm = AutoModelForCausalLM.from_pretrained(
         directory,
@@ -106,6 +101,23 @@ def load(model: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype = t
     lm.to(device).eval()
     lm.kvbench_name = src.name
     return lm, tok
+
+
+def local_dir(model: str = DEFAULT_MODEL) -> Path:
+    """A plain HF model directory for `model` (the dequantized copy for GGUF files), e.g. for `lm_eval --model hf`."""
+    src = resolve(model)
+    if src.gguf_file is None:
+        return src.directory
+    cached = _dequantized_dir(src)
+    if not (cached / "config.json").is_file():
+        _dequantize(src, cached)
+    return cached
+
+
+def load_tokenizer(model: str = DEFAULT_MODEL):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(local_dir(model), local_files_only=True)
 
 
 def _dequantize(src: ModelSource, target: Path) -> None:

@@ -77,11 +77,14 @@ class LayerView:
     new_tokens: int  # tokens appended by this step (the last `new_tokens` of the active set)
     seen: int  # tokens that have gone through this layer so far
     prefill: bool  # True while the prompt is being consumed
+    # phase: "prefill" | "decode" | "reconstruct" (scratch tokens of a reconstruction pass, dropped
+    # afterwards) | "compress" (right after that pass: attn is None, the policy's scores are complete)
     attn: torch.Tensor | None  # [B, K, G, w, n] softmax rows of the last w queries, fp32
     state: dict[str, torch.Tensor]
     frozen_positions: torch.Tensor | None = None  # [B, K, m]
     frozen_state: dict[str, torch.Tensor] = field(default_factory=dict)  # [B, K, m] each
     step: int = 0  # forward passes so far (prefill chunks + decode steps)
+    phase: str = "prefill"
     extras: dict[str, Any] = field(default_factory=dict)  # engine signals, e.g. next-token entropy
 
     @property
@@ -135,7 +138,9 @@ class KVPolicy:
             raise ValueError(f"method {self.name!r} needs a budget (e.g. --budget 256)")
         return self.budget.capacity(seen)
 
-    def wants_attention(self, prefill: bool, last_chunk: bool) -> int:
+    reconstruction_prompt: ClassVar[str | None] = None  # set: the engine runs a context-reconstruction pass
+
+    def wants_attention(self, phase: str, last_chunk: bool) -> int:
         """Query rows of attention this step needs (0 = none). Override to ask only sometimes."""
         return self.attn_rows
 

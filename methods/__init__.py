@@ -1,3 +1,15 @@
 """Built-in KV policies, one file each; importing this package registers them all."""
 
-from kvbench.methods import asrkf, attentiontop, full, gist, h2o, knorm, lethe, snapkv, streamingllm, tova  # noqa: F401
+from kvbench.methods import (  # noqa: F401
+    asrkf,
+    attentiontop,
+    full,
+    gist,
+    h2o,
+    knorm,
+    kvzip,
+    lethe,
+    snapkv,
+    streamingllm,
+    tova,
+)

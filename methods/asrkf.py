@@ -72,7 +72,7 @@ class ASRKF(KVPolicy):
         self._level, self._last_spike, self._pending = 0, -(10**9), None
         self._events = dict.fromkeys(LEVELS, 0)
 
-    def wants_attention(self, prefill: bool, last_chunk: bool) -> int:
+    def wants_attention(self, phase: str, last_chunk: bool) -> int:
         return self.window
 
     def config(self) -> dict[str, Any]:

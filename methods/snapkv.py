@@ -25,8 +25,8 @@ class SnapKV(KVPolicy):
     window: int = 32
     kernel: int = 7
 
-    def wants_attention(self, prefill: bool, last_chunk: bool) -> int:
-        return self.window if prefill and last_chunk else 0
+    def wants_attention(self, phase: str, last_chunk: bool) -> int:
+        return self.window if phase == "prefill" and last_chunk else 0
 
     def layer_capacity(self, view: LayerView) -> int:
         return self.capacity(view.seen)

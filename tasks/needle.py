@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvbench.tasks.base import Sample
@@ -41,22 +42,44 @@ class NeedleTask:
             raise ValueError(f"needle context lengths must be at least 128 tokens, got {self.context_lengths}")
 
     def samples(self, engine, limit: int | None = None) -> list[Sample]:
-        rng = random.Random(self.seed)
-        tok = engine.tokenizer
-        per_filler = len(tok(FILLER, add_special_tokens=False)["input_ids"])
-        frame = len(engine.encode_chat(INTRO + NEEDLE.format(key="00000") + QUESTION, ANSWER_PREFIX))
         out = []
-        for length in self.context_lengths:
-            reps = max(1, (length - frame) // per_filler)
-            for depth in self.depths:
-                key = f"{rng.randrange(10000, 100000)}"
-                at = round(reps * depth)
-                haystack = FILLER * at + NEEDLE.format(key=key) + FILLER * (reps - at)
-                ids = engine.encode_chat(INTRO + haystack + QUESTION, ANSWER_PREFIX)
-                meta = {"context_length": length, "depth": depth, "prompt_tokens": len(ids)}
-                out.append(Sample(f"needle-{length}-{depth:.2f}", tuple(ids), key, meta))
+        count = lambda user: len(engine.encode_chat(user, ANSWER_PREFIX))  # noqa: E731
+        for h in haystack(engine.tokenizer, self.context_lengths, self.depths, self.seed, ("simple",), count):
+            ids = engine.encode_chat(h["user"], ANSWER_PREFIX)
+            meta = {"context_length": h["context_length"], "depth": h["depth"], "prompt_tokens": len(ids)}
+            out.append(Sample(f"needle-{h['context_length']}-{h['depth']:.2f}", tuple(ids), h["answer"], meta))
         return out[:limit] if limit else out
 
     def score(self, prediction: str, sample: Sample) -> float:
         found = re.search(r"\d+", prediction)
         return float(found is not None and found.group(0) == sample.answer)
+
+
+def haystack(tokenizer, lengths: tuple[int, ...], depths: tuple[float, ...], seed: int,
+             fillers: tuple[str, ...], prompt_tokens: Callable[[str], int]) -> list[dict]:
+    """The user message of every (filler, length, depth) cell and its key, sized so the whole prompt
+    (`prompt_tokens` counts it, chat template included) is about `length` tokens. "simple" repeats
+    one filler paragraph; "varied" is real prose (CPython's pydoc topics)."""
+    from kvbench.tasks.multiturn import passages
+
+    rng = random.Random(seed)
+    frame = prompt_tokens(INTRO + NEEDLE.format(key="00000") + QUESTION)
+    out = []
+    for filler in fillers:
+        if filler not in ("simple", "varied"):
+            raise ValueError(f"needle filler {filler!r}; allowed: simple, varied")
+        if filler == "simple":
+            units = [FILLER] * 4000
+            per_unit = len(tokenizer(FILLER, add_special_tokens=False)["input_ids"])
+        else:
+            units = [p + ". " for p in " ".join(passages(400)).split(". ")]
+            per_unit = len(tokenizer("".join(units[:200]), add_special_tokens=False)["input_ids"]) / 200
+        for length in lengths:
+            reps = max(1, int((length - frame) // per_unit))
+            for depth in depths:
+                key = f"{rng.randrange(10000, 100000)}"
+                at = round(reps * depth)
+                text = "".join(units[:at]) + NEEDLE.format(key=key) + "".join(units[at:reps])
+                out.append({"user": INTRO + text + QUESTION, "answer": key, "context_length": length,
+                            "depth": depth, "filler": filler})
+    return out

@@ -129,3 +129,23 @@ def test_lethe_keeps_everything_and_doubles_its_threshold_when_attention_is_flat
     assert policy.report()["threshold_doublings"] == 1
     feed(cache, 0, 20, 1, attn=attn_rows([[0.05] * 21, [0.05] * 21]))  # 21 <= doubled threshold 20? no: 21 > 20
     assert policy.report()["threshold_doublings"] == 2
+
+
+def test_kvzip_keeps_the_context_tokens_the_repeat_queries_attend_to_most():
+    cache = make_cache(make_policy("kvzip", 3))
+    feed(cache, 0, 0, 6, prefill=True)  # the prompt: no scores yet, nothing evicted
+    assert kept(cache) == list(range(6)) and cache.attn_rows == 0
+    cache.phase = "reconstruct"
+    # two scratch steps; per head, the max over repeat queries is what counts
+    feed(cache, 0, 6, 1, prefill=True, attn=attn_rows([[0.1, 0.5, 0.0, 0.1, 0.1, 0.0, 0.2],
+                                                       [0.0, 0.0, 0.6, 0.0, 0.3, 0.0, 0.1]]))
+    assert cache.attn_rows > 0
+    feed(cache, 0, 7, 1, prefill=True, attn=attn_rows([[0.0, 0.0, 0.0, 0.4, 0.0, 0.35, 0.1, 0.15],
+                                                       [0.5, 0.0, 0.0, 0.0, 0.1, 0.0, 0.2, 0.2]]))
+    cache.phase = "prefill"
+    cache.drop_from(6)
+    layer = cache.layers[0]
+    assert layer.seen == 6 and layer.active.n == 6  # scratch gone, not counted as evicted
+    cache.compress()
+    assert kept(cache, 0) == [1, 3, 5] and kept(cache, 1) == [0, 2, 4]
+    assert layer.evicted == 3

@@ -1,0 +1,71 @@
+"""Make `lm_eval --model kvbench-hf|asrkf-hf` and `--tasks kvbench_*` work with stock lm-eval.
+
+lm-eval 0.4.13 resolves `--model` from a static table and scans no plugin entry points. This module
+is imported at interpreter start by `kvbench-lm-eval.pth` and costs one entry in `sys.meta_path`:
+nothing of kvbench, torch or lm-eval is imported until a program imports lm-eval's model table. At
+that moment the two model types are registered as lazy placeholders (`module:Class` strings,
+imported on first use), and when lm-eval's task package loads, kvbench's task folder is added to
+its default task paths.
+"""
+
+import importlib.abc
+import importlib.util
+import sys
+
+MODELS = {"kvbench-hf": "kvbench.lm_eval_adapter:KVBenchLM", "asrkf-hf": "kvbench.lm_eval_adapter:ASRKFLM"}
+# lm_eval.models fills the registry from its static table; get_model() imports it when the registry
+# is empty, so kvbench registers right after it, never before (that would hide the built-in models)
+WATCHED = {"lm_eval.models": "_register_models", "lm_eval.tasks": "_register_tasks"}
+
+
+def _register_models(module) -> None:
+    from lm_eval.api.registry import model_registry
+
+    for name, target in MODELS.items():
+        if name not in model_registry:
+            model_registry.register(name, target=target)
+
+
+def _register_tasks(module) -> None:
+    from kvbench.lm_eval_tasks import install_task_path
+
+    install_task_path(module)
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs a registration function right after a watched lm-eval module finishes executing."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name not in WATCHED:
+            return None
+        sys.meta_path.remove(self)
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module, hook = spec.loader.exec_module, globals()[WATCHED[name]]
+
+        def exec_then_register(module):
+            exec_module(module)
+            hook(module)
+
+        spec.loader.exec_module = exec_then_register
+        return spec
+
+
+def install_pth() -> str:
+    """Write kvbench-lm-eval.pth into site-packages (a wheel install ships it; an editable one cannot)."""
+    import sysconfig
+    from pathlib import Path
+
+    target = Path(sysconfig.get_paths()["purelib"]) / "kvbench-lm-eval.pth"
+    target.write_text("import kvbench_lm_eval_hook\n")
+    return str(target)
+
+
+if __name__ == "__main__":
+    print(f"wrote {install_pth()}")
+elif not any(isinstance(f, _AfterImport) for f in sys.meta_path):
+    sys.meta_path.insert(0, _AfterImport())

@@ -1,0 +1,38 @@
+"""KVzip (Kim et al., 2025, arXiv 2505.23416): query-agnostic prompt compression by context reconstruction.
+
+After the prompt, the engine feeds "repeat the previous context" followed by the context itself as
+scratch tokens, in 2k-token slices of the context; each context token's score is the highest
+attention any repeat query (of its KV head's query heads) pays it. The scratch is then dropped and
+each KV head keeps its `budget` highest-scoring tokens. Decoding appends without further eviction.
+The reconstruction pass is part of the measured prefill time.
+
+Fast KVzip (arXiv 2601.17668) replaces the pass with learned gates; no gate weights exist for the
+bundled models, so only the training-free score is implemented.
+"""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from kvbench.policy import ALL_ROWS, Decision, KVPolicy, LayerView, register
+from kvbench.select import top_k
+
+
+@register("kvzip")
+@dataclass
+class KVzip(KVPolicy):
+    token_state: ClassVar[tuple[str, ...]] = ("score",)
+    reconstruction_prompt: ClassVar[str] = "\n\nRepeat the previous context exactly.\n\n"
+
+    def wants_attention(self, phase: str, last_chunk: bool) -> int:
+        return ALL_ROWS if phase == "reconstruct" else 0
+
+    def step(self, view: LayerView) -> Decision | None:
+        if view.phase == "reconstruct":
+            view.state["score"] = torch.maximum(view.state["score"], view.attn.amax(dim=(2, 3)))
+            return None
+        cap = self.capacity(view.seen)
+        if view.phase != "compress" or view.n <= cap:
+            return None
+        return Decision(keep=top_k(view.state["score"], cap))

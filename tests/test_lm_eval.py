@@ -1,0 +1,99 @@
+"""lm-evaluation-harness integration: stock lm-eval finds kvbench's models and tasks, the adapter is
+faithful with the full cache, and compression reaches both the generate and the loglikelihood path."""
+
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.model
+
+
+def evaluate(model: str, model_args: str, task: str, limit: int) -> dict:
+    import lm_eval
+
+    import kvbench_lm_eval_hook  # noqa: F401  (what kvbench-lm-eval.pth does at interpreter start)
+
+    return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=[task], limit=limit,
+                                   batch_size=1, device="cpu", log_samples=True)
+
+
+def test_stock_lm_eval_resolves_kvbench_model_names_in_a_fresh_interpreter():
+    code = ("from lm_eval.api.registry import get_model; import sys; "
+            "print(get_model('asrkf-hf').__name__, get_model('kvbench-hf').__name__, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split()[:2] == ["ASRKFLM", "KVBenchLM"]
+
+
+def test_interpreter_start_stays_cheap():
+    code = "import sys; print(sorted(m for m in ('torch', 'lm_eval', 'kvbench') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def responses(result: dict, task: str) -> list[str]:
+    return [s["filtered_resps"][0] for s in result["samples"][task]]
+
+
+def test_full_cache_adapter_matches_stock_hf_on_the_needle_task():
+    from kvbench import models
+
+    ours = evaluate("kvbench-hf", "pretrained=smollm2-135m,method=full", "kvbench_needle", 3)
+    stock = evaluate("hf", f"pretrained={models.local_dir()},dtype=float32", "kvbench_needle", 3)
+    assert responses(ours, "kvbench_needle") == responses(stock, "kvbench_needle")
+    score = ours["results"]["kvbench_needle"]["exact_match,first-number"]
+    assert score == stock["results"]["kvbench_needle"]["exact_match,first-number"] == 1.0
+
+
+def test_full_cache_adapter_matches_stock_hf_on_perplexity():
+    from kvbench import models
+
+    ours = evaluate("kvbench-hf", "pretrained=smollm2-135m,method=full", "kvbench_ppl", 2)
+    stock = evaluate("hf", f"pretrained={models.local_dir()},dtype=float32", "kvbench_ppl", 2)
+    a = ours["results"]["kvbench_ppl"]["word_perplexity,none"]
+    b = stock["results"]["kvbench_ppl"]["word_perplexity,none"]
+    assert abs(a - b) / b < 1e-3
+
+
+def test_compression_reaches_generate_and_loglikelihood_scoring():
+    full_needle = evaluate("kvbench-hf", "pretrained=smollm2-135m,method=full", "kvbench_needle", 2)
+    tight = evaluate("kvbench-hf", "pretrained=smollm2-135m,method=streamingllm,budget=32", "kvbench_needle", 2)
+    assert responses(tight, "kvbench_needle") != responses(full_needle, "kvbench_needle")
+    full_ppl = evaluate("kvbench-hf", "pretrained=smollm2-135m,method=full", "kvbench_ppl", 1)
+    asrkf_ppl = evaluate("asrkf-hf", "pretrained=smollm2-135m,tau=2.0", "kvbench_ppl", 1)
+    stream_ppl = evaluate("kvbench-hf", "pretrained=smollm2-135m,method=streamingllm,budget=64", "kvbench_ppl", 1)
+    base = full_ppl["results"]["kvbench_ppl"]["word_perplexity,none"]
+    for other in (asrkf_ppl, stream_ppl):
+        assert other["results"]["kvbench_ppl"]["word_perplexity,none"] != pytest.approx(base, rel=1e-4)
+
+
+@pytest.mark.parametrize("args,message", [
+    ("method=nope", "unknown method 'nope'; known methods:"),
+    ("method=h2o", "needs budget="),
+    ("method=h2o,budget=64,heavy=0.3", "has no parameter heavy"),
+    ("method=full,batch_size=4", "one sequence at a time"),
+    ("method=full,positions=sideways", "allowed: original, rerotate, naive"),
+])
+def test_bad_model_args_are_refused_with_what_is_allowed(args, message):
+    from kvbench.lm_eval_adapter import KVBenchLM
+
+    with pytest.raises(ValueError, match=message):
+        KVBenchLM.create_from_arg_string(f"pretrained=smollm2-135m,{args}")
+
+
+def test_asrkf_hf_refuses_another_method():
+    from kvbench.lm_eval_adapter import ASRKFLM
+
+    with pytest.raises(ValueError, match="asrkf-hf always runs ASR-KF-EGR"):
+        ASRKFLM.create_from_arg_string("pretrained=smollm2-135m,method=h2o")
+
+
+def test_task_generators_are_deterministic_for_a_seed():
+    from kvbench.tasks.lm_eval import utils
+
+    a = utils.needle({"seed": 1, "context_lengths": [1024], "depths": [0.5]})["test"].to_list()
+    b = utils.needle({"seed": 1, "context_lengths": [1024], "depths": [0.5]})["test"].to_list()
+    c = utils.needle({"seed": 2, "context_lengths": [1024], "depths": [0.5]})["test"].to_list()
+    assert a == b and [r["answer"] for r in a] != [r["answer"] for r in c]
+    assert {r["filler"] for r in a} == {"simple", "varied"}
+    assert utils.ppl({})["test"].to_list() == utils.ppl({})["test"].to_list()
