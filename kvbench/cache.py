@@ -156,7 +156,6 @@ class PolicyLayer(CacheLayerMixin):
             frozen_positions=f.positions() if f.n else None,
             frozen_state=dict(self._handed[1]),
             step=self.owner.steps,
-            extras=self.owner.extras,
             phase=self.owner.phase,
         )
 
@@ -258,7 +257,6 @@ class PolicyCache(Cache):
         self.last_chunk = False
         self.attn_rows = 0
         self.steps = 0
-        self.extras: dict = {}
         self.active_bytes = 0
         self.frozen_bytes = 0
         self.peak_active_bytes = 0

@@ -198,6 +198,7 @@ class Session:
         self._rss_peak = max(self._rss_peak, self._proc.memory_info().rss)
         return logits
 
+    @torch.inference_mode()
     def feed(self, input_ids: Sequence[int]) -> torch.Tensor:
         """Consume tokens in prefill chunks (the policy runs after each); logits after the last one."""
         ids = torch.tensor([list(input_ids)], dtype=torch.long, device=self.engine.device)
@@ -226,6 +227,7 @@ class Session:
             self.cache.drop_from(end)
         self.cache.compress()
 
+    @torch.inference_mode()
     def score(self, logits: torch.Tensor, continuation: Sequence[int]) -> tuple[float, bool]:
         """Log-probability of `continuation` after the fed tokens (whose last logits are `logits`), and
         whether it is the greedy continuation. The continuation goes through the policy chunk by chunk,
@@ -242,6 +244,7 @@ class Session:
         self.pending = [int(cont[-1])]
         return total, greedy
 
+    @torch.inference_mode()
     def reply(self, logits: torch.Tensor, max_new_tokens: int, stop: Sequence[str] = (), ignore_eos: bool = False,
               return_logits: bool = False) -> Reply:
         """Greedy decode from `logits` until eos, a stop string or `max_new_tokens`."""

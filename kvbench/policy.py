@@ -85,7 +85,6 @@ class LayerView:
     frozen_state: dict[str, torch.Tensor] = field(default_factory=dict)  # [B, K, m] each
     step: int = 0  # forward passes so far (prefill chunks + decode steps)
     phase: str = "prefill"
-    extras: dict[str, Any] = field(default_factory=dict)  # engine signals, e.g. next-token entropy
 
     @property
     def n(self) -> int:
