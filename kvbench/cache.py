@@ -302,10 +302,10 @@ class PolicyCache(Cache):
         self.end_step()
         self.phase = "prefill"
 
-    def next_rotations(self, start: int, q: int) -> torch.Tensor:
-        """Positions to give the model for the next q tokens under this cache's position mode."""
+    def next_rotations(self, positions: torch.Tensor) -> torch.Tensor:
+        """Positions to give the model for the next tokens (true `positions`, [1, q]) under this mode."""
         if self.positions == "original":
-            return torch.arange(start, start + q)[None]
+            return positions
         counts = {layer.active.n for layer in self.layers}
         if self.positions == "rerotate" and len(counts) > 1:
             raise ValueError(
@@ -313,7 +313,7 @@ class PolicyCache(Cache):
                 f"{self.policy.name!r} keeps {min(counts)}..{max(counts)}; use original or naive"
             )
         n = self.layers[0].active.n  # naive: the shrunk length of layer 0, as get_seq_length() would say
-        return torch.arange(n, n + q)[None]
+        return torch.arange(n, n + positions.shape[-1], device=positions.device)[None]
 
     def end_step(self) -> None:
         # at the end of the prompt, give back what prefill chunks reserved; later only clearly idle space,

@@ -182,7 +182,7 @@ class Session:
     def _forward(self, ids: torch.Tensor, prefill: bool, last: bool, all_logits: bool = False) -> torch.Tensor:
         engine, cache, q = self.engine, self.cache, ids.shape[1]
         pos = torch.arange(self.seen, self.seen + q, device=engine.device)[None]
-        rot = cache.next_rotations(self.seen, q).to(engine.device)
+        rot = cache.next_rotations(pos)
         cache.begin_step(pos, prefill=prefill, last_chunk=last, rotation_ids=rot)
         out = engine.model(input_ids=ids, position_ids=rot, past_key_values=cache, use_cache=True,
                            logits_to_keep=0 if all_logits else 1, **{CACHE_KWARG: cache})
@@ -195,7 +195,8 @@ class Session:
             logits = out.logits[0]
         if self.on_step is not None:
             self.on_step(cache)
-        self._rss_peak = max(self._rss_peak, self._proc.memory_info().rss)
+        if not self.cuda:  # on CUDA the allocator keeps its own peak
+            self._rss_peak = max(self._rss_peak, self._proc.memory_info().rss)
         return logits
 
     @torch.inference_mode()
