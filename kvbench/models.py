@@ -80,7 +80,7 @@ def _dequantized_dir(src: ModelSource) -> Path:
     f = src.directory / src.gguf_file
     st = f.stat()
     key = hashlib.sha256(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    return cache_dir() / "models" / f"{src.name}-{key}"
+    return cache_dir() / "models" / f"{f.stem}-{key}"  # keyed by the file: alias and path share one copy
 
 
 def load(model: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype = torch.float32):
