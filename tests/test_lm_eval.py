@@ -97,3 +97,17 @@ def test_task_generators_are_deterministic_for_a_seed():
     assert a == b and [r["answer"] for r in a] != [r["answer"] for r in c]
     assert {r["filler"] for r in a} == {"simple", "varied"}
     assert utils.ppl({})["test"].to_list() == utils.ppl({})["test"].to_list()
+    r1 = utils.rope({"seed": 3, "distances": [64, 512], "repeats": 2})["test"].to_list()
+    assert r1 == utils.rope({"seed": 3, "distances": [64, 512], "repeats": 2})["test"].to_list()
+    assert [r["distance"] for r in r1] == [64, 64, 512, 512]
+    assert r1 != utils.rope({"seed": 4, "distances": [64, 512], "repeats": 2})["test"].to_list()
+
+
+def test_rope_probe_puts_the_key_at_the_requested_distance():
+    from kvbench import models
+    from kvbench.tasks.rope import probes
+
+    tok = models.load_tokenizer()
+    for p in probes(tok, (64, 512, 2048), 1, 0):
+        after_key = p["user"].split(p["answer"] + " is the pass key.")[1]
+        assert abs(len(tok(after_key)["input_ids"]) - p["distance"]) < 40

@@ -43,3 +43,16 @@ def ppl(metadata: dict | None = None, **kwargs) -> dict[str, datasets.Dataset]:
     meta = metadata or {}
     docs = passages(int(meta.get("words", 1200)))[: int(meta.get("documents", 8))]
     return {"test": datasets.Dataset.from_list([{"text": d} for d in docs])}
+
+
+def rope(metadata: dict | None = None, **kwargs) -> dict[str, datasets.Dataset]:
+    """Secret-word copying at controlled distances (tokens between the fact and the question)."""
+    from kvbench.tasks.rope import ANSWER_PREFIX as ROPE_PREFIX
+    from kvbench.tasks.rope import probes
+
+    meta = metadata or {}
+    tokenizer = models.load_tokenizer(meta.get("tokenizer", models.DEFAULT_MODEL))
+    rows = [{"prompt": _chat(tokenizer, p["user"], ROPE_PREFIX), "answer": p["answer"], "distance": p["distance"]}
+            for p in probes(tokenizer, tuple(meta.get("distances", (64, 512, 2048, 6144))),
+                            int(meta.get("repeats", 5)), int(meta.get("seed", 0)))]
+    return {"test": datasets.Dataset.from_list(rows)}
