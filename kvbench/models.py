@@ -85,13 +85,12 @@ def _dequantized_dir(src: ModelSource) -> Path:
 
 def load(model: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """Load (model, tokenizer) with the kvbench attention function selected."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     import kvbench.attention as attention
 
-    src = resolve(model)
     directory = local_dir(model)
-    tok = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    tok = load_tokenizer(model)
     lm = AutoModelForCausalLM.from_pretrained(
         directory,
         local_files_only=True,
@@ -99,7 +98,6 @@ def load(model: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype = t
         attn_implementation=attention.ATTN_IMPLEMENTATION,
     )
     lm.to(device).eval()
-    lm.kvbench_name = src.name
     return lm, tok
 
 
