@@ -56,6 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", type=Path, default=Path("reports") / "bench")
     b.add_argument("--no-progress", action="store_true")
 
+    lb = sub.add_parser("leaderboard", help="run the published sweep (resumable) and write leaderboard/")
+    lb.add_argument("--config", type=Path, default=Path("leaderboard") / "sweep.toml", help="sweep definition (TOML)")
+    lb.add_argument("--slice", default=None, help="run only this [slices.NAME] of the sweep (e.g. ci)")
+    lb.add_argument("--out", type=Path, default=Path("leaderboard"), help="where LEADERBOARD.md and results.json go")
+    lb.add_argument("--plots", type=Path, default=Path("reports") / "leaderboard", help="where the PNG plots go")
+    lb.add_argument("--cells", type=Path, default=None,
+                    help="finished-cell store (default: the kvbench cache dir, ~/.cache/kvbench/cells)")
+    lb.add_argument("--check", type=Path, default=None,
+                    help="committed results.json: exit 1 if a deterministic column of any cell run differs")
+    lb.add_argument("--no-progress", action="store_true")
+
     sub.add_parser("methods", help="list the registered methods and their parameters")
     return p
 
@@ -98,6 +109,24 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _leaderboard(args: argparse.Namespace) -> int:
+    from kvbench import sweep
+
+    plan = sweep.load(args.config, args.slice)
+    cells = args.cells or models.cache_dir() / "cells"
+    outcome = sweep.run(plan, args.out, cells, args.plots, args.check, progress=not args.no_progress)
+    print((args.out / "LEADERBOARD.md").read_text())
+    print(f"wrote {args.out / 'LEADERBOARD.md'} and {args.out / 'results.json'}: {len(outcome.ran)} cells run, "
+          f"{len(outcome.cached)} from {cells}")
+    if args.check is None:
+        return 0
+    if outcome.mismatches:
+        print(f"deterministic columns differ from {args.check}:", *outcome.mismatches, sep="\n  ", file=sys.stderr)
+        return 1
+    print(f"check: the deterministic columns of all {len(outcome.ran) + len(outcome.cached)} cells match {args.check}")
+    return 0
+
+
 def _methods() -> int:
     import dataclasses
 
@@ -117,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             return _compare(args)
         if args.command == "bench":
             return _bench(args)
+        if args.command == "leaderboard":
+            return _leaderboard(args)
         return _methods()
     except (ValueError, FileNotFoundError) as err:
         print(f"kvbench: error: {err}", file=sys.stderr)

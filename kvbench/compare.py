@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -11,13 +10,13 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from kvbench import models
+from kvbench import lm_eval_run, models
 from kvbench.cache import POSITION_MODES
 from kvbench.engine import Engine, RunResult
 from kvbench.leaderboard import markdown
 from kvbench.policy import Budget, KVPolicy, make_policy, policy_class
 from kvbench.records import dump_json, sample_record, summarize, versions, write_atomic
-from kvbench.tasks import Task, make_task
+from kvbench.tasks import TASKS, Task, make_task
 
 
 @dataclass
@@ -32,6 +31,7 @@ class CompareSpec:
     device: str = "cpu"
     context_lengths: tuple[int, ...] | None = None  # overrides the needle tasks' lengths
     positions: list[str] = field(default_factory=lambda: ["original"])
+    task_metadata: dict[str, dict[str, Any]] = field(default_factory=dict)  # lm-eval tasks: metadata overrides
 
 
 def parse_method_args(items: list[str]) -> dict[str, dict[str, str]]:
@@ -83,43 +83,84 @@ def expand_sweep(params: dict[str, str]) -> list[dict[str, str]]:
     return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*choices)]
 
 
-def run(spec: CompareSpec, out_dir: Path | None = None, progress: bool = True) -> list[dict[str, Any]]:
-    policies = plan(spec)
-    explicit = {name: set(spec.method_args.get(name, {})) for name in spec.methods}
-    overrides = {"context_lengths": spec.context_lengths} if spec.context_lengths else {}
-    tasks: list[Task] = [make_task(t, **overrides) for t in dict.fromkeys(spec.tasks)]
-    models.resolve(spec.model)  # fail fast on a missing model, before loading anything
+@dataclass
+class Cell:
+    """One policy (in one position mode) on one task: per-sample records and the task's scores."""
 
-    lm, tok = models.load(spec.model, device=spec.device)
-    engine = Engine(lm, tok, prefill_chunk=spec.prefill_chunk)
-    work = [(task, s) for task in tasks for s in task.samples(engine, spec.limit)]
-    for task, s in work:
-        engine.check_fits(len(s.prompt_ids), task.max_new_tokens)
-    engine.generate(engine.encode_chat("Hello"), make_policy("full"), max_new_tokens=4)  # warm-up
+    task: str
+    samples: list[dict[str, Any]]
+    scores: dict[str, float] = field(default_factory=dict)  # lm-eval aggregates (built-in tasks: from samples)
+    metrics: dict[str, str] = field(default_factory=dict)
 
-    config = {"model": spec.model, "device": spec.device, "attention": engine.attention_backend,
-              "prefill_chunk": spec.prefill_chunk, "limit": spec.limit}
-    env = versions()
-    records = []
-    bar = tqdm(total=len(policies) * len(work), disable=not progress, desc="compare", unit="run")
-    for policy, mode in policies:
-        bar.set_postfix_str(f"{policy.name} {policy.budget or ''} {mode}")
-        samples = []
-        for task, s in work:
-            result = run_sample(engine, task, s, policy, mode)
-            samples.append(sample_record(task.name, s, result, task.score(result.text, s)))
-            bar.update()
+
+class Runner:
+    """Loads the model once, builds the tasks' samples once, then runs cells and folds them into records."""
+
+    def __init__(self, spec: CompareSpec) -> None:
+        overrides = {"context_lengths": spec.context_lengths} if spec.context_lengths else {}
+        names = list(dict.fromkeys(spec.tasks))
+        unknown = [t for t in names if t not in TASKS and t not in lm_eval_run.task_names()]
+        if unknown:
+            raise ValueError(f"unknown task {', '.join(map(repr, unknown))}; built-in tasks: "
+                             f"{', '.join(sorted(TASKS))}; lm-eval tasks: {', '.join(lm_eval_run.task_names())}")
+        self.spec, self.task_names = spec, names
+        self.builtin: dict[str, Task] = {t: make_task(t, **overrides) for t in names if t in TASKS}
+        models.resolve(spec.model)  # fail fast on a missing model, before loading anything
+        lm, tok = models.load(spec.model, device=spec.device)
+        self.engine = Engine(lm, tok, prefill_chunk=spec.prefill_chunk)
+        self.samples = {name: task.samples(self.engine, spec.limit) for name, task in self.builtin.items()}
+        for name, task in self.builtin.items():
+            for s in self.samples[name]:
+                self.engine.check_fits(len(s.prompt_ids), task.max_new_tokens)
+        self.engine.generate(self.engine.encode_chat("Hello"), make_policy("full"), max_new_tokens=4)  # warm-up
+        self.config = {"model": spec.model, "device": spec.device, "attention": self.engine.attention_backend,
+                       "prefill_chunk": spec.prefill_chunk, "limit": spec.limit}
+        self.versions = versions()
+
+    def cell_config(self, policy: KVPolicy, mode: str, task: str) -> dict[str, Any]:
+        """Everything that determines a cell's deterministic results (the sweep's cache key)."""
+        return {**self.config, "policy": {"name": policy.name, **policy.config()}, "positions": mode, "task": task,
+                "task_metadata": self.spec.task_metadata.get(task),
+                "context_lengths": self.spec.context_lengths if task in self.builtin else None}
+
+    def cell(self, policy: KVPolicy, mode: str, task: str) -> Cell:
+        if task in self.builtin:
+            t = self.builtin[task]
+            return Cell(task, [sample_record(task, s, r, t.score(r.text, s)) for s in self.samples[task]
+                               for r in [run_sample(self.engine, t, s, policy, mode)]])
+        got = lm_eval_run.evaluate(self.engine, policy, mode, task, self.spec.limit, self.spec.task_metadata.get(task))
+        return Cell(task, got.samples, got.scores, got.metrics)
+
+    def record(self, policy: KVPolicy, mode: str, cells: list[Cell], explicit: set[str]) -> dict[str, Any]:
+        """One leaderboard row: the policy's cells on every task, summarized."""
         config_now = policy.config()
-        records.append({
+        samples = [s for c in cells for s in c.samples]
+        return {
             "method": policy.name,
-            "variant": ",".join(f"{k}={config_now[k]}" for k in sorted(explicit.get(policy.name, ()))),
+            "variant": ",".join(f"{k}={config_now[k]}" for k in sorted(explicit)),
             "budget": str(policy.budget) if policy.budget is not None else None,
             "positions": mode,
-            "config": {**config, "positions": mode, "policy": config_now},
-            "versions": env,
-            "metrics": summarize(samples),
+            "config": {**self.config, "positions": mode, "policy": config_now,
+                       "task_metadata": {t: m for t, m in self.spec.task_metadata.items() if t in self.task_names}},
+            "versions": self.versions,
+            "metrics": summarize(samples, {k: v for c in cells for k, v in c.scores.items()},
+                                 {k: v for c in cells for k, v in c.metrics.items()}),
             "samples": samples,
-        })
+        }
+
+
+def run(spec: CompareSpec, out_dir: Path | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    policies = plan(spec)
+    runner = Runner(spec)
+    records = []
+    bar = tqdm(total=len(policies) * len(runner.task_names), disable=not progress, desc="compare", unit="cell")
+    for policy, mode in policies:
+        bar.set_postfix_str(f"{policy.name} {policy.budget or ''} {mode}")
+        cells = []
+        for task in runner.task_names:
+            cells.append(runner.cell(policy, mode, task))
+            bar.update()
+        records.append(runner.record(policy, mode, cells, set(spec.method_args.get(policy.name, {}))))
     bar.close()
     if out_dir is not None:
         write_outputs(records, out_dir)
@@ -132,16 +173,7 @@ def run_sample(engine: Engine, task: Task, sample, policy: KVPolicy, mode: str) 
     if not turns:
         return engine.generate(sample.prompt_ids, policy, task.max_new_tokens, task.stop,
                                ignore_eos=task.ignore_eos, positions=mode)
-    results = engine.converse(turns, policy, task.max_new_tokens, task.stop, positions=mode)
-    return dataclasses.replace(
-        results[-1],
-        prompt_tokens=sum(r.prompt_tokens for r in results),
-        tokens=[t for r in results for t in r.tokens],
-        text="|".join(r.text.replace("|", " ") for r in results),
-        prefill_s=sum(r.prefill_s for r in results),
-        decode_s=[d for r in results for d in r.decode_s],
-        memory_peak_bytes=max(r.memory_peak_bytes for r in results),
-    )
+    return Engine.merge_turns(engine.converse(turns, policy, task.max_new_tokens, task.stop, positions=mode))
 
 
 def write_outputs(records: list[dict[str, Any]], out_dir: Path) -> None:

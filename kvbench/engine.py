@@ -7,6 +7,7 @@ each prefill chunk and each decode step, so the active KV never exceeds budget +
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -94,10 +95,14 @@ class Engine:
         return_logits: bool = False,
         ignore_eos: bool = False,
         positions: str = "original",
+        past_window: bool = False,
     ) -> RunResult:
+        """Greedy generation for one prompt. `past_window=True` lets prompt + new tokens run beyond the
+        model's trained window (the past-window probe measures exactly that); otherwise it is refused."""
         if not input_ids:
             raise ValueError("empty prompt")
-        self.check_fits(len(input_ids), max_new_tokens)
+        if not past_window:
+            self.check_fits(len(input_ids), max_new_tokens)
         session = self.session(policy, positions, on_step)
         t0 = time.perf_counter()
         logits = session.feed(input_ids)
@@ -128,6 +133,19 @@ class Engine:
                                      reply.decode_s, session.cache.stats(), session.memory_peak(), [],
                                      policy.report()))
         return results
+
+    @staticmethod
+    def merge_turns(results: Sequence[RunResult]) -> RunResult:
+        """One RunResult for a whole conversation: replies joined by '|', times and tokens pooled."""
+        return dataclasses.replace(
+            results[-1],
+            prompt_tokens=sum(r.prompt_tokens for r in results),
+            tokens=[t for r in results for t in r.tokens],
+            text="|".join(r.text.replace("|", " ") for r in results),
+            prefill_s=sum(r.prefill_s for r in results),
+            decode_s=[d for r in results for d in r.decode_s],
+            memory_peak_bytes=max(r.memory_peak_bytes for r in results),
+        )
 
     def _turn_ids(self, messages: list[dict[str, str]], turn: str, pending: list[int]) -> list[int]:
         """Tokens that take a transcript (whose last reply is fed up to `pending`) to the next user turn."""

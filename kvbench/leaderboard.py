@@ -13,10 +13,18 @@ def _fmt(x: float | None, digits: int = 1) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
+def _is_perplexity(metric: str) -> bool:
+    return "perplexity" in metric
+
+
+def _score(value: float, metric: str) -> str:
+    return _fmt(value, 2) if _is_perplexity(metric) else _fmt(100 * value, 0) + "%"
+
+
 def _task_cells(m: dict[str, Any], task: str, with_compression: bool) -> list[str]:
     if task not in m["accuracy"]:
         return ["–", "–"] if with_compression else ["–"]
-    cells = [_fmt(100 * m["accuracy"][task], 0) + "%"]
+    cells = [_score(m["accuracy"][task], m.get("metric", {}).get(task, "accuracy"))]
     if with_compression:
         cells.append(_fmt(m["kv_compression_by_task"][task], 3))
     return cells
@@ -24,10 +32,12 @@ def _task_cells(m: dict[str, Any], task: str, with_compression: bool) -> list[st
 
 def rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     tasks = sorted({t for r in records for t in r["metrics"]["accuracy"]})
+    metric = {t: name for r in records for t, name in r["metrics"].get("metric", {}).items()}
     full = next((r["metrics"] for r in records if r["method"] == "full"), None)
     base = full["decode_ms_p50"] if full else None
     per_task = len(tasks) > 1
-    task_cols = [f"{t} {what}" for t in tasks for what in (("acc", "KV comp.") if per_task else ("acc",))]
+    labels = {t: "ppl" if _is_perplexity(metric.get(t, "")) else "acc" for t in tasks}
+    task_cols = [f"{t} {what}" for t in tasks for what in ((labels[t], "KV comp.") if per_task else (labels[t],))]
     headers = ["method", "budget", "positions", *task_cols, "KV compression", "active KV MiB",
                "peak KV MiB", "prefill ms", "decode ms p50", "decode ms p95", "tok/s", "decode × full"]
     freezing = any(r["metrics"]["freezes"] for r in records)

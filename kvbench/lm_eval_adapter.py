@@ -5,12 +5,18 @@ Every request runs through the kvbench engine, so compression reaches the score:
 scored against the compressed cache (a hook applied after a one-pass forward could not change the
 score); `loglikelihood_rolling` feeds the text chunk by chunk, each chunk scored against what the
 policy kept of the earlier ones; `generate_until` is the engine's decode loop with stop strings.
+Scoring requests longer than the model's window are scored as they are, positions running on (lm-eval's
+`hf` model would cut the context instead): that is what the kvbench_rope window probes measure.
 
     lm_eval --model kvbench-hf --model_args pretrained=smollm2-135m,method=h2o,budget=256 --tasks kvbench_needle
 """
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,13 +26,30 @@ from tqdm.auto import tqdm
 
 from kvbench import models
 from kvbench.cache import POSITION_MODES
-from kvbench.engine import Engine
-from kvbench.policy import make_policy
+from kvbench.engine import Engine, RunResult
+from kvbench.policy import KVPolicy, make_policy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Measured:
+    """What the engine measured for one lm-eval request (kvbench compare folds these into its records)."""
+
+    task: str
+    doc_id: int
+    result: RunResult
 
 
 @register_model("kvbench-hf")
 class KVBenchLM(TemplateLM):
-    """Any registered method: `method=NAME,budget=N` plus the method's own parameters in --model_args."""
+    """Any registered method: `method=NAME,budget=N` plus the method's own parameters in --model_args.
+
+    Generation requests understand three extra `generation_kwargs` that kvbench's own tasks use:
+    `turn_separator` (the context is a conversation: its user turns, split on this string, are fed one
+    by one on one cache and each is answered; replies come back joined by '|'), `ignore_eos` and
+    `past_window` (let the sequence run beyond the model's trained window).
+    """
 
     default_method = "full"
 
@@ -34,21 +57,36 @@ class KVBenchLM(TemplateLM):
                  positions: str = "original", prefill_chunk: int = 512, device: str = "cpu",
                  dtype: str = "float32", batch_size: int | str = 1, max_batch_size: int | None = None,
                  **policy_args: Any) -> None:
-        super().__init__()
         if str(batch_size) not in ("1", "auto"):
             raise ValueError(f"kvbench-hf evaluates one sequence at a time (per-sequence caches); got batch_size="
                              f"{batch_size}, use --batch_size 1")
-        if positions not in POSITION_MODES:
-            raise ValueError(f"positions={positions!r} is not a position mode; allowed: {', '.join(POSITION_MODES)}")
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype={dtype!r}; allowed: float32, bfloat16, float16")
-        self.method = method or self.default_method
-        self.policy = make_policy(self.method, budget, **policy_args)  # validates name and parameters
-        if self.policy.uses_budget and self.policy.budget is None:
-            raise ValueError(f"method {self.method!r} needs budget= in --model_args (tokens, or a ratio like 0.25)")
-        self.positions = positions
-        lm, self.tokenizer = models.load(str(pretrained), device=device, dtype=getattr(torch, dtype))
-        self.engine = Engine(lm, self.tokenizer, prefill_chunk=int(prefill_chunk))
+        method = method or self.default_method
+        policy = make_policy(method, budget, **policy_args)  # validates name and parameters
+        if policy.uses_budget and policy.budget is None:
+            raise ValueError(f"method {method!r} needs budget= in --model_args (tokens, or a ratio like 0.25)")
+        _check_positions(positions)
+        lm, tokenizer = models.load(str(pretrained), device=device, dtype=getattr(torch, dtype))
+        self._setup(Engine(lm, tokenizer, prefill_chunk=int(prefill_chunk)), policy, positions)
+
+    @classmethod
+    def from_engine(cls, engine: Engine, policy: KVPolicy, positions: str = "original",
+                    progress: bool = True) -> KVBenchLM:
+        """An adapter around an already loaded model (kvbench compare runs many policies on one)."""
+        _check_positions(positions)
+        lm = cls.__new__(cls)
+        lm._setup(engine, policy, positions, progress)
+        return lm
+
+    def _setup(self, engine: Engine, policy: KVPolicy, positions: str, progress: bool = True) -> None:
+        TemplateLM.__init__(self)
+        self.engine, self.tokenizer = engine, engine.tokenizer
+        self.policy, self.method, self.positions = policy, policy.name, positions
+        self.measured: list[Measured] = []
+        self._last: list[RunResult] = []
+        self._warned = False
+        self.progress = progress
 
     @property
     def eot_token_id(self) -> int:
@@ -70,30 +108,56 @@ class KVBenchLM(TemplateLM):
     def tok_decode(self, tokens: list[int], **kwargs) -> str:
         return self.tokenizer.decode(tokens)
 
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        return self._measure(requests, lambda: super(KVBenchLM, self).loglikelihood(requests, disable_tqdm))
+
     @torch.inference_mode()
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         out = []
-        for _, context, continuation in tqdm(requests, disable=disable_tqdm, desc="kvbench loglikelihood"):
-            self.engine.check_fits(len(context) + len(continuation), 0)
+        for _, context, continuation in tqdm(requests, disable=disable_tqdm or not self.progress,
+                                                     desc="kvbench loglikelihood"):
+            if len(context) + len(continuation) > self.engine.max_positions and not self._warned:
+                self._warned = True
+                log.warning("kvbench: scoring %d tokens, past the model's %d-position window: positions continue "
+                            "as they are (no truncation)", len(context) + len(continuation), self.engine.max_positions)
             session = self.engine.session(self.policy, self.positions)
+            t0 = time.perf_counter()
             out.append(session.score(session.feed(context), continuation))
+            session.sync()
+            self._last.append(RunResult(len(context) + len(continuation), [], "", "score", time.perf_counter() - t0,
+                                        [], session.cache.stats(), session.memory_peak(), [], self.policy.report()))
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        pairs = [("", text) for (text,) in (req.args for req in requests)]
-        return [ll for ll, _ in self._loglikelihood_tokens(
-            [(pair, [self.prefix_token_id], self.tok_encode(pair[1])) for pair in pairs], disable_tqdm)]
+        texts = [req.args[0] for req in requests]
+        tokens = [([self.prefix_token_id], self.tok_encode(text)) for text in texts]
+        return self._measure(requests, lambda: [ll for ll, _ in self._loglikelihood_tokens(
+            [(("", text), ctx, cont) for text, (ctx, cont) in zip(texts, tokens, strict=True)], disable_tqdm)])
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        out = []
-        for context, gen_kwargs in tqdm([req.args for req in requests], disable=disable_tqdm,
-                                        desc="kvbench generate_until"):
-            until = gen_kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
-            max_new = int(gen_kwargs.get("max_gen_toks", 256))
-            ids = self.tok_encode(context)
-            result = self.engine.generate(ids, self.policy, max_new, stop=until, positions=self.positions)
-            out.append(result.text)
+        return self._measure(requests, lambda: [self._generate(*req.args) for req in tqdm(
+            requests, disable=disable_tqdm or not self.progress, desc="kvbench generate_until")])
+
+    def _generate(self, context: str, gen_kwargs: dict[str, Any]) -> str:
+        until = gen_kwargs.get("until") or []
+        until = [until] if isinstance(until, str) else list(until)
+        max_new = int(gen_kwargs.get("max_gen_toks", 256))
+        separator = gen_kwargs.get("turn_separator")
+        if separator:
+            turns = [t.strip() for t in context.split(separator) if t.strip()]
+            result = Engine.merge_turns(self.engine.converse(turns, self.policy, max_new, until, self.positions))
+        else:
+            result = self.engine.generate(self.tok_encode(context), self.policy, max_new, stop=until,
+                                          positions=self.positions, ignore_eos=bool(gen_kwargs.get("ignore_eos")),
+                                          past_window=bool(gen_kwargs.get("past_window")))
+        self._last.append(result)
+        return result.text
+
+    def _measure(self, requests, evaluate: Callable[[], list]) -> list:
+        """Run `evaluate` (one engine run per request, in order) and keep each run's measurements."""
+        self._last: list[RunResult] = []
+        out = evaluate()
+        self.measured += [Measured(req.task_name, req.doc_id, r) for req, r in zip(requests, self._last, strict=True)]
         return out
 
 
@@ -107,3 +171,8 @@ class ASRKFLM(KVBenchLM):
         if method not in (None, "asrkf"):
             raise ValueError(f"asrkf-hf always runs ASR-KF-EGR; use --model kvbench-hf for method={method!r}")
         super().__init__(method="asrkf", **kwargs)
+
+
+def _check_positions(positions: str) -> None:
+    if positions not in POSITION_MODES:
+        raise ValueError(f"positions={positions!r} is not a position mode; allowed: {', '.join(POSITION_MODES)}")

@@ -20,7 +20,9 @@ def install_task_path(tasks_module) -> None:
             paths = []
         else:
             paths = [include_path] if isinstance(include_path, str | Path) else list(include_path)
-        original(self, *args, include_path=[*paths, str(TASK_DIR)], **kwargs)
+        if str(TASK_DIR) not in map(str, paths):
+            paths.append(str(TASK_DIR))
+        original(self, *args, include_path=paths, **kwargs)
 
     manager.__init__ = init
     manager._kvbench = True

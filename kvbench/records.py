@@ -62,9 +62,13 @@ def sample_record(task: str, sample, result: RunResult, score: float) -> dict[st
     }
 
 
-def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Aggregate metrics of one method row: accuracy per task, bytes, latency percentiles."""
+def summarize(samples: list[dict[str, Any]], scores: dict[str, float] | None = None,
+              metric_names: dict[str, str] | None = None) -> dict[str, Any]:
+    """Aggregate metrics of one method row: a score per task, bytes, latency percentiles. `scores` are task
+    scores computed elsewhere (lm-eval's aggregates), `metric_names` what they are (default: accuracy)."""
     tasks = sorted({s["task"] for s in samples})
+    accuracy = {t: statistics.fmean(s["score"] for s in samples if s["task"] == t) for t in tasks
+                if all(s["score"] is not None for s in samples if s["task"] == t)}
     steps = sorted(ms for s in samples for ms in s["decode_ms"])
     decode_total_s = sum(steps) / 1e3
 
@@ -75,7 +79,8 @@ def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
         return statistics.fmean(s[key] for s in samples)
 
     return {
-        "accuracy": {t: statistics.fmean(s["score"] for s in samples if s["task"] == t) for t in tasks},
+        "accuracy": {**accuracy, **(scores or {})},
+        "metric": {t: (metric_names or {}).get(t, "accuracy") for t in tasks},
         "samples": len(samples),
         "kv_compression": mean("kv_compression"),
         "mean_kv_compression": mean("mean_kv_compression"),

@@ -30,6 +30,11 @@ class LongGenTask:
         return out[:limit] if limit else out
 
     def score(self, prediction: str, sample: Sample) -> float:
-        words = prediction.split()
-        grams = [tuple(words[i : i + 4]) for i in range(len(words) - 3)]
-        return len(set(grams)) / len(grams) if grams else 0.0
+        return distinct_ngrams(prediction)
+
+
+def distinct_ngrams(text: str, n: int = 4) -> float:
+    """Share of distinct word n-grams: near 1 for fluent text, low for loops and repetition."""
+    words = text.split()
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0

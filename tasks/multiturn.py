@@ -26,6 +26,30 @@ def passages(words_per_passage: int) -> list[str]:
     return [" ".join(words[i : i + words_per_passage]) for i in starts]
 
 
+def conversations(count: int, turns: int, words_per_turn: int, seed: int) -> list[tuple[list[str], list[str]]]:
+    """`count` conversations of `turns` user messages (passage with a hidden code + question) and their codes."""
+    rng = random.Random(seed)
+    pool = passages(words_per_turn)
+    out = []
+    for _ in range(count):
+        chosen = rng.sample(pool, turns)
+        codes = [str(rng.randrange(10000, 100000)) for _ in chosen]
+        messages = []
+        for text, code in zip(chosen, codes, strict=True):
+            words = text.split()
+            at = rng.randrange(len(words) // 4, 3 * len(words) // 4)
+            body = " ".join([*words[:at], f"The code of this passage is {code}.", *words[at:]])
+            messages.append(f"{body}\n\n{QUESTION}")
+        out.append((messages, codes))
+    return out
+
+
+def score_turn(prediction: str, answer: str) -> float:
+    """1 when the first number in the reply is the passage's code."""
+    found = re.search(r"\d+", prediction)
+    return float(found is not None and found.group(0) == answer)
+
+
 @dataclass
 class MultiTurnTask:
     turns: int = 24
@@ -38,27 +62,13 @@ class MultiTurnTask:
     ignore_eos: bool = False
 
     def samples(self, engine, limit: int | None = None) -> list[Sample]:
-        rng = random.Random(self.seed)
-        pool = passages(self.words_per_turn)
-        out = []
-        for c in range(self.conversations):
-            chosen = rng.sample(pool, self.turns)
-            codes = [str(rng.randrange(10000, 100000)) for _ in chosen]
-            turns = []
-            for text, code in zip(chosen, codes, strict=True):
-                words = text.split()
-                at = rng.randrange(len(words) // 4, 3 * len(words) // 4)
-                body = " ".join([*words[:at], f"The code of this passage is {code}.", *words[at:]])
-                turns.append(f"{body}\n\n{QUESTION}")
-            out.append(Sample(f"multiturn-{c}", (), "|".join(codes), {"turns": turns}))
+        talks = conversations(self.conversations, self.turns, self.words_per_turn, self.seed)
+        out = [Sample(f"multiturn-{c}", (), "|".join(codes), {"turns": turns})
+               for c, (turns, codes) in enumerate(talks)]
         return out[:limit] if limit else out
-
-    def score_turn(self, prediction: str, answer: str) -> float:
-        found = re.search(r"\d+", prediction)
-        return float(found is not None and found.group(0) == answer)
 
     def score(self, prediction: str, sample: Sample) -> float:
         """Mean over turns; `prediction` is the replies joined by '|'."""
         pairs = zip(prediction.split("|"), sample.answer.split("|"), strict=True)
-        scores = [self.score_turn(p, a) for p, a in pairs]
+        scores = [score_turn(p, a) for p, a in pairs]
         return sum(scores) / len(scores)

@@ -40,7 +40,7 @@ def test_compare_writes_results_and_prints_table(tmp_path, capsys):
     (["--methods", "full,snapkvv"], "unknown method 'snapkvv'; known methods: " + ", ".join(available())),
     (["--methods", "h2o", "--budget", "0"], "budget must be a positive token count, got 0"),
     (["--methods", "h2o", "--budget", "-3"], "budget must be a positive token count, got -3"),
-    (["--tasks", "mmlu"], "unknown task 'mmlu'; known tasks: " + ", ".join(sorted(TASKS))),
+    (["--tasks", "mmlu"], "unknown task 'mmlu'; built-in tasks: " + ", ".join(sorted(TASKS))),
     (["--positions", "sideways"], "is not a position mode; allowed: original, rerotate, naive"),
     (["--methods", "pyramidkv", "--positions", "rerotate"], "rerotate needs the same token count in every layer"),
     (["--model", "/nonexistent/model.gguf"], "model file not found: /nonexistent/model.gguf"),

@@ -91,16 +91,16 @@ def test_asrkf_hf_refuses_another_method():
 def test_task_generators_are_deterministic_for_a_seed():
     from kvbench.tasks.lm_eval import utils
 
-    a = utils.needle({"seed": 1, "context_lengths": [1024], "depths": [0.5]})["test"].to_list()
-    b = utils.needle({"seed": 1, "context_lengths": [1024], "depths": [0.5]})["test"].to_list()
-    c = utils.needle({"seed": 2, "context_lengths": [1024], "depths": [0.5]})["test"].to_list()
+    a = utils.needle(seed=1, context_lengths=[1024], depths=[0.5])["test"].to_list()
+    b = utils.needle(seed=1, context_lengths=[1024], depths=[0.5])["test"].to_list()
+    c = utils.needle(seed=2, context_lengths=[1024], depths=[0.5])["test"].to_list()
     assert a == b and [r["answer"] for r in a] != [r["answer"] for r in c]
     assert {r["filler"] for r in a} == {"simple", "varied"}
-    assert utils.ppl({})["test"].to_list() == utils.ppl({})["test"].to_list()
-    r1 = utils.rope({"seed": 3, "distances": [64, 512], "repeats": 2})["test"].to_list()
-    assert r1 == utils.rope({"seed": 3, "distances": [64, 512], "repeats": 2})["test"].to_list()
+    assert utils.ppl()["test"].to_list() == utils.ppl()["test"].to_list()
+    r1 = utils.rope(seed=3, distances=[64, 512], repeats=2)["test"].to_list()
+    assert r1 == utils.rope(seed=3, distances=[64, 512], repeats=2)["test"].to_list()
     assert [r["distance"] for r in r1] == [64, 64, 512, 512]
-    assert r1 != utils.rope({"seed": 4, "distances": [64, 512], "repeats": 2})["test"].to_list()
+    assert r1 != utils.rope(seed=4, distances=[64, 512], repeats=2)["test"].to_list()
 
 
 def test_rope_probe_puts_the_key_at_the_requested_distance():

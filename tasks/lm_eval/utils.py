@@ -1,5 +1,6 @@
 """Offline data for kvbench's lm-eval tasks: generated with the same seeded generators as the built-in
-tasks and rendered with the bundled model's chat template (lm-eval gets plain strings)."""
+tasks and rendered with the bundled model's chat template (lm-eval gets plain strings). lm-eval calls
+each generator with the task's `metadata` (YAML, overridden by `--metadata`) as keyword arguments."""
 
 from __future__ import annotations
 
@@ -16,10 +17,9 @@ def _chat(tokenizer, user: str, prefix: str = "") -> str:
     return user + "\n" + prefix
 
 
-def needle(metadata: dict | None = None, **kwargs) -> dict[str, datasets.Dataset]:
+def needle(**meta) -> dict[str, datasets.Dataset]:
     """Simple filler at ~1k/2k/4k and varied prose at ~1k, x depth 0.1..0.9; seeded. Varied prose stops at
     1k by default: with the full cache the 135M model then finds only late needles (2k: 1/5, 4k: 2/5)."""
-    meta = metadata or {}
     tokenizer = models.load_tokenizer(meta.get("tokenizer", models.DEFAULT_MODEL))
 
     def count(user: str) -> int:
@@ -38,25 +38,71 @@ def needle(metadata: dict | None = None, **kwargs) -> dict[str, datasets.Dataset
     return {"test": datasets.Dataset.from_list(rows)}
 
 
-
-
-def ppl(metadata: dict | None = None, **kwargs) -> dict[str, datasets.Dataset]:
+def ppl(**meta) -> dict[str, datasets.Dataset]:
     """Documents of real English (CPython's pydoc topics, shipped with Python), `words` words each."""
     from kvbench.tasks.multiturn import passages
 
-    meta = metadata or {}
     docs = passages(int(meta.get("words", 1200)))[: int(meta.get("documents", 8))]
     return {"test": datasets.Dataset.from_list([{"text": d} for d in docs])}
 
 
-def rope(metadata: dict | None = None, **kwargs) -> dict[str, datasets.Dataset]:
+def rope(**meta) -> dict[str, datasets.Dataset]:
     """Secret-word copying at controlled distances (tokens between the fact and the question)."""
     from kvbench.tasks.rope import ANSWER_PREFIX as ROPE_PREFIX
     from kvbench.tasks.rope import probes
 
-    meta = metadata or {}
     tokenizer = models.load_tokenizer(meta.get("tokenizer", models.DEFAULT_MODEL))
     rows = [{"prompt": _chat(tokenizer, p["user"], ROPE_PREFIX), "answer": p["answer"], "distance": p["distance"]}
             for p in probes(tokenizer, tuple(meta.get("distances", (64, 512, 2048, 6144))),
                             int(meta.get("repeats", 5)), int(meta.get("seed", 0)))]
     return {"test": datasets.Dataset.from_list(rows)}
+
+
+TURN_SEPARATOR = "\n<|kvbench-turn|>\n"  # kvbench_multiturn.yaml passes it as generation_kwargs.turn_separator
+
+
+def multiturn(**meta) -> dict[str, datasets.Dataset]:
+    """Whole conversations (the adapter feeds their turns one by one on one cache); codes to recall per turn."""
+    from kvbench.tasks.multiturn import conversations
+
+    talks = conversations(int(meta.get("conversations", 2)), int(meta.get("turns", 24)),
+                          int(meta.get("words_per_turn", 260)), int(meta.get("seed", 0)))
+    rows = [{"conversation": TURN_SEPARATOR.join(turns), "codes": "|".join(codes)} for turns, codes in talks]
+    return {"test": datasets.Dataset.from_list(rows)}
+
+
+def multiturn_results(doc: dict, results: list[str]) -> dict[str, float]:
+    """Per-turn recall of the code, over all turns and over the second half (where positions pass 4k-8k)."""
+    from kvbench.tasks.multiturn import score_turn
+
+    codes = doc["codes"].split("|")
+    replies = results[0].split("|")
+    replies += [""] * (len(codes) - len(replies))  # a conversation cut short scores 0 on the missing turns
+    scores = [score_turn(r, c) for r, c in zip(replies, codes, strict=False)]
+    late = scores[len(scores) // 2 :]
+    return {"turn_acc": sum(scores) / len(scores), "late_turn_acc": sum(late) / len(late)}
+
+
+def window_probe(**meta) -> dict[str, datasets.Dataset]:
+    """Real prose (pydoc topics): `continuation_tokens` to score right after the first `window_end` tokens,
+    preceded by `context_tokens` of them. Run with context 8192 (continuation past the 8k window) and 7168
+    (inside it): the same continuation, the same text before it, only the positions differ."""
+    from kvbench.tasks.multiturn import passages
+
+    tokenizer = models.load_tokenizer(meta.get("tokenizer", models.DEFAULT_MODEL))
+    end, context, scored = (int(meta.get(k, d)) for k, d in
+                            (("window_end", 8192), ("context_tokens", 8192), ("continuation_tokens", 512)))
+    if not 0 < context <= end:
+        raise ValueError(f"context_tokens must be in 1..window_end ({end}), got {context}")
+    rows = []
+    for doc in passages(end + scored)[: int(meta.get("documents", 4))]:  # a word is >= 1 token: long enough
+        ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
+        rows.append({"context": tokenizer.decode(ids[end - context : end]),
+                     "continuation": tokenizer.decode(ids[end : end + scored]), "context_tokens": context})
+    return {"test": datasets.Dataset.from_list(rows)}
+
+
+def window_probe_results(doc: dict, results: list[tuple[float, bool]]) -> dict[str, tuple[float, int]]:
+    """Word perplexity of the continuation (lm-eval's weighted perplexity: total log-likelihood over words)."""
+    loglikelihood, _ = results[0]
+    return {"word_perplexity": (loglikelihood, len(doc["continuation"].split()))}

@@ -1,0 +1,79 @@
+"""kvbench's lm-eval task definitions run from `kvbench compare`, so its accuracy columns are the numbers a
+user's `lm_eval --model kvbench-hf ...` run gives: the same YAML, the same data, lm-eval's own metrics.
+
+The adapter wraps the already loaded engine (one model load for every policy) and keeps what the engine
+measured per request; those measurements become the per-sample records behind the memory and latency
+columns.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from kvbench.engine import Engine
+from kvbench.lm_eval_tasks import TASK_DIR
+from kvbench.policy import KVPolicy
+from kvbench.records import sample_record
+from kvbench.tasks import Sample
+
+MAX_META_CHARS = 200  # doc fields longer than this (prompts, documents) stay out of the records
+
+
+@dataclass
+class TaskScores:
+    scores: dict[str, float]  # task (or subtask) -> its primary metric, lm-eval's aggregate
+    metrics: dict[str, str]  # task -> primary metric name, e.g. exact_match, word_perplexity
+    higher_is_better: dict[str, bool]
+    samples: list[dict[str, Any]]  # one kvbench sample record per lm-eval request
+
+
+@functools.cache
+def task_names() -> tuple[str, ...]:
+    """Tasks and groups in kvbench's lm-eval folder."""
+    return tuple(sorted(_manager().all_tasks))
+
+
+@functools.cache
+def _manager(metadata: str = "{}"):
+    """A TaskManager over kvbench's folder only (indexing all of lm-eval's tasks costs ~5 s per instance);
+    one per distinct metadata override (JSON text, so it can be cached)."""
+    import lm_eval.tasks
+
+    return lm_eval.tasks.TaskManager(include_defaults=False, include_path=str(TASK_DIR),
+                                     metadata=json.loads(metadata) or None)
+
+
+def evaluate(engine: Engine, policy: KVPolicy, positions: str, task: str, limit: int | None = None,
+             metadata: dict[str, Any] | None = None) -> TaskScores:
+    """One lm-eval task (or group) for one policy on `engine`'s model; `metadata` overrides the YAML's."""
+    import lm_eval
+
+    from kvbench.lm_eval_adapter import KVBenchLM
+
+    lm = KVBenchLM.from_engine(engine, policy, positions, progress=False)
+    manager = _manager(json.dumps(metadata or {}, sort_keys=True))
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    out = lm_eval.simple_evaluate(model=lm, tasks=[task], limit=limit, task_manager=manager, log_samples=True,
+                                  bootstrap_iters=0, verbosity="ERROR")
+    scores, metrics, better = {}, {}, {}
+    for name, values in out["results"].items():
+        key = next((k for k in values if "," in k and "_stderr" not in k), None)
+        if key is None:  # a group without an aggregate
+            continue
+        scores[name], metrics[name] = float(values[key]), key.split(",")[0]
+        better[name] = bool(out["higher_is_better"].get(name, {}).get(metrics[name], True))
+    logged = {(name, s["doc_id"]): s for name, rows in out["samples"].items() for s in rows}
+    samples = []
+    for m in lm.measured:
+        s = logged[(m.task, m.doc_id)]
+        value = s.get(metrics[m.task])
+        prediction = s["filtered_resps"][0] if isinstance(s["filtered_resps"][0], str) else ""
+        meta = {k: v for k, v in s["doc"].items() if not (isinstance(v, str) and len(v) > MAX_META_CHARS)}
+        sample = Sample(f"{m.task}-{m.doc_id}", (), str(s["target"]), meta)
+        samples.append({**sample_record(m.task, sample, m.result, value if isinstance(value, int | float) else None),
+                        "prediction": prediction})
+    return TaskScores(scores, metrics, better, samples)

@@ -1,0 +1,145 @@
+"""Leaderboard plots (matplotlib, PNG): needle heatmaps, accuracy versus KV memory, decode time versus context."""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from kvbench.records import MIB  # noqa: E402
+
+CONTEXT_BINS = (1024, 2048, 4096, 6144, 8192)
+
+
+def label(record: dict[str, Any]) -> str:
+    parts = [record["method"], record["variant"], record["budget"] or "", record["positions"]]
+    return " ".join(p for p in parts if p and p != "original")
+
+
+def _save(fig, path: Path) -> Path:
+    """Write the PNG whole or not at all (temporary file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def needle_heatmap(records: list[dict[str, Any]], path: Path) -> Path | None:
+    """Exact match by context length (rows) and needle depth (columns), one panel per row of the leaderboard,
+    on the simple-filler needle samples."""
+    grids = []
+    for r in records:
+        cells: dict[tuple[int, float], list[float]] = defaultdict(list)
+        for s in r["samples"]:
+            meta = s["meta"]
+            if "depth" in meta and "context_length" in meta and meta.get("filler", "simple") == "simple":
+                cells[(int(meta["context_length"]), float(meta["depth"]))].append(s["score"])
+        if cells:
+            grids.append((label(r), cells))
+    if not grids:
+        return None
+    lengths = sorted({k[0] for _, c in grids for k in c})
+    depths = sorted({k[1] for _, c in grids for k in c})
+    cols = min(4, len(grids))
+    rows = math.ceil(len(grids) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 0.6 * len(lengths) * rows + 1.2 * rows), squeeze=False)
+    for ax in axes.flat[len(grids):]:
+        ax.axis("off")
+    for ax, (name, cells) in zip(axes.flat, grids, strict=False):
+        grid = [[statistics.fmean(cells[(n, d)]) if (n, d) in cells else math.nan for d in depths] for n in lengths]
+        ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                if not math.isnan(v):
+                    ax.text(j, i, f"{v:.0%}" if v not in (0, 1) else ("✓" if v else "✗"), ha="center", va="center")
+        ax.set_title(name, fontsize=9)
+        ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=8)
+        ax.set_yticks(range(len(lengths)), [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths],
+                      fontsize=8)
+    fig.supxlabel("needle depth (share of the context before it)")
+    fig.supylabel("context length (tokens)")
+    fig.suptitle("Needle retrieval (exact match) by context length and depth")
+    return _save(fig, path)
+
+
+def pareto(records: list[dict[str, Any]], path: Path) -> Path | None:
+    """Mean accuracy over the accuracy-type tasks against mean active KV memory; the frontier is drawn."""
+    points = []
+    for r in records:
+        m = r["metrics"]
+        accs = [v for t, v in m["accuracy"].items() if "perplexity" not in m.get("metric", {}).get(t, "")]
+        if accs:
+            points.append((m["active_kv_bytes"] / MIB, statistics.fmean(accs), label(r)))
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    ax.scatter([p[0] for p in points], [p[1] for p in points], color="tab:blue", zorder=3)
+    for x, y, name in points:
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    frontier, best = [], -1.0
+    for x, y, _ in sorted(points):
+        if y > best:
+            frontier.append((x, y))
+            best = y
+    ax.step([p[0] for p in frontier], [p[1] for p in frontier], where="post", color="tab:orange", alpha=0.6,
+            label="Pareto frontier")
+    ax.set_xscale("log")
+    ax.set_xlabel("active KV MiB at the end of a sample (mean, log scale)")
+    ax.set_ylabel("mean accuracy over the accuracy tasks")
+    ax.set_ylim(-0.05, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    ax.set_title("Accuracy versus KV memory")
+    return _save(fig, path)
+
+
+def decode_vs_context(records: list[dict[str, Any]], path: Path) -> Path | None:
+    """Median decode ms/token of single-prompt samples, by prompt length (binned), one line per row."""
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    drawn = 0
+    for r in records:
+        by_bin: dict[int, list[float]] = defaultdict(list)
+        for s in r["samples"]:
+            if s["decode_ms"] and "codes" not in s["meta"] and "turns" not in s["meta"]:  # one prompt, one reply
+                nearest = min(CONTEXT_BINS, key=lambda b, n=s["prompt_tokens"]: abs(math.log(b / n)))
+                by_bin[nearest] += s["decode_ms"]
+        if len(by_bin) >= 2:
+            xs = sorted(by_bin)
+            ax.plot(xs, [statistics.median(by_bin[x]) for x in xs], marker="o", label=label(r))
+            drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(CONTEXT_BINS, [f"{b // 1024}k" for b in CONTEXT_BINS])
+    ax.set_xlabel("prompt length (tokens, binned)")
+    ax.set_ylabel("decode ms / token (median)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("Decode time per token versus context length")
+    return _save(fig, path)
+
+
+def draw_all(records: list[dict[str, Any]], out_dir: Path) -> dict[str, Path]:
+    """Every plot that the records have data for, by title."""
+    made = {
+        "needle heatmap (depth × context length) per method": needle_heatmap(records, out_dir / "needle_heatmap.png"),
+        "accuracy versus active KV memory (Pareto)": pareto(records, out_dir / "pareto.png"),
+        "decode ms/token versus context length": decode_vs_context(records, out_dir / "decode_vs_context.png"),
+    }
+    return {k: v for k, v in made.items() if v is not None}

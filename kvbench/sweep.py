@@ -1,0 +1,257 @@
+"""`kvbench leaderboard`: the published sweep (methods × budgets × position modes × tasks), resumable.
+
+A sweep is a TOML file (leaderboard/sweep.toml). Each (policy, position mode, task) is a *cell*; a
+finished cell is stored under the hash of everything that determines its results (model, policy
+config, task and its metadata, limit, prefill chunk, and the kvbench source code), so an interrupted
+sweep resumes where it stopped and a code change reruns everything. LEADERBOARD.md and results.json
+are written only once every cell is done, each to a temporary file then renamed.
+
+`--check FILE` compares the deterministic columns (task scores, KV compression, KV bytes) of every
+cell run against a committed results.json; timings are shown, never compared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from kvbench import models
+from kvbench.compare import Cell, CompareSpec, Runner, plan
+from kvbench.leaderboard import markdown
+from kvbench.policy import Budget
+from kvbench.records import write_atomic
+
+SWEEP_KEYS = {"model", "device", "prefill_chunk", "limit", "tasks", "task_metadata", "rows", "slices"}
+ROW_KEYS = {"methods", "budgets", "positions", "method_args"}
+SLICE_KEYS = {"methods", "tasks"}
+
+
+@dataclass
+class Sweep:
+    spec: CompareSpec  # shared settings: model, tasks, their metadata, limit, chunk
+    rows: list[CompareSpec]  # each group of rows: methods × budgets × positions (× method_args sweeps)
+    source: str = ""
+    slice: str | None = None
+    slices: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+
+
+def _strings(value: Any, where: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str | int | float) for v in value):
+        raise ValueError(f"{where} must be a list of names or numbers, got {value!r}")
+    return [str(v) for v in value]
+
+
+def _only(table: dict[str, Any], allowed: set[str], where: str) -> None:
+    extra = sorted(set(table) - allowed)
+    if extra:
+        raise ValueError(f"{where}: unknown key {', '.join(extra)}; allowed: {', '.join(sorted(allowed))}")
+
+
+def load(path: Path, slice_name: str | None = None) -> Sweep:
+    """Parse and validate a sweep file; `slice_name` keeps only that slice's methods and tasks."""
+    if not path.is_file():
+        raise FileNotFoundError(f"sweep config not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path}: not valid TOML: {err}") from None
+    _only(raw, SWEEP_KEYS, str(path))
+    slices = raw.get("slices", {})
+    for name, sl in slices.items():
+        _only(sl, SLICE_KEYS, f"{path} [slices.{name}]")
+    if slice_name is not None and slice_name not in slices:
+        raise ValueError(f"{path} has no slice {slice_name!r}; slices: {', '.join(slices) or 'none'}")
+    chosen = slices.get(slice_name, {})
+    tasks = _strings(raw.get("tasks", []), f"{path} tasks")
+    if "tasks" in chosen:
+        stray = sorted(set(chosen["tasks"]) - set(tasks))
+        if stray:
+            raise ValueError(f"slice {slice_name!r} names tasks not in the sweep: {', '.join(stray)}")
+        tasks = [t for t in tasks if t in chosen["tasks"]]
+    if not tasks:
+        raise ValueError(f"{path}: no tasks to run")
+    spec = CompareSpec(methods=[], budgets=[], tasks=tasks, model=str(raw.get("model", models.DEFAULT_MODEL)),
+                       limit=raw.get("limit"), prefill_chunk=int(raw.get("prefill_chunk", 512)),
+                       device=str(raw.get("device", "cpu")), task_metadata=raw.get("task_metadata", {}))
+    rows = []
+    for i, group in enumerate(raw.get("rows", [])):
+        where = f"{path} [[rows]] #{i + 1}"
+        _only(group, ROW_KEYS, where)
+        methods = _strings(group.get("methods", []), f"{where} methods")
+        if "methods" in chosen:
+            methods = [m for m in methods if m in chosen["methods"]]
+        if not methods:
+            continue
+        args = {m: {k: str(v) for k, v in kv.items()} for m, kv in group.get("method_args", {}).items()
+                if m in methods}
+        rows.append(CompareSpec(**{**asdict(spec), "methods": methods,
+                                   "budgets": [Budget.parse(b) for b in _strings(group.get("budgets", []), where)],
+                                   "positions": _strings(group.get("positions", ["original"]), where),
+                                   "method_args": args}))
+    if not rows:
+        raise ValueError(f"{path}: no rows to run" + (f" in slice {slice_name!r}" if slice_name else ""))
+    for row in rows:
+        plan(row)  # validates methods, parameters, budgets and position modes before anything runs
+    return Sweep(spec, rows, str(path), slice_name, slices)
+
+
+def source_hash() -> str:
+    """Hash of kvbench's own code (core, methods, tasks): a code change invalidates every cached cell."""
+    import kvbench
+    import kvbench.methods
+    import kvbench.tasks
+
+    digest = hashlib.sha256()
+    for pkg in (kvbench, kvbench.methods, kvbench.tasks):
+        root = Path(pkg.__file__).parent
+        for f in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".yaml")):
+            digest.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def cell_key(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+@dataclass
+class Outcome:
+    records: list[dict[str, Any]]
+    ran: list[str]  # cell keys run now
+    cached: list[str]  # cell keys taken from the cell store
+    mismatches: list[str] = field(default_factory=list)
+
+
+def run(sweep: Sweep, out_dir: Path, cells_dir: Path, plots_dir: Path | None = None,
+        check: Path | None = None, progress: bool = True) -> Outcome:
+    committed = _committed(check) if check else None  # read (and fail) before hours of work
+    runner = Runner(CompareSpec(**{**asdict(sweep.spec), "methods": ["full"]}))
+    code = source_hash()
+    plan_rows = [(row, policy, mode) for row in sweep.rows for policy, mode in plan(row)]
+    outcome = Outcome([], [], [])
+    bar = tqdm(total=len(plan_rows) * len(runner.task_names), disable=not progress, desc="leaderboard", unit="cell")
+    for row, policy, mode in plan_rows:
+        cells = []
+        for task in runner.task_names:
+            bar.set_postfix_str(f"{policy.name} {policy.budget or ''} {mode} {task}")
+            key = cell_key({**runner.cell_config(policy, mode, task), "source": code})
+            path = cells_dir / f"{key}.json"
+            if path.is_file():
+                cells.append(Cell(**json.loads(path.read_text())))
+                outcome.cached.append(key)
+            else:
+                cell = runner.cell(policy, mode, task)
+                write_atomic(path, json.dumps(asdict(cell)))
+                cells.append(cell)
+                outcome.ran.append(key)
+            bar.update()
+        outcome.records.append(runner.record(policy, mode, cells, set(row.method_args.get(policy.name, {}))))
+    bar.close()
+    header = _header(sweep, code, outcome)
+    if committed is not None:
+        outcome.mismatches = compare_deterministic(outcome.records, committed)
+    plots = {}
+    if plots_dir is not None:
+        from kvbench.plots import draw_all
+
+        plots = {name: os.path.relpath(p, out_dir) for name, p in draw_all(outcome.records, plots_dir).items()}
+    write_atomic(out_dir / "results.json", json.dumps({"header": header, "records": outcome.records}, indent=1) + "\n")
+    write_atomic(out_dir / "LEADERBOARD.md", _markdown(header, outcome.records, plots))
+    return outcome
+
+
+def _header(sweep: Sweep, code: str, outcome: Outcome) -> dict[str, Any]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=True, cwd=Path(__file__).parent).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                    text=True, cwd=Path(__file__).parent).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = "unknown", False
+    source = models.resolve(sweep.spec.model)
+    return {"sweep": sweep.source, "slice": sweep.slice, "model": sweep.spec.model,
+            "model_file": source.gguf_file or str(source.directory), "commit": commit + ("+dirty" if dirty else ""),
+            "source_hash": code, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "versions": outcome.records[0]["versions"] if outcome.records else {},
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "cells_run": len(outcome.ran), "cells_cached": len(outcome.cached)}
+
+
+def _markdown(header: dict[str, Any], records: list[dict[str, Any]], plots: dict[str, str]) -> str:
+    v = header["versions"]
+    lines = [
+        "# kvbench leaderboard", "",
+        f"Model **{header['model']}** (`{Path(header['model_file']).name}`) · commit `{header['commit']}` · "
+        f"{v.get('device')} ({header['machine']}, {v.get('torch_threads')} threads) · python {v.get('python')} · "
+        f"torch {v.get('torch')} · transformers {v.get('transformers')} · lm-eval {v.get('lm_eval')} · "
+        f"{header['date']}",
+        "",
+        f"Sweep `{header['sweep']}`" + (f" (slice `{header['slice']}`)" if header["slice"] else "")
+        + f": {header['cells_run']} cells run, {header['cells_cached']} taken from the cell store. "
+        "Regenerate with `kvbench leaderboard`; CI reruns a slice and fails if a deterministic column "
+        "(task scores, KV compression, KV bytes) moves. Timings are from this machine and are not compared.",
+        "",
+    ]
+    body = markdown(records).split("\n", 2)[2]  # the table and its notes, without markdown()'s model line
+    lines.append(body.rstrip())
+    if plots:
+        lines += ["", "## Plots", ""] + [f"- [{name}]({path})" for name, path in plots.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _committed(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"--check: committed results not found: {path}")
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict) or "records" not in data:
+        raise ValueError(f"--check: {path} is not a leaderboard results.json (no 'records')")
+    return data["records"]
+
+
+def row_key(record: dict[str, Any]) -> str:
+    return f"{record['method']} {record['variant']}".strip() + f" | {record['budget'] or 'all'} | {record['positions']}"
+
+
+def deterministic(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, float]]:
+    """Per (row, task): the columns that do not depend on timing — identical on every run of the same code."""
+    out = {}
+    for r in records:
+        by_task: dict[str, list[dict[str, Any]]] = {}
+        for s in r["samples"]:
+            by_task.setdefault(s["task"], []).append(s)
+        for task, samples in by_task.items():
+            out[(row_key(r), task)] = {
+                "score": r["metrics"]["accuracy"].get(task, math.nan),
+                "kv_compression": sum(s["kv_compression"] for s in samples) / len(samples),
+                "active_kv_bytes": sum(s["active_kv_bytes"] for s in samples) / len(samples),
+                "peak_kv_bytes": max(s["peak_kv_bytes"] for s in samples),
+                "frozen_kv_bytes": sum(s["frozen_kv_bytes"] for s in samples) / len(samples),
+            }
+    return out
+
+
+def compare_deterministic(records: list[dict[str, Any]], committed: list[dict[str, Any]]) -> list[str]:
+    """Every cell run now must be in the committed leaderboard with the same deterministic values."""
+    now, then = deterministic(records), deterministic(committed)
+    problems = []
+    for key, values in now.items():
+        if key not in then:
+            problems.append(f"{key[0]} / {key[1]}: not in the committed leaderboard")
+            continue
+        for column, value in values.items():
+            old = then[key][column]
+            close = math.isclose(value, old, rel_tol=1e-3 if column == "score" else 1e-9, abs_tol=1e-12) or (
+                math.isnan(value) and math.isnan(old))
+            if not close:
+                problems.append(f"{key[0]} / {key[1]} / {column}: committed {old!r}, now {value!r}")
+    return problems
