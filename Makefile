@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kvbench-installed
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint leaderboard leaderboard-check
 setup: $(STAMP)
 
 # torch==2.13.0 is the CPU wheel on this machine's disk (a looser spec pulls a multi-GB CUDA build);
@@ -19,6 +19,15 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/kvbench compare --methods full,streamingllm,h2o --budget 256 --tasks needle-1k,needle-2k
+
+# the published sweep (leaderboard/sweep.toml, ~45 min on 2 cores; resumes from finished cells)
+leaderboard: $(STAMP)
+	$(VENV)/bin/kvbench leaderboard
+
+# CI: rerun the sweep's `ci` slice from scratch and fail if a deterministic column moved
+leaderboard-check: $(STAMP)
+	out=$$(mktemp -d) && $(VENV)/bin/kvbench leaderboard --slice ci --out $$out --plots $$out/plots \
+		--cells $$out/cells --check leaderboard/results.json --no-progress
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

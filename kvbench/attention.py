@@ -91,16 +91,28 @@ def kvbench_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    policy_cache = kwargs.get(CACHE_KWARG)
+    if hasattr(policy_cache, "caches"):  # a BatchCache: each sequence attends over its own cache
+        outs = []
+        for b, cache in enumerate(policy_cache.caches):
+            layer = cache.layers[module.layer_idx]
+            outs.append(_attend(module, query[b : b + 1], layer.keys, layer.values, scaling, cache))
+        return torch.cat(outs), None
+    return _attend(module, query, key, value, scaling, policy_cache), None
+
+
+def _attend(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
+            policy_cache) -> torch.Tensor:
+    """One sequence's attention output, then its policy step for this layer (with the rows it asked for)."""
     if backend_for(query.device, query.dtype) == "flash-attn":
         out = _flash(query, key, value, scaling)
     else:
         out = _sdpa(query, key, value, scaling)
-    policy_cache = kwargs.get(CACHE_KWARG)
     if policy_cache is not None:
         rows = policy_cache.attn_rows
         attn = attention_rows(query, key, rows, scaling) if rows else None
         policy_cache.after_attention(module.layer_idx, attn)
-    return out, None
+    return out
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, kvbench_attention)

@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--contexts", type=_csv, default=["1024", "2048", "4096", "8000"])
     b.add_argument("--budget", default="512", help="budget for methods that take one")
     b.add_argument("--new-tokens", type=int, default=32)
+    b.add_argument("--batch", type=_csv, default=["1"],
+                   help="batch sizes, comma-separated: B > 1 decodes B prompts together (per-sequence caches)")
     b.add_argument("--model", default=models.DEFAULT_MODEL)
     b.add_argument("--device", default="cpu")
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -103,7 +105,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     spec = BenchSpec(methods=args.methods, contexts=[_int(c, "--contexts") for c in args.contexts],
                      budget=args.budget, new_tokens=args.new_tokens, model=args.model, device=args.device,
-                     dtype=args.dtype, prefill_chunk=args.prefill_chunk)
+                     dtype=args.dtype, prefill_chunk=args.prefill_chunk,
+                     batch=tuple(_int(b, "--batch") for b in args.batch))
     run(spec, args.out, progress=not args.no_progress)
     print((args.out / "bench.md").read_text())
     return 0

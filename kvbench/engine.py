@@ -7,6 +7,7 @@ each prefill chunk and each decode step, so the active KV never exceeds budget +
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
@@ -16,6 +17,7 @@ import psutil
 import torch
 
 from kvbench.attention import CACHE_KWARG, backend_for
+from kvbench.batch import BatchCache
 from kvbench.cache import CacheStats, PolicyCache
 from kvbench.policy import KVPolicy
 from kvbench.rope import Rope
@@ -111,6 +113,68 @@ class Engine:
         reply = session.reply(logits, max_new_tokens, stop, ignore_eos, return_logits)
         return RunResult(len(input_ids), reply.tokens, reply.text, reply.stop_reason, prefill_s, reply.decode_s,
                          session.cache.stats(), session.memory_peak(), reply.logits, policy.report())
+
+    def finished(self, generated: list[int], max_new_tokens: int, stop: Sequence[str], eos_ids: set[int]) -> bool:
+        if len(generated) >= max_new_tokens or generated[-1] in eos_ids:
+            return True
+        return bool(stop) and _hit_stop(self.tokenizer.decode(generated, skip_special_tokens=True), stop)
+
+    @torch.inference_mode()
+    def generate_batch(self, prompts: Sequence[Sequence[int]], policy: KVPolicy, max_new_tokens: int = 32,
+                       stop: Sequence[str] = (), ignore_eos: bool = False,
+                       positions: str = "original") -> list[RunResult]:
+        """Several prompts, decoded together. Each sequence gets its own copy of `policy` and its own cache
+        (own length, evictions and positions); each decode step is one forward pass over the sequences
+        still running. A sequence's decode times are the batched steps it took part in."""
+        for ids in prompts:
+            if not ids:
+                raise ValueError("empty prompt")
+            self.check_fits(len(ids), max_new_tokens)
+        sessions, prefill_s, generated = [], [], []
+        for ids in prompts:
+            session = self.session(copy.deepcopy(policy), positions)
+            t0 = time.perf_counter()
+            logits = session.feed(ids)
+            session.sync()
+            prefill_s.append(time.perf_counter() - t0)
+            sessions.append(session)
+            generated.append([int(logits.argmax())])
+        eos_ids = set() if ignore_eos else self.eos_ids
+        decode_s: list[list[float]] = [[] for _ in prompts]
+        live = [i for i in range(len(prompts)) if not self.finished(generated[i], max_new_tokens, stop, eos_ids)]
+        while live:
+            t = time.perf_counter()
+            logits = self._batch_step([sessions[i] for i in live], [generated[i][-1] for i in live])
+            tokens = logits.argmax(-1).tolist()
+            dt = time.perf_counter() - t
+            for i, token in zip(live, tokens, strict=True):
+                generated[i].append(token)
+                decode_s[i].append(dt)
+            live = [i for i in live if not self.finished(generated[i], max_new_tokens, stop, eos_ids)]
+        results = []
+        for ids, session, gen, times, pre in zip(prompts, sessions, generated, decode_s, prefill_s, strict=True):
+            reply = session.finish(gen, times, stop, eos_ids)
+            results.append(RunResult(len(ids), reply.tokens, reply.text, reply.stop_reason, pre, reply.decode_s,
+                                     session.cache.stats(), session.memory_peak(), [], session.policy.report()))
+        return results
+
+    def _batch_step(self, sessions: list[Session], tokens: list[int]) -> torch.Tensor:
+        """One decode step for several sequences: [B] next-token logits."""
+        dev = self.device
+        ids = torch.tensor([[t] for t in tokens], device=dev)
+        pos = torch.tensor([[s.seen] for s in sessions], device=dev)
+        rot = torch.cat([s.cache.next_rotations(pos[b : b + 1]) for b, s in enumerate(sessions)])
+        batch = BatchCache([s.cache for s in sessions])
+        batch.begin_step(pos, rot)
+        out = self.model(input_ids=ids, position_ids=rot, past_key_values=batch, use_cache=True, logits_to_keep=1,
+                         **{CACHE_KWARG: batch})
+        batch.end_step()
+        logits = out.logits[:, -1]
+        for b, s in enumerate(sessions):
+            s.observe_step(logits[b])
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return logits
 
     @torch.inference_mode()
     def converse(self, turns: Sequence[str], policy: KVPolicy, max_new_tokens: int = 32, stop: Sequence[str] = (),
@@ -267,17 +331,11 @@ class Session:
     def reply(self, logits: torch.Tensor, max_new_tokens: int, stop: Sequence[str] = (), ignore_eos: bool = False,
               return_logits: bool = False) -> Reply:
         """Greedy decode from `logits` until eos, a stop string or `max_new_tokens`."""
-        tok = self.engine.tokenizer
         eos_ids = set() if ignore_eos else self.engine.eos_ids
         token = int(logits.argmax())
         generated, decode_s = [token], []
         kept = [logits.float().cpu()] if return_logits else []
-        reason = "length"
-        while len(generated) < max_new_tokens:
-            if token in eos_ids:
-                break
-            if stop and _hit_stop(tok.decode(generated, skip_special_tokens=True), stop):
-                break
+        while not self.engine.finished(generated, max_new_tokens, stop, eos_ids):
             t = time.perf_counter()
             logits = self._forward(torch.tensor([[token]], device=self.engine.device), prefill=False, last=True)
             token = int(logits.argmax())
@@ -286,12 +344,26 @@ class Session:
             if return_logits:
                 kept.append(logits.float().cpu())
             generated.append(token)
-        self.pending = [token]
-        if token in eos_ids:
+        return self.finish(generated, decode_s, stop, eos_ids, kept)
+
+    def finish(self, generated: list[int], decode_s: list[float], stop: Sequence[str], eos_ids: set[int],
+               logits: list[torch.Tensor] | None = None) -> Reply:
+        """The reply for greedily generated tokens: eos dropped, text cut at the first stop string."""
+        self.pending = [generated[-1]]
+        reason = "length"
+        if generated[-1] in eos_ids:
             reason = "eos"
             generated = generated[:-1]
-        text, hit = _cut_at_stop(tok.decode(generated, skip_special_tokens=True), stop)
-        return Reply(generated, text, "stop" if hit else reason, decode_s, kept)
+        text, hit = _cut_at_stop(self.engine.tokenizer.decode(generated, skip_special_tokens=True), stop)
+        return Reply(generated, text, "stop" if hit else reason, decode_s, logits or [])
+
+    def observe_step(self, logits: torch.Tensor) -> None:
+        """After a batched decode step: what `_forward` does for one sequence after its forward pass."""
+        self.seen += 1
+        if self.policy.signals:
+            self.policy.observe(_signals(self.policy.signals, logits, self.cache.steps))
+        if not self.cuda:
+            self._rss_peak = max(self._rss_peak, self._proc.memory_info().rss)
 
 
 def _signals(names: Sequence[str], logits: torch.Tensor, step: int) -> dict:

@@ -45,6 +45,9 @@ class Measured:
 class KVBenchLM(TemplateLM):
     """Any registered method: `method=NAME,budget=N` plus the method's own parameters in --model_args.
 
+    `batch_size` > 1 decodes that many generation requests together (same generation settings, each on
+    its own cache, so results equal batch size 1); scoring requests always run one at a time.
+
     Generation requests understand three extra `generation_kwargs` that kvbench's own tasks use:
     `turn_separator` (the context is a conversation: its user turns, split on this string, are fed one
     by one on one cache and each is answered; replies come back joined by '|'), `ignore_eos` and
@@ -57,9 +60,9 @@ class KVBenchLM(TemplateLM):
                  positions: str = "original", prefill_chunk: int = 512, device: str = "cpu",
                  dtype: str = "float32", batch_size: int | str = 1, max_batch_size: int | None = None,
                  **policy_args: Any) -> None:
-        if str(batch_size) not in ("1", "auto"):
-            raise ValueError(f"kvbench-hf evaluates one sequence at a time (per-sequence caches); got batch_size="
-                             f"{batch_size}, use --batch_size 1")
+        batch = 1 if str(batch_size) == "auto" else batch_size
+        if not str(batch).isdigit() or int(batch) < 1:
+            raise ValueError(f"batch_size={batch_size!r}: use a whole number >= 1 (or auto, which means 1)")
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype={dtype!r}; allowed: float32, bfloat16, float16")
         method = method or self.default_method
@@ -69,6 +72,7 @@ class KVBenchLM(TemplateLM):
         _check_positions(positions)
         lm, tokenizer = models.load(str(pretrained), device=device, dtype=getattr(torch, dtype))
         self._setup(Engine(lm, tokenizer, prefill_chunk=int(prefill_chunk)), policy, positions)
+        self.batch_size = int(batch)
 
     @classmethod
     def from_engine(cls, engine: Engine, policy: KVPolicy, positions: str = "original",
@@ -87,6 +91,7 @@ class KVBenchLM(TemplateLM):
         self._last: list[RunResult] = []
         self._warned = False
         self.progress = progress
+        self.batch_size = 1
 
     @property
     def eot_token_id(self) -> int:
@@ -135,23 +140,42 @@ class KVBenchLM(TemplateLM):
             [(("", text), ctx, cont) for text, (ctx, cont) in zip(texts, tokens, strict=True)], disable_tqdm)])
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        return self._measure(requests, lambda: [self._generate(*req.args) for req in tqdm(
-            requests, disable=disable_tqdm or not self.progress, desc="kvbench generate_until")])
+        return self._measure(requests, lambda: self._generate_all([req.args for req in requests], disable_tqdm))
 
-    def _generate(self, context: str, gen_kwargs: dict[str, Any]) -> str:
+    def _generate_all(self, args: list[tuple[str, dict[str, Any]]], disable_tqdm: bool) -> list[str]:
+        """Consecutive requests with the same generation settings go together, up to `batch_size`."""
+        out: list[str] = []
+        bar = tqdm(total=len(args), disable=disable_tqdm or not self.progress, desc="kvbench generate_until")
+        while len(out) < len(args):
+            kwargs = args[len(out)][1]
+            group = 1
+            if not (kwargs.get("turn_separator") or kwargs.get("past_window")):
+                while (group < self.batch_size and len(out) + group < len(args)
+                       and args[len(out) + group][1] == kwargs):
+                    group += 1
+            out += self._generate([c for c, _ in args[len(out) : len(out) + group]], kwargs)
+            bar.update(group)
+        bar.close()
+        return out
+
+    def _generate(self, contexts: list[str], gen_kwargs: dict[str, Any]) -> list[str]:
         until = gen_kwargs.get("until") or []
         until = [until] if isinstance(until, str) else list(until)
         max_new = int(gen_kwargs.get("max_gen_toks", 256))
+        ignore_eos = bool(gen_kwargs.get("ignore_eos"))
         separator = gen_kwargs.get("turn_separator")
         if separator:
-            turns = [t.strip() for t in context.split(separator) if t.strip()]
-            result = Engine.merge_turns(self.engine.converse(turns, self.policy, max_new, until, self.positions))
+            turns = [t.strip() for t in contexts[0].split(separator) if t.strip()]
+            results = [Engine.merge_turns(self.engine.converse(turns, self.policy, max_new, until, self.positions))]
+        elif len(contexts) > 1:
+            results = self.engine.generate_batch([self.tok_encode(c) for c in contexts], self.policy, max_new,
+                                                 until, ignore_eos, self.positions)
         else:
-            result = self.engine.generate(self.tok_encode(context), self.policy, max_new, stop=until,
-                                          positions=self.positions, ignore_eos=bool(gen_kwargs.get("ignore_eos")),
-                                          past_window=bool(gen_kwargs.get("past_window")))
-        self._last.append(result)
-        return result.text
+            results = [self.engine.generate(self.tok_encode(contexts[0]), self.policy, max_new, stop=until,
+                                            positions=self.positions, ignore_eos=ignore_eos,
+                                            past_window=bool(gen_kwargs.get("past_window")))]
+        self._last += results
+        return [r.text for r in results]
 
     def _measure(self, requests, evaluate: Callable[[], list]) -> list:
         """Run `evaluate` (one engine run per request, in order) and keep each run's measurements."""

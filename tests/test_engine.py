@@ -144,3 +144,21 @@ def test_asrkf_retrieval_safe_setting_finds_the_needle_where_full_does(engine):
                    for m, make in policies.items()}
         assert task.score(answers["full"], s) == 1.0
         assert task.score(answers["asrkf"], s) == 1.0
+
+
+@pytest.mark.parametrize("method,budget", [("full", None), ("streamingllm", 64), ("h2o", 64), ("asrkf", None)])
+def test_batched_decode_equals_one_sequence_at_a_time(engine, method, budget):
+    """Prompts of different lengths decoded together: each sequence keeps its own cache, so tokens, kept
+    sets and bytes are those of running it alone (per-sequence lengths, no padding)."""
+    task = make_task("needle", context_lengths=(300, 500), depths=(0.2, 0.8))
+    prompts = [list(s.prompt_ids) for s in task.samples(engine)]
+    assert len({len(p) for p in prompts}) > 1
+    policy = make_policy(method, budget)
+    alone = [engine.generate(p, policy, 10, task.stop) for p in prompts]
+    together = engine.generate_batch(prompts, policy, 10, task.stop)
+    for a, b in zip(alone, together, strict=True):
+        assert b.tokens == a.tokens and b.text == a.text and b.stop_reason == a.stop_reason
+        assert b.cache.active_tokens == a.cache.active_tokens and b.cache.active_bytes == a.cache.active_bytes
+        assert b.cache.frozen_tokens == a.cache.frozen_tokens and b.cache.evicted_tokens == a.cache.evicted_tokens
+    if method == "full":  # the path where a finished sequence leaves the batch while others decode on
+        assert len({len(r.tokens) for r in together}) > 1

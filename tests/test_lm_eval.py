@@ -1,6 +1,7 @@
 """lm-evaluation-harness integration: stock lm-eval finds kvbench's models and tasks, the adapter is
 faithful with the full cache, and compression reaches both the generate and the loglikelihood path."""
 
+import json
 import subprocess
 import sys
 
@@ -9,13 +10,14 @@ import pytest
 pytestmark = pytest.mark.model
 
 
-def evaluate(model: str, model_args: str, task: str, limit: int) -> dict:
+def evaluate(model: str, model_args: str, task: str, limit: int | None, metadata: dict | None = None,
+             batch_size: int = 1) -> dict:
     import lm_eval
 
     import kvbench_lm_eval_hook  # noqa: F401  (what kvbench-lm-eval.pth does at interpreter start)
 
     return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=[task], limit=limit,
-                                   batch_size=1, device="cpu", log_samples=True)
+                                   batch_size=batch_size, device="cpu", log_samples=True, metadata=metadata)
 
 
 def test_stock_lm_eval_resolves_kvbench_model_names_in_a_fresh_interpreter():
@@ -67,11 +69,19 @@ def test_compression_reaches_generate_and_loglikelihood_scoring():
         assert other["results"]["kvbench_ppl"]["word_perplexity,none"] != pytest.approx(base, rel=1e-4)
 
 
+def test_batched_generation_gives_the_answers_of_batch_size_one():
+    args = "pretrained=smollm2-135m,method=streamingllm,budget=96"
+    one = evaluate("kvbench-hf", args, "kvbench_needle", 3)
+    three = evaluate("kvbench-hf", args, "kvbench_needle", 3, batch_size=3)
+    assert [s["resps"] for s in three["samples"]["kvbench_needle"]] == [
+        s["resps"] for s in one["samples"]["kvbench_needle"]]
+
+
 @pytest.mark.parametrize("args,message", [
     ("method=nope", "unknown method 'nope'; known methods:"),
     ("method=h2o", "needs budget="),
     ("method=h2o,budget=64,heavy=0.3", "has no parameter heavy"),
-    ("method=full,batch_size=4", "one sequence at a time"),
+    ("method=full,batch_size=0", "use a whole number >= 1"),
     ("method=full,positions=sideways", "allowed: original, rerotate, naive"),
 ])
 def test_bad_model_args_are_refused_with_what_is_allowed(args, message):
@@ -101,6 +111,54 @@ def test_task_generators_are_deterministic_for_a_seed():
     assert r1 == utils.rope(seed=3, distances=[64, 512], repeats=2)["test"].to_list()
     assert [r["distance"] for r in r1] == [64, 64, 512, 512]
     assert r1 != utils.rope(seed=4, distances=[64, 512], repeats=2)["test"].to_list()
+
+
+def test_multiturn_and_window_generators_are_deterministic_for_a_seed():
+    from kvbench.tasks.lm_eval import utils
+
+    a = utils.multiturn(conversations=1, turns=3, seed=5)["test"].to_list()
+    assert a == utils.multiturn(conversations=1, turns=3, seed=5)["test"].to_list()
+    assert a != utils.multiturn(conversations=1, turns=3, seed=6)["test"].to_list()
+    codes = a[0]["codes"].split("|")
+    turns = a[0]["conversation"].split(utils.TURN_SEPARATOR)
+    assert len(codes) == len(turns) == 3 and all(f"is {c}." in t for c, t in zip(codes, turns, strict=True))
+    w = utils.window_probe(window_end=300, context_tokens=200, continuation_tokens=50, documents=2)["test"].to_list()
+    assert w == utils.window_probe(window_end=300, context_tokens=200, continuation_tokens=50, documents=2)[
+        "test"].to_list()
+    inside = utils.window_probe(window_end=300, context_tokens=100, continuation_tokens=50, documents=2)["test"]
+    assert [r["continuation"] for r in w] == inside["continuation"]  # same text scored, only positions differ
+    assert all(r["context"].endswith(i) for r, i in zip(w, inside["context"], strict=True))
+
+
+def test_multiturn_task_keeps_one_cache_across_turns():
+    """Each turn's reply comes from the kvbench engine's conversation on one cache; the full cache recalls
+    every code, a 48-token window recalls none (it cannot hold a whole passage)."""
+    meta = {"conversations": 1, "turns": 3}
+    full = evaluate("kvbench-hf", "pretrained=smollm2-135m,method=full", "kvbench_multiturn", None, meta)
+    assert full["results"]["kvbench_multiturn"]["turn_acc,none"] == 1.0
+    replies = full["samples"]["kvbench_multiturn"][0]["resps"][0][0].split("|")
+    assert len(replies) == 3
+    tight = evaluate("kvbench-hf", "pretrained=smollm2-135m,method=streamingllm,budget=48", "kvbench_multiturn",
+                     None, meta)
+    assert tight["results"]["kvbench_multiturn"]["turn_acc,none"] < 1.0
+
+
+def test_compare_scores_lm_eval_tasks_as_lm_eval_does(tmp_path):
+    """`kvbench compare --tasks kvbench_needle` reports what `lm_eval --model kvbench-hf` reports."""
+    from kvbench.cli import main
+
+    out = tmp_path / "run"
+    assert main(["compare", "--methods", "full,streamingllm", "--budget", "64", "--tasks", "kvbench_needle",
+                 "--limit", "3", "--out", str(out), "--no-progress"]) == 0
+    records = {r["method"]: r for r in json.loads((out / "results.json").read_text())}
+    for method, args in (("full", "method=full"), ("streamingllm", "method=streamingllm,budget=64")):
+        ours = records[method]
+        theirs = evaluate("kvbench-hf", f"pretrained=smollm2-135m,{args}", "kvbench_needle", 3)
+        assert ours["metrics"]["accuracy"]["kvbench_needle"] == theirs["results"]["kvbench_needle"][
+            "exact_match,first-number"]
+        assert [s["prediction"] for s in ours["samples"]] == responses(theirs, "kvbench_needle")
+        assert len(ours["samples"]) == 3 and all(s["prefill_ms"] > 0 for s in ours["samples"])
+    assert records["streamingllm"]["metrics"]["kv_compression"] > 0.9
 
 
 def test_rope_probe_puts_the_key_at_the_requested_distance():

@@ -1,0 +1,60 @@
+"""Batched decoding over per-sequence caches: B sequences share each forward pass (the weights are read
+once per step for all of them) while each keeps its own PolicyCache, its own length, its own evictions
+and its own positions. Nothing is padded: the attention function attends each sequence over its own
+rows (`kvbench_attention` sees `caches`), so no mask is needed and no pad token ever enters a cache.
+Prompts are prefilled one sequence at a time (prefill is compute-bound; batching it buys little).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from kvbench.cache import PolicyCache
+
+
+class _BatchLayer(CacheLayerMixin):
+    """Hands each sequence its row of the step's new keys and values."""
+
+    is_sliding = False
+
+    def __init__(self, owner: BatchCache, layer_idx: int) -> None:
+        super().__init__()
+        self.owner, self.layer_idx = owner, layer_idx
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        for b, cache in enumerate(self.owner.caches):
+            cache.layers[self.layer_idx].update(key_states[b : b + 1], value_states[b : b + 1])
+        return key_states, value_states  # unused: the attention function reads each sequence's own rows
+
+    def get_seq_length(self) -> int:
+        return max(c.layers[self.layer_idx].get_seq_length() for c in self.owner.caches)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class BatchCache(Cache):
+    """The cache handed to the model for one batched decode step over `caches` (one per sequence)."""
+
+    def __init__(self, caches: list[PolicyCache]) -> None:
+        if not caches:
+            raise ValueError("a batch needs at least one sequence")
+        self.caches = list(caches)
+        super().__init__(layers=[_BatchLayer(self, i) for i in range(len(caches[0].layers))])
+
+    def begin_step(self, positions: torch.Tensor, rotations: torch.Tensor) -> None:
+        """`positions` / `rotations`: [B, 1], each sequence's true position and the one it is rotated at."""
+        for b, cache in enumerate(self.caches):
+            cache.begin_step(positions[b : b + 1], prefill=False, last_chunk=True, rotation_ids=rotations[b : b + 1])
+
+    def end_step(self) -> None:
+        for cache in self.caches:
+            cache.end_step()

@@ -1,0 +1,123 @@
+"""`kvbench leaderboard`: sweep files validated up front, interrupted sweeps resume with only the unfinished
+cells, the check catches a moved deterministic column, plots are drawn, a partial run writes nothing."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kvbench import sweep
+
+SMALL = """
+tasks = ["needle-1k"]
+limit = 1
+[[rows]]
+methods = ["full", "streamingllm", "h2o"]
+budgets = [64]
+[slices.quick]
+methods = ["streamingllm"]
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "sweep.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text,message", [
+    ('tasks = ["needle-1k"]\nbogus = 1\n[[rows]]\nmethods = ["full"]', "unknown key bogus; allowed:"),
+    ('tasks = ["needle-1k"]\n[[rows]]\nmethods = ["full"]\nbudget = [64]', "unknown key budget; allowed: budgets"),
+    ('tasks = ["needle-1k"]\n[[rows]]\nmethods = ["h2oo"]\nbudgets = [64]', "unknown method 'h2oo'"),
+    ('tasks = ["needle-1k"]\n[[rows]]\nmethods = ["h2o"]', "method 'h2o' needs --budget"),
+    ('tasks = []\n[[rows]]\nmethods = ["full"]', "no tasks to run"),
+    ('tasks = ["needle-1k"]\n[[rows]]\nmethods = ["full"]\npositions = ["sideways"]', "not a position mode"),
+    ("tasks = [", "not valid TOML"),
+])
+def test_bad_sweep_files_are_refused_before_anything_runs(tmp_path, text, message):
+    with pytest.raises(ValueError, match=message):
+        sweep.load(write(tmp_path, text))
+
+
+def test_slices_select_methods_and_refuse_unknown_names(tmp_path):
+    path = write(tmp_path, SMALL)
+    assert [r.methods for r in sweep.load(path, "quick").rows] == [["streamingllm"]]
+    with pytest.raises(ValueError, match="has no slice 'ci'; slices: quick"):
+        sweep.load(path, "ci")
+
+
+def test_the_committed_sweep_and_its_ci_slice_are_valid():
+    root = Path(__file__).parent.parent
+    full = sweep.load(root / "leaderboard" / "sweep.toml")
+    ci = sweep.load(root / "leaderboard" / "sweep.toml", "ci")
+    assert set(ci.spec.tasks) < set(full.spec.tasks)
+    assert {m for r in ci.rows for m in r.methods} < {m for r in full.rows for m in r.methods}
+
+
+def test_check_reports_every_moved_deterministic_column():
+    sample = {"task": "t", "kv_compression": 0.5, "active_kv_bytes": 100, "peak_kv_bytes": 200, "frozen_kv_bytes": 0}
+    record = {"method": "h2o", "variant": "", "budget": "64", "positions": "original",
+              "metrics": {"accuracy": {"t": 0.5}}, "samples": [sample]}
+    assert sweep.compare_deterministic([record], [record]) == []
+    moved = json.loads(json.dumps(record))
+    moved["samples"][0]["peak_kv_bytes"] = 208
+    moved["metrics"]["accuracy"]["t"] = 0.75
+    problems = sweep.compare_deterministic([moved], [record])
+    assert len(problems) == 2 and any("peak_kv_bytes" in p for p in problems) and any("score" in p for p in problems)
+    other = {**record, "budget": "128"}
+    missing = sweep.compare_deterministic([other], [record])
+    assert missing == ["h2o | 128 | original / t: not in the committed leaderboard"]
+
+
+@pytest.mark.model
+def test_killed_sweep_resumes_with_only_the_unfinished_cells(tmp_path):
+    config, out, cells = write(tmp_path, SMALL), tmp_path / "out", tmp_path / "cells"
+    out.mkdir()
+    (out / "LEADERBOARD.md").write_text("the last complete leaderboard\n")
+    cmd = [sys.executable, "-m", "kvbench", "leaderboard", "--config", str(config), "--out", str(out),
+           "--cells", str(cells), "--plots", str(tmp_path / "plots"), "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not list(cells.glob("*.json")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-sweep: one cell stored, the others not
+    proc.wait()
+    done_before = {p.stem for p in cells.glob("*.json")}
+    assert 1 <= len(done_before) < 3, "the sweep must be killed after its first cell and before its last"
+    assert (out / "LEADERBOARD.md").read_text() == "the last complete leaderboard\n"
+    assert not (out / "results.json").exists()
+    assert not list(out.glob("*.tmp")) and not list(cells.glob("*.tmp"))
+
+    outcome = sweep.run(sweep.load(config), out, cells, tmp_path / "plots", progress=False)
+    assert set(outcome.cached) == done_before
+    assert len(outcome.ran) == 3 - len(done_before) and not set(outcome.ran) & done_before
+    results = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in results["records"]] == ["full", "streamingllm", "h2o"]
+    assert results["header"]["cells_cached"] == len(done_before)
+    assert "| streamingllm" in (out / "LEADERBOARD.md").read_text()
+
+    again = sweep.run(sweep.load(config), out, cells, None, check=out / "results.json", progress=False)
+    assert again.ran == [] and len(again.cached) == 3 and again.mismatches == []
+
+
+def test_plots_are_drawn_from_records(tmp_path):
+    from kvbench.plots import draw_all
+
+    def sample(n: int, depth: float, score: float) -> dict:
+        return {"task": "kvbench_needle", "score": score, "prompt_tokens": n, "decode_ms": [40.0 + n / 100] * 3,
+                "meta": {"context_length": n, "depth": depth, "filler": "simple"}}
+
+    records = [{"method": m, "variant": "", "budget": b, "positions": "original",
+                "metrics": {"accuracy": {"kvbench_needle": acc}, "metric": {"kvbench_needle": "exact_match"},
+                            "active_kv_bytes": kv},
+                "samples": [sample(n, d, acc) for n in (1024, 2048, 4096) for d in (0.1, 0.9)]}
+               for m, b, acc, kv in (("full", None, 1.0, 6e7), ("streamingllm", "256", 0.0, 1e7))]
+    made = draw_all(records, tmp_path)
+    assert len(made) == 3
+    for path in made.values():
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
