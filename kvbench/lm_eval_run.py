@@ -73,7 +73,12 @@ def evaluate(engine: Engine, policy: KVPolicy, positions: str, task: str, limit:
         value = s.get(metrics[m.task])
         prediction = s["filtered_resps"][0] if isinstance(s["filtered_resps"][0], str) else ""
         meta = {k: v for k, v in s["doc"].items() if not (isinstance(v, str) and len(v) > MAX_META_CHARS)}
-        sample = Sample(f"{m.task}-{m.doc_id}", (), str(s["target"]), meta)
+        sample = Sample(f"{m.task}-{m.doc_id}", (), _short(str(s["target"])), meta)
         samples.append({**sample_record(m.task, sample, m.result, value if isinstance(value, int | float) else None),
                         "prediction": prediction})
     return TaskScores(scores, metrics, better, samples)
+
+
+def _short(text: str) -> str:
+    """A target as it goes into the records: whole when short, else its start (perplexity documents)."""
+    return text if len(text) <= MAX_META_CHARS else f"{text[:80]}… ({len(text)} characters)"

@@ -32,6 +32,7 @@ def _save(fig, path: Path) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         plt.close(fig)
@@ -87,10 +88,14 @@ def pareto(records: list[dict[str, Any]], path: Path) -> Path | None:
             points.append((m["active_kv_bytes"] / MIB, statistics.fmean(accs), label(r)))
     if not points:
         return None
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(8, 5.5))
     ax.scatter([p[0] for p in points], [p[1] for p in points], color="tab:blue", zorder=3)
+    clusters: dict[tuple[float, float], list[str]] = defaultdict(list)  # near-identical points share one label
     for x, y, name in points:
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        key = next((k for k in clusters if abs(math.log(k[0] / x)) < 0.03 and abs(k[1] - y) < 0.015), (x, y))
+        clusters[key].append(name)
+    for (x, y), names in clusters.items():
+        ax.annotate("\n".join(names), (x, y), textcoords="offset points", xytext=(5, 0), fontsize=7, va="center")
     frontier, best = [], -1.0
     for x, y, _ in sorted(points):
         if y > best:
@@ -110,8 +115,9 @@ def pareto(records: list[dict[str, Any]], path: Path) -> Path | None:
 
 def decode_vs_context(records: list[dict[str, Any]], path: Path) -> Path | None:
     """Median decode ms/token of single-prompt samples, by prompt length (binned), one line per row."""
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    drawn = 0
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    styles = [(c, m) for m in ("o", "s", "^", "D") for c in plt.get_cmap("tab10").colors]
+    drawn, skipped = 0, []
     for r in records:
         by_bin: dict[int, list[float]] = defaultdict(list)
         for s in r["samples"]:
@@ -120,8 +126,11 @@ def decode_vs_context(records: list[dict[str, Any]], path: Path) -> Path | None:
                 by_bin[nearest] += s["decode_ms"]
         if len(by_bin) >= 2:
             xs = sorted(by_bin)
-            ax.plot(xs, [statistics.median(by_bin[x]) for x in xs], marker="o", label=label(r))
+            color, marker = styles[drawn % len(styles)]
+            ax.plot(xs, [statistics.median(by_bin[x]) for x in xs], marker=marker, color=color, label=label(r))
             drawn += 1
+        else:
+            skipped.append(label(r))
     if not drawn:
         plt.close(fig)
         return None
@@ -131,7 +140,10 @@ def decode_vs_context(records: list[dict[str, Any]], path: Path) -> Path | None:
     ax.set_ylabel("decode ms / token (median)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    ax.set_title("Decode time per token versus context length")
+    title = "Decode time per token versus context length"
+    if skipped:  # e.g. a row whose answers all end at once: no decode steps to time
+        title += f"\n(no decode steps at two or more lengths: {', '.join(skipped)})"
+    ax.set_title(title, fontsize=10)
     return _save(fig, path)
 
 

@@ -43,7 +43,7 @@ def sample_record(task: str, sample, result: RunResult, score: float) -> dict[st
         "new_tokens": len(result.tokens),
         "stop_reason": result.stop_reason,
         "prefill_ms": result.prefill_s * 1e3,
-        "decode_ms": [s * 1e3 for s in result.decode_s],
+        "decode_ms": [round(s * 1e3, 3) for s in result.decode_s],
         "kv_compression": c.kv_compression,
         "mean_kv_compression": c.mean_kv_compression,
         "active_kv_bytes": c.active_bytes,
@@ -127,6 +127,7 @@ def write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be read and committed
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -135,6 +135,7 @@ class Outcome:
 def run(sweep: Sweep, out_dir: Path, cells_dir: Path, plots_dir: Path | None = None,
         check: Path | None = None, progress: bool = True) -> Outcome:
     committed = _committed(check) if check else None  # read (and fail) before hours of work
+    commit = _commit()  # the code the cells are computed with, not what is checked out when they finish
     runner = Runner(CompareSpec(**{**asdict(sweep.spec), "methods": ["full"]}))
     code = source_hash()
     plan_rows = [(row, policy, mode) for row in sweep.rows for policy, mode in plan(row)]
@@ -157,7 +158,7 @@ def run(sweep: Sweep, out_dir: Path, cells_dir: Path, plots_dir: Path | None = N
             bar.update()
         outcome.records.append(runner.record(policy, mode, cells, set(row.method_args.get(policy.name, {}))))
     bar.close()
-    header = _header(sweep, code, outcome)
+    header = _header(sweep, code, commit, outcome)
     if committed is not None:
         outcome.mismatches = compare_deterministic(outcome.records, committed)
     plots = {}
@@ -170,17 +171,23 @@ def run(sweep: Sweep, out_dir: Path, cells_dir: Path, plots_dir: Path | None = N
     return outcome
 
 
-def _header(sweep: Sweep, code: str, outcome: Outcome) -> dict[str, Any]:
+def _commit() -> str:
+    """Short git commit of kvbench's checkout, '+dirty' with uncommitted changes; 'unknown' outside git."""
+    here = Path(__file__).parent
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=True, cwd=Path(__file__).parent).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                    text=True, cwd=Path(__file__).parent).stdout.strip())
+                                check=True, cwd=here).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=here).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        commit, dirty = "unknown", False
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+def _header(sweep: Sweep, code: str, commit: str, outcome: Outcome) -> dict[str, Any]:
     source = models.resolve(sweep.spec.model)
     return {"sweep": sweep.source, "slice": sweep.slice, "model": sweep.spec.model,
-            "model_file": source.gguf_file or str(source.directory), "commit": commit + ("+dirty" if dirty else ""),
+            "model_file": source.gguf_file or str(source.directory), "commit": commit,
             "source_hash": code, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
             "versions": outcome.records[0]["versions"] if outcome.records else {},
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

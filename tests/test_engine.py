@@ -151,7 +151,7 @@ def test_batched_decode_equals_one_sequence_at_a_time(engine, method, budget):
     """Prompts of different lengths decoded together: each sequence keeps its own cache, so tokens, kept
     sets and bytes are those of running it alone (per-sequence lengths, no padding)."""
     task = make_task("needle", context_lengths=(300, 500), depths=(0.2, 0.8))
-    prompts = [list(s.prompt_ids) for s in task.samples(engine)]
+    prompts = [list(s.prompt_ids) for s in task.samples(engine)] + [engine.encode_chat("Tell a long story.")]
     assert len({len(p) for p in prompts}) > 1
     policy = make_policy(method, budget)
     alone = [engine.generate(p, policy, 10, task.stop) for p in prompts]
@@ -161,4 +161,4 @@ def test_batched_decode_equals_one_sequence_at_a_time(engine, method, budget):
         assert b.cache.active_tokens == a.cache.active_tokens and b.cache.active_bytes == a.cache.active_bytes
         assert b.cache.frozen_tokens == a.cache.frozen_tokens and b.cache.evicted_tokens == a.cache.evicted_tokens
     if method == "full":  # the path where a finished sequence leaves the batch while others decode on
-        assert len({len(r.tokens) for r in together}) > 1
+        assert len({len(r.tokens) for r in together}) > 1 and max(len(r.tokens) for r in together) == 10
