@@ -5,6 +5,9 @@ observation window) vote with their attention, summed per KV head; votes are max
 neighbouring tokens (kernel 7) so kept tokens keep their context; each head keeps its top
 (budget - window) tokens plus the window itself. Decoding then appends without further eviction,
 and earlier prefill chunks are not compressed (the peak is the whole prompt), as in the paper.
+`every_chunk=True` compresses after every prefill chunk instead (each chunk's last `window` queries
+vote), which bounds the peak at budget + one chunk, at the price of judging early tokens before the
+question at the end of the prompt is seen.
 
 PyramidKV is SnapKV with per-layer budgets that shrink linearly with depth: layer 0 gets
 2B - B/beta, the last layer B/beta, averaging the budget B (beta = 20 in the paper).
@@ -24,9 +27,10 @@ from kvbench.select import per_kv_head, recent, top_k
 class SnapKV(KVPolicy):
     window: int = 32
     kernel: int = 7
+    every_chunk: bool = False
 
     def wants_attention(self, phase: str, last_chunk: bool) -> int:
-        return self.window if phase == "prefill" and last_chunk else 0
+        return self.window if phase == "prefill" and (last_chunk or self.every_chunk) else 0
 
     def layer_capacity(self, view: LayerView) -> int:
         return self.capacity(view.seen)

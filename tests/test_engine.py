@@ -162,3 +162,24 @@ def test_batched_decode_equals_one_sequence_at_a_time(engine, method, budget):
         assert b.cache.frozen_tokens == a.cache.frozen_tokens and b.cache.evicted_tokens == a.cache.evicted_tokens
     if method == "full":  # the path where a finished sequence leaves the batch while others decode on
         assert len({len(r.tokens) for r in together}) > 1 and max(len(r.tokens) for r in together) == 10
+
+
+@pytest.mark.parametrize("method", ["snapkv", "pyramidkv"])
+def test_snapkv_every_chunk_bounds_prefill_peak_where_the_default_does_not(engine, method):
+    """Default SnapKV judges the prompt once, at its end (peak = whole prompt); every_chunk=True compresses
+    after each prefill chunk, so no layer ever holds more than its budget plus one chunk."""
+    budget, chunk = 64, engine.prefill_chunk
+    ids = engine.encode_chat(LONG)
+    assert len(ids) > 3 * chunk
+    largest = []
+
+    def check(cache):
+        if cache.prefill:  # after each prompt chunk (decode appends without eviction, as in the paper)
+            largest.append(max(layer.get_seq_length() for layer in cache.layers))
+
+    bounded = engine.generate(ids, make_policy(method, budget, every_chunk=True), 4, on_step=check)
+    layer_cap = 2 * budget if method == "pyramidkv" else budget  # PyramidKV's first layers get up to 2B
+    assert len(largest) >= 3 and max(largest) <= layer_cap  # what stays after a chunk is within the budget
+    default = engine.generate(ids, make_policy(method, budget), 4)
+    assert bounded.cache.peak_active_bytes <= (layer_cap + chunk) * bounded.cache.full_bytes // len(ids)
+    assert default.cache.peak_active_bytes > 2 * bounded.cache.peak_active_bytes
