@@ -106,13 +106,9 @@ class Engine:
         if not past_window:
             self.check_fits(len(input_ids), max_new_tokens)
         session = self.session(policy, positions, on_step)
-        t0 = time.perf_counter()
-        logits = session.feed(input_ids)
-        session.sync()
-        prefill_s = time.perf_counter() - t0
+        logits, prefill_s = session.timed_feed(input_ids)
         reply = session.reply(logits, max_new_tokens, stop, ignore_eos, return_logits)
-        return RunResult(len(input_ids), reply.tokens, reply.text, reply.stop_reason, prefill_s, reply.decode_s,
-                         session.cache.stats(), session.memory_peak(), reply.logits, policy.report())
+        return session.result(len(input_ids), prefill_s, reply)
 
     def finished(self, generated: list[int], max_new_tokens: int, stop: Sequence[str], eos_ids: set[int]) -> bool:
         if len(generated) >= max_new_tokens or generated[-1] in eos_ids:
@@ -133,10 +129,8 @@ class Engine:
         sessions, prefill_s, generated = [], [], []
         for ids in prompts:
             session = self.session(copy.deepcopy(policy), positions)
-            t0 = time.perf_counter()
-            logits = session.feed(ids)
-            session.sync()
-            prefill_s.append(time.perf_counter() - t0)
+            logits, seconds = session.timed_feed(ids)
+            prefill_s.append(seconds)
             sessions.append(session)
             generated.append([int(logits.argmax())])
         eos_ids = set() if ignore_eos else self.eos_ids
@@ -153,9 +147,7 @@ class Engine:
             live = [i for i in live if not self.finished(generated[i], max_new_tokens, stop, eos_ids)]
         results = []
         for ids, session, gen, times, pre in zip(prompts, sessions, generated, decode_s, prefill_s, strict=True):
-            reply = session.finish(gen, times, stop, eos_ids)
-            results.append(RunResult(len(ids), reply.tokens, reply.text, reply.stop_reason, pre, reply.decode_s,
-                                     session.cache.stats(), session.memory_peak(), [], session.policy.report()))
+            results.append(session.result(len(ids), pre, session.finish(gen, times, stop, eos_ids)))
         return results
 
     def _batch_step(self, sessions: list[Session], tokens: list[int]) -> torch.Tensor:
@@ -171,7 +163,7 @@ class Engine:
         batch.end_step()
         logits = out.logits[:, -1]
         for b, s in enumerate(sessions):
-            s.observe_step(logits[b])
+            s.after_forward(1, logits[b])
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         return logits
@@ -187,15 +179,10 @@ class Engine:
         for turn in turns:
             ids = session.pending + self._turn_ids(messages, turn, session.pending)
             messages.append({"role": "user", "content": turn})
-            t0 = time.perf_counter()
-            logits = session.feed(ids)
-            session.sync()
-            prefill_s = time.perf_counter() - t0
+            logits, prefill_s = session.timed_feed(ids)
             reply = session.reply(logits, max_new_tokens, stop)
             messages.append({"role": "assistant", "content": reply.text})
-            results.append(RunResult(len(ids), reply.tokens, reply.text, reply.stop_reason, prefill_s,
-                                     reply.decode_s, session.cache.stats(), session.memory_peak(), [],
-                                     policy.report()))
+            results.append(session.result(len(ids), prefill_s, reply))
         return results
 
     @staticmethod
@@ -269,17 +256,31 @@ class Session:
         out = engine.model(input_ids=ids, position_ids=rot, past_key_values=cache, use_cache=True,
                            logits_to_keep=0 if all_logits else 1, **{CACHE_KWARG: cache})
         cache.end_step()
+        self.after_forward(q, out.logits[0, -1])
+        return out.logits[0] if all_logits else out.logits[0, -1]
+
+    def after_forward(self, q: int, logits: torch.Tensor) -> None:
+        """Bookkeeping after `q` tokens went through the model (alone or in a batch); `logits`: the last one's."""
         self.seen += q
-        logits = out.logits[0, -1]
         if self.policy.signals:
-            self.policy.observe(_signals(self.policy.signals, logits, cache.steps))
-        if all_logits:
-            logits = out.logits[0]
+            self.policy.observe(_signals(self.policy.signals, logits, self.cache.steps))
         if self.on_step is not None:
-            self.on_step(cache)
+            self.on_step(self.cache)
         if not self.cuda:  # on CUDA the allocator keeps its own peak
             self._rss_peak = max(self._rss_peak, self._proc.memory_info().rss)
-        return logits
+
+    def timed_feed(self, input_ids: Sequence[int]) -> tuple[torch.Tensor, float]:
+        """`feed`, and the seconds it took (synchronized): the prefill time of a prompt or a turn."""
+        t0 = time.perf_counter()
+        logits = self.feed(input_ids)
+        self.sync()
+        return logits, time.perf_counter() - t0
+
+    def result(self, prompt_tokens: int, prefill_s: float, reply: Reply | None = None) -> RunResult:
+        """This sequence's RunResult so far; no `reply` for a scoring pass (nothing generated)."""
+        reply = reply or Reply([], "", "score", [], [])
+        return RunResult(prompt_tokens, reply.tokens, reply.text, reply.stop_reason, prefill_s, reply.decode_s,
+                         self.cache.stats(), self.memory_peak(), reply.logits, self.policy.report())
 
     @torch.inference_mode()
     def feed(self, input_ids: Sequence[int]) -> torch.Tensor:
@@ -356,14 +357,6 @@ class Session:
             generated = generated[:-1]
         text, hit = _cut_at_stop(self.engine.tokenizer.decode(generated, skip_special_tokens=True), stop)
         return Reply(generated, text, "stop" if hit else reason, decode_s, logits or [])
-
-    def observe_step(self, logits: torch.Tensor) -> None:
-        """After a batched decode step: what `_forward` does for one sequence after its forward pass."""
-        self.seen += 1
-        if self.policy.signals:
-            self.policy.observe(_signals(self.policy.signals, logits, self.cache.steps))
-        if not self.cuda:
-            self._rss_peak = max(self._rss_peak, self._proc.memory_info().rss)
 
 
 def _signals(names: Sequence[str], logits: torch.Tensor, step: int) -> dict:

@@ -129,8 +129,7 @@ class KVBenchLM(TemplateLM):
             t0 = time.perf_counter()
             out.append(session.score(session.feed(context), continuation))
             session.sync()
-            self._last.append(RunResult(len(context) + len(continuation), [], "", "score", time.perf_counter() - t0,
-                                        [], session.cache.stats(), session.memory_peak(), [], self.policy.report()))
+            self._last.append(session.result(len(context) + len(continuation), time.perf_counter() - t0))
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
