@@ -6,7 +6,7 @@ at several context lengths, in one run. Figures are ratios to `full` measured in
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from tabulate import tabulate
 from tqdm.auto import tqdm
 
 from kvbench import models
+from kvbench.compare import expand_sweep
 from kvbench.engine import Engine
 from kvbench.policy import make_policy, policy_class
 from kvbench.records import MIB, dump_json, versions, write_atomic
@@ -25,6 +26,7 @@ from kvbench.tasks.multiturn import passages
 class BenchSpec:
     methods: list[str]
     contexts: list[int]
+    method_args: dict[str, dict[str, str]] = field(default_factory=dict)  # '|' separates variants
     budget: str = "512"
     new_tokens: int = 32
     model: str = models.DEFAULT_MODEL
@@ -45,8 +47,12 @@ def prompt(engine: Engine, length: int, index: int = 0) -> list[int]:
 
 
 def run(spec: BenchSpec, out_dir: Path | None = None, progress: bool = True) -> list[dict[str, Any]]:
-    for name in spec.methods:
-        policy_class(name)
+    variants = [(name, params) for name in spec.methods for params in expand_sweep(spec.method_args.get(name, {}))]
+    stray = sorted(set(spec.method_args) - set(spec.methods))
+    if stray:
+        raise ValueError(f"--method-args names {', '.join(stray)}, which is not among --methods")
+    for name, params in variants:
+        make_policy(name, spec.budget if policy_class(name).uses_budget else None, **params)  # fail before loading
     dtype = getattr(torch, spec.dtype)
     lm, tok = models.load(spec.model, device=spec.device, dtype=dtype)
     engine = Engine(lm, tok, prefill_chunk=spec.prefill_chunk)
@@ -56,19 +62,20 @@ def run(spec: BenchSpec, out_dir: Path | None = None, progress: bool = True) -> 
     rows = []
     if any(b < 1 for b in spec.batch):
         raise ValueError(f"batch sizes must be >= 1, got {list(spec.batch)}")
-    bar = tqdm(total=len(spec.contexts) * len(spec.methods) * len(spec.batch), disable=not progress, desc="bench")
+    bar = tqdm(total=len(spec.contexts) * len(variants) * len(spec.batch), disable=not progress, desc="bench")
     for n, batch in ((n, b) for n in spec.contexts for b in spec.batch):
         prompts = [prompt(engine, n, i) for i in range(batch)]
-        for name in spec.methods:
+        for name, params in variants:
             budget = spec.budget if policy_class(name).uses_budget else None
-            policy = make_policy(name, budget)
+            policy = make_policy(name, budget, **params)
             if batch == 1:
                 r = engine.generate(prompts[0], policy, spec.new_tokens, ignore_eos=True)
             else:
                 r = engine.generate_batch(prompts, policy, spec.new_tokens, ignore_eos=True)[0]
             c = r.cache
             step_ms = 1e3 * statistics.median(r.decode_s)
-            rows.append({"method": name, "budget": budget, "context": n, "batch": batch,
+            variant = ",".join(f"{k}={v}" for k, v in params.items())
+            rows.append({"method": name, "variant": variant, "budget": budget, "context": n, "batch": batch,
                          "tokens_per_s": 1e3 * batch / step_ms,
                          "decode_ms_p50": step_ms,
                          "decode_ms_mean": 1e3 * statistics.fmean(r.decode_s),
@@ -86,7 +93,7 @@ def run(spec: BenchSpec, out_dir: Path | None = None, progress: bool = True) -> 
         same = [b for b in rows if b["context"] == row["context"] and b["batch"] == row["batch"]]
         base = next((b for b in same if b["method"] == "full"), None)
         single = next(b for b in rows if b["context"] == row["context"] and b["method"] == row["method"]
-                      and b["batch"] == spec.batch[0])
+                      and b["variant"] == row["variant"] and b["batch"] == spec.batch[0])
         row["decode_vs_full"] = row["decode_ms_p50"] / base["decode_ms_p50"] if base else None
         row["prefill_vs_full"] = row["prefill_ms"] / base["prefill_ms"] if base else None
         row["throughput_vs_first_batch"] = row["tokens_per_s"] / single["tokens_per_s"]
@@ -105,7 +112,8 @@ def markdown(record: dict[str, Any]) -> str:
     headers = ["context", "batch", "method", "budget", "decode ms/step p50", "decode × full", "tok/s",
                f"tok/s × batch {first}", "prefill ms", "prefill × full", "peak KV MiB", "peak KV tok/layer",
                "budget + chunk", "final active KV MiB", "transfer ms"]
-    table = [[r["context"], r["batch"], r["method"], r["budget"] or "all", f"{r['decode_ms_p50']:.1f}",
+    table = [[r["context"], r["batch"], f"{r['method']} {r.get('variant', '')}".strip(),
+              r["budget"] or "all", f"{r['decode_ms_p50']:.1f}",
               ratio(r["decode_vs_full"]), f"{r['tokens_per_s']:.1f}", ratio(r["throughput_vs_first_batch"]),
               f"{r['prefill_ms']:.0f}", ratio(r["prefill_vs_full"]), f"{r['peak_kv_bytes'] / MIB:.1f}",
               f"{r['peak_kv_tokens_per_layer']:.0f}", r["peak_bound_tokens"] or "–",

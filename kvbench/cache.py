@@ -2,9 +2,10 @@
 
 Every token of a layer is in exactly one of three places: active (on the compute device, seen by
 attention), frozen (in the off-device store, pinned host memory on CUDA) or evicted (gone). `Rows`
-(kvbench/rows.py) holds each place's data: evicted rows are overwritten and sparse buffers are
-reallocated smaller, so dropped bytes are really released; freeze and thaw copy rows between device
-and store bit for bit, with the token's true position and its per-token policy state travelling along.
+(kvbench/rows.py) holds the active data: evicted rows are overwritten and sparse buffers are
+reallocated smaller, so dropped bytes are really released. `FrozenStore` (kvbench/store.py) holds
+host copies, written once per token; a thaw copies a token back bit for bit, with its true position
+and its per-token policy state travelling along.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvbench.policy import Decision, KVPolicy, LayerView
 from kvbench.rope import Rope
-from kvbench.rows import ROT, RowData, Rows, new_meta
+from kvbench.rows import ROT, SLOT, RowData, Rows, gather, new_meta
+from kvbench.store import FrozenStore
 
 
 @dataclass
@@ -39,6 +41,7 @@ class CacheStats:
 
     active_bytes: int
     frozen_bytes: int
+    frozen_store_bytes: int  # host copies held by the frozen stores (frozen tokens and thawed ones' copies)
     full_bytes: int  # what an uncompressed cache would hold now
     peak_active_bytes: int  # high-water mark of active KV, measured at every append and compaction
     peak_frozen_bytes: int
@@ -95,11 +98,12 @@ class PolicyLayer(CacheLayerMixin):
         self.layer_idx = layer_idx
         names = owner.policy.token_state
         self.active = Rows(names, torch.device("cpu"))
-        self.frozen = Rows(names, torch.device("cpu"), pin=owner.pin_memory)
-        self._handed: tuple[dict, dict] = ({}, {})
+        self.frozen = FrozenStore(names, pin=owner.pin_memory)
+        self._handed: dict[str, torch.Tensor] = {}  # the active state views handed to the policy
         self.seen = 0
         self.evicted = 0
         self.new_tokens = 0
+        self.heads_aligned = True  # every head holds the same token at each row (no per-head eviction yet)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -141,7 +145,8 @@ class PolicyLayer(CacheLayerMixin):
 
     def view(self, attn: torch.Tensor | None) -> LayerView:
         f = self.frozen
-        self._handed = (self.active.state_view(), f.state_view() if f.n else {})
+        frozen_positions, frozen_state = f.view() if f.n else (None, {})
+        self._handed = self.active.state_view()
         return LayerView(
             layer_idx=self.layer_idx,
             num_layers=len(self.owner.layers),
@@ -152,28 +157,28 @@ class PolicyLayer(CacheLayerMixin):
             seen=self.seen,
             prefill=self.owner.prefill,
             attn=attn,
-            state=dict(self._handed[0]),
-            frozen_positions=f.positions() if f.n else None,
-            frozen_state=dict(self._handed[1]),
+            state=dict(self._handed),
+            frozen_positions=frozen_positions,
+            frozen_state=dict(frozen_state),
             step=self.owner.steps,
             phase=self.owner.phase,
         )
 
     def store_state(self, view: LayerView) -> None:
-        """Write back the per-token state entries the policy replaced (in-place edits are already there)."""
-        for rows, state, handed in zip((self.active, self.frozen), (view.state, view.frozen_state), self._handed,
-                                       strict=True):
-            replaced = {k: t for k, t in state.items() if t is not handed.get(k)}
-            if replaced:
-                rows.set_state(replaced)
+        """Write back the per-token state the policy changed. Active state entries are views of the buffer
+        (in-place edits are already there); frozen ones are gathered copies, so edited ones go back too."""
+        replaced = {k: t for k, t in view.state.items() if t is not self._handed.get(k)}
+        if replaced:
+            self.active.set_state(replaced)
+        if view.frozen_positions is not None:
+            self.frozen.write_back(view.frozen_state)
 
     def compact(self, slack: int) -> None:
-        """Return mostly empty buffers to the allocator (after evictions or freezes)."""
-        if max(self.active.cap - slack * self.active.n, self.frozen.cap - slack * self.frozen.n) <= 64:
+        """Return mostly empty active buffers to the allocator (after evictions or freezes)."""
+        if self.active.cap - slack * self.active.n <= 64:
             return
         before = self._sizes()
         self.active.compact(slack)
-        self.frozen.compact(slack)
         self._refresh(before)
 
     # -- applying a decision ------------------------------------------------------------------
@@ -185,21 +190,20 @@ class PolicyLayer(CacheLayerMixin):
         freeze = None if d.freeze is None else _as3d(d.freeze)
         if freeze is not None and bool((keep & freeze).any()):
             raise ValueError(f"layer {self.layer_idx}: a token cannot be both kept and frozen")
-        thaw_idx = thawed = frozen_rows = None
+        # validate both masks before anything moves, so a refused decision loses nothing
+        freeze_idx = self._shared_index(freeze, n, "freeze") if freeze is not None else None
+        thaw_idx = thawed = None
         if d.thaw is not None and self.frozen.n:
-            thaw = _as3d(d.thaw.cpu())
-            if bool(thaw.any()):
-                thaw_idx = _index(thaw, (b, h, self.frozen.n))
-                thawed = self._restore_rows(thaw_idx)
-        if freeze is not None and bool(freeze.any()):
-            frozen_rows = self._offload_rows(_index(freeze, shape))
-        if thaw_idx is not None or frozen_rows is not None:
-            empty = torch.empty(0, dtype=torch.long)
-            self.frozen.swap(empty if thaw_idx is None else thaw_idx, frozen_rows)
+            thaw_idx = self._shared_index(_as3d(d.thaw.cpu()), self.frozen.n, "thaw")
+        if thaw_idx is not None and thaw_idx.numel():
+            thawed = self._restore_rows(thaw_idx)
+        if freeze_idx is not None and freeze_idx.numel():
+            self._offload_rows(freeze_idx)
         drop = ~keep
         drop_idx = _index(drop, shape) if bool(drop.any()) else torch.empty(0, dtype=torch.long, device=self.device)
         self.active.swap(drop_idx, thawed)
-        self.evicted += drop_idx.shape[-1] - (0 if frozen_rows is None else frozen_rows[0].shape[2])
+        self.heads_aligned &= drop_idx.dim() == 1
+        self.evicted += drop_idx.shape[-1] - (0 if freeze_idx is None else freeze_idx.numel())
         if self.owner.positions == "rerotate":
             self._rerotate()
         self._refresh(before)
@@ -212,20 +216,40 @@ class PolicyLayer(CacheLayerMixin):
         if bool(delta.any()):
             rows.k[:, :, : rows.n] = self.owner.rope.rotate(rows.keys(), delta)
             rows.meta[:, :, : rows.n, ROT] = target.float()
+            turned = (delta != 0).any(dim=1, keepdim=True).expand_as(delta)
+            rows.meta[:, :, : rows.n, SLOT].masked_fill_(turned, -1)  # their host copies are stale now
 
-    def _offload_rows(self, idx: torch.Tensor) -> RowData:
-        """Host copies of active rows `idx`, bound for the frozen store."""
+    def _shared_index(self, mask: torch.Tensor, n: int, what: str) -> torch.Tensor:
+        """1-D indices of a freeze or thaw mask. The frozen store keeps one slot per token for all KV
+        heads, so these masks must agree across heads, over rows that hold the same token in every head."""
+        mask = _as3d(mask)
+        if mask.shape[0] * mask.shape[1] > 1 and not bool((mask == mask[:1, :1]).all()):
+            raise ValueError(f"layer {self.layer_idx}: {what} decisions must be the same for every KV head "
+                             "(the frozen store keeps one copy per token); use a [n] or [B, 1, n] mask")
+        idx = mask[0, 0].expand(n).nonzero().squeeze(-1)
+        if what == "freeze" and idx.numel() and not self.heads_aligned:
+            raise ValueError(f"layer {self.layer_idx}: cannot freeze after per-head evictions (the heads hold "
+                             "different tokens at the same rows)")
+        return idx
+
+    def _offload_rows(self, idx: torch.Tensor) -> None:
+        """Freeze active rows `idx`: host copies of those without one, the policy state of all of them."""
         t0 = time.perf_counter()
-        k, v, meta = self.active.select(idx)
-        rows = (k.cpu(), v.cpu(), meta.cpu())
-        self.owner.freezes += meta.shape[2]
-        self.owner.offload.add(k.nbytes + v.nbytes, time.perf_counter() - t0)
-        return rows
+        rows = self.active
+        meta = gather(rows.meta, idx).cpu()
+
+        def fetch(new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            sel = idx[new.to(idx.device)]
+            return gather(rows.k, sel).cpu(), gather(rows.v, sel).cpu()
+
+        copied = self.frozen.put(meta, fetch)
+        self.owner.freezes += idx.numel()
+        self.owner.offload.add(copied, time.perf_counter() - t0)
 
     def _restore_rows(self, idx: torch.Tensor) -> RowData:
-        """Device copies of frozen rows `idx`, bound for the active rows."""
+        """Device copies of frozen tokens `idx`, bound for the active rows."""
         t0 = time.perf_counter()
-        k, v, meta = self.frozen.select(idx)
+        k, v, meta = self.frozen.take(idx)
         dev = self.device
         rows = (k.to(dev, non_blocking=True), v.to(dev, non_blocking=True), meta.to(dev))
         self.owner.thaws += meta.shape[2]
@@ -363,6 +387,7 @@ class PolicyCache(Cache):
         return CacheStats(
             active_bytes=self.active_bytes,
             frozen_bytes=self.frozen_bytes,
+            frozen_store_bytes=sum(layer.frozen.held_bytes for layer in layers),
             full_bytes=seen * self.token_bytes(),
             peak_active_bytes=self.peak_active_bytes,
             peak_frozen_bytes=self.peak_frozen_bytes,

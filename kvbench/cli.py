@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--methods", type=_csv, default=["full", "streamingllm", "h2o", "asrkf"])
     b.add_argument("--contexts", type=_csv, default=["1024", "2048", "4096", "8000"])
     b.add_argument("--budget", default="512", help="budget for methods that take one")
+    b.add_argument("--method-args", action="append", default=[], metavar="METHOD:K=V[,K=V]",
+                   help="policy parameters, e.g. asrkf:probe=false|true (one row per variant; repeatable)")
     b.add_argument("--new-tokens", type=int, default=32)
     b.add_argument("--batch", type=_csv, default=["1"],
                    help="batch sizes, comma-separated: B > 1 decodes B prompts together (per-sequence caches)")
@@ -102,8 +104,10 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from kvbench.bench import BenchSpec, run
+    from kvbench.compare import parse_method_args
 
-    spec = BenchSpec(methods=args.methods, contexts=[_int(c, "--contexts") for c in args.contexts],
+    spec = BenchSpec(methods=args.methods, method_args=parse_method_args(args.method_args),
+                     contexts=[_int(c, "--contexts") for c in args.contexts],
                      budget=args.budget, new_tokens=args.new_tokens, model=args.model, device=args.device,
                      dtype=args.dtype, prefill_chunk=args.prefill_chunk,
                      batch=tuple(_int(b, "--batch") for b in args.batch))

@@ -66,7 +66,9 @@ class LayerView:
     Shapes: B = batch, K = KV heads, n = active tokens, m = frozen tokens, G = query heads per KV
     head, w = requested query rows. `state` holds the policy's own per-token tensors ([B, K, n]),
     which the cache keeps aligned with the tokens through every eviction, freeze and thaw; the
-    policy may replace entries (same shape) but never moves KV data.
+    policy may edit them in place or replace entries (same shape) but never moves KV data. Frozen
+    tokens are listed in the store's slot order, not by position; freeze and thaw masks must be the
+    same for every KV head (the store keeps one copy per token).
     """
 
     layer_idx: int
@@ -82,7 +84,7 @@ class LayerView:
     attn: torch.Tensor | None  # [B, K, G, w, n] softmax rows of the last w queries, fp32
     state: dict[str, torch.Tensor]
     frozen_positions: torch.Tensor | None = None  # [B, K, m]
-    frozen_state: dict[str, torch.Tensor] = field(default_factory=dict)  # [B, K, m] each
+    frozen_state: dict[str, torch.Tensor] = field(default_factory=dict)  # [B, K, m] each, edits are kept
     step: int = 0  # forward passes so far (prefill chunks + decode steps)
     phase: str = "prefill"
 

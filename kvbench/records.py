@@ -52,6 +52,7 @@ def sample_record(task: str, sample, result: RunResult, score: float) -> dict[st
         "peak_reserved_kv_bytes": c.peak_reserved_bytes,
         "frozen_kv_bytes": c.frozen_bytes,
         "peak_frozen_kv_bytes": c.peak_frozen_bytes,
+        "frozen_store_bytes": c.frozen_store_bytes,
         "evicted_tokens": sum(c.evicted_tokens),
         "freezes": c.freezes,
         "thaws": c.thaws,

@@ -109,3 +109,50 @@ def test_keep_and_freeze_overlap_is_refused():
         assert "both kept and frozen" in str(err)
     else:
         raise AssertionError("overlapping keep and freeze were accepted")
+
+
+def test_per_head_freeze_is_refused_before_anything_moves():
+    policy = Scripted()
+    cache = make_cache(policy)
+    feed(cache, 0, 0, 4)
+    layer = cache.layers[0]
+    policy.next = Decision(keep=torch.tensor([True, False, True, True, True]),
+                           freeze=torch.tensor([False, True, False, False, False]))
+    feed(cache, 0, 4, 1)
+    assert layer.frozen.n == 1
+    per_head = torch.tensor([[[True, False, False, False, False], [False, True, False, False, False]]])
+    policy.next = Decision(keep=~per_head, freeze=per_head, thaw=torch.tensor([True]))
+    try:
+        feed(cache, 0, 5, 1)
+    except ValueError as err:
+        assert "every KV head" in str(err)
+    else:
+        raise AssertionError("a per-head freeze mask was accepted")
+    # the refused decision lost nothing: the frozen token is still frozen, the rest still active
+    assert layer.frozen.positions()[0, 0].tolist() == [1]
+    assert sorted(layer.positions[0, 0].tolist()) == [0, 2, 3, 4, 5]
+
+
+class EditsFrozenStateInPlace(KVPolicy):
+    """Freezes position 1 at the first step, then bumps its frozen 'mark' in place on every later step."""
+
+    token_state = ("mark",)
+
+    def step(self, view: LayerView) -> Decision | None:
+        if view.frozen_positions is None:
+            return Decision(keep=view.positions[0, 0] != 1, freeze=view.positions[0, 0] == 1)
+        view.frozen_state["mark"] += 1  # frozen state is a copy: the cache must still keep this edit
+        return None
+
+
+def test_in_place_edits_of_frozen_state_are_kept_and_thaw_carries_them():
+    policy = EditsFrozenStateInPlace()
+    cache = make_cache(policy)
+    feed(cache, 0, 0, 3)
+    layer = cache.layers[0]
+    for step in range(3):
+        feed(cache, 0, 3 + step, 1)
+    assert layer.frozen.state_view()["mark"][0, :, 0].tolist() == [3.0, 3.0]
+    layer.apply(Decision(thaw=torch.tensor([True])))
+    row = layer.positions[0, 0].tolist().index(1)
+    assert layer.active.state_view()["mark"][0, :, row].tolist() == [3.0, 3.0]

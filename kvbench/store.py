@@ -1,0 +1,142 @@
+"""FrozenStore: one layer's off-device copies of frozen tokens, written once per token.
+
+A token's K and V never change once it is in the cache (unless `rerotate` turns its key, which
+forgets the copy), so after a thaw its host copy stays valid. Re-freezing a token that was frozen
+before then costs no device-to-host copy of K/V: its slot is marked live again and only its meta row
+(position and policy state, a few floats) is refreshed. ASR-KF-EGR's sublinear schedule freezes and
+thaws the same tokens over and over (a token frozen for one step is thawed, attended once and frozen
+again), so this halves the rows it moves per step.
+
+Buffers are token-major ([cap, B, K, d]; meta [cap, B, K, C] with the columns of kvbench/rows.py):
+a freeze or thaw gathers whole contiguous rows, several times faster than gathering along the
+sequence axis of a [B, K, cap, d] tensor. One slot serves every head, so freeze and thaw decisions
+must agree across heads (PolicyLayer checks). Slots are append-only: `live` marks those whose token is
+frozen now, and slot order is the order in which a policy sees the frozen tokens (`positions()`,
+`view()`, thaw masks). Copies of thawed tokens stay held (`held_bytes`, reported); at most one per
+token, so the store never exceeds a full cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from kvbench.rows import POS, SLOT, STATE, RowData
+
+
+def _seq_major(t: torch.Tensor) -> torch.Tensor:
+    """[k, B, K, c] -> the cache's [B, K, k, c] (a view)."""
+    return t.permute(1, 2, 0, 3)
+
+
+class FrozenStore:
+    def __init__(self, state_names: tuple[str, ...], pin: bool) -> None:
+        self.state_names = state_names
+        self.pin = pin  # pinned host memory (a CUDA run)
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.meta: torch.Tensor | None = None
+        self.used = 0  # slots written
+        self.live = torch.zeros(0, dtype=torch.bool)
+        self.n = 0  # frozen tokens now
+        self._slots: torch.Tensor | None = None  # live slots, ascending (cached until the next change)
+        self._viewed: tuple[torch.Tensor, torch.Tensor] | None = None  # (slots, meta rows) of the last view
+
+    # -- sizes -------------------------------------------------------------------------------------
+    def row_bytes(self) -> int:
+        return 0 if self.k is None else self.k[0].nbytes + self.v[0].nbytes
+
+    @property
+    def nbytes(self) -> int:
+        """K/V bytes of the frozen tokens."""
+        return self.n * self.row_bytes()
+
+    @property
+    def held_bytes(self) -> int:
+        """K/V bytes of every copy held, including those of tokens that are active again."""
+        return self.used * self.row_bytes()
+
+    # -- the frozen tokens, in slot order ([B, K, m, ...] views) -------------------------------------
+    def slots(self) -> torch.Tensor:
+        if self._slots is None:
+            self._slots = self.live.nonzero().squeeze(-1)
+        return self._slots
+
+    def keys(self) -> torch.Tensor:
+        return _seq_major(self.k.index_select(0, self.slots()))
+
+    def values(self) -> torch.Tensor:
+        return _seq_major(self.v.index_select(0, self.slots()))
+
+    def positions(self) -> torch.Tensor:
+        return self.view()[0]
+
+    def state_view(self) -> dict[str, torch.Tensor]:
+        return self.view()[1]
+
+    def view(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Positions and policy state of the frozen tokens, from one gather of their meta rows. The state
+        entries are views of that copy: `write_back` stores them, edited in place or replaced."""
+        meta = self.meta.index_select(0, self.slots())
+        self._viewed = (self.slots(), meta)
+        rows = _seq_major(meta)
+        return rows[..., POS].long(), {name: rows[..., STATE + i] for i, name in enumerate(self.state_names)}
+
+    def write_back(self, state: dict[str, torch.Tensor]) -> None:
+        """Store the state handed out by the last `view` (a policy may edit it in place or replace entries)."""
+        slots, meta = self._viewed
+        rows = _seq_major(meta)
+        for i, name in enumerate(self.state_names):
+            t = state.get(name)
+            if t is not None:
+                rows[..., STATE + i] = t.to(meta.device)  # a no-op copy when edited in place
+        self.meta.index_copy_(0, slots, meta)
+
+    # -- freeze and thaw ---------------------------------------------------------------------------
+    def take(self, idx: torch.Tensor) -> RowData:
+        """Thaw the frozen tokens at `idx` (1-D, into slot order): copies of their rows as [B, K, k, c];
+        their meta keeps the slot, so a later freeze finds the copy."""
+        slots = self.slots()[idx]
+        rows = tuple(_seq_major(t.index_select(0, slots)) for t in (self.k, self.v, self.meta))
+        self._mark(slots, False)
+        return rows
+
+    def put(self, meta: torch.Tensor, fetch: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> int:
+        """Freeze tokens given their meta rows [B, K, k, C] (on the host). Tokens without a copy (slot < 0)
+        get one: `fetch(mask)` returns their K and V on the host. Returns the K/V bytes copied."""
+        slot = meta[0, 0, :, SLOT].long()
+        new = slot < 0
+        copied = 0
+        if bool(new.any()):
+            k, v = fetch(new)
+            count = k.shape[2]
+            slot[new] = torch.arange(self.used, self.used + count)
+            meta[:, :, new, SLOT] = slot[new].float()
+            self._reserve(self.used + count, (k, v, meta))
+            self.k[self.used : self.used + count] = k.permute(2, 0, 1, 3)
+            self.v[self.used : self.used + count] = v.permute(2, 0, 1, 3)
+            self.used += count
+            self.live = torch.cat([self.live, torch.zeros(count, dtype=torch.bool)])
+            copied = k.nbytes + v.nbytes
+        self.meta.index_copy_(0, slot, meta.permute(2, 0, 1, 3))  # fresh policy state of every token frozen now
+        self._mark(slot, True)
+        return copied
+
+    def _reserve(self, rows: int, like: RowData) -> None:
+        """Room for `rows` slots, doubling (pinned allocations are slow, and the store only grows)."""
+        cap = 0 if self.k is None else self.k.shape[0]
+        if rows <= cap:
+            return
+        cap = max(rows, 2 * cap)
+        new = [torch.empty((cap, t.shape[0], t.shape[1], t.shape[3]), dtype=t.dtype, pin_memory=self.pin)
+               for t in like]
+        if self.used:
+            for dst, src in zip(new, (self.k, self.v, self.meta), strict=True):
+                dst[: self.used] = src[: self.used]
+        self.k, self.v, self.meta = new
+
+    def _mark(self, slots: torch.Tensor, live: bool) -> None:
+        self.live[slots] = live
+        self.n = int(self.live.sum())
+        self._slots = None
