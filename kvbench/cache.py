@@ -240,7 +240,7 @@ class PolicyLayer(CacheLayerMixin):
 
         def fetch(new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             sel = idx[new.to(idx.device)]
-            return gather(rows.k, sel).cpu(), gather(rows.v, sel).cpu()
+            return gather(rows.k, sel), gather(rows.v, sel)
 
         copied = self.frozen.put(meta, fetch)
         self.owner.freezes += idx.numel()

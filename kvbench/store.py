@@ -42,6 +42,7 @@ class FrozenStore:
         self.n = 0  # frozen tokens now
         self._slots: torch.Tensor | None = None  # live slots, ascending (cached until the next change)
         self._viewed: tuple[torch.Tensor, torch.Tensor] | None = None  # (slots, meta rows) of the last view
+        self._copy_done: torch.cuda.Event | None = None  # pending device-to-host copy of K/V (CUDA)
 
     # -- sizes -------------------------------------------------------------------------------------
     def row_bytes(self) -> int:
@@ -64,9 +65,11 @@ class FrozenStore:
         return self._slots
 
     def keys(self) -> torch.Tensor:
+        self._wait()
         return _seq_major(self.k.index_select(0, self.slots()))
 
     def values(self) -> torch.Tensor:
+        self._wait()
         return _seq_major(self.v.index_select(0, self.slots()))
 
     def positions(self) -> torch.Tensor:
@@ -98,13 +101,15 @@ class FrozenStore:
         """Thaw the frozen tokens at `idx` (1-D, into slot order): copies of their rows as [B, K, k, c];
         their meta keeps the slot, so a later freeze finds the copy."""
         slots = self.slots()[idx]
+        self._wait()
         rows = tuple(_seq_major(t.index_select(0, slots)) for t in (self.k, self.v, self.meta))
         self._mark(slots, False)
         return rows
 
     def put(self, meta: torch.Tensor, fetch: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> int:
         """Freeze tokens given their meta rows [B, K, k, C] (on the host). Tokens without a copy (slot < 0)
-        get one: `fetch(mask)` returns their K and V on the host. Returns the K/V bytes copied."""
+        get one: `fetch(mask)` returns their K and V ([B, K, c, d], on the compute device); on CUDA they are
+        copied into pinned memory asynchronously, and readers wait for the copy. Returns the K/V bytes copied."""
         slot = meta[0, 0, :, SLOT].long()
         new = slot < 0
         copied = 0
@@ -114,8 +119,11 @@ class FrozenStore:
             slot[new] = torch.arange(self.used, self.used + count)
             meta[:, :, new, SLOT] = slot[new].float()
             self._reserve(self.used + count, (k, v, meta))
-            self.k[self.used : self.used + count] = k.permute(2, 0, 1, 3)
-            self.v[self.used : self.used + count] = v.permute(2, 0, 1, 3)
+            for buf, rows in ((self.k, k), (self.v, v)):
+                buf[self.used : self.used + count].copy_(rows.permute(2, 0, 1, 3), non_blocking=self.pin)
+            if self.pin and k.is_cuda:
+                self._copy_done = torch.cuda.Event()
+                self._copy_done.record()
             self.used += count
             self.live = torch.cat([self.live, torch.zeros(count, dtype=torch.bool)])
             copied = k.nbytes + v.nbytes
@@ -132,9 +140,15 @@ class FrozenStore:
         new = [torch.empty((cap, t.shape[0], t.shape[1], t.shape[3]), dtype=t.dtype, pin_memory=self.pin)
                for t in like]
         if self.used:
+            self._wait()
             for dst, src in zip(new, (self.k, self.v, self.meta), strict=True):
                 dst[: self.used] = src[: self.used]
         self.k, self.v, self.meta = new
+
+    def _wait(self) -> None:
+        if self._copy_done is not None:
+            self._copy_done.synchronize()
+            self._copy_done = None
 
     def _mark(self, slots: torch.Tensor, live: bool) -> None:
         self.live[slots] = live
