@@ -7,6 +7,7 @@ each prefill chunk and each decode step, so the active KV never exceeds budget +
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import time
@@ -17,7 +18,7 @@ import psutil
 import torch
 
 from kvbench.attention import CACHE_KWARG, backend_for
-from kvbench.batch import BatchCache
+from kvbench.batch import BatchCache, FewRowLinear
 from kvbench.cache import CacheStats, PolicyCache
 from kvbench.policy import KVPolicy
 from kvbench.rope import Rope
@@ -158,8 +159,9 @@ class Engine:
         rot = torch.cat([s.cache.next_rotations(pos[b : b + 1]) for b, s in enumerate(sessions)])
         batch = BatchCache([s.cache for s in sessions])
         batch.begin_step(pos, rot)
-        out = self.model(input_ids=ids, position_ids=rot, past_key_values=batch, use_cache=True, logits_to_keep=1,
-                         **{CACHE_KWARG: batch})
+        with FewRowLinear() if dev.type == "cpu" else contextlib.nullcontext():
+            out = self.model(input_ids=ids, position_ids=rot, past_key_values=batch, use_cache=True,
+                             logits_to_keep=1, **{CACHE_KWARG: batch})
         batch.end_step()
         logits = out.logits[:, -1]
         for b, s in enumerate(sessions):

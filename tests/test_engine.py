@@ -183,3 +183,19 @@ def test_snapkv_every_chunk_bounds_prefill_peak_where_the_default_does_not(engin
     default = engine.generate(ids, make_policy(method, budget), 4)
     assert bounded.cache.peak_active_bytes <= (layer_cap + chunk) * bounded.cache.full_bytes // len(ids)
     assert default.cache.peak_active_bytes > 2 * bounded.cache.peak_active_bytes
+
+
+def test_few_row_linear_computes_f_linear_for_batched_steps_and_leaves_other_calls_alone():
+    from kvbench.batch import FewRowLinear
+
+    g = torch.Generator().manual_seed(4)
+    w, b = torch.randn(48, 32, generator=g), torch.randn(48, generator=g)
+    for shape in ((4, 1, 32), (1, 1, 32), (3, 32), (40, 32)):
+        x = torch.randn(*shape, generator=g)
+        with FewRowLinear():
+            out = torch.nn.functional.linear(x, w, b)
+        expected = torch.nn.functional.linear(x, w, b)
+        assert out.shape == expected.shape and out.is_contiguous()
+        torch.testing.assert_close(out, expected)
+        if x.shape[:-1].numel() == 1 or x.shape[:-1].numel() > 16:
+            assert torch.equal(out, expected)  # one row (GEMV) and large batches keep F.linear's own kernel
