@@ -194,7 +194,7 @@ class PolicyLayer(CacheLayerMixin):
         freeze_idx = self._shared_index(freeze, n, "freeze") if freeze is not None else None
         thaw_idx = thawed = None
         if d.thaw is not None and self.frozen.n:
-            thaw_idx = self._shared_index(_as3d(d.thaw.cpu()), self.frozen.n, "thaw")
+            thaw_idx = self._shared_index(d.thaw.cpu(), self.frozen.n, "thaw")
         if thaw_idx is not None and thaw_idx.numel():
             thawed = self._restore_rows(thaw_idx)
         if freeze_idx is not None and freeze_idx.numel():

@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--contexts", type=_csv, default=["1024", "2048", "4096", "8000"])
     b.add_argument("--budget", default="512", help="budget for methods that take one")
     b.add_argument("--method-args", action="append", default=[], metavar="METHOD:K=V[,K=V]",
-                   help="policy parameters, e.g. asrkf:probe=false|true (one row per variant; repeatable)")
+                   help="policy parameters, e.g. asrkf:tau=0.5|0.25 (one row per variant; repeatable)")
     b.add_argument("--new-tokens", type=int, default=32)
     b.add_argument("--batch", type=_csv, default=["1"],
                    help="batch sizes, comma-separated: B > 1 decodes B prompts together (per-sequence caches)")

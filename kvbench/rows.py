@@ -123,13 +123,6 @@ class Rows:
             buf[:, :, self.n : end] = rows
         self.n = end
 
-    def select(self, idx: torch.Tensor) -> RowData:
-        """Copies of rows `idx` (1-D: the same rows in every head; else [B, K, k])."""
-        bufs = [t[:, :, : self.n] for t in self._buffers()]
-        if idx.dim() == 1:
-            return tuple(gather(t, idx) for t in bufs)
-        return tuple(t.gather(2, full_index(idx, t)) for t in bufs)
-
     def swap(self, idx: torch.Tensor, data: RowData | None) -> None:
         """Drop rows `idx` and add `data`: incoming rows fill the holes first, so a freeze plus a thaw
         in one step costs a few row copies."""

@@ -73,16 +73,20 @@ class FrozenStore:
         return _seq_major(self.v.index_select(0, self.slots()))
 
     def positions(self) -> torch.Tensor:
-        return self.view()[0]
+        return self._split(self.meta.index_select(0, self.slots()))[0]
 
     def state_view(self) -> dict[str, torch.Tensor]:
-        return self.view()[1]
+        """Copies of the frozen tokens' policy state (read-only use; a policy gets its state from `view`)."""
+        return self._split(self.meta.index_select(0, self.slots()))[1]
 
     def view(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Positions and policy state of the frozen tokens, from one gather of their meta rows. The state
         entries are views of that copy: `write_back` stores them, edited in place or replaced."""
         meta = self.meta.index_select(0, self.slots())
         self._viewed = (self.slots(), meta)
+        return self._split(meta)
+
+    def _split(self, meta: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         rows = _seq_major(meta)
         return rows[..., POS].long(), {name: rows[..., STATE + i] for i, name in enumerate(self.state_names)}
 
