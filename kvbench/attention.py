@@ -104,15 +104,30 @@ def kvbench_attention(
 def _attend(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
             policy_cache) -> torch.Tensor:
     """One sequence's attention output, then its policy step for this layer (with the rows it asked for)."""
-    if backend_for(query.device, query.dtype) == "flash-attn":
+    rows = policy_cache.attn_rows if policy_cache is not None else 0
+    backend = backend_for(query.device, query.dtype)
+    attn = None
+    if rows and query.shape[2] == 1 and backend == "sdpa":
+        # decode step of a policy that reads attention: the output from the same probabilities, so the
+        # keys are read once instead of once by SDPA and once more for the rows
+        attn = attention_rows(query, key, 1, scaling)
+        out = _weighted_values(attn, value).to(query.dtype)
+    elif backend == "flash-attn":
         out = _flash(query, key, value, scaling)
     else:
         out = _sdpa(query, key, value, scaling)
     if policy_cache is not None:
-        rows = policy_cache.attn_rows
-        attn = attention_rows(query, key, rows, scaling) if rows else None
+        if rows and attn is None:
+            attn = attention_rows(query, key, rows, scaling)
         policy_cache.after_attention(module.layer_idx, attn)
     return out
+
+
+def _weighted_values(attn: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Attention output of one query per head from its probabilities [B, K, G, 1, n]: [B, 1, H, d]."""
+    b, kv_heads, g, _, n = attn.shape
+    out = torch.matmul(attn.view(b, kv_heads, g, n), value.float())  # [B, K, G, d]
+    return out.reshape(b, 1, kv_heads * g, -1)
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, kvbench_attention)

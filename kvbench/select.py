@@ -21,13 +21,16 @@ def recent(positions: torch.Tensor, seen: int, k: int) -> torch.Tensor:
 
 
 def top_k(scores: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
-    """The k highest-scoring tokens of each row, chosen among those not in `exclude`."""
-    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    if k <= 0:
-        return mask
+    """The k highest-scoring tokens of each row, chosen among those not in `exclude`. When most tokens
+    stay, the n - k lowest are found instead (topk is several times slower for k near n on CPU)."""
+    n = scores.shape[-1]
     if exclude is not None:
         scores = scores.masked_fill(exclude.expand(scores.shape), float("-inf"))
-    return mask.scatter_(-1, scores.topk(k, dim=-1).indices, True)
+    if 2 * k > n:
+        mask = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+        return mask.scatter_(-1, scores.topk(max(0, n - k), dim=-1, largest=False).indices, False)
+    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    return mask.scatter_(-1, scores.topk(max(0, k), dim=-1).indices, True) if k > 0 else mask
 
 
 def per_kv_head(attn: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 import torch
 
-from kvbench.attention import _sdpa, attention_rows
+from kvbench.attention import _sdpa, attention_rows, kvbench_attention
 
 
 def reference(query, key, value, scaling):
@@ -43,3 +43,30 @@ def test_attention_rows_equal_the_last_rows_of_the_full_matrix():
     assert rows.shape == (1, 2, 3, 3, 15)
     torch.testing.assert_close(rows.reshape(1, 6, 3, 15), probs[:, :, -3:, :], atol=1e-6, rtol=1e-5)
     assert torch.all(rows[..., 0, -2:] == 0)  # row 0 of the window cannot see the last two keys
+
+
+class RowsWanted:
+    """Stands in for a PolicyCache: asks for attention rows and keeps what the attention function hands over."""
+
+    def __init__(self, rows):
+        self.attn_rows, self.handed = rows, []
+
+    def after_attention(self, layer_idx, attn):
+        self.handed.append((layer_idx, attn))
+
+
+def test_decode_output_and_rows_from_one_pass_match_the_reference():
+    # a decode step of a policy that reads attention computes the output from the rows it hands over
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 6, 1, 8, generator=g)
+    k, v = torch.randn(2, 1, 2, 11, 8, generator=g)
+    module = torch.nn.Module()
+    module.layer_idx = 4
+    wanted = RowsWanted(32)
+    out, _ = kvbench_attention(module, q, k, v, None, scaling=0.4, kvbench_cache=wanted)
+    ref, probs = reference(q, k, v, 0.4)
+    torch.testing.assert_close(out, ref.transpose(1, 2), atol=1e-5, rtol=1e-5)
+    (layer, attn), = wanted.handed
+    assert layer == 4 and attn.shape == (1, 2, 3, 1, 11)
+    torch.testing.assert_close(attn.reshape(1, 6, 1, 11), probs, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out, _sdpa(q, k, v, 0.4), atol=1e-5, rtol=1e-5)  # same as without a policy

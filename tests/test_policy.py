@@ -38,3 +38,17 @@ def test_parameter_values_are_coerced_and_checked():
     assert make_policy("h2o", 256, heavy_ratio="0.25").heavy_ratio == 0.25
     with pytest.raises(ValueError, match="not a valid int"):
         make_policy("streamingllm", 256, sinks="many")
+
+
+@pytest.mark.parametrize("k", [0, 1, 5, 6, 7, 11, 12])
+def test_top_k_keeps_exactly_the_k_highest_outside_exclude(k):
+    import torch
+
+    from kvbench.select import top_k
+
+    scores = torch.tensor([[[0.3, 0.9, 0.1, 0.5, 0.7, 0.2, 0.8, 0.05, 0.6, 0.4, 0.95, 0.15]]])
+    exclude = torch.zeros_like(scores, dtype=torch.bool)
+    exclude[..., 10] = True  # the best token may not be chosen
+    kept = top_k(scores, k, exclude)
+    allowed = sorted(range(12), key=lambda i: -float(scores[0, 0, i]) if i != 10 else float("inf"))
+    assert set(kept[0, 0].nonzero().flatten().tolist()) == set(allowed[:k])
