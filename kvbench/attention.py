@@ -3,8 +3,9 @@
 It computes the layer output with flash-attn on CUDA (when installed) or PyTorch SDPA, then, if the
 layer runs under a PolicyCache, recomputes softmax(q_w K^T / sqrt(d)) for only the last w query rows
 the policy asked for (O(w * n * d), never the n x n matrix) and hands them to the cache, which runs
-the policy for this layer. The model code is not touched: this is selected with
-`attn_implementation="kvbench"`.
+the policy for this layer. In an SDPA decode step (one query) of a policy that reads attention, the
+output is computed from those same probabilities (one pass over the keys instead of two). The model
+code is not touched: this is selected with `attn_implementation="kvbench"`.
 
 No mask function is registered for this name, so transformers passes `attention_mask=None` and the
 causal structure is built here, bottom-right aligned: after evictions every layer may hold a

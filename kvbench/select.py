@@ -30,7 +30,7 @@ def top_k(scores: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> 
         mask = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
         return mask.scatter_(-1, scores.topk(max(0, n - k), dim=-1, largest=False).indices, False)
     mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    return mask.scatter_(-1, scores.topk(max(0, k), dim=-1).indices, True) if k > 0 else mask
+    return mask.scatter_(-1, scores.topk(k, dim=-1).indices, True) if k > 0 else mask
 
 
 def per_kv_head(attn: torch.Tensor) -> torch.Tensor:
