@@ -107,19 +107,15 @@ def _attend(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, val
     """One sequence's attention output, then its policy step for this layer (with the rows it asked for)."""
     rows = policy_cache.attn_rows if policy_cache is not None else 0
     backend = backend_for(query.device, query.dtype)
-    attn = None
     if rows and query.shape[2] == 1 and backend == "sdpa":
         # decode step of a policy that reads attention: the output from the same probabilities, so the
         # keys are read once instead of once by SDPA and once more for the rows
         attn = attention_rows(query, key, 1, scaling)
         out = _weighted_values(attn, value).to(query.dtype)
-    elif backend == "flash-attn":
-        out = _flash(query, key, value, scaling)
     else:
-        out = _sdpa(query, key, value, scaling)
+        out = _flash(query, key, value, scaling) if backend == "flash-attn" else _sdpa(query, key, value, scaling)
+        attn = attention_rows(query, key, rows, scaling) if rows else None
     if policy_cache is not None:
-        if rows and attn is None:
-            attn = attention_rows(query, key, rows, scaling)
         policy_cache.after_attention(module.layer_idx, attn)
     return out
 

@@ -42,7 +42,7 @@ class FrozenStore:
 
     # -- sizes -------------------------------------------------------------------------------------
     def row_bytes(self) -> int:
-        return 0 if self.k is None else (self.k[:, :, 0].numel() + self.v[:, :, 0].numel()) * self.k.element_size()
+        return 0 if self.k is None else self.k[:, :, 0].nbytes + self.v[:, :, 0].nbytes
 
     @property
     def nbytes(self) -> int:
