@@ -1,6 +1,11 @@
 """`kvbench bench`: per-token decode time, prefill time and peak KV of each method against `full`,
 at several context lengths, in one run. Figures are ratios to `full` measured in the same process
-(timings are not asserted anywhere: shared machines are noisy).
+(timings are not asserted anywhere: shared machines are noisy, ±20% between two runs of the same
+code a minute apart on the 2-core CI machine). Two defences, both in `_round`: at batch 1 every
+method decodes in lockstep with the others, and `repeats` > 1 runs whole rounds again; a ratio is
+the median over rounds of that round's ratio to `full`, and its spread (lowest, highest) is kept.
+The process-wide allocator peak is not reported here (methods share the process); `kvbench compare`
+runs one method at a time and reports it.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from tqdm.auto import tqdm
 
 from kvbench import models
 from kvbench.compare import expand_sweep
-from kvbench.engine import Engine
+from kvbench.engine import Engine, RunResult
 from kvbench.policy import make_policy, policy_class
 from kvbench.records import MIB, dump_json, versions, write_atomic
 from kvbench.tasks.multiturn import passages
@@ -34,6 +39,7 @@ class BenchSpec:
     dtype: str = "float32"
     prefill_chunk: int = 512
     batch: tuple[int, ...] = (1,)  # batch sizes; B > 1 decodes B different prompts together
+    repeats: int = 1  # interleaved rounds per context and batch size
 
 
 def prompt(engine: Engine, length: int, index: int = 0) -> list[int]:
@@ -47,12 +53,16 @@ def prompt(engine: Engine, length: int, index: int = 0) -> list[int]:
 
 
 def run(spec: BenchSpec, out_dir: Path | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    if any(b < 1 for b in spec.batch):
+        raise ValueError(f"batch sizes must be >= 1, got {list(spec.batch)}")
+    if spec.repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {spec.repeats}")
     variants = [(name, params) for name in spec.methods for params in expand_sweep(spec.method_args.get(name, {}))]
     stray = sorted(set(spec.method_args) - set(spec.methods))
     if stray:
         raise ValueError(f"--method-args names {', '.join(stray)}, which is not among --methods")
     for name, params in variants:
-        make_policy(name, spec.budget if policy_class(name).uses_budget else None, **params)  # fail before loading
+        make_policy(name, _budget(name, spec), **params)  # fail before loading
     dtype = getattr(torch, spec.dtype)
     lm, tok = models.load(spec.model, device=spec.device, dtype=dtype)
     engine = Engine(lm, tok, prefill_chunk=spec.prefill_chunk)
@@ -60,42 +70,17 @@ def run(spec: BenchSpec, out_dir: Path | None = None, progress: bool = True) -> 
         engine.check_fits(n, spec.new_tokens)
     engine.generate(prompt(engine, 64), make_policy("full"), max_new_tokens=4)  # warm-up
     rows = []
-    if any(b < 1 for b in spec.batch):
-        raise ValueError(f"batch sizes must be >= 1, got {list(spec.batch)}")
-    bar = tqdm(total=len(spec.contexts) * len(variants) * len(spec.batch), disable=not progress, desc="bench")
+    bar = tqdm(total=len(spec.contexts) * len(variants) * len(spec.batch) * spec.repeats, disable=not progress,
+               desc="bench")
     for n, batch in ((n, b) for n in spec.contexts for b in spec.batch):
         prompts = [prompt(engine, n, i) for i in range(batch)]
-        for name, params in variants:
-            budget = spec.budget if policy_class(name).uses_budget else None
-            policy = make_policy(name, budget, **params)
-            if batch == 1:
-                r = engine.generate(prompts[0], policy, spec.new_tokens, ignore_eos=True)
-            else:
-                r = engine.generate_batch(prompts, policy, spec.new_tokens, ignore_eos=True)[0]
-            c = r.cache
-            step_ms = 1e3 * statistics.median(r.decode_s)
-            variant = ",".join(f"{k}={v}" for k, v in params.items())
-            rows.append({"method": name, "variant": variant, "budget": budget, "context": n, "batch": batch,
-                         "tokens_per_s": 1e3 * batch / step_ms,
-                         "decode_ms_p50": step_ms,
-                         "decode_ms_mean": 1e3 * statistics.fmean(r.decode_s),
-                         "prefill_ms": 1e3 * r.prefill_s, "peak_kv_bytes": c.peak_active_bytes,
-                         "active_kv_bytes": c.active_bytes, "full_kv_bytes": c.full_bytes,
-                         # peak active KV in tokens per layer, against the bound budget + one prefill chunk
-                         "peak_kv_tokens_per_layer": c.peak_active_bytes * c.seen_tokens / c.full_bytes,
-                         "peak_bound_tokens": int(budget) + spec.prefill_chunk if budget and budget.isdigit()
-                         else None,
-                         "memory_peak_bytes": r.memory_peak_bytes,
-                         "transfer_ms": 1e3 * (c.offload.seconds + c.restore.seconds)})
-            bar.update()
+        rounds = [_round(engine, prompts, variants, spec, bar) for _ in range(spec.repeats)]
+        rows += [_summarise(name, params, n, batch, [r[i] for r in rounds], [_full(variants, r) for r in rounds])
+                 for i, (name, params) in enumerate(variants)]
     bar.close()
     for row in rows:
-        same = [b for b in rows if b["context"] == row["context"] and b["batch"] == row["batch"]]
-        base = next((b for b in same if b["method"] == "full"), None)
         single = next(b for b in rows if b["context"] == row["context"] and b["method"] == row["method"]
                       and b["variant"] == row["variant"] and b["batch"] == spec.batch[0])
-        row["decode_vs_full"] = row["decode_ms_p50"] / base["decode_ms_p50"] if base else None
-        row["prefill_vs_full"] = row["prefill_ms"] / base["prefill_ms"] if base else None
         row["throughput_vs_first_batch"] = row["tokens_per_s"] / single["tokens_per_s"]
     record = {"spec": vars(spec), "versions": versions(), "attention": engine.attention_backend, "rows": rows}
     if out_dir is not None:
@@ -104,9 +89,78 @@ def run(spec: BenchSpec, out_dir: Path | None = None, progress: bool = True) -> 
     return rows
 
 
+def _round(engine: Engine, prompts: list[list[int]], variants: list[tuple[str, dict[str, str]]], spec: BenchSpec,
+           bar: tqdm) -> list[dict[str, Any]]:
+    """One run of every variant. At batch 1 the prompts are prefilled one method after another, then all methods
+    decode in lockstep (step i of each before step i + 1 of any), so a slow spell of the machine lands on every
+    method alike instead of on whichever ran then. Batch > 1 runs one method after another."""
+    policies = [make_policy(name, _budget(name, spec), **params) for name, params in variants]
+    if len(prompts) > 1:
+        results = []
+        for policy in policies:
+            results.append(engine.generate_batch(prompts, policy, spec.new_tokens, ignore_eos=True)[0])
+            bar.update()
+    else:
+        runs = []
+        for policy in policies:
+            session = engine.session(policy)
+            logits, prefill_s = session.timed_feed(prompts[0])
+            runs.append((session, prefill_s, [int(logits.argmax())], []))
+        for _ in range(spec.new_tokens - 1):
+            for session, _, generated, times in runs:
+                token, _, seconds = session.decode_step(generated[-1])
+                generated.append(token)
+                times.append(seconds)
+        results = [session.result(len(prompts[0]), prefill_s, session.finish(generated, times, (), set()))
+                   for session, prefill_s, generated, times in runs]
+        bar.update(len(runs))
+    return [_figures(r, _budget(name, spec), spec) for r, (name, _) in zip(results, variants, strict=True)]
+
+
+def _budget(name: str, spec: BenchSpec) -> str | None:
+    return spec.budget if policy_class(name).uses_budget else None
+
+
+def _figures(r: RunResult, budget: str | None, spec: BenchSpec) -> dict[str, Any]:
+    """One method's run: decode step time (median over the steps), prefill time and the cache's sizes."""
+    c = r.cache
+    return {"budget": budget, "step_ms": 1e3 * statistics.median(r.decode_s),
+            "mean_ms": 1e3 * statistics.fmean(r.decode_s), "prefill_ms": 1e3 * r.prefill_s,
+            "peak_kv_bytes": c.peak_active_bytes, "active_kv_bytes": c.active_bytes, "full_kv_bytes": c.full_bytes,
+            # peak active KV in tokens per layer, against the bound budget + one prefill chunk
+            "peak_kv_tokens_per_layer": c.peak_active_bytes * c.seen_tokens / c.full_bytes,
+            "peak_bound_tokens": int(budget) + spec.prefill_chunk if budget and budget.isdigit() else None,
+            "transfer_ms": 1e3 * (c.offload.seconds + c.restore.seconds)}
+
+
+def _full(variants: list[tuple[str, dict[str, str]]], round_: list[dict[str, Any]]) -> dict[str, Any] | None:
+    return next((m for (name, _), m in zip(variants, round_, strict=True) if name == "full"), None)
+
+
+def _summarise(name: str, params: dict[str, str], n: int, batch: int, runs: list[dict[str, Any]],
+               fulls: list[dict[str, Any] | None]) -> dict[str, Any]:
+    """One row from a method's runs (one per round) and `full`'s runs of the same rounds."""
+    med = statistics.median
+    step_ms = med(r["step_ms"] for r in runs)
+    last = runs[-1]  # sizes and peaks are the same in every round
+    row = {"method": name, "variant": ",".join(f"{k}={v}" for k, v in params.items()), "budget": last["budget"],
+           "context": n, "batch": batch, "rounds": len(runs), "tokens_per_s": 1e3 * batch / step_ms,
+           "decode_ms_p50": step_ms, "decode_ms_mean": med(r["mean_ms"] for r in runs),
+           "decode_ms_rounds": [r["step_ms"] for r in runs], "prefill_ms": med(r["prefill_ms"] for r in runs),
+           **{k: last[k] for k in ("peak_kv_bytes", "active_kv_bytes", "full_kv_bytes", "peak_kv_tokens_per_layer",
+                                   "peak_bound_tokens", "transfer_ms")}}
+    for key, col in (("step_ms", "decode"), ("prefill_ms", "prefill")):
+        ratios = [r[key] / f[key] for r, f in zip(runs, fulls, strict=True) if f is not None]
+        row[f"{col}_vs_full"] = med(ratios) if ratios else None
+        row[f"{col}_vs_full_range"] = [min(ratios), max(ratios)] if ratios else None
+    return row
+
+
 def markdown(record: dict[str, Any]) -> str:
-    def ratio(x: float | None) -> str:
-        return "–" if x is None else f"{x:.2f}"
+    def ratio(x: float | None, spread: list[float] | None = None) -> str:
+        if x is None:
+            return "–"
+        return f"{x:.2f}" if not spread or spread[0] == spread[1] else f"{x:.2f} ({spread[0]:.2f}–{spread[1]:.2f})"
 
     first = record["spec"]["batch"][0]
     headers = ["context", "batch", "method", "budget", "decode ms/step p50", "decode × full", "tok/s",
@@ -114,12 +168,17 @@ def markdown(record: dict[str, Any]) -> str:
                "budget + chunk", "final active KV MiB", "transfer ms"]
     table = [[r["context"], r["batch"], f"{r['method']} {r.get('variant', '')}".strip(),
               r["budget"] or "all", f"{r['decode_ms_p50']:.1f}",
-              ratio(r["decode_vs_full"]), f"{r['tokens_per_s']:.1f}", ratio(r["throughput_vs_first_batch"]),
-              f"{r['prefill_ms']:.0f}", ratio(r["prefill_vs_full"]), f"{r['peak_kv_bytes'] / MIB:.1f}",
+              ratio(r["decode_vs_full"], r.get("decode_vs_full_range")), f"{r['tokens_per_s']:.1f}",
+              ratio(r["throughput_vs_first_batch"]), f"{r['prefill_ms']:.0f}",
+              ratio(r["prefill_vs_full"], r.get("prefill_vs_full_range")), f"{r['peak_kv_bytes'] / MIB:.1f}",
               f"{r['peak_kv_tokens_per_layer']:.0f}", r["peak_bound_tokens"] or "–",
               f"{r['active_kv_bytes'] / MIB:.1f}", f"{r['transfer_ms']:.0f}"] for r in record["rows"]]
     v, s = record["versions"], record["spec"]
     head = (f"Model `{s['model']}` {s['dtype']} on {v.get('device')} · attention `{record['attention']}` · "
             f"{s['new_tokens']} new tokens · prefill chunk {s['prefill_chunk']} · torch {v.get('torch')} · "
             f"transformers {v.get('transformers')}")
+    rounds = s.get("repeats", 1)
+    if rounds > 1:
+        head += (f"\n\nEach figure: median of {rounds} interleaved rounds (every method once per round); "
+                 "ratios × full: median of the rounds' ratios (lowest–highest).")
     return head + "\n\n" + tabulate(table, headers=headers, tablefmt="github", disable_numparse=True) + "\n"

@@ -74,8 +74,11 @@ def _as3d(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _index(mask: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
-    """Indices of the True entries along the last axis: 1-D when shared by every row, else [B, K, k]."""
+    """Indices of the True entries along the last axis: 1-D when the same in every row (a per-head mask built
+    from positions, as StreamingLLM's, usually is), else [B, K, k]."""
     mask = _as3d(mask)
+    if mask.shape[0] * mask.shape[1] > 1 and bool((mask == mask[:1, :1]).all()):
+        mask = mask[:1, :1]
     if mask.shape[0] == 1 and mask.shape[1] == 1:
         return mask[0, 0].expand(shape[2]).nonzero().squeeze(-1)
     full = mask.expand(shape)
@@ -83,7 +86,7 @@ def _index(mask: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
     k = int(counts.flatten()[0])
     if not bool((counts == k).all()):
         raise ValueError("a decision must select the same number of tokens in every head and sequence")
-    return torch.argsort((~full).to(torch.int8), dim=-1, stable=True)[..., :k]
+    return full.nonzero()[:, 2].view(shape[0], shape[1], k)  # row-major: each row's indices, ascending
 
 
 class PolicyLayer(CacheLayerMixin):

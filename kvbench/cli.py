@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--new-tokens", type=int, default=32)
     b.add_argument("--batch", type=_csv, default=["1"],
                    help="batch sizes, comma-separated: B > 1 decodes B prompts together (per-sequence caches)")
+    b.add_argument("--repeats", type=int, default=1,
+                   help="whole rounds of every method (ratios: median over rounds, with their spread)")
     b.add_argument("--model", default=models.DEFAULT_MODEL)
     b.add_argument("--device", default="cpu")
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -110,7 +112,7 @@ def _bench(args: argparse.Namespace) -> int:
                      contexts=[_int(c, "--contexts") for c in args.contexts],
                      budget=args.budget, new_tokens=args.new_tokens, model=args.model, device=args.device,
                      dtype=args.dtype, prefill_chunk=args.prefill_chunk,
-                     batch=tuple(_int(b, "--batch") for b in args.batch))
+                     batch=tuple(_int(b, "--batch") for b in args.batch), repeats=args.repeats)
     run(spec, args.out, progress=not args.no_progress)
     print((args.out / "bench.md").read_text())
     return 0

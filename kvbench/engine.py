@@ -339,15 +339,21 @@ class Session:
         generated, decode_s = [token], []
         kept = [logits.float().cpu()] if return_logits else []
         while not self.engine.finished(generated, max_new_tokens, stop, eos_ids):
-            t = time.perf_counter()
-            logits = self._forward(torch.tensor([[token]], device=self.engine.device), prefill=False, last=True)
-            token = int(logits.argmax())
-            self.sync()
-            decode_s.append(time.perf_counter() - t)
+            token, logits, seconds = self.decode_step(token)
+            decode_s.append(seconds)
             if return_logits:
                 kept.append(logits.float().cpu())
             generated.append(token)
         return self.finish(generated, decode_s, stop, eos_ids, kept)
+
+    @torch.inference_mode()
+    def decode_step(self, token: int) -> tuple[int, torch.Tensor, float]:
+        """Feed one generated token: the greedy next token, its logits and the seconds the step took."""
+        t = time.perf_counter()
+        logits = self._forward(torch.tensor([[token]], device=self.engine.device), prefill=False, last=True)
+        token = int(logits.argmax())
+        self.sync()
+        return token, logits, time.perf_counter() - t
 
     def finish(self, generated: list[int], decode_s: list[float], stop: Sequence[str], eos_ids: set[int],
                logits: list[torch.Tensor] | None = None) -> Reply:

@@ -43,6 +43,15 @@ def full_index(idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return idx.unsqueeze(-1).expand(-1, -1, -1, rows.shape[-1])
 
 
+FEW_ROWS = 8  # removals up to this many rows per head run as plain row copies on CPU (`Rows._remove_few`)
+
+
+def _moves(drop: list[int], n: int) -> list[tuple[int, int]]:
+    """(hole, row) pairs that fill the holes among the first n - len(drop) rows with the valid rows beyond."""
+    m, gone = n - len(drop), set(drop)
+    return list(zip([i for i in drop if i < m], [j for j in range(m, n) if j not in gone], strict=True))
+
+
 class Rows:
     def __init__(self, state_names: tuple[str, ...], device: torch.device) -> None:
         self.state_names = state_names
@@ -141,7 +150,9 @@ class Rows:
         if k == 0:
             return
         n, m = self.n, self.n - k
-        if idx.dim() == 1:
+        if k <= FEW_ROWS and idx.device.type == "cpu":
+            self._remove_few(idx)
+        elif idx.dim() == 1:
             hole = torch.zeros(n, dtype=torch.bool, device=idx.device)
             hole[idx] = True
             dst = idx[idx < m]
@@ -150,9 +161,37 @@ class Rows:
                 for t in self._buffers():
                     t.index_copy_(2, dst, gather(t, src))
         else:
-            keep = torch.ones(idx.shape[0], idx.shape[1], n, dtype=torch.bool, device=idx.device)
-            keep.scatter_(2, idx, False)
-            kept = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[..., :m]
-            for t in self._buffers():
-                t[:, :, :m] = t[:, :, :n].gather(2, full_index(kept, t[:, :, :n]))
+            self._remove_per_row(idx)
         self.n = m
+
+    def _remove_few(self, idx: torch.Tensor) -> None:
+        """`remove` of a few rows (a decode step's eviction) as plain row copies: each vectorised index op costs
+        ~10 us of fixed overhead on CPU, and the general paths take a dozen of them per layer and step."""
+        heads = [((slice(None), slice(None)), idx.tolist())] if idx.dim() == 1 else [
+            ((b, h), rows) for b, per_b in enumerate(idx.expand(*self.k.shape[:2], -1).tolist())
+            for h, rows in enumerate(per_b)]
+        for head, rows in heads:
+            for hole, row in _moves(rows, self.n):
+                for t in self._buffers():
+                    t[(*head, hole)] = t[(*head, row)]
+
+    def _remove_per_row(self, idx: torch.Tensor) -> None:
+        """`remove` for a [B, K, k] index (k rows per head, different rows in each): as in the 1-D case, each
+        head moves its valid rows from beyond the new end into its holes below it, so evicting one token per
+        head per decode step (H2O) moves one row per head instead of rewriting the cache. Heads needing fewer
+        moves than the most pad with a dropped row copied onto itself (discarded with the tail anyway)."""
+        n, m = self.n, self.n - idx.shape[-1]
+        hole = torch.zeros(idx.shape[0], idx.shape[1], n, dtype=torch.bool, device=idx.device).scatter_(2, idx, True)
+        below = hole[..., :m]
+        count = below.sum(-1, keepdim=True)  # per head: holes below m = valid rows at or beyond m
+        c = int(count.max())
+        if c == 0:
+            return
+        dst = torch.argsort((~below).to(torch.int8), dim=-1, stable=True)[..., :c]  # holes below m first
+        src = torch.argsort(hole[..., m:].to(torch.int8), dim=-1, stable=True)[..., :c] + m  # valid rows first
+        pad = torch.arange(c, device=idx.device) >= count
+        if bool(pad.any()):
+            spare = hole[..., m:].to(torch.int8).argmax(-1, keepdim=True) + m  # a dropped row beyond m
+            dst, src = torch.where(pad, spare, dst), torch.where(pad, spare, src)
+        for t in self._buffers():
+            t.scatter_(2, full_index(dst, t), t.gather(2, full_index(src, t)))

@@ -1,9 +1,11 @@
 """PolicyCache mechanics on synthetic tensors: real eviction, freeze/thaw, accounting."""
 
+import pytest
 import torch
 
 from conftest import feed, make_cache
 from kvbench.policy import Decision, KVPolicy, LayerView
+from kvbench.rows import FEW_ROWS
 
 
 class Scripted(KVPolicy):
@@ -58,6 +60,35 @@ def test_per_head_decisions_keep_separate_sets():
     assert [sorted(p) for p in layer.positions[0].tolist()] == [[0, 2], [1, 4]]
     row = layer.positions[0, 1].tolist().index(4)
     assert torch.equal(layer.keys[0, 1, row], k_new[0, 1, 0])
+
+
+@pytest.mark.parametrize("start, fewest", [(40, 1), (300, FEW_ROWS + 1)])  # row copies / vectorised moves
+def test_per_head_evictions_keep_each_heads_own_tokens_and_data(start, fewest):
+    """Many steps of different per-head evictions (rows shuffled by earlier moves): every head keeps exactly
+    the tokens it was told to, each with the K/V it was fed."""
+    policy = Scripted()
+    cache = make_cache(policy)
+    gen = torch.Generator().manual_seed(3)
+    fed_k, fed_v = feed(cache, 0, 0, start, heads=3, gen=gen)
+    expected = [set(range(start)) for _ in range(3)]
+    layer = cache.layers[0]
+    for step in range(25):
+        n = layer.active.n + 1
+        drop = fewest + step % 3
+        keep = torch.ones(1, 3, n, dtype=torch.bool)
+        for h in range(3):
+            keep[0, h, torch.randperm(n - 1, generator=gen)[:drop]] = False  # never the new token
+        rows = layer.positions[0].tolist()
+        policy.next = Decision(keep=keep)
+        k, v = feed(cache, 0, start + step, 1, heads=3, gen=gen)
+        fed_k, fed_v = torch.cat([fed_k, k], 2), torch.cat([fed_v, v], 2)
+        for h in range(3):
+            expected[h] = (expected[h] - {rows[h][i] for i in range(n - 1) if not keep[0, h, i]}) | {start + step}
+    for h in range(3):
+        pos = layer.positions[0, h]
+        assert set(pos.tolist()) == expected[h]
+        assert torch.equal(layer.keys[0, h], fed_k[0, h, pos]) and torch.equal(layer.values[0, h], fed_v[0, h, pos])
+    assert layer.evicted == sum(fewest + s % 3 for s in range(25))
 
 
 def test_unequal_per_head_counts_are_refused():

@@ -81,7 +81,7 @@ def test_method_args_sweep_expands_into_rows():
 def test_bench_reports_every_method_against_full_at_each_context(tmp_path, capsys):
     code = main(["bench", "--methods", "full,streamingllm", "--contexts", "200,300", "--new-tokens", "3",
                  "--budget", "64", "--method-args", "streamingllm:sinks=4|16", "--out", str(tmp_path),
-                 "--no-progress"])
+                 "--repeats", "2", "--no-progress"])
     assert code == 0
     record = json.loads((tmp_path / "bench.json").read_text())[0]
     rows = {(r["method"], r["variant"], r["context"]): r for r in record["rows"]}
@@ -89,13 +89,17 @@ def test_bench_reports_every_method_against_full_at_each_context(tmp_path, capsy
     assert set(rows) == {(m, v, c) for m, v in variants for c in (200, 300)}
     assert all(rows[("full", "", c)]["decode_vs_full"] == 1.0 for c in (200, 300))
     assert rows[("streamingllm", "sinks=16", 300)]["active_kv_bytes"] < rows[("full", "", 300)]["active_kv_bytes"] / 4
+    for row in rows.values():  # two rounds each, the reported ratio inside their spread
+        lo, hi = row["decode_vs_full_range"]
+        assert len(row["decode_ms_rounds"]) == row["rounds"] == 2 and lo <= row["decode_vs_full"] <= hi
     out = capsys.readouterr().out
     assert "| 300" in out and "streamingllm sinks=16" in out
 
 
 def test_bench_refuses_bad_method_args_before_loading_the_model(tmp_path, capsys):
     for args, message in ((["--method-args", "h2o:sinks=4"], "h2o, which is not among --methods"),
-                          (["--method-args", "streamingllm:sink=4"], "method 'streamingllm' has no parameter sink")):
+                          (["--method-args", "streamingllm:sink=4"], "method 'streamingllm' has no parameter sink"),
+                          (["--repeats", "0"], "repeats must be >= 1, got 0")):
         code = main(["bench", "--methods", "full,streamingllm", "--model", "/nonexistent/model.gguf",
                      "--out", str(tmp_path / "b"), *args])
         assert code == 2 and message in capsys.readouterr().err

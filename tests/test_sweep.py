@@ -59,7 +59,7 @@ def test_the_committed_sweep_and_its_ci_slice_are_valid():
     assert {m for r in ci.rows for m in r.methods} < {m for r in full.rows for m in r.methods}
 
 
-def test_check_reports_every_moved_deterministic_column():
+def test_check_reports_every_moved_deterministic_column_beyond_cross_host_rounding():
     sample = {"task": "t", "kv_compression": 0.5, "active_kv_bytes": 100, "peak_kv_bytes": 200, "frozen_kv_bytes": 0}
     record = {"method": "h2o", "variant": "", "budget": "64", "positions": "original",
               "metrics": {"accuracy": {"t": 0.5}}, "samples": [sample]}
@@ -69,6 +69,13 @@ def test_check_reports_every_moved_deterministic_column():
     moved["metrics"]["accuracy"]["t"] = 0.75
     problems = sweep.compare_deterministic([moved], [record])
     assert len(problems) == 2 and any("peak_kv_bytes" in p for p in problems) and any("score" in p for p in problems)
+    big = json.loads(json.dumps(record))
+    big["samples"][0]["active_kv_bytes"] = 31645696
+    flipped = json.loads(json.dumps(big))
+    flipped["samples"][0]["active_kv_bytes"] = 31645440  # one token-layer flipped on another CPU: tolerated
+    assert sweep.compare_deterministic([flipped], [big]) == []
+    flipped["samples"][0]["active_kv_bytes"] = 31645696 * 0.999  # 0.1%: a real change
+    assert len(sweep.compare_deterministic([flipped], [big])) == 1
     other = {**record, "budget": "128"}
     missing = sweep.compare_deterministic([other], [record])
     assert missing == ["h2o | 128 | original / t: not in the committed leaderboard"]
