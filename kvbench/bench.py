@@ -94,7 +94,8 @@ def _round(engine: Engine, prompts: list[list[int]], variants: list[tuple[str, d
     """One run of every variant. At batch 1 the prompts are prefilled one method after another, then all methods
     decode in lockstep (step i of each before step i + 1 of any), so a slow spell of the machine lands on every
     method alike instead of on whichever ran then. Batch > 1 runs one method after another."""
-    policies = [make_policy(name, _budget(name, spec), **params) for name, params in variants]
+    budgets = [_budget(name, spec) for name, _ in variants]
+    policies = [make_policy(name, budget, **params) for (name, params), budget in zip(variants, budgets, strict=True)]
     if len(prompts) > 1:
         results = []
         for policy in policies:
@@ -114,7 +115,7 @@ def _round(engine: Engine, prompts: list[list[int]], variants: list[tuple[str, d
         results = [session.result(len(prompts[0]), prefill_s, session.finish(generated, times, (), set()))
                    for session, prefill_s, generated, times in runs]
         bar.update(len(runs))
-    return [_figures(r, _budget(name, spec), spec) for r, (name, _) in zip(results, variants, strict=True)]
+    return [_figures(r, budget, spec) for r, budget in zip(results, budgets, strict=True)]
 
 
 def _budget(name: str, spec: BenchSpec) -> str | None:

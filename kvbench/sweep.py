@@ -238,7 +238,8 @@ CHECK_TOLERANCE = {"score": 1e-3, "kv_compression": 1e-4, "active_kv_bytes": 1e-
 
 
 def deterministic(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, float]]:
-    """Per (row, task): the columns that do not depend on timing — identical on every run of the same code."""
+    """Per (row, task): the columns that do not depend on timing — the same on every run of the same code, up to
+    cross-CPU rounding (`CHECK_TOLERANCE`)."""
     out = {}
     for r in records:
         by_task: dict[str, list[dict[str, Any]]] = {}
