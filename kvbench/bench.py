@@ -175,7 +175,8 @@ def markdown(record: dict[str, Any]) -> str:
               f"{r['peak_kv_tokens_per_layer']:.0f}", r["peak_bound_tokens"] or "–",
               f"{r['active_kv_bytes'] / MIB:.1f}", f"{r['transfer_ms']:.0f}"] for r in record["rows"]]
     v, s = record["versions"], record["spec"]
-    head = (f"Model `{s['model']}` {s['dtype']} on {v.get('device')} · attention `{record['attention']}` · "
+    cpu = f" ({v['cpu']})" if "cpu" in v and s["device"] == "cpu" else ""
+    head = (f"Model `{s['model']}` {s['dtype']} on {v.get('device')}{cpu} · attention `{record['attention']}` · "
             f"{s['new_tokens']} new tokens · prefill chunk {s['prefill_chunk']} · torch {v.get('torch')} · "
             f"transformers {v.get('transformers')}")
     rounds = s.get("repeats", 1)

@@ -117,10 +117,9 @@ class Rows:
                 dst[:, :, : self.n] = src[:, :, : self.n]
         self.k, self.v, self.meta = new
 
-    def compact(self, slack: int = 2) -> None:
-        """Give spare capacity back to the allocator when over `slack` times the valid rows are reserved."""
-        if self.cap > slack * self.n + 64:
-            self._resize(self.n + self.n // 4 + 16, (self.k, self.v, self.meta))
+    def shrink(self, rows: int) -> None:
+        """Reallocate the buffers for `rows` (>= n) valid rows plus a quarter, giving the rest back to the allocator."""
+        self._resize(max(rows, self.n) + rows // 4 + 16, (self.k, self.v, self.meta))
 
     # -- row operations -------------------------------------------------------------------------
     def append(self, data: RowData) -> None:

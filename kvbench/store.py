@@ -37,12 +37,15 @@ class FrozenStore:
         self.live = torch.zeros(0, dtype=torch.bool)
         self.n = 0  # frozen tokens now
         self._slots: torch.Tensor | None = None  # live slots, ascending (cached until the next change)
-        self._viewed: tuple[torch.Tensor, torch.Tensor] | None = None  # (slots, meta rows) of the last view
+        self._viewed: tuple | None = None  # the last view: slots, meta rows, their version, the state handed out
         self._copy_done: torch.cuda.Event | None = None  # pending device-to-host copy of K/V (CUDA)
 
     # -- sizes -------------------------------------------------------------------------------------
     def row_bytes(self) -> int:
-        return 0 if self.k is None else self.k[:, :, 0].nbytes + self.v[:, :, 0].nbytes
+        if self.k is None:
+            return 0
+        b, h, _, d = self.k.shape
+        return b * h * (d + self.v.shape[-1]) * self.k.element_size()
 
     @property
     def nbytes(self) -> int:
@@ -78,20 +81,26 @@ class FrozenStore:
     def view(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Positions and policy state of the frozen tokens, from one gather of their meta rows. The state
         entries are views of that copy: `write_back` stores them, edited in place or replaced."""
-        meta = gather(self.meta, self.slots())
-        self._viewed = (self.slots(), meta)
-        return self._split(meta)
+        with torch.inference_mode(False):  # a normal tensor, whose version counter shows in-place edits
+            meta = gather(self.meta, self.slots())
+        positions, state = self._split(meta)
+        self._viewed = (self.slots(), meta, meta._version, state)
+        return positions, state
 
     def _split(self, meta: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return meta[..., POS].long(), {name: meta[..., STATE + i] for i, name in enumerate(self.state_names)}
 
     def write_back(self, state: dict[str, torch.Tensor]) -> None:
-        """Store the state handed out by the last `view` (a policy may edit it in place or replace entries)."""
-        slots, meta = self._viewed
-        for i, name in enumerate(self.state_names):
-            t = state.get(name)
-            if t is not None:
-                meta[..., STATE + i] = t.to(meta.device)  # a no-op copy when edited in place
+        """Store the state handed out by the last `view` (a policy may edit it in place or replace entries).
+        Untouched state (the common case: a policy reads the frozen tokens' state to pick thaws) is not copied
+        back: in-place edits show in the version counter the copy shares with its views."""
+        slots, meta, version, handed = self._viewed
+        replaced = [(i, t) for i, name in enumerate(self.state_names)
+                    if (t := state.get(name)) is not None and t is not handed[name]]
+        if not replaced and meta._version == version:
+            return
+        for i, t in replaced:
+            meta[..., STATE + i] = t.to(meta.device)
         self.meta.flatten(0, 1).index_copy_(1, slots, meta.flatten(0, 1))
 
     # -- freeze and thaw ---------------------------------------------------------------------------

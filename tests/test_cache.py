@@ -2,8 +2,10 @@
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from conftest import feed, make_cache
+from kvbench.cache import RECENT_STEPS
 from kvbench.policy import Decision, KVPolicy, LayerView
 from kvbench.rows import FEW_ROWS
 
@@ -45,8 +47,46 @@ def test_evicted_rows_are_given_back_to_the_allocator():
     policy.next = Decision(keep=torch.arange(401) >= 380)  # keep the last 21
     feed(cache, 0, 400, 1)
     assert layer.active.n == 21
+    held = layer.active.k.untyped_storage().nbytes()
+    assert held >= reserved
+    for i in range(RECENT_STEPS - 1):  # kept while one of the last RECENT_STEPS steps ended with 400 rows
+        assert layer.active.k.untyped_storage().nbytes() == held
+        feed(cache, 0, 401 + i, 1)
+    assert layer.active.n == 21 + RECENT_STEPS - 1
     assert layer.active.k.untyped_storage().nbytes() < reserved / 4  # a smaller buffer: bytes really gone
     assert cache.reserved_bytes == layer.active.reserved_bytes
+
+
+def test_the_end_of_a_prompt_gives_back_spare_rows_at_once():
+    policy = Scripted()
+    cache = make_cache(policy)
+    feed(cache, 0, 0, 400, prefill=True)
+    reserved = cache.layers[0].active.k.untyped_storage().nbytes()
+    policy.next = Decision(keep=torch.arange(401) >= 380)
+    feed(cache, 0, 400, 1, prefill=True)  # the prompt's last chunk: shrunk now, not RECENT_STEPS later
+    assert cache.layers[0].active.k.untyped_storage().nbytes() < reserved / 4
+
+
+def test_a_size_that_swings_every_step_keeps_its_buffer():
+    """Freeze three tokens in four, thaw them, freeze them again...: the buffer is reallocated neither way."""
+
+    class Swing(KVPolicy):
+        def step(self, view: LayerView) -> Decision:
+            if view.frozen_positions is not None:
+                return Decision(thaw=torch.ones(view.frozen_positions.shape[-1], dtype=torch.bool))
+            odd = view.positions[0, 0].remainder(4) != 0
+            return Decision(keep=~odd, freeze=odd)
+
+    cache = make_cache(Swing())
+    feed(cache, 0, 0, 400)
+    feed(cache, 0, 400, 1)  # grows the buffer once, for the 401st token, and freezes 300
+    layer = cache.layers[0]
+    buffer = layer.active.k.data_ptr()
+    for step in range(2 * RECENT_STEPS):
+        n = layer.active.n
+        feed(cache, 0, 401 + step, 1)
+        assert abs(layer.active.n - n) > 200  # a cohort of ~300 tokens moved
+        assert layer.active.k.data_ptr() == buffer
 
 
 def test_per_head_decisions_keep_separate_sets():
@@ -164,26 +204,62 @@ def test_per_head_freeze_is_refused_before_anything_moves():
     assert sorted(layer.positions[0, 0].tolist()) == [0, 2, 3, 4, 5]
 
 
-class EditsFrozenStateInPlace(KVPolicy):
-    """Freezes position 1 at the first step, then bumps its frozen 'mark' in place on every later step."""
+class EditsFrozenState(KVPolicy):
+    """Freezes position 1 at the first step, then bumps its frozen 'mark' on every later step: in place, by
+    replacing the entry, or not at all (`how` = "in place", "replace", "read")."""
 
     token_state = ("mark",)
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
 
     def step(self, view: LayerView) -> Decision | None:
         if view.frozen_positions is None:
             return Decision(keep=view.positions[0, 0] != 1, freeze=view.positions[0, 0] == 1)
-        view.frozen_state["mark"] += 1  # frozen state is a copy: the cache must still keep this edit
+        if self.how == "in place":
+            view.frozen_state["mark"] += 1  # frozen state is a copy: the cache must still keep this edit
+        elif self.how == "replace":
+            view.frozen_state["mark"] = view.frozen_state["mark"] + 1
         return None
 
 
-def test_in_place_edits_of_frozen_state_are_kept_and_thaw_carries_them():
-    policy = EditsFrozenStateInPlace()
+@pytest.mark.parametrize("inference", [False, True])
+@pytest.mark.parametrize("how", ["in place", "replace"])
+def test_edits_of_frozen_state_are_kept_and_thaw_carries_them(how, inference):
+    policy = EditsFrozenState(how)
     cache = make_cache(policy)
-    feed(cache, 0, 0, 3)
     layer = cache.layers[0]
-    for step in range(3):
-        feed(cache, 0, 3 + step, 1)
-    assert layer.frozen.state_view()["mark"][0, :, 0].tolist() == [3.0, 3.0]
-    layer.apply(Decision(thaw=torch.tensor([True])))
+    with torch.inference_mode(inference):  # the engine runs in inference mode
+        feed(cache, 0, 0, 3)
+        for step in range(3):
+            feed(cache, 0, 3 + step, 1)
+        assert layer.frozen.state_view()["mark"][0, :, 0].tolist() == [3.0, 3.0]
+        layer.apply(Decision(thaw=torch.tensor([True])))
     row = layer.positions[0, 0].tolist().index(1)
     assert layer.active.state_view()["mark"][0, :, row].tolist() == [3.0, 3.0]
+
+
+def test_frozen_state_only_read_is_not_written_back():
+    cache = make_cache(EditsFrozenState("read"))
+    feed(cache, 0, 0, 3)
+    store = cache.layers[0].frozen
+
+    class Writes(TorchFunctionMode):  # in-place ops on the store's meta buffer
+        seen: list = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = func.__name__
+            in_place = name.endswith("_") and not name.startswith("__")
+            if in_place and args[0].untyped_storage().data_ptr() == store.meta.data_ptr():
+                self.seen.append(name)
+            return func(*args, **(kwargs or {}))
+
+    with torch.inference_mode(), Writes() as writes:
+        for step in range(3):
+            feed(cache, 0, 3 + step, 1)
+        assert store.n == 1 and writes.seen == []
+        cache.policy.how = "in place"  # the spy does see a write-back
+        feed(cache, 0, 6, 1)
+        assert writes.seen == ["index_copy_"]
+    assert store.state_view()["mark"][0, :, 0].tolist() == [1.0, 1.0]
