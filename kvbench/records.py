@@ -33,7 +33,7 @@ def versions() -> dict[str, str]:
 
 def cpu_model() -> str:
     """The CPU's model name and widest vector unit: CPU timings and batch scaling differ by far between hosts of
-    the same core count (seen here: `full` batch 4 at 3.3x batch 1 on an AVX-512 Xeon, 1.8x on an AVX2 EPYC)."""
+    the same core count (seen here: `full` batch 4 at 3.3x batch 1 on an AVX-512 host, 1.8x on an AVX2 EPYC)."""
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:

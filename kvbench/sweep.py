@@ -17,7 +17,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import subprocess
 import time
 import tomllib
@@ -31,7 +30,7 @@ from kvbench import models
 from kvbench.compare import Cell, CompareSpec, Runner, plan
 from kvbench.leaderboard import markdown
 from kvbench.policy import Budget
-from kvbench.records import write_atomic
+from kvbench.records import cpu_model, write_atomic
 
 SWEEP_KEYS = {"model", "device", "prefill_chunk", "limit", "tasks", "task_metadata", "rows", "slices"}
 ROW_KEYS = {"methods", "budgets", "positions", "method_args"}
@@ -189,7 +188,7 @@ def _header(sweep: Sweep, code: str, commit: str, outcome: Outcome) -> dict[str,
     source = models.resolve(sweep.spec.model)
     return {"sweep": sweep.source, "slice": sweep.slice, "model": sweep.spec.model,
             "model_file": source.gguf_file or str(source.directory), "commit": commit,
-            "source_hash": code, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "source_hash": code, "machine": cpu_model(),
             "versions": outcome.records[0]["versions"] if outcome.records else {},
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "cells_run": len(outcome.ran), "cells_cached": len(outcome.cached)}
