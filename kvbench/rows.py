@@ -7,8 +7,9 @@ copy there; kvbench/store.py) and the policy's S per-token state values, so movi
 row copies whatever the policy keeps. The first `n` rows are valid. Appending writes in place (the
 buffer grows by a quarter when full), and removing rows moves the last valid rows into the holes,
 so a decode step, a freeze or a thaw costs O(rows moved) instead of rewriting the whole cache. Row
-order is therefore not position order: policies rank tokens by their stored positions. `compact`
-reallocates a mostly empty buffer at its valid size, so evicted bytes go back to the allocator.
+order is therefore not position order: policies rank tokens by their stored positions. `shrink`
+reallocates a mostly empty buffer smaller (when: `PolicyLayer.compact`), so evicted bytes go back to
+the allocator.
 """
 
 from __future__ import annotations

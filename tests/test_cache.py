@@ -250,7 +250,7 @@ def test_frozen_state_only_read_is_not_written_back():
 
         def __torch_function__(self, func, types, args=(), kwargs=None):
             name = func.__name__
-            in_place = name.endswith("_") and not name.startswith("__")
+            in_place = name == "__setitem__" or name.endswith("_") and not name.startswith("__")
             if in_place and args[0].untyped_storage().data_ptr() == store.meta.data_ptr():
                 self.seen.append(name)
             return func(*args, **(kwargs or {}))
