@@ -38,9 +38,12 @@ def cpu_model() -> str:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
         return platform.processor() or platform.machine()
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                platform.machine())
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    fields: dict[str, str] = {}
+    for line in info.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())  # the first CPU's entry
+    name = fields.get("model name", platform.machine())
+    flags = (fields.get("flags") or fields.get("Features", "")).split()
     vector = next((f for f in ("avx512f", "avx2", "neon", "asimd") if f in flags), "")
     return f"{name} ({vector.removesuffix('f')})" if vector else name
 

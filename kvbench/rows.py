@@ -38,6 +38,14 @@ def gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return t.flatten(0, 1).index_select(1, idx).view(b, h, idx.numel(), t.shape[-1])
 
 
+def row_bytes(k: torch.Tensor | None, v: torch.Tensor | None) -> int:
+    """K/V bytes of one token row across batch and heads of [B, K, cap, d] buffers (0 before any data)."""
+    if k is None:
+        return 0
+    b, h, _, d = k.shape
+    return b * h * (d + v.shape[-1]) * k.element_size()
+
+
 def full_index(idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Expand a [B, K, k] row index to gather from a [B, K, n, c] tensor."""
     idx = idx.expand(rows.shape[0], rows.shape[1], idx.shape[-1])
@@ -68,10 +76,7 @@ class Rows:
         return 0 if self.k is None else self.k.shape[2]
 
     def row_bytes(self) -> int:
-        if self.k is None:
-            return 0
-        b, h, _, d = self.k.shape
-        return b * h * (d + self.v.shape[-1]) * self.k.element_size()
+        return row_bytes(self.k, self.v)
 
     @property
     def nbytes(self) -> int:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-from kvbench.rows import POS, SLOT, STATE, RowData, gather
+from kvbench.rows import POS, SLOT, STATE, RowData, gather, row_bytes
 
 
 class FrozenStore:
@@ -42,10 +42,7 @@ class FrozenStore:
 
     # -- sizes -------------------------------------------------------------------------------------
     def row_bytes(self) -> int:
-        if self.k is None:
-            return 0
-        b, h, _, d = self.k.shape
-        return b * h * (d + self.v.shape[-1]) * self.k.element_size()
+        return row_bytes(self.k, self.v)
 
     @property
     def nbytes(self) -> int:

@@ -246,7 +246,9 @@ def test_frozen_state_only_read_is_not_written_back():
     store = cache.layers[0].frozen
 
     class Writes(TorchFunctionMode):  # in-place ops on the store's meta buffer
-        seen: list = []
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[str] = []
 
         def __torch_function__(self, func, types, args=(), kwargs=None):
             name = func.__name__
