@@ -202,24 +202,28 @@ class PolicyLayer(CacheLayerMixin):
         b, h, n = self.keys.shape[:3]
         shape = (b, h, n)
         before = self._sizes()
-        keep = torch.ones((1, 1, n), dtype=torch.bool, device=self.device) if d.keep is None else _as3d(d.keep)
+        keep = None if d.keep is None else _as3d(d.keep)
         freeze = None if d.freeze is None else _as3d(d.freeze)
-        if freeze is not None and bool((keep & freeze).any()):
+        if keep is not None and freeze is not None and bool((keep & freeze).any()):
             raise ValueError(f"layer {self.layer_idx}: a token cannot be both kept and frozen")
         # validate both masks before anything moves, so a refused decision loses nothing
-        freeze_idx = self._shared_index(freeze, n, "freeze") if freeze is not None else None
+        none = torch.empty(0, dtype=torch.long, device=self.device)
+        freeze_idx = self._shared_index(freeze, n, "freeze") if freeze is not None else none
         thaw_idx = thawed = None
         if d.thaw is not None and self.frozen.n:
             thaw_idx = self._shared_index(d.thaw.cpu(), self.frozen.n, "thaw")
         if thaw_idx is not None and thaw_idx.numel():
             thawed = self._restore_rows(thaw_idx)
-        if freeze_idx is not None and freeze_idx.numel():
+        if freeze_idx.numel():
             self._offload_rows(freeze_idx)
-        drop = ~keep
-        drop_idx = _index(drop, shape) if bool(drop.any()) else torch.empty(0, dtype=torch.long, device=self.device)
+        if keep is None:  # the frozen rows leave, nothing is evicted
+            drop_idx = freeze_idx
+        else:
+            drop = ~keep
+            drop_idx = _index(drop, shape) if bool(drop.any()) else none
         self.active.swap(drop_idx, thawed)
         self.heads_aligned &= drop_idx.dim() == 1
-        self.evicted += drop_idx.shape[-1] - (0 if freeze_idx is None else freeze_idx.numel())
+        self.evicted += drop_idx.shape[-1] - freeze_idx.numel()
         if self.owner.positions == "rerotate":
             self._rerotate()
         self._refresh(before)

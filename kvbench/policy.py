@@ -97,7 +97,7 @@ class LayerView:
 class Decision:
     """What to do with the tokens of one layer. Masks broadcast to [B, K, n] (or [B, K, m]).
 
-    keep:   active tokens that stay active (None: all of them).
+    keep:   active tokens that stay active (None: all those not frozen, i.e. evict nothing).
     freeze: active tokens moved to the off-device store (must not overlap `keep`).
     thaw:   frozen tokens restored to the active cache.
     Active tokens neither kept nor frozen are evicted for good.

@@ -123,9 +123,12 @@ class FrozenStore:
             slot[new] = torch.arange(self.used, self.used + count)
             meta[:, :, new, SLOT] = slot[new].float()
             self._reserve(self.used + count, (k, v, meta))
-            for buf, rows in ((self.k, k), (self.v, v)):  # head by head: contiguous targets keep CUDA copies async
-                for dst, src in zip(buf.flatten(0, 1), rows.flatten(0, 1), strict=True):
-                    dst[self.used : self.used + count].copy_(src, non_blocking=self.pin)
+            for buf, rows in ((self.k, k), (self.v, v)):
+                if not self.pin:  # host to host: one strided copy per buffer
+                    buf[:, :, self.used : self.used + count] = rows
+                    continue
+                for dst, src in zip(buf.flatten(0, 1), rows.flatten(0, 1), strict=True):  # head by head:
+                    dst[self.used : self.used + count].copy_(src, non_blocking=True)  # contiguous targets keep it async
             if self.pin and k.is_cuda:
                 self._copy_done = torch.cuda.Event()
                 self._copy_done.record()

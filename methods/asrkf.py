@@ -115,7 +115,7 @@ class ASRKF(KVPolicy):
             thaw = f["until"][:, :1] <= view.step
             if self._pending is not None and self._pending[1] == view.step:
                 thaw = thaw | self._recovery_thaw(self._pending[0], view)
-        return Decision(keep=~freeze, freeze=freeze, thaw=thaw)
+        return Decision(freeze=freeze, thaw=thaw)  # keep=None: nothing is evicted
 
     def _recovery_thaw(self, level: int, view: LayerView) -> torch.Tensor:
         f = view.frozen_state

@@ -144,14 +144,16 @@ def test_unequal_per_head_counts_are_refused():
         raise AssertionError("unequal per-head keep counts were accepted")
 
 
-def test_freeze_then_thaw_is_bit_exact_and_accounted():
+@pytest.mark.parametrize("keep_rest", [True, False])  # keep=~freeze spelled out, or keep=None (evict nothing)
+def test_freeze_then_thaw_is_bit_exact_and_accounted(keep_rest):
     policy = Scripted()
     cache = make_cache(policy)
     k0, v0 = feed(cache, 0, 0, 6)
     layer = cache.layers[0]
     freeze = torch.tensor([False, True, False, True, False, False, False])
-    policy.next = Decision(keep=~freeze, freeze=freeze)
+    policy.next = Decision(keep=~freeze if keep_rest else None, freeze=freeze)
     feed(cache, 0, 6, 1)
+    assert sorted(layer.positions[0, 0].tolist()) == [0, 2, 4, 5, 6] and layer.evicted == 0
     assert sorted(layer.frozen.positions()[0, 0].tolist()) == [1, 3]
     assert layer.get_seq_length() == 5 and layer.frozen.n == 2
     assert cache.frozen_bytes == 2 * 2 * 2 * 4 * 4

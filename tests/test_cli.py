@@ -87,7 +87,8 @@ def test_bench_reports_every_method_against_full_at_each_context(tmp_path, capsy
     rows = {(r["method"], r["variant"], r["context"]): r for r in record["rows"]}
     variants = [("full", ""), ("streamingllm", "sinks=4"), ("streamingllm", "sinks=16")]
     assert set(rows) == {(m, v, c) for m, v in variants for c in (200, 300)}
-    assert all(rows[("full", "", c)]["decode_vs_full"] == 1.0 for c in (200, 300))
+    assert all(rows[("full", "", c)][col] == 1.0 for c in (200, 300)
+               for col in ("decode_vs_full", "late_decode_vs_full"))
     assert rows[("streamingllm", "sinks=16", 300)]["active_kv_bytes"] < rows[("full", "", 300)]["active_kv_bytes"] / 4
     for row in rows.values():  # two rounds each, the reported ratio inside their spread
         lo, hi = row["decode_vs_full_range"]
@@ -99,7 +100,8 @@ def test_bench_reports_every_method_against_full_at_each_context(tmp_path, capsy
 def test_bench_refuses_bad_method_args_before_loading_the_model(tmp_path, capsys):
     for args, message in ((["--method-args", "h2o:sinks=4"], "h2o, which is not among --methods"),
                           (["--method-args", "streamingllm:sink=4"], "method 'streamingllm' has no parameter sink"),
-                          (["--repeats", "0"], "repeats must be >= 1, got 0")):
+                          (["--repeats", "0"], "repeats must be >= 1, got 0"),
+                          (["--new-tokens", "1"], "new tokens must be >= 2")):
         code = main(["bench", "--methods", "full,streamingllm", "--model", "/nonexistent/model.gguf",
                      "--out", str(tmp_path / "b"), *args])
         assert code == 2 and message in capsys.readouterr().err
