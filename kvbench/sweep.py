@@ -204,8 +204,10 @@ def _markdown(header: dict[str, Any], records: list[dict[str, Any]], plots: dict
         f"{header['date']}",
         "",
         f"Sweep `{header['sweep']}`" + (f" (slice `{header['slice']}`)" if header["slice"] else "")
-        + f": {header['cells_run']} cells run, {header['cells_cached']} taken from the cell store. "
-        "Regenerate with `kvbench leaderboard`; CI reruns a slice and fails if a deterministic column "
+        + f": {header['cells_run']} cells run, {header['cells_cached']} taken from the cell store"
+        + (" (they keep the timings of the run that made them, so decode × full may compare two runs). "
+           if header["cells_cached"] else ". ")
+        + "Regenerate with `kvbench leaderboard`; CI reruns a slice and fails if a deterministic column "
         "(task scores, KV compression, KV bytes) moves. Timings are from this machine and are not compared.",
         "",
     ]

@@ -97,6 +97,18 @@ def test_bench_reports_every_method_against_full_at_each_context(tmp_path, capsy
     assert "| 300" in out and "streamingllm sinks=16" in out
 
 
+def test_bench_last_quarter_is_the_median_of_the_last_quarter_of_the_steps():
+    from types import SimpleNamespace
+
+    from kvbench.bench import BenchSpec, _figures
+
+    cache = SimpleNamespace(peak_active_bytes=8, active_bytes=4, full_bytes=16, seen_tokens=2,
+                            offload=SimpleNamespace(seconds=0.0), restore=SimpleNamespace(seconds=0.0))
+    run = SimpleNamespace(decode_s=[0.001] * 12 + [0.003] * 4, prefill_s=0.5, cache=cache)  # slower at the end
+    figures = _figures(run, "64", BenchSpec(methods=["full"], contexts=[100]))
+    assert figures["step_ms"] == pytest.approx(1.0) and figures["late_ms"] == pytest.approx(3.0)
+
+
 def test_bench_refuses_bad_method_args_before_loading_the_model(tmp_path, capsys):
     for args, message in ((["--method-args", "h2o:sinks=4"], "h2o, which is not among --methods"),
                           (["--method-args", "streamingllm:sink=4"], "method 'streamingllm' has no parameter sink"),
