@@ -207,8 +207,8 @@ class PolicyLayer(CacheLayerMixin):
         if keep is not None and freeze is not None and bool((keep & freeze).any()):
             raise ValueError(f"layer {self.layer_idx}: a token cannot be both kept and frozen")
         # validate both masks before anything moves, so a refused decision loses nothing
-        none = torch.empty(0, dtype=torch.long, device=self.device)
-        freeze_idx = self._shared_index(freeze, n, "freeze") if freeze is not None else none
+        no_rows = torch.empty(0, dtype=torch.long, device=self.device)
+        freeze_idx = self._shared_index(freeze, n, "freeze") if freeze is not None else no_rows
         thaw_idx = thawed = None
         if d.thaw is not None and self.frozen.n:
             thaw_idx = self._shared_index(d.thaw.cpu(), self.frozen.n, "thaw")
@@ -220,7 +220,7 @@ class PolicyLayer(CacheLayerMixin):
             drop_idx = freeze_idx
         else:
             drop = ~keep
-            drop_idx = _index(drop, shape) if bool(drop.any()) else none
+            drop_idx = _index(drop, shape) if bool(drop.any()) else no_rows
         self.active.swap(drop_idx, thawed)
         self.heads_aligned &= drop_idx.dim() == 1
         self.evicted += drop_idx.shape[-1] - freeze_idx.numel()

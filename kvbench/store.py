@@ -127,8 +127,9 @@ class FrozenStore:
                 if not self.pin:  # host to host: one strided copy per buffer
                     buf[:, :, self.used : self.used + count] = rows
                     continue
-                for dst, src in zip(buf.flatten(0, 1), rows.flatten(0, 1), strict=True):  # head by head:
-                    dst[self.used : self.used + count].copy_(src, non_blocking=True)  # contiguous targets keep it async
+                # into pinned memory head by head: contiguous targets keep the copy asynchronous
+                for dst, src in zip(buf.flatten(0, 1), rows.flatten(0, 1), strict=True):
+                    dst[self.used : self.used + count].copy_(src, non_blocking=True)
             if self.pin and k.is_cuda:
                 self._copy_done = torch.cuda.Event()
                 self._copy_done.record()
