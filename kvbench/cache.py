@@ -207,23 +207,25 @@ class PolicyLayer(CacheLayerMixin):
         if keep is not None and freeze is not None and bool((keep & freeze).any()):
             raise ValueError(f"layer {self.layer_idx}: a token cannot be both kept and frozen")
         # validate both masks before anything moves, so a refused decision loses nothing
-        no_rows = torch.empty(0, dtype=torch.long, device=self.device)
-        freeze_idx = self._shared_index(freeze, n, "freeze") if freeze is not None else no_rows
+        freeze_idx = self._shared_index(freeze, n, "freeze") if freeze is not None else None
         thaw_idx = thawed = None
         if d.thaw is not None and self.frozen.n:
             thaw_idx = self._shared_index(d.thaw.cpu(), self.frozen.n, "thaw")
         if thaw_idx is not None and thaw_idx.numel():
             thawed = self._restore_rows(thaw_idx)
-        if freeze_idx.numel():
+        frozen = 0 if freeze_idx is None else freeze_idx.numel()
+        if frozen:
             self._offload_rows(freeze_idx)
-        if keep is None:  # the frozen rows leave, nothing is evicted
+        drop = None if keep is None else ~keep
+        if drop is None and freeze_idx is not None:  # keep=None: the frozen rows leave, nothing is evicted
             drop_idx = freeze_idx
+        elif drop is not None and bool(drop.any()):
+            drop_idx = _index(drop, shape)
         else:
-            drop = ~keep
-            drop_idx = _index(drop, shape) if bool(drop.any()) else no_rows
+            drop_idx = torch.empty(0, dtype=torch.long, device=self.device)
         self.active.swap(drop_idx, thawed)
         self.heads_aligned &= drop_idx.dim() == 1
-        self.evicted += drop_idx.shape[-1] - freeze_idx.numel()
+        self.evicted += drop_idx.shape[-1] - frozen
         if self.owner.positions == "rerotate":
             self._rerotate()
         self._refresh(before)

@@ -124,12 +124,11 @@ class FrozenStore:
             meta[:, :, new, SLOT] = slot[new].float()
             self._reserve(self.used + count, (k, v, meta))
             for buf, rows in ((self.k, k), (self.v, v)):
-                if not self.pin:  # host to host: one strided copy per buffer
+                if self.pin:  # into pinned memory head by head: contiguous targets keep the copy asynchronous
+                    for dst, src in zip(buf.flatten(0, 1), rows.flatten(0, 1), strict=True):
+                        dst[self.used : self.used + count].copy_(src, non_blocking=True)
+                else:  # host to host: one strided copy per buffer
                     buf[:, :, self.used : self.used + count] = rows
-                    continue
-                # into pinned memory head by head: contiguous targets keep the copy asynchronous
-                for dst, src in zip(buf.flatten(0, 1), rows.flatten(0, 1), strict=True):
-                    dst[self.used : self.used + count].copy_(src, non_blocking=True)
             if self.pin and k.is_cuda:
                 self._copy_done = torch.cuda.Event()
                 self._copy_done.record()
