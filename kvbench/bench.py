@@ -134,6 +134,9 @@ def _figures(r: RunResult, budget: str | None, spec: BenchSpec) -> dict[str, Any
             "late_ms": 1e3 * statistics.median(r.decode_s[len(r.decode_s) * 3 // 4 :]),
             "mean_ms": 1e3 * statistics.fmean(r.decode_s), "prefill_ms": 1e3 * r.prefill_s,
             "peak_kv_bytes": c.peak_active_bytes, "active_kv_bytes": c.active_bytes, "full_kv_bytes": c.full_bytes,
+            # active KV over the whole run, not just at its end: a cache that regrows (ASR-KF-EGR's recovery
+            # thaws) or shrinks slowly (AttentionTop) reads more KV per step than its final size says
+            "mean_kv_compression": c.mean_kv_compression, "policy": r.policy_report,
             # peak active KV in tokens per layer, against the bound budget + one prefill chunk
             "peak_kv_tokens_per_layer": c.peak_active_bytes * c.seen_tokens / c.full_bytes,
             "peak_bound_tokens": int(budget) + spec.prefill_chunk if budget and budget.isdigit() else None,
@@ -156,7 +159,7 @@ def _summarise(name: str, params: dict[str, str], n: int, batch: int, runs: list
            "decode_ms_rounds": [r["step_ms"] for r in runs], "late_decode_ms_p50": med(r["late_ms"] for r in runs),
            "prefill_ms": med(r["prefill_ms"] for r in runs),
            **{k: last[k] for k in ("peak_kv_bytes", "active_kv_bytes", "full_kv_bytes", "peak_kv_tokens_per_layer",
-                                   "peak_bound_tokens", "transfer_ms")}}
+                                   "peak_bound_tokens", "transfer_ms", "mean_kv_compression", "policy")}}
     for key, col in (("step_ms", "decode"), ("late_ms", "late_decode"), ("prefill_ms", "prefill")):
         ratios = [r[key] / f[key] for r, f in zip(runs, fulls, strict=True) if f is not None]
         row[f"{col}_vs_full"] = med(ratios) if ratios else None
@@ -174,7 +177,7 @@ def markdown(record: dict[str, Any]) -> str:
     headers = ["context", "batch", "method", "budget", "decode ms/step p50", "decode × full",
                "last quarter × full", "tok/s",
                f"tok/s × batch {first}", "prefill ms", "prefill × full", "peak KV MiB", "peak KV tok/layer",
-               "budget + chunk", "final active KV MiB", "transfer ms"]
+               "budget + chunk", "final active KV MiB", "mean KV comp.", "transfer ms"]
     table = [[r["context"], r["batch"], f"{r['method']} {r.get('variant', '')}".strip(),
               r["budget"] or "all", f"{r['decode_ms_p50']:.1f}",
               ratio(r["decode_vs_full"], r.get("decode_vs_full_range")),
@@ -182,7 +185,8 @@ def markdown(record: dict[str, Any]) -> str:
               ratio(r["throughput_vs_first_batch"]), f"{r['prefill_ms']:.0f}",
               ratio(r["prefill_vs_full"], r.get("prefill_vs_full_range")), f"{r['peak_kv_bytes'] / MIB:.1f}",
               f"{r['peak_kv_tokens_per_layer']:.0f}", r["peak_bound_tokens"] or "–",
-              f"{r['active_kv_bytes'] / MIB:.1f}", f"{r['transfer_ms']:.0f}"] for r in record["rows"]]
+              f"{r['active_kv_bytes'] / MIB:.1f}", f"{r['mean_kv_compression']:.3f}",
+              f"{r['transfer_ms']:.0f}"] for r in record["rows"]]
     v, s = record["versions"], record["spec"]
     cpu = f" ({v['cpu']})" if "cpu" in v and s["device"] == "cpu" else ""
     head = (f"Model `{s['model']}` {s['dtype']} on {v.get('device')}{cpu} · attention `{record['attention']}` · "
