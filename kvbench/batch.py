@@ -28,8 +28,9 @@ class _BatchLayer(CacheLayerMixin):
         pass
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        for b, cache in enumerate(self.owner.caches):
-            cache.layers[self.layer_idx].update(key_states[b : b + 1], value_states[b : b + 1])
+        with torch.DisableTorchFunction():  # cache bookkeeping: none of FewRowLinear's business (kvbench_attention)
+            for b, cache in enumerate(self.owner.caches):
+                cache.layers[self.layer_idx].update(key_states[b : b + 1], value_states[b : b + 1])
         return key_states, value_states  # unused: the attention function reads each sequence's own rows
 
     def get_seq_length(self) -> int:

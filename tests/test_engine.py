@@ -199,3 +199,27 @@ def test_few_row_linear_computes_f_linear_for_batched_steps_and_leaves_other_cal
         torch.testing.assert_close(out, expected)
         if x.shape[:-1].numel() == 1 or x.shape[:-1].numel() > 16:
             assert torch.equal(out, expected)  # one row (GEMV) and large batches keep F.linear's own kernel
+
+
+def test_batched_step_keeps_the_policies_ops_out_of_the_few_row_linear_hook(engine, monkeypatch):
+    """FewRowLinear sees every torch call made while it is active. The batch step's attention and policy work
+    runs with torch-function modes off, so a policy that runs ~200 ops per layer (ASR-KF-EGR) adds no hook
+    calls over `full`: only the model's own calls reach it."""
+    from kvbench.batch import FewRowLinear
+
+    calls = []
+    original = FewRowLinear.__torch_function__
+
+    def counting(self, func, types, args=(), kwargs=None):
+        calls.append(func)
+        return original(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(FewRowLinear, "__torch_function__", counting)
+    prompts = [engine.encode_chat("Tell a long story."), engine.encode_chat("Name three colours.")]
+    seen = {}
+    for method in ("full", "asrkf"):
+        calls.clear()
+        engine.generate_batch(prompts, make_policy(method), 4, ignore_eos=True)
+        seen[method] = len(calls)
+    assert seen["full"] > 0 and seen["asrkf"] == seen["full"]
+    assert torch.nn.functional.linear in calls
