@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from kvbench.batch import outside_few_row_linear
+
 ATTN_IMPLEMENTATION = "kvbench"
 CACHE_KWARG = "kvbench_cache"
 
@@ -95,10 +97,7 @@ def kvbench_attention(
     policy_cache = kwargs.get(CACHE_KWARG)
     if hasattr(policy_cache, "caches"):  # a BatchCache: each sequence attends over its own cache
         outs = []
-        # with torch-function modes off: the batch step's FewRowLinear (kvbench/batch.py) is for the model's
-        # products, and its Python hook would otherwise run on each of the policies' ~200 small ops per layer
-        # and sequence (ASR-KF-EGR at batch 4, 1k: ~445 -> ~310 ms per step); the caches' appends likewise
-        with torch.DisableTorchFunction():
+        with outside_few_row_linear():
             for b, cache in enumerate(policy_cache.caches):
                 layer = cache.layers[module.layer_idx]
                 outs.append(_attend(module, query[b : b + 1], layer.keys, layer.values, scaling, cache))
