@@ -102,7 +102,7 @@ def _round(engine: Engine, prompts: list[list[int]], variants: list[tuple[str, d
     if len(prompts) > 1:
         results = []
         for policy in policies:
-            results.append(engine.generate_batch(prompts, policy, spec.new_tokens, ignore_eos=True)[0])
+            results.append(engine.generate_batch(prompts, policy, spec.new_tokens, ignore_eos=True))
             bar.update()
     else:
         runs = []
@@ -115,7 +115,7 @@ def _round(engine: Engine, prompts: list[list[int]], variants: list[tuple[str, d
                 token, _, seconds = session.decode_step(generated[-1])
                 generated.append(token)
                 times.append(seconds)
-        results = [session.result(len(prompts[0]), prefill_s, session.finish(generated, times, (), set()))
+        results = [[session.result(len(prompts[0]), prefill_s, session.finish(generated, times, (), set()))]
                    for session, prefill_s, generated, times in runs]
         bar.update(len(runs))
     return [_figures(r, budget, spec) for r, budget in zip(results, budgets, strict=True)]
@@ -125,10 +125,11 @@ def _budget(name: str, spec: BenchSpec) -> str | None:
     return spec.budget if policy_class(name).uses_budget else None
 
 
-def _figures(r: RunResult, budget: str | None, spec: BenchSpec) -> dict[str, Any]:
-    """One method's run: decode step time (median over the steps, and over the last quarter of them: a policy
-    whose work changes as generation goes on, like ASR-KF-EGR's freeze cohorts, shows it there), prefill time
-    and the cache's sizes."""
+def _figures(batch: list[RunResult], budget: str | None, spec: BenchSpec) -> dict[str, Any]:
+    """One method's run (its sequences, decoded together): decode step time (median over the steps, and over the
+    last quarter of them: a policy whose work changes as generation goes on, like ASR-KF-EGR's freeze cohorts,
+    shows it there), the policy's share of a step, prefill time and the first sequence's cache sizes."""
+    r = batch[0]
     c = r.cache
     return {"budget": budget, "step_ms": 1e3 * statistics.median(r.decode_s),
             "late_ms": 1e3 * statistics.median(r.decode_s[len(r.decode_s) * 3 // 4 :]),
@@ -140,7 +141,10 @@ def _figures(r: RunResult, budget: str | None, spec: BenchSpec) -> dict[str, Any
             # peak active KV in tokens per layer, against the bound budget + one prefill chunk
             "peak_kv_tokens_per_layer": c.peak_active_bytes * c.seen_tokens / c.full_bytes,
             "peak_bound_tokens": int(budget) + spec.prefill_chunk if budget and budget.isdigit() else None,
-            "transfer_ms": 1e3 * (c.offload.seconds + c.restore.seconds)}
+            "transfer_ms": 1e3 * (c.offload.seconds + c.restore.seconds),
+            # what deciding and applying decisions adds to each decode step (every sequence's policy runs in it):
+            # set against the step time, it shows whether a smaller attention pays for the bookkeeping
+            "policy_ms": 1e3 * sum(x.cache.policy_seconds["decode"] for x in batch) / len(r.decode_s)}
 
 
 def _full(variants: list[tuple[str, dict[str, str]]], round_: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -159,7 +163,8 @@ def _summarise(name: str, params: dict[str, str], n: int, batch: int, runs: list
            "decode_ms_rounds": [r["step_ms"] for r in runs], "late_decode_ms_p50": med(r["late_ms"] for r in runs),
            "prefill_ms": med(r["prefill_ms"] for r in runs),
            **{k: last[k] for k in ("peak_kv_bytes", "active_kv_bytes", "full_kv_bytes", "peak_kv_tokens_per_layer",
-                                   "peak_bound_tokens", "transfer_ms", "mean_kv_compression", "policy")}}
+                                   "peak_bound_tokens", "transfer_ms", "mean_kv_compression", "policy")},
+           "policy_ms_per_step": med(r["policy_ms"] for r in runs)}
     for key, col in (("step_ms", "decode"), ("late_ms", "late_decode"), ("prefill_ms", "prefill")):
         ratios = [r[key] / f[key] for r, f in zip(runs, fulls, strict=True) if f is not None]
         row[f"{col}_vs_full"] = med(ratios) if ratios else None
@@ -177,7 +182,7 @@ def markdown(record: dict[str, Any]) -> str:
     headers = ["context", "batch", "method", "budget", "decode ms/step p50", "decode × full",
                "last quarter × full", "tok/s",
                f"tok/s × batch {first}", "prefill ms", "prefill × full", "peak KV MiB", "peak KV tok/layer",
-               "budget + chunk", "final active KV MiB", "mean KV comp.", "transfer ms"]
+               "budget + chunk", "final active KV MiB", "mean KV comp.", "policy ms/step", "transfer ms"]
     table = [[r["context"], r["batch"], f"{r['method']} {r.get('variant', '')}".strip(),
               r["budget"] or "all", f"{r['decode_ms_p50']:.1f}",
               ratio(r["decode_vs_full"], r.get("decode_vs_full_range")),
@@ -186,7 +191,7 @@ def markdown(record: dict[str, Any]) -> str:
               ratio(r["prefill_vs_full"], r.get("prefill_vs_full_range")), f"{r['peak_kv_bytes'] / MIB:.1f}",
               f"{r['peak_kv_tokens_per_layer']:.0f}", r["peak_bound_tokens"] or "–",
               f"{r['active_kv_bytes'] / MIB:.1f}", f"{r['mean_kv_compression']:.3f}",
-              f"{r['transfer_ms']:.0f}"] for r in record["rows"]]
+              f"{r['policy_ms_per_step']:.1f}", f"{r['transfer_ms']:.0f}"] for r in record["rows"]]
     v, s = record["versions"], record["spec"]
     cpu = f" ({v['cpu']})" if "cpu" in v and s["device"] == "cpu" else ""
     head = (f"Model `{s['model']}` {s['dtype']} on {v.get('device')}{cpu} · attention `{record['attention']}` · "

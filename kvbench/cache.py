@@ -55,6 +55,7 @@ class CacheStats:
     thaws: int
     offload: Transfers
     restore: Transfers
+    policy_seconds: dict[str, float]  # host time deciding and applying decisions after attention, by phase
 
     step_active_bytes: float  # active KV averaged over steps (prefill chunks and decode steps)
     step_full_bytes: float  # what a full cache would have held, averaged over the same steps
@@ -278,6 +279,7 @@ class PolicyLayer(CacheLayerMixin):
 
 
 POSITION_MODES = ("original", "rerotate", "naive")
+PHASES = ("prefill", "decode", "reconstruct", "compress")  # `PolicyCache.phase` values (see LayerView.phase)
 
 
 class PolicyCache(Cache):
@@ -312,6 +314,7 @@ class PolicyCache(Cache):
         self.thaws = 0
         self.offload = Transfers()
         self.restore = Transfers()
+        self.policy_seconds = dict.fromkeys(PHASES, 0.0)
         self._sum_active = 0
         self._sum_full = 0
         self._token_bytes = 0
@@ -383,8 +386,11 @@ class PolicyCache(Cache):
 
     # -- called by the attention function after computing a layer's output ----------------------
     def after_attention(self, layer_idx: int, attn: torch.Tensor | None) -> None:
+        """Run the policy on one layer and apply its decision. Timed by phase (`policy_seconds`): this is the
+        bookkeeping a method adds to `full`'s step, which its smaller attention has to pay for."""
         if self.policy.passive:
             return
+        t0 = time.perf_counter()
         layer = self.layers[layer_idx]
         view = layer.view(attn)
         decision = self.policy.step(view)
@@ -392,6 +398,7 @@ class PolicyCache(Cache):
             layer.store_state(view)
         if decision is not None:
             layer.apply(decision)
+        self.policy_seconds[self.phase] += time.perf_counter() - t0
 
     # -- accounting -------------------------------------------------------------------------------
     def _account(self, active_delta: int, frozen_delta: int, reserved_delta: int) -> None:
@@ -432,6 +439,7 @@ class PolicyCache(Cache):
             thaws=self.thaws,
             offload=dataclasses.replace(self.offload),
             restore=dataclasses.replace(self.restore),
+            policy_seconds=dict(self.policy_seconds),
             step_active_bytes=self._sum_active / max(1, self.steps),
             step_full_bytes=self._sum_full / max(1, self.steps),
         )

@@ -76,6 +76,7 @@ def sample_record(task: str, sample, result: RunResult, score: float) -> dict[st
         "thaws": c.thaws,
         "offload": vars(c.offload),
         "restore": vars(c.restore),
+        "policy_ms": {phase: seconds * 1e3 for phase, seconds in c.policy_seconds.items()},
         "memory_peak_bytes": result.memory_peak_bytes,
         "policy": result.policy_report,
     }
@@ -121,6 +122,8 @@ def summarize(samples: list[dict[str, Any]], scores: dict[str, float] | None = N
         "thaws": sum(s["thaws"] for s in samples),
         "policy": _sum_counters([s["policy"] for s in samples]),
         "transfer_ms": sum(s["offload"]["seconds"] + s["restore"]["seconds"] for s in samples) * 1e3,
+        # the policy's bookkeeping inside each decode step (LayerView, step, freeze/thaw/evict copies)
+        "policy_ms_per_decode_step": sum(s["policy_ms"]["decode"] for s in samples) / len(steps) if steps else None,
     }
 
 

@@ -93,6 +93,9 @@ def test_bench_reports_every_method_against_full_at_each_context(tmp_path, capsy
     # averaged over every step (the one prefill chunk evicts down to the budget before it ends): ~64 of ~300 tokens
     mean_comp = rows[("streamingllm", "sinks=16", 300)]["mean_kv_compression"]
     assert rows[("full", "", 300)]["mean_kv_compression"] == 0.0 and 1 - 80 / 300 < mean_comp < 1 - 60 / 303
+    # `full` never runs a policy step; StreamingLLM decides and evicts one token per layer in every decode step
+    assert rows[("full", "", 300)]["policy_ms_per_step"] == 0.0
+    assert rows[("streamingllm", "sinks=16", 300)]["policy_ms_per_step"] > 0.0
     for row in rows.values():  # two rounds each, the reported ratio inside their spread
         lo, hi = row["decode_vs_full_range"]
         assert len(row["decode_ms_rounds"]) == row["rounds"] == 2 and lo <= row["decode_vs_full"] <= hi
@@ -100,18 +103,24 @@ def test_bench_reports_every_method_against_full_at_each_context(tmp_path, capsy
     assert "| 300" in out and "streamingllm sinks=16" in out
 
 
-def test_bench_last_quarter_is_the_median_of_the_last_quarter_of_the_steps():
+def test_bench_figures_last_quarter_and_policy_time_per_step():
     from types import SimpleNamespace
 
     from kvbench.bench import BenchSpec, _figures
 
-    cache = SimpleNamespace(peak_active_bytes=8, active_bytes=4, full_bytes=16, seen_tokens=2, mean_kv_compression=0.25,
-                            offload=SimpleNamespace(seconds=0.0), restore=SimpleNamespace(seconds=0.0))
-    run = SimpleNamespace(decode_s=[0.001] * 12 + [0.003] * 4, prefill_s=0.5, cache=cache,  # slower at the end
-                          policy_report={"recoveries": {"full": 2}})
-    figures = _figures(run, "64", BenchSpec(methods=["full"], contexts=[100]))
+    def run(policy_decode_s: float) -> SimpleNamespace:
+        cache = SimpleNamespace(peak_active_bytes=8, active_bytes=4, full_bytes=16, seen_tokens=2,
+                                mean_kv_compression=0.25, offload=SimpleNamespace(seconds=0.0),
+                                restore=SimpleNamespace(seconds=0.0),
+                                policy_seconds={"prefill": 1.0, "decode": policy_decode_s})
+        return SimpleNamespace(decode_s=[0.001] * 12 + [0.003] * 4, prefill_s=0.5, cache=cache,  # slower at the end
+                               policy_report={"recoveries": {"full": 2}})
+
+    figures = _figures([run(0.008), run(0.024)], "64", BenchSpec(methods=["full"], contexts=[100]))
     assert figures["step_ms"] == pytest.approx(1.0) and figures["late_ms"] == pytest.approx(3.0)
     assert figures["mean_kv_compression"] == 0.25 and figures["policy"] == {"recoveries": {"full": 2}}
+    # both sequences' policies run in each of the 16 batched steps; prefill's policy time is not a decode cost
+    assert figures["policy_ms"] == pytest.approx(2.0)
 
 
 def test_bench_refuses_bad_method_args_before_loading_the_model(tmp_path, capsys):
