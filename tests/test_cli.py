@@ -32,6 +32,10 @@ def test_compare_writes_results_and_prints_table(tmp_path, capsys):
     assert records[0]["metrics"]["kv_compression"] == 0.0
     assert records[1]["metrics"]["kv_compression"] > 0.9  # 64 of ~1000 tokens kept
     assert records[1]["metrics"]["active_kv_bytes"] < records[0]["metrics"]["active_kv_bytes"] / 10
+    # policy time: none for `full`; StreamingLLM evicts in every prefill chunk and decode step
+    assert records[0]["metrics"]["policy_ms_per_decode_step"] == 0.0
+    assert records[1]["metrics"]["policy_ms_per_decode_step"] > 0.0
+    assert all(s["policy_ms"]["prefill"] > 0 and s["policy_ms"]["decode"] > 0 for s in records[1]["samples"])
     assert "| streamingllm" in stdout and "decode × full" in stdout
     assert (out / "leaderboard.md").read_text().count("| full") == 1
 
