@@ -39,7 +39,8 @@ def rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     labels = {t: "ppl" if _is_perplexity(metric.get(t, "")) else "acc" for t in tasks}
     task_cols = [f"{t} {what}" for t in tasks for what in ((labels[t], "KV comp.") if per_task else (labels[t],))]
     headers = ["method", "budget", "positions", *task_cols, "KV compression", "active KV MiB",
-               "peak KV MiB", "prefill ms", "decode ms p50", "decode ms p95", "tok/s", "decode × full"]
+               "peak KV MiB", "prefill ms", "decode ms p50", "decode ms p95", "tok/s", "decode × full",
+               "policy ms/step"]
     freezing = any(r["metrics"]["freezes"] for r in records)
     if freezing:
         headers += ["mean KV comp.", "frozen MiB", "thaws", "recoveries"]
@@ -53,6 +54,7 @@ def rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
             _fmt(m["kv_compression"], 3), _fmt(m["active_kv_bytes"] / MIB, 2), _fmt(m["peak_kv_bytes"] / MIB, 2),
             _fmt(m["prefill_ms"], 0), _fmt(m["decode_ms_p50"]),
             _fmt(m["decode_ms_p95"]), _fmt(m["tokens_per_s"]), _fmt(ratio, 2),
+            _fmt(m.get("policy_ms_per_decode_step")),  # absent from records made before kvbench measured it
         ])
         if freezing:
             recoveries = sum(m["policy"].get("recoveries", {}).values())
@@ -77,6 +79,8 @@ def markdown(records: list[dict[str, Any]], title: str | None = None) -> str:
     notes = [
         "",
         "KV compression = 1 − active/full KV bytes at the end of each sample (mean); peak KV = high-water "
-        "mark of active KV over the run (max); decode × full = decode ms p50 over the `full` row's, same run.",
+        "mark of active KV over the run (max); decode × full = decode ms p50 over the `full` row's, same run; "
+        "policy ms/step = mean host time per decode step the method spends deciding and moving rows after attention "
+        "(part of decode ms: what its smaller attention has to pay for).",
     ]
     return "\n".join([*head, "", body, *notes]) + "\n"

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from kvbench import leaderboard
 from kvbench.cli import main
 from kvbench.policy import available
 from kvbench.tasks import TASKS
@@ -37,6 +38,9 @@ def test_compare_writes_results_and_prints_table(tmp_path, capsys):
     assert records[1]["metrics"]["policy_ms_per_decode_step"] > 0.0
     assert all(s["policy_ms"]["prefill"] > 0 and s["policy_ms"]["decode"] > 0 for s in records[1]["samples"])
     assert "| streamingllm" in stdout and "decode × full" in stdout
+    headers, table = leaderboard.rows(records)
+    policy = [float(row[headers.index("policy ms/step")]) for row in table]
+    assert policy[0] == 0.0 and policy[1] > 0.0
     assert (out / "leaderboard.md").read_text().count("| full") == 1
 
 
