@@ -54,7 +54,7 @@ def rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
             _fmt(m["kv_compression"], 3), _fmt(m["active_kv_bytes"] / MIB, 2), _fmt(m["peak_kv_bytes"] / MIB, 2),
             _fmt(m["prefill_ms"], 0), _fmt(m["decode_ms_p50"]),
             _fmt(m["decode_ms_p95"]), _fmt(m["tokens_per_s"]), _fmt(ratio, 2),
-            _fmt(m.get("policy_ms_per_decode_step")),  # absent from records made before kvbench measured it
+            _fmt(m["policy_ms_per_decode_step"]),  # None ("–") when the row decoded nothing (loglikelihood only)
         ])
         if freezing:
             recoveries = sum(m["policy"].get("recoveries", {}).values())
