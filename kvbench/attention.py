@@ -9,18 +9,24 @@ code is not touched: this is selected with `attn_implementation="kvbench"`.
 
 No mask function is registered for this name, so transformers passes `attention_mask=None` and the
 causal structure is built here, bottom-right aligned: after evictions every layer may hold a
-different number of tokens, and new tokens are always the last `q` rows of the cache.
+different number of tokens, and new tokens are always the last `q` rows of the cache. A sliding-window
+layer (the `sliding_window` keyword its model passes) masks by true positions, as transformers' sliding
+mask does by index; Gemma 2's logit soft-capping (`softcap`) is computed as transformers' eager
+attention computes it (no SDPA kernel caps logits). Keywords that change attention in ways this function
+does not reproduce (attention sinks, position biases, non-causal attention) are refused, never ignored.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 from functools import cache
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from kvbench.architectures import UnsupportedModel
 from kvbench.batch import outside_few_row_linear
 
 ATTN_IMPLEMENTATION = "kvbench"
@@ -43,15 +49,26 @@ def _causal_mask(q: int, k: int, device: torch.device) -> torch.Tensor:
     return torch.ones(q, k, dtype=torch.bool, device=device).tril(k - q)
 
 
-def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
+def _heads(mask: torch.Tensor, heads: int) -> torch.Tensor:
+    """A [B, K|1, q, n] mask for [B, H, q, n] scores (query heads of one KV head are adjacent)."""
+    return mask if mask.shape[1] == 1 else mask.repeat_interleave(heads // mask.shape[1], dim=1)
+
+
+def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
+          mask: torch.Tensor | None = None) -> torch.Tensor:
+    """SDPA output [B, q, H, d]; `mask` ([B, K|1, q, n], True = visible) replaces the bottom-right causal one."""
     b, h, q, d = query.shape
     kv_heads, k = key.shape[1], key.shape[2]
     if q == 1:
         # decode: the query heads sharing a KV head become rows of one matrix (no KV repeat)
-        out = F.scaled_dot_product_attention(query.view(b, kv_heads, h // kv_heads, d), key, value, scale=scaling)
+        out = F.scaled_dot_product_attention(query.view(b, kv_heads, h // kv_heads, d), key, value, attn_mask=mask,
+                                             scale=scaling)
         return out.reshape(b, h, 1, -1).transpose(1, 2)
     gqa = h != kv_heads
-    if q == k:
+    if mask is not None:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=_heads(mask, h), scale=scaling,
+                                             enable_gqa=gqa)
+    elif q == k:
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=gqa)
     else:
         mask = _causal_mask(q, k, query.device)
@@ -59,24 +76,31 @@ def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: 
     return out.transpose(1, 2).contiguous()
 
 
-def _flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
+def _flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
+           softcap: float | None) -> torch.Tensor:
     from flash_attn import flash_attn_func  # optional extra [flash]
 
     # flash-attn aligns the causal mask bottom-right when q < k, which is what a prefix cache needs
-    return flash_attn_func(
-        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), softmax_scale=scaling, causal=True
-    )
+    return flash_attn_func(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), softmax_scale=scaling,
+                           causal=True, softcap=softcap or 0.0)
 
 
-def attention_rows(query: torch.Tensor, key: torch.Tensor, rows: int, scaling: float) -> torch.Tensor:
-    """Softmax attention of the last `rows` queries over all keys: [B, K, G, w, n], float32."""
+def attention_rows(query: torch.Tensor, key: torch.Tensor, rows: int, scaling: float,
+                   mask: torch.Tensor | None = None, softcap: float | None = None) -> torch.Tensor:
+    """Softmax attention of the last `rows` queries over all keys: [B, K, G, w, n], float32. `mask`: the
+    [B, K|1, q, n] visibility of every query of the step (else bottom-right causal); `softcap`: Gemma 2's
+    cap * tanh(score / cap) on the scaled scores, as transformers' eager attention applies it."""
     b, h, q, d = query.shape
     kv_heads, n = key.shape[1], key.shape[2]
     w = min(rows, q)
     g = h // kv_heads
     qw = query[:, :, q - w :, :].float().reshape(b, kv_heads, g * w, d)
     scores = torch.matmul(qw, key.float().transpose(-1, -2)).mul_(scaling).view(b, kv_heads, g, w, n)
-    if w > 1:
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap).mul_(softcap)
+    if mask is not None:
+        scores.masked_fill_(~mask[:, :, None, q - w :, :], float("-inf"))
+    elif w > 1:
         # row r is the (n - w + r)-th token: it sees keys 0 .. n - w + r
         visible = _causal_mask(w, n, query.device)
         scores.masked_fill_(~visible, float("-inf"))
@@ -91,43 +115,97 @@ def kvbench_attention(
     attention_mask: torch.Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
+    refused = [feature for name, feature in REFUSED_KWARGS.items() if kwargs.get(name) is not None]
+    if kwargs.get("is_causal") is False or getattr(module, "is_causal", True) is False:
+        refused.append("non-causal (bidirectional) attention")
+    if refused:
+        raise UnsupportedModel(f"kvbench cannot run this model's attention exactly: it uses {', '.join(refused)}")
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    shape = Shape(scaling, sliding_window, softcap)
     policy_cache = kwargs.get(CACHE_KWARG)
     if hasattr(policy_cache, "caches"):  # a BatchCache: each sequence attends over its own cache
         outs = []
         with outside_few_row_linear():
             for b, cache in enumerate(policy_cache.caches):
                 layer = cache.layers[module.layer_idx]
-                outs.append(_attend(module, query[b : b + 1], layer.keys, layer.values, scaling, cache))
+                outs.append(_attend(module, query[b : b + 1], layer.keys, layer.values, shape, cache))
         return torch.cat(outs), None
-    return _attend(module, query, key, value, scaling, policy_cache), None
+    return _attend(module, query, key, value, shape, policy_cache), None
 
 
-def _attend(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
+# keyword arguments some architectures pass that change the attention itself, and the feature each names
+REFUSED_KWARGS = {"s_aux": "attention sinks (learned per-head logits, as gpt-oss)",
+                  "position_bias": "an additive position bias"}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a layer's attention is, beyond causal softmax: its scale, sliding window and logit soft-cap."""
+
+    scaling: float
+    window: int | None = None
+    softcap: float | None = None
+
+
+def _visible(module: torch.nn.Module, q: int, n: int, window: int | None, policy_cache,
+             device: torch.device) -> torch.Tensor | None:
+    """[B, K|1, q, n] keys each new query may see under a sliding window, by true positions (rows are not in
+    position order after evictions); None when bottom-right causal is exact: no window, or every key inside
+    the window of the last query (a decode step after the cache dropped what left the window)."""
+    if window is None:
+        return None
+    if policy_cache is None:
+        keys, queries = torch.arange(n, device=device)[None, None], torch.arange(n - q, n, device=device)[None]
+    else:
+        layer = policy_cache.layers[module.layer_idx]
+        if layer.window != window:
+            raise UnsupportedModel(f"layer {module.layer_idx} attends with sliding window {window} but the model's "
+                                   f"config gives it {layer.window}: kvbench cannot reproduce this layout")
+        keys = layer.positions[:, :1] if layer.heads_aligned else layer.positions
+        queries = policy_cache.pending_positions.to(device)
+    if int(keys.min()) > int(queries.max()) - window:
+        return None
+    k, q_ = keys[:, :, None, :], queries[:, None, :, None]
+    return (k <= q_) & (k > q_ - window)
+
+
+def _attend(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, shape: Shape,
             policy_cache) -> torch.Tensor:
     """One sequence's attention output, then its policy step for this layer (with the rows it asked for)."""
+    q = query.shape[2]
     rows = policy_cache.attn_rows if policy_cache is not None else 0
+    mask = _visible(module, q, key.shape[2], shape.window, policy_cache, query.device)
     backend = backend_for(query.device, query.dtype)
-    if rows and query.shape[2] == 1 and backend == "sdpa":
+    if shape.softcap is not None and (backend != "flash-attn" or mask is not None):
+        # no fused SDPA kernel soft-caps logits: every query's probabilities, as eager attention computes them
+        probs = attention_rows(query, key, q, shape.scaling, mask, shape.softcap)
+        out = _weighted_values(probs, value).to(query.dtype)
+        attn = probs[:, :, :, q - min(rows, q) :] if rows else None
+    elif rows and q == 1 and backend == "sdpa":
         # decode step of a policy that reads attention: the output from the same probabilities, so the
         # keys are read once instead of once by SDPA and once more for the rows
-        attn = attention_rows(query, key, 1, scaling)
+        attn = attention_rows(query, key, 1, shape.scaling, mask)
         out = _weighted_values(attn, value).to(query.dtype)
     else:
-        out = _flash(query, key, value, scaling) if backend == "flash-attn" else _sdpa(query, key, value, scaling)
-        attn = attention_rows(query, key, rows, scaling) if rows else None
+        if backend == "flash-attn" and mask is None:
+            out = _flash(query, key, value, shape.scaling, shape.softcap)
+        else:
+            out = _sdpa(query, key, value, shape.scaling, mask)
+        attn = attention_rows(query, key, rows, shape.scaling, mask, shape.softcap) if rows else None
     if policy_cache is not None:
         policy_cache.after_attention(module.layer_idx, attn)
     return out
 
 
 def _weighted_values(attn: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """Attention output of one query per head from its probabilities [B, K, G, 1, n]: [B, 1, H, d]."""
-    b, kv_heads, g, _, n = attn.shape
-    out = torch.matmul(attn.view(b, kv_heads, g, n), value.float())  # [B, K, G, d]
-    return out.reshape(b, 1, kv_heads * g, -1)
+    """Attention output from probabilities [B, K, G, q, n]: [B, q, H, d]."""
+    b, kv_heads, g, q, n = attn.shape
+    out = torch.matmul(attn, value.float()[:, :, None])  # [B, K, G, q, d]
+    return out.permute(0, 3, 1, 2, 4).reshape(b, q, kv_heads * g, -1)
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, kvbench_attention)

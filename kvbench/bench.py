@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from tabulate import tabulate
 from tqdm.auto import tqdm
 
@@ -66,8 +65,7 @@ def run(spec: BenchSpec, out_dir: Path | None = None, progress: bool = True) -> 
         raise ValueError(f"--method-args names {', '.join(stray)}, which is not among --methods")
     for name, params in variants:
         make_policy(name, _budget(name, spec), **params)  # fail before loading
-    dtype = getattr(torch, spec.dtype)
-    lm, tok = models.load(spec.model, device=spec.device, dtype=dtype)
+    lm, tok = models.load(spec.model, device=spec.device, dtype=models.parse_dtype(spec.dtype))
     engine = Engine(lm, tok, prefill_chunk=spec.prefill_chunk)
     for n in spec.contexts:
         engine.check_fits(n, spec.new_tokens)
@@ -139,7 +137,7 @@ def _figures(batch: list[RunResult], budget: str | None, spec: BenchSpec) -> dic
             # thaws) or shrinks slowly (AttentionTop) reads more KV per step than its final size says
             "mean_kv_compression": c.mean_kv_compression, "policy": r.policy_report,
             # peak active KV in tokens per layer, against the bound budget + one prefill chunk
-            "peak_kv_tokens_per_layer": c.peak_active_bytes * c.seen_tokens / c.full_bytes,
+            "peak_kv_tokens_per_layer": c.peak_active_bytes / c.token_bytes,
             "peak_bound_tokens": int(budget) + spec.prefill_chunk if budget and budget.isdigit() else None,
             "transfer_ms": 1e3 * (c.offload.seconds + c.restore.seconds),
             # what deciding and applying decisions adds to each decode step (every sequence's policy runs in it):

@@ -43,7 +43,8 @@ class CacheStats:
     active_bytes: int
     frozen_bytes: int
     frozen_store_bytes: int  # host copies held by the frozen stores (frozen tokens and thawed ones' copies)
-    full_bytes: int  # what an uncompressed cache would hold now
+    full_bytes: int  # what transformers' own cache would hold now (sliding layers: their window)
+    token_bytes: int  # K/V bytes of one token in every layer
     peak_active_bytes: int  # high-water mark of active KV, measured at every append and compaction
     peak_frozen_bytes: int
     peak_reserved_bytes: int  # high-water mark of device buffers, spare capacity included
@@ -51,6 +52,7 @@ class CacheStats:
     active_tokens: list[int]
     frozen_tokens: list[int]
     evicted_tokens: list[int]
+    expired_tokens: list[int]  # left a sliding layer's window (dropped as transformers' own cache drops them)
     freezes: int
     thaws: int
     offload: Transfers
@@ -96,14 +98,17 @@ def _index(mask: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
 
 class PolicyLayer(CacheLayerMixin):
     """One layer: active rows on the compute device, frozen rows in host memory. `update` only appends;
-    the policy runs after attention (`PolicyCache.after_attention`) and its decision is applied here."""
+    the policy runs after attention (`PolicyCache.after_attention`) and its decision is applied here.
+    A sliding layer (`window` w) drops the tokens no later query can see, keeping the last w - 1
+    positions as transformers' `DynamicSlidingWindowLayer` does (`expire`)."""
 
-    is_sliding = False
-
-    def __init__(self, owner: PolicyCache, layer_idx: int) -> None:
+    def __init__(self, owner: PolicyCache, layer_idx: int, window: int | None = None) -> None:
         super().__init__()
         self.owner = owner
         self.layer_idx = layer_idx
+        self.window = window
+        self.is_sliding = window is not None
+        self.expired = 0
         names = owner.policy.token_state
         self.active = Rows(names, torch.device("cpu"))
         self.frozen = FrozenStore(names, pin=owner.pin_memory)
@@ -147,6 +152,37 @@ class PolicyLayer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         return self.active.n
 
+    def full_tokens(self) -> int:
+        """Tokens transformers' own cache would hold in this layer now: all seen, or a window's last w - 1."""
+        return self.seen if self.window is None else min(self.seen, self.window - 1)
+
+    def expire(self, attn: torch.Tensor | None) -> torch.Tensor | None:
+        """Drop active and frozen tokens that left the window (no later query can attend them again), and
+        return `attn` with its columns following the rows that stay. When heads hold different tokens after
+        per-head evictions, each head drops as many of its oldest as the head with fewest outside the window;
+        the rest stay active (counted) and masked by the attention function until the policy drops them."""
+        start = self.seen - self.window + 1  # the oldest position a later query can see
+        before = self._sizes()
+        f = self.frozen
+        if f.n:
+            gone = (f.positions()[0, 0] < start).nonzero().squeeze(-1)
+            f.discard(gone)
+            self.expired += gone.numel()
+        positions = self.active.positions()
+        outside = positions < start
+        count = int(outside.sum(-1).min()) if self.active.n else 0
+        if count:
+            if self.heads_aligned:
+                idx = outside[0, 0].nonzero().squeeze(-1)
+            else:
+                idx = positions.topk(count, dim=-1, largest=False).indices.sort(-1).values
+            self.active.remove(idx)
+            self.expired += count
+        self._refresh(before)
+        if attn is None or not count:
+            return attn
+        return _follow(attn, positions, self.active.positions())
+
     def get_max_length(self) -> int:
         return -1
 
@@ -157,6 +193,8 @@ class PolicyLayer(CacheLayerMixin):
         return LayerView(
             layer_idx=self.layer_idx,
             num_layers=len(self.owner.layers),
+            window=self.window,
+            full_tokens=self.full_tokens(),
             keys=self.keys,
             values=self.values,
             positions=self.active.positions(),
@@ -278,6 +316,15 @@ class PolicyLayer(CacheLayerMixin):
         return rows
 
 
+def _follow(attn: torch.Tensor, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """Attention columns [B, K, G, w, n] of rows with positions `before` ([B, K, n]), picked and reordered for
+    the rows now holding positions `after` ([B, K, m]; a head holds each position at most once)."""
+    order = before.argsort(-1)
+    cols = order.gather(-1, torch.searchsorted(before.gather(-1, order), after))
+    b, k, g, w, _ = attn.shape
+    return attn.gather(-1, cols[:, :, None, None, :].expand(b, k, g, w, cols.shape[-1]))
+
+
 POSITION_MODES = ("original", "rerotate", "naive")
 PHASES = ("prefill", "decode", "reconstruct", "compress")  # `PolicyCache.phase` values (see LayerView.phase)
 
@@ -286,16 +333,22 @@ class PolicyCache(Cache):
     """The cache the engine hands to the model: one PolicyLayer per decoder layer, one policy for all."""
 
     def __init__(self, policy: KVPolicy, num_layers: int, device: torch.device | str = "cpu",
-                 positions: str = "original", rope: Rope | None = None) -> None:
+                 positions: str = "original", rope: Rope | None = None,
+                 windows: tuple[int | None, ...] | None = None) -> None:
+        """`windows`: each layer's sliding window (None: full attention), from `architectures.layout`."""
         if positions not in POSITION_MODES:
             raise ValueError(f"unknown positions mode {positions!r}; allowed: {', '.join(POSITION_MODES)}")
         if positions == "rerotate" and rope is None:
             raise ValueError("positions=rerotate needs the model's RoPE parameters")
+        windows = windows or (None,) * num_layers
+        if len(windows) != num_layers:
+            raise ValueError(f"{len(windows)} sliding windows given for {num_layers} layers")
         self.policy = policy
         self.positions = positions
         self.rope = rope
         self.pin_memory = torch.device(device).type == "cuda"
-        super().__init__(layers=[PolicyLayer(self, i) for i in range(num_layers)])
+        super().__init__(layers=[PolicyLayer(self, i, w) for i, w in enumerate(windows)])
+        self.attended = 0  # layers whose attention ran in this step (the engine checks every layer did)
         self.pending_positions = torch.zeros((1, 0), dtype=torch.long)
         self.pending_rotations = self.pending_positions
         self._new_meta: torch.Tensor | None = None  # this step's new rows' meta, shared by the layers (`new_meta`)
@@ -317,7 +370,6 @@ class PolicyCache(Cache):
         self.policy_seconds = dict.fromkeys(PHASES, 0.0)
         self._sum_active = 0
         self._sum_full = 0
-        self._token_bytes = 0
 
     # -- called by the engine around each forward ---------------------------------------------
     def begin_step(self, position_ids: torch.Tensor, prefill: bool, last_chunk: bool = True,
@@ -327,6 +379,7 @@ class PolicyCache(Cache):
         self.pending_positions = position_ids
         self.pending_rotations = position_ids if rotation_ids is None else rotation_ids
         self._new_meta = None
+        self.attended = 0
         self.prefill = prefill
         self.last_chunk = last_chunk
         if self.phase != "reconstruct":
@@ -382,16 +435,21 @@ class PolicyCache(Cache):
             layer.compact(2 if settle else 4, settle)
         self.steps += 1
         self._sum_active += self.active_bytes
-        self._sum_full += self.layers[0].seen * self.token_bytes()
+        self._sum_full += self.full_bytes()
 
     # -- called by the attention function after computing a layer's output ----------------------
     def after_attention(self, layer_idx: int, attn: torch.Tensor | None) -> None:
-        """Run the policy on one layer and apply its decision. Timed by phase (`policy_seconds`): this is the
-        bookkeeping a method adds to `full`'s step, which its smaller attention has to pay for."""
+        """Drop what left a sliding layer's window (not during a reconstruction pass, whose scratch tokens are
+        removed again), then run the policy on the layer and apply its decision. The policy is timed by phase
+        (`policy_seconds`): the bookkeeping a method adds to `full`'s step, which its smaller attention has
+        to pay for."""
+        self.attended += 1
+        layer = self.layers[layer_idx]
+        if layer.window is not None and self.phase != "reconstruct":
+            attn = layer.expire(attn)
         if self.policy.passive:
             return
         t0 = time.perf_counter()
-        layer = self.layers[layer_idx]
         view = layer.view(attn)
         decision = self.policy.step(view)
         if self.policy.token_state:
@@ -409,16 +467,9 @@ class PolicyCache(Cache):
         self.peak_frozen_bytes = max(self.peak_frozen_bytes, self.frozen_bytes)
         self.peak_reserved_bytes = max(self.peak_reserved_bytes, self.reserved_bytes)
 
-    def token_bytes(self) -> int:
-        """Bytes one token occupies across all layers (K and V); fixed once every layer has seen data."""
-        if not self._token_bytes:
-            total = 0
-            for layer in self.layers:
-                if not layer.is_initialized:
-                    return 0
-                total += layer.active.row_bytes()
-            self._token_bytes = total
-        return self._token_bytes
+    def full_bytes(self) -> int:
+        """K/V bytes transformers' own cache would hold now (a sliding layer: its window's last w - 1 tokens)."""
+        return sum(layer.full_tokens() * layer.active.row_bytes() for layer in self.layers)
 
     def stats(self) -> CacheStats:
         layers = self.layers
@@ -427,7 +478,8 @@ class PolicyCache(Cache):
             active_bytes=self.active_bytes,
             frozen_bytes=self.frozen_bytes,
             frozen_store_bytes=sum(layer.frozen.held_bytes for layer in layers),
-            full_bytes=seen * self.token_bytes(),
+            full_bytes=self.full_bytes(),
+            token_bytes=sum(layer.active.row_bytes() for layer in layers),
             peak_active_bytes=self.peak_active_bytes,
             peak_frozen_bytes=self.peak_frozen_bytes,
             peak_reserved_bytes=self.peak_reserved_bytes,
@@ -435,6 +487,7 @@ class PolicyCache(Cache):
             active_tokens=[layer.active.n for layer in layers],
             frozen_tokens=[layer.frozen.n for layer in layers],
             evicted_tokens=[layer.evicted for layer in layers],
+            expired_tokens=[layer.expired for layer in layers],
             freezes=self.freezes,
             thaws=self.thaws,
             offload=dataclasses.replace(self.offload),

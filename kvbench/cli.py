@@ -34,13 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="needle context lengths in tokens, comma-separated (default: the task's own)")
     c.add_argument("--limit", type=int, default=None, help="at most N samples per task")
     c.add_argument("--model", default=models.DEFAULT_MODEL,
-                   help=f"bundled alias ({', '.join(models.BUNDLED)}), a .gguf file, or a local HF model directory")
+                   help=f"bundled alias ({', '.join(models.BUNDLED)}), a .gguf file, a local HF model directory, "
+                        "or a model id in the local Hugging Face cache")
     c.add_argument("--method-args", action="append", default=[], metavar="METHOD:K=V[,K=V]",
                    help="policy parameters, e.g. h2o:heavy_ratio=0.5 (repeatable)")
     c.add_argument("--positions", type=_csv, default=["original"],
                    help="position handling after eviction: original, rerotate, naive (comma-separated sweep)")
     c.add_argument("--prefill-chunk", type=int, default=512, help="prefill chunk size in tokens")
     c.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    c.add_argument("--dtype", default="float32",
+                   help="model dtype: float32, bfloat16, float16, or auto (the checkpoint's own)")
+    c.add_argument("--device-map", default=None,
+                   help="accelerate device map for a model larger than one device (e.g. auto); replaces --device")
     c.add_argument("--out", type=Path, default=None, help="output folder (default: a new folder in reports/runs/)")
     c.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -57,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="whole rounds of every method (ratios: median over rounds, with their spread)")
     b.add_argument("--model", default=models.DEFAULT_MODEL)
     b.add_argument("--device", default="cpu")
-    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    b.add_argument("--dtype", default="float32", help="float32, bfloat16, float16, or auto (the checkpoint's)")
     b.add_argument("--prefill-chunk", type=int, default=512)
     b.add_argument("--out", type=Path, default=Path("reports") / "bench")
     b.add_argument("--no-progress", action="store_true")
@@ -91,6 +96,8 @@ def _compare(args: argparse.Namespace) -> int:
         prefill_chunk=args.prefill_chunk,
         method_args=parse_method_args(args.method_args),
         device=args.device,
+        dtype=args.dtype,
+        device_map=args.device_map,
         positions=args.positions,
         context_lengths=tuple(_int(x, "--context-lengths") for x in args.context_lengths)
         if args.context_lengths else None,

@@ -29,6 +29,8 @@ class CompareSpec:
     prefill_chunk: int = 512
     method_args: dict[str, dict[str, str]] = field(default_factory=dict)
     device: str = "cpu"
+    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto (the checkpoint's own)
+    device_map: str | None = None  # accelerate's device map (e.g. auto) for a model larger than one device
     context_lengths: tuple[int, ...] | None = None  # overrides the needle tasks' lengths
     positions: list[str] = field(default_factory=lambda: ["original"])
     task_metadata: dict[str, dict[str, Any]] = field(default_factory=dict)  # lm-eval tasks: metadata overrides
@@ -105,15 +107,17 @@ class Runner:
                              f"{', '.join(sorted(TASKS))}; lm-eval tasks: {', '.join(lm_eval_run.task_names())}")
         self.spec, self.task_names = spec, names
         self.builtin: dict[str, Task] = {t: make_task(t, **overrides) for t in names if t in TASKS}
+        models.parse_dtype(spec.dtype)
         models.resolve(spec.model)  # fail fast on a missing model, before loading anything
-        lm, tok = models.load(spec.model, device=spec.device)
+        lm, tok = models.load(spec.model, device=spec.device, dtype=spec.dtype, device_map=spec.device_map)
         self.engine = Engine(lm, tok, prefill_chunk=spec.prefill_chunk)
         self.samples = {name: task.samples(self.engine, spec.limit) for name, task in self.builtin.items()}
         for name, task in self.builtin.items():
             for s in self.samples[name]:
                 self.engine.check_fits(len(s.prompt_ids), task.max_new_tokens)
         self.engine.generate(self.engine.encode_chat("Hello"), make_policy("full"), max_new_tokens=4)  # warm-up
-        self.config = {"model": spec.model, "device": spec.device, "attention": self.engine.attention_backend,
+        self.config = {"model": spec.model, "device": spec.device, "dtype": str(lm.dtype).removeprefix("torch."),
+                       "attention": self.engine.attention_backend,
                        "prefill_chunk": spec.prefill_chunk, "limit": spec.limit}
         self.versions = versions()
 
@@ -128,7 +132,8 @@ class Runner:
             t = self.builtin[task]
             return Cell(task, [sample_record(task, s, r, t.score(r.text, s)) for s in self.samples[task]
                                for r in [run_sample(self.engine, t, s, policy, mode)]])
-        got = lm_eval_run.evaluate(self.engine, policy, mode, task, self.spec.limit, self.spec.task_metadata.get(task))
+        got = lm_eval_run.evaluate(self.engine, self.spec.model, policy, mode, task, self.spec.limit,
+                                   self.spec.task_metadata.get(task))
         return Cell(task, got.samples, got.scores, got.metrics)
 
     def record(self, policy: KVPolicy, mode: str, cells: list[Cell], explicit: set[str]) -> dict[str, Any]:

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import psutil
 import torch
 
-from kvbench.attention import CACHE_KWARG, backend_for
+from kvbench import architectures
+from kvbench.attention import ATTN_IMPLEMENTATION, CACHE_KWARG, backend_for
 from kvbench.batch import BatchCache, FewRowLinear
 from kvbench.cache import CacheStats, PolicyCache
 from kvbench.policy import KVPolicy
@@ -45,11 +46,22 @@ class RunResult:
 
 
 class Engine:
-    """Runs policies on one loaded model. `prefill_chunk` bounds peak KV at budget + chunk."""
+    """Runs policies on one loaded model. `prefill_chunk` bounds peak KV at budget + chunk.
+
+    The engine owns attention: a supported model (`architectures.SUPPORTED`) loaded with another attention
+    implementation is switched to kvbench's (transformers' `set_attn_implementation`), an unsupported one is
+    refused, and every forward checks that each layer's attention went through kvbench's function, so a
+    policy never runs as a silent `full`."""
 
     def __init__(self, model, tokenizer, prefill_chunk: int = 512) -> None:
         if prefill_chunk <= 0:
             raise ValueError(f"prefill_chunk must be positive, got {prefill_chunk}")
+        self.layout = architectures.layout(model.config)
+        if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+            model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+            raise architectures.UnsupportedModel(
+                f"{type(model).__name__} does not take transformers' attention interface, so kvbench cannot run it")
         self.model = model
         self.tokenizer = tokenizer
         self.prefill_chunk = prefill_chunk
@@ -74,14 +86,17 @@ class Engine:
             )
 
     def encode_chat(self, user: str, assistant_prefix: str = "") -> list[int]:
-        """The model's chat format (if it has one) for one user turn, plus an optional answer prefix."""
-        if self.tokenizer.chat_template:
+        """The model's chat format for one user turn, plus an optional answer prefix. A base model without a chat
+        template gets the plain text with its tokenizer's own special tokens (Gemma's BOS), as transformers and
+        lm-eval encode it; a rendered template carries its own, as in `apply_chat_template(tokenize=True)`."""
+        template = bool(self.tokenizer.chat_template)
+        if template:
             text = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
             )
         else:
             text = user + "\n"
-        return self.tokenizer(text + assistant_prefix, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(text + assistant_prefix, add_special_tokens=not template)["input_ids"]
 
     def session(self, policy: KVPolicy, positions: str = "original",
                 on_step: Callable[[PolicyCache], None] | None = None) -> Session:
@@ -162,6 +177,8 @@ class Engine:
         with FewRowLinear() if dev.type == "cpu" else contextlib.nullcontext():
             out = self.model(input_ids=ids, position_ids=rot, past_key_values=batch, use_cache=True,
                              logits_to_keep=1, **{CACHE_KWARG: batch})
+        for s in sessions:
+            s.check_attended()
         batch.end_step()
         logits = out.logits[:, -1]
         for b, s in enumerate(sessions):
@@ -232,9 +249,12 @@ class Session:
                  on_step: Callable[[PolicyCache], None] | None) -> None:
         self.engine, self.policy, self.on_step = engine, policy, on_step
         policy.reset()
-        model = engine.model
+        model, layout = engine.model, engine.layout
+        if positions == "rerotate" and layout.sliding and policy.evicts:
+            raise ValueError(f"positions=rerotate is not supported on {layout.architecture} models with sliding-window "
+                             "layers (their layers hold different token sets); use original or naive")
         rope = Rope.from_model(model) if positions == "rerotate" else None
-        self.cache = PolicyCache(policy, model.config.num_hidden_layers, engine.device, positions, rope)
+        self.cache = PolicyCache(policy, len(layout.windows), engine.device, positions, rope, layout.windows)
         self.seen = 0
         self.pending: list[int] = []  # generated tokens not yet fed back (the last one of a reply)
         self.cuda = engine.device.type == "cuda"
@@ -257,9 +277,20 @@ class Session:
         cache.begin_step(pos, prefill=prefill, last_chunk=last, rotation_ids=rot)
         out = engine.model(input_ids=ids, position_ids=rot, past_key_values=cache, use_cache=True,
                            logits_to_keep=0 if all_logits else 1, **{CACHE_KWARG: cache})
+        self.check_attended()
         cache.end_step()
         self.after_forward(q, out.logits[0, -1])
         return out.logits[0] if all_logits else out.logits[0, -1]
+
+    def check_attended(self) -> None:
+        """Every layer's attention must have run through kvbench's function in this forward (else the policy
+        never saw those layers and the cache would not hold what the model attended)."""
+        layers = len(self.cache.layers)
+        if self.cache.attended != layers:
+            raise architectures.UnsupportedModel(
+                f"only {self.cache.attended} of {layers} layers ran the kvbench attention function in this forward: "
+                f"the model's attention (implementation {self.engine.model.config._attn_implementation!r}) bypasses "
+                "transformers' attention interface, so kvbench cannot compress it")
 
     def after_forward(self, q: int, logits: torch.Tensor) -> None:
         """Bookkeeping after `q` tokens went through the model (alone or in a batch); `logits`: the last one's."""

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import lm_eval.models  # noqa: F401  (lm-eval's own model table first: get_model() fills it only while empty)
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -58,19 +59,18 @@ class KVBenchLM(TemplateLM):
 
     def __init__(self, pretrained: str = models.DEFAULT_MODEL, method: str | None = None, budget: Any = None,
                  positions: str = "original", prefill_chunk: int = 512, device: str = "cpu",
-                 dtype: str = "float32", batch_size: int | str = 1, max_batch_size: int | None = None,
-                 **policy_args: Any) -> None:
+                 dtype: str = "float32", device_map: str | None = None, batch_size: int | str = 1,
+                 max_batch_size: int | None = None, **policy_args: Any) -> None:
         batch = 1 if str(batch_size) == "auto" else batch_size
         if not str(batch).isdigit() or int(batch) < 1:
             raise ValueError(f"batch_size={batch_size!r}: use a whole number >= 1 (or auto, which means 1)")
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype={dtype!r}; allowed: float32, bfloat16, float16")
+        dtype = models.parse_dtype(str(dtype))
         method = method or self.default_method
         policy = make_policy(method, budget, **policy_args)  # validates name and parameters
         if policy.uses_budget and policy.budget is None:
             raise ValueError(f"method {method!r} needs budget= in --model_args (tokens, or a ratio like 0.25)")
         _check_positions(positions)
-        lm, tokenizer = models.load(str(pretrained), device=device, dtype=getattr(torch, dtype))
+        lm, tokenizer = models.load(str(pretrained), device=device, dtype=dtype, device_map=device_map)
         self._setup(Engine(lm, tokenizer, prefill_chunk=int(prefill_chunk)), policy, positions)
         self.batch_size = int(batch)
 
@@ -90,6 +90,7 @@ class KVBenchLM(TemplateLM):
         self.measured: list[Measured] = []
         self._last: list[RunResult] = []
         self._warned = False
+        self._chat_applied = False
         self.progress = progress
         self.batch_size = 1
 
@@ -107,8 +108,29 @@ class KVBenchLM(TemplateLM):
     def max_length(self) -> int:
         return self.engine.max_positions
 
+    @property
+    def tokenizer_name(self) -> str:
+        return str(self.tokenizer.name_or_path).replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return self.tokenizer.chat_template
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """`--apply_chat_template`: the evaluated model's own template (refused for a model without one)."""
+        if not self.tokenizer.chat_template:
+            raise ValueError("--apply_chat_template: this model has no chat template (a base model); run without it")
+        self._chat_applied = True
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt,
+                                                  continue_final_message=not add_generation_prompt)
+
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        return self.tokenizer(string, add_special_tokens=bool(add_special_tokens))["input_ids"]
+        """As lm-eval's `hf` model encodes: the tokenizer's own special tokens (Gemma's BOS) unless the text
+        already starts with the BOS token, so both model types score the same token sequences."""
+        if add_special_tokens is None:
+            bos = self.tokenizer.bos_token
+            add_special_tokens = not (bos and string.startswith(bos))
+        return self.tokenizer(string, add_special_tokens=add_special_tokens)["input_ids"]
 
     def tok_decode(self, tokens: list[int], **kwargs) -> str:
         return self.tokenizer.decode(tokens)
@@ -178,6 +200,10 @@ class KVBenchLM(TemplateLM):
 
     def _measure(self, requests, evaluate: Callable[[], list]) -> list:
         """Run `evaluate` (one engine run per request, in order) and keep each run's measurements."""
+        own = sorted({req.task_name for req in requests if str(req.task_name).startswith("kvbench_")})
+        if self._chat_applied and own:
+            raise ValueError(f"{', '.join(own)}: kvbench's tasks already render their prompts in the evaluated model's "
+                             "chat format (plain text for a base model); run them without --apply_chat_template")
         self._last: list[RunResult] = []
         out = evaluate()
         self.measured += [Measured(req.task_name, req.doc_id, r) for req, r in zip(requests, self._last, strict=True)]

@@ -47,15 +47,16 @@ def _manager(metadata: str = "{}"):
                                      metadata=json.loads(metadata) or None)
 
 
-def evaluate(engine: Engine, policy: KVPolicy, positions: str, task: str, limit: int | None = None,
+def evaluate(engine: Engine, model: str, policy: KVPolicy, positions: str, task: str, limit: int | None = None,
              metadata: dict[str, Any] | None = None) -> TaskScores:
-    """One lm-eval task (or group) for one policy on `engine`'s model; `metadata` overrides the YAML's."""
+    """One lm-eval task (or group) for one policy on `engine`'s model (`model`: its --model name, from which the
+    tasks take the tokenizer and chat template); `metadata` overrides the YAML's."""
     import lm_eval
 
     from kvbench.lm_eval_adapter import KVBenchLM
 
     lm = KVBenchLM.from_engine(engine, policy, positions, progress=False)
-    manager = _manager(json.dumps(metadata or {}, sort_keys=True))
+    manager = _manager(json.dumps({**(metadata or {}), "pretrained": model}, sort_keys=True))
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     out = lm_eval.simple_evaluate(model=lm, tasks=[task], limit=limit, task_manager=manager, log_samples=True,
                                   bootstrap_iters=0, verbosity="ERROR")

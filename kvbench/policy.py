@@ -87,6 +87,10 @@ class LayerView:
     frozen_state: dict[str, torch.Tensor] = field(default_factory=dict)  # [B, K, m] each, edits are kept
     step: int = 0  # forward passes so far (prefill chunks + decode steps)
     phase: str = "prefill"
+    window: int | None = None  # the layer's sliding window; tokens older than its last w - 1 are already gone
+    # tokens this layer would hold with the full cache: all seen, or a sliding window's last w - 1; budgets
+    # are capacities of this (a ratio budget on a sliding layer is a share of the window)
+    full_tokens: int = 0
 
     @property
     def n(self) -> int:

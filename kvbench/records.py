@@ -72,6 +72,7 @@ def sample_record(task: str, sample, result: RunResult, score: float) -> dict[st
         "peak_frozen_kv_bytes": c.peak_frozen_bytes,
         "frozen_store_bytes": c.frozen_store_bytes,
         "evicted_tokens": sum(c.evicted_tokens),
+        "expired_tokens": sum(c.expired_tokens),  # left a sliding layer's window (the full cache drops them too)
         "freezes": c.freezes,
         "thaws": c.thaws,
         "offload": vars(c.offload),

@@ -18,7 +18,12 @@ class Rope:
     def from_model(cls, model) -> Rope:
         rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
         if rotary is None or not hasattr(rotary, "inv_freq"):
-            raise ValueError("positions=rerotate needs a RoPE model (no rotary_emb.inv_freq found)")
+            raise ValueError("positions=rerotate needs one RoPE shared by every layer (no rotary_emb.inv_freq found)")
+        config = model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        if 2 * rotary.inv_freq.numel() != head_dim:
+            raise ValueError(f"positions=rerotate needs RoPE over the whole head ({head_dim} channels); this model "
+                             f"rotates {2 * rotary.inv_freq.numel()} (partial rotary)")
         return cls(rotary.inv_freq)
 
     def rotate(self, keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

@@ -139,6 +139,11 @@ class FrozenStore:
         self._mark(slot, True)
         return copied
 
+    def discard(self, idx: torch.Tensor) -> None:
+        """Forget the frozen tokens at `idx` (1-D, into slot order) for good: they left a sliding window."""
+        if idx.numel():
+            self._mark(self.slots()[idx], False)
+
     def _reserve(self, rows: int, like: RowData) -> None:
         """Room for `rows` slots, doubling (pinned allocations are slow, and the store only grows)."""
         cap = 0 if self.k is None else self.k.shape[2]

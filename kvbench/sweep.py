@@ -32,7 +32,7 @@ from kvbench.leaderboard import markdown
 from kvbench.policy import Budget
 from kvbench.records import cpu_model, write_atomic
 
-SWEEP_KEYS = {"model", "device", "prefill_chunk", "limit", "tasks", "task_metadata", "rows", "slices"}
+SWEEP_KEYS = {"model", "device", "dtype", "prefill_chunk", "limit", "tasks", "task_metadata", "rows", "slices"}
 ROW_KEYS = {"methods", "budgets", "positions", "method_args"}
 SLICE_KEYS = {"methods", "tasks"}
 
@@ -83,7 +83,8 @@ def load(path: Path, slice_name: str | None = None) -> Sweep:
         raise ValueError(f"{path}: no tasks to run")
     spec = CompareSpec(methods=[], budgets=[], tasks=tasks, model=str(raw.get("model", models.DEFAULT_MODEL)),
                        limit=raw.get("limit"), prefill_chunk=int(raw.get("prefill_chunk", 512)),
-                       device=str(raw.get("device", "cpu")), task_metadata=raw.get("task_metadata", {}))
+                       device=str(raw.get("device", "cpu")), dtype=str(raw.get("dtype", "float32")),
+                       task_metadata=raw.get("task_metadata", {}))
     rows = []
     for i, group in enumerate(raw.get("rows", [])):
         where = f"{path} [[rows]] #{i + 1}"

@@ -26,6 +26,6 @@ class AttentionTop(KVPolicy):
 
     def step(self, view: LayerView) -> Decision | None:
         score = accumulate(view, "score", per_layer(view.attn))
-        if view.n <= self.capacity(view.seen):
+        if view.n <= self.capacity(view.full_tokens):
             return None
         return Decision(keep=top_k(score, math.ceil(self.r * view.n)))

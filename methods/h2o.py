@@ -22,7 +22,7 @@ class H2O(KVPolicy):
 
     def step(self, view: LayerView) -> Decision | None:
         score = accumulate(view, "score", per_kv_head(view.attn))
-        cap = self.capacity(view.seen)
+        cap = self.capacity(view.full_tokens)
         if view.n <= cap:
             return None
         window = recent(view.positions, view.seen, cap - int(cap * self.heavy_ratio))

@@ -13,7 +13,7 @@ from kvbench.select import top_k
 @dataclass
 class Knorm(KVPolicy):
     def step(self, view: LayerView) -> Decision | None:
-        cap = self.capacity(view.seen)
+        cap = self.capacity(view.full_tokens)
         if view.n <= cap:
             return None
         return Decision(keep=top_k(-view.keys.float().norm(dim=-1), cap))

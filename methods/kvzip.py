@@ -32,7 +32,7 @@ class KVzip(KVPolicy):
         if view.phase == "reconstruct":
             view.state["score"] = torch.maximum(view.state["score"], view.attn.amax(dim=(2, 3)))
             return None
-        cap = self.capacity(view.seen)
+        cap = self.capacity(view.full_tokens)
         if view.phase != "compress" or view.n <= cap:
             return None
         return Decision(keep=top_k(view.state["score"], cap))

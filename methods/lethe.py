@@ -57,7 +57,7 @@ class Lethe(KVPolicy):
 
     def step(self, view: LayerView) -> Decision | None:
         score = accumulate(view, "score", per_layer(view.attn), decay=self.gamma)[:, 0]  # [B, n]
-        cap = self.capacity(view.seen)
+        cap = self.capacity(view.full_tokens)
         threshold = self._threshold.setdefault(view.layer_idx, cap)
         if view.n <= threshold:
             return None

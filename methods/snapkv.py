@@ -33,7 +33,7 @@ class SnapKV(KVPolicy):
         return self.window if phase == "prefill" and (last_chunk or self.every_chunk) else 0
 
     def layer_capacity(self, view: LayerView) -> int:
-        return self.capacity(view.seen)
+        return self.capacity(view.full_tokens)
 
     def step(self, view: LayerView) -> Decision | None:
         cap = self.layer_capacity(view)
@@ -54,7 +54,7 @@ class PyramidKV(SnapKV):
     beta: float = 20.0
 
     def layer_capacity(self, view: LayerView) -> int:
-        mean = self.capacity(view.seen)
+        mean = self.capacity(view.full_tokens)
         low = mean / self.beta
         high = 2 * mean - low
         return max(1, round(high - (high - low) * view.layer_idx / max(1, view.num_layers - 1)))

@@ -16,7 +16,7 @@ class StreamingLLM(KVPolicy):
     sinks: int = 4
 
     def step(self, view: LayerView) -> Decision | None:
-        cap = self.capacity(view.seen)
+        cap = self.capacity(view.full_tokens)
         if view.n <= cap:
             return None
         first = min(self.sinks, cap)

@@ -17,7 +17,7 @@ class TOVA(KVPolicy):
     attn_rows: ClassVar[int] = 1
 
     def step(self, view: LayerView) -> Decision | None:
-        cap = self.capacity(view.seen)
+        cap = self.capacity(view.full_tokens)
         if view.n <= cap:
             return None
         return Decision(keep=top_k(per_layer(view.attn), cap))

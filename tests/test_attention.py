@@ -1,5 +1,6 @@
 """The kvbench attention function against a plain reference computation."""
 
+import pytest
 import torch
 
 from kvbench.attention import _sdpa, attention_rows, kvbench_attention
@@ -70,3 +71,51 @@ def test_decode_output_and_rows_from_one_pass_match_the_reference():
     assert layer == 4 and attn.shape == (1, 2, 3, 1, 11)
     torch.testing.assert_close(attn.reshape(1, 6, 1, 11), probs, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(out, _sdpa(q, k, v, 0.4), atol=1e-5, rtol=1e-5)  # same as without a policy
+
+
+def eager(query, key, value, scaling, window=None, softcap=None):
+    """transformers' eager attention (repeat KV, scale, soft-cap, sliding mask by index, softmax)."""
+    b, h, q, d = query.shape
+    key = key.repeat_interleave(h // key.shape[1], dim=1)
+    value = value.repeat_interleave(h // value.shape[1], dim=1)
+    n = key.shape[2]
+    scores = query @ key.transpose(-1, -2) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    qi, ki = torch.arange(n - q, n)[:, None], torch.arange(n)[None]
+    visible = (ki <= qi) & ((ki > qi - window) if window else True)
+    return (scores.masked_fill(~visible, float("-inf")).softmax(-1) @ value).transpose(1, 2)
+
+
+def layer_module(idx: int = 0) -> torch.nn.Module:
+    module = torch.nn.Module()
+    module.layer_idx = idx
+    return module
+
+
+@pytest.mark.parametrize("q,n", [(9, 9), (4, 13), (1, 13)])
+def test_sliding_window_and_soft_capping_match_eager_attention(q, n):
+    g = torch.Generator().manual_seed(5)
+    query = torch.randn(1, 4, q, 8, generator=g) * 3
+    key, value = torch.randn(2, 1, 2, n, 8, generator=g)
+    for window, softcap in ((5, None), (None, 2.0), (5, 2.0)):
+        out, _ = kvbench_attention(layer_module(), query, key, value, None, scaling=0.35, sliding_window=window,
+                                   softcap=softcap)
+        torch.testing.assert_close(out, eager(query, key, value, 0.35, window, softcap), atol=1e-5, rtol=1e-5)
+    uncapped, _ = kvbench_attention(layer_module(), query, key, value, None, scaling=0.35)
+    assert not torch.allclose(out, uncapped, atol=1e-3)  # the features change the output: the test can fail
+
+
+def test_policy_rows_are_those_of_the_windowed_soft_capped_attention():
+    g = torch.Generator().manual_seed(6)
+    query, key = torch.randn(1, 4, 6, 8, generator=g) * 3, torch.randn(1, 2, 10, 8, generator=g)
+    rows = attention_rows(query, key, 3, 0.35, softcap=2.0, mask=_window(6, 10, 4))
+    keys = key.repeat_interleave(2, dim=1)
+    scores = torch.tanh(query[:, :, -3:] @ keys.transpose(-1, -2) * 0.35 / 2.0) * 2.0
+    expected = scores.masked_fill(~_window(6, 10, 4)[0, :, -3:], float("-inf")).softmax(-1)
+    torch.testing.assert_close(rows.reshape(1, 4, 3, 10), expected, atol=1e-6, rtol=1e-5)
+
+
+def _window(q: int, n: int, w: int) -> torch.Tensor:
+    qi, ki = torch.arange(n - q, n)[:, None], torch.arange(n)[None]
+    return ((ki <= qi) & (ki > qi - w))[None, None]

@@ -5,7 +5,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from conftest import feed, make_cache
-from kvbench.cache import RECENT_STEPS
+from kvbench.cache import RECENT_STEPS, PolicyCache
 from kvbench.policy import Decision, KVPolicy, LayerView
 from kvbench.rows import FEW_ROWS
 
@@ -267,3 +267,96 @@ def test_frozen_state_only_read_is_not_written_back():
         feed(cache, 0, 6, 1)
         assert writes.seen == ["index_copy_"]
     assert store.state_view()["mark"][0, :, 0].tolist() == [1.0, 1.0]
+
+
+class Spy(Scripted):
+    """Scripted, and keeps each view's positions and attention (what the policy was handed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.views: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+
+    def step(self, view: LayerView) -> Decision | None:
+        self.views.append((view.positions.clone(), None if view.attn is None else view.attn.clone()))
+        return super().step(view)
+
+
+def sliding_cache(policy: KVPolicy, window: int) -> PolicyCache:
+    return PolicyCache(policy, 1, windows=(window,))
+
+
+def by_position(positions: torch.Tensor, q: int = 1) -> torch.Tensor:
+    """Attention rows [1, K, 1, q, n] whose value at each key is that key's position / 1000: a column keeps its
+    token's identity wherever rows move."""
+    return (positions.float() / 1000)[:, :, None, None, :].expand(-1, -1, 1, q, -1).clone()
+
+
+def test_a_sliding_layer_keeps_the_last_window_minus_one_positions_as_transformers_cache_does():
+    cache = sliding_cache(Spy(), window=6)
+    layer = cache.layers[0]
+    for start, q in ((0, 4), (4, 5), (9, 1), (10, 1), (11, 7)):
+        feed(cache, 0, start, q)
+        seen = start + q
+        assert sorted(layer.positions[0, 0].tolist()) == list(range(max(0, seen - 5), seen))
+        assert layer.active.n + layer.expired == seen and layer.evicted == 0
+        assert cache.full_bytes() == cache.active_bytes == layer.active.n * layer.active.row_bytes()
+    assert cache.stats().kv_compression == 0 and cache.stats().expired_tokens == [13]
+
+
+def test_the_policy_sees_only_the_window_with_attention_columns_following_their_tokens():
+    policy = Spy()
+    cache = sliding_cache(policy, window=5)
+    feed(cache, 0, 0, 3)
+    policy.next = Decision(keep=torch.tensor([True, False, True, True]))  # a hole: later removals move rows around
+    feed(cache, 0, 3, 1, attn=by_position(torch.arange(4)[None, None].expand(1, 2, 4)))
+    layer = cache.layers[0]
+    for start in range(4, 9):
+        before = layer.active.positions()
+        full = torch.cat([before, torch.full((1, 2, 1), start)], dim=-1)
+        feed(cache, 0, start, 1, attn=by_position(full))
+        positions, attn = policy.views[-1]
+        assert int(positions.min()) >= start + 1 - 4  # the last w - 1 positions and the new token
+        torch.testing.assert_close(attn[:, :, 0, 0], positions.float() / 1000)
+
+
+def test_frozen_tokens_that_leave_the_window_are_dropped_for_good():
+    class FreezeEarly(KVPolicy):
+        def step(self, view: LayerView) -> Decision | None:
+            return Decision(freeze=view.positions[:, :1] < 3) if view.seen == 6 else None
+
+    cache = sliding_cache(FreezeEarly(), window=6)
+    layer = cache.layers[0]
+    feed(cache, 0, 0, 5)
+    feed(cache, 0, 5, 1)  # seen 6: position 0 leaves the window, then the policy freezes positions 1 and 2
+    assert sorted(layer.frozen.positions()[0, 0].tolist()) == [1, 2] and layer.expired == 1
+    feed(cache, 0, 6, 1)  # seen 7: position 1 leaves the window, from the frozen store
+    assert layer.frozen.positions()[0, 0].tolist() == [2] and layer.expired == 2
+    assert layer.active.n + layer.frozen.n + layer.evicted + layer.expired == layer.seen == 7
+    assert cache.frozen_bytes == layer.frozen.row_bytes()
+
+
+def test_heads_holding_different_tokens_expire_alike_and_the_rest_stays_masked():
+    from kvbench.attention import _visible
+
+    class PerHead(KVPolicy):
+        def step(self, view: LayerView) -> Decision | None:
+            if view.seen != 6:
+                return None
+            drop = torch.tensor([4, 1])[None, :, None]  # head 0 drops position 4, head 1 position 1
+            return Decision(keep=view.positions != drop)
+
+    cache = sliding_cache(PerHead(), window=6)
+    layer = cache.layers[0]
+    for start, q in ((0, 5), (5, 1), (6, 1), (7, 1)):
+        feed(cache, 0, start, q)
+    # window start 3 at seen 8: head 0 held 1 and 2 outside it, head 1 only 2, so each dropped its oldest one
+    assert not layer.heads_aligned and layer.expired == 2 and layer.evicted == 1
+    held = [sorted(layer.positions[0, h].tolist()) for h in range(2)]
+    assert held == [[2, 3, 5, 6, 7], [3, 4, 5, 6, 7]]
+    cache.begin_step(torch.tensor([[8]]), prefill=False)
+    layer.update(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4))
+    module = torch.nn.Module()
+    module.layer_idx = 0
+    visible = _visible(module, 1, layer.active.n, 6, cache, torch.device("cpu"))  # the stale position 2 is masked
+    assert [sorted(layer.positions[0, h][visible[0, h, 0]].tolist()) for h in range(2)] == [[3, 5, 6, 7, 8],
+                                                                                            [3, 4, 5, 6, 7, 8]]

@@ -55,6 +55,8 @@ def test_compare_writes_results_and_prints_table(tmp_path, capsys):
     (["--model", "/nonexistent/dir"], "model '/nonexistent/dir' not found"),
     (["--method-args", "h2o:heavy=0.1"], "method 'h2o' has no parameter heavy; its parameters: heavy_ratio"),
     (["--method-args", "h2o"], "must look like METHOD:key=value"),
+    (["--dtype", "float8"], "dtype 'float8' is not one of: auto, float32, bfloat16, float16"),
+    (["--model", "kvbench-test/absent"], "is not in the local Hugging Face cache"),
 ])
 def test_bad_input_is_refused_and_nothing_is_written(tmp_path, capsys, args, message):
     out = tmp_path / "run"
@@ -117,7 +119,7 @@ def test_bench_figures_last_quarter_and_policy_time_per_step():
     from kvbench.bench import BenchSpec, _figures
 
     def run(policy_decode_s: float) -> SimpleNamespace:
-        cache = SimpleNamespace(peak_active_bytes=8, active_bytes=4, full_bytes=16, seen_tokens=2,
+        cache = SimpleNamespace(peak_active_bytes=8, active_bytes=4, full_bytes=16, seen_tokens=2, token_bytes=8,
                                 mean_kv_compression=0.25, offload=SimpleNamespace(seconds=0.0),
                                 restore=SimpleNamespace(seconds=0.0),
                                 policy_seconds={"prefill": 1.0, "decode": policy_decode_s})

@@ -169,3 +169,38 @@ def test_rope_probe_puts_the_key_at_the_requested_distance():
     for p in probes(tok, (64, 512, 2048), 1, 0):
         after_key = p["user"].split(p["answer"] + " is the pass key.")[1]
         assert abs(len(tok(after_key)["input_ids"]) - p["distance"]) < 40
+
+
+def test_tasks_speak_the_evaluated_models_dialect():
+    """lm-eval merges --model_args into task metadata: prompts take the evaluated model's chat template (none for
+    base Gemma: plain text) and its tokenizer counts the context lengths."""
+    from kvbench import models
+    from kvbench.tasks.lm_eval.utils import needle
+
+    meta = {"context_lengths": [1024], "depths": [0.5], "varied_context_lengths": []}
+    smol = needle(pretrained="smollm2-135m", **meta)["test"][0]["prompt"]
+    gemma = needle(pretrained="gemma3-270m", **meta)["test"][0]["prompt"]
+    assert smol.startswith("<|im_start|>") and "<|im_start|>" not in gemma
+    # sized in Gemma's tokens (the filler estimate, one paragraph's tokens, runs ~5% short for both models)
+    assert 0.92 < len(models.load_tokenizer("gemma3-270m")(gemma)["input_ids"]) / 1024 <= 1.0
+
+
+def test_apply_chat_template_uses_the_models_template_and_is_refused_for_kvbench_tasks():
+    from kvbench.engine import Engine
+    from kvbench.lm_eval_adapter import KVBenchLM
+    from kvbench.policy import make_policy
+
+    ours = KVBenchLM.from_engine(Engine(*_smollm2()), make_policy("full"), progress=False)
+    rendered = ours.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert rendered.startswith("<|im_start|>") and rendered.rstrip().endswith("<|im_start|>assistant")
+    with pytest.raises(ValueError, match="kvbench_needle: .* run them without --apply_chat_template"):
+        import lm_eval
+
+        lm_eval.simple_evaluate(model=ours, tasks=["kvbench_needle"], limit=1, apply_chat_template=True,
+                                metadata={"context_lengths": [256], "varied_context_lengths": []})
+
+
+def _smollm2():
+    from kvbench import models
+
+    return models.load(models.DEFAULT_MODEL)

@@ -104,7 +104,7 @@ def test_pyramidkv_budgets_shrink_linearly_with_depth_and_average_the_budget():
     from kvbench.policy import LayerView
 
     policy = make_policy("pyramidkv", 64, beta=20)
-    caps = [policy.layer_capacity(LayerView(i, 30, None, None, None, 0, 1000, True, None, {}))
+    caps = [policy.layer_capacity(LayerView(i, 30, None, None, None, 0, 1000, True, None, {}, full_tokens=1000))
             for i in range(30)]
     assert caps[0] == round(2 * 64 - 3.2) and caps[-1] == round(3.2)
     assert all(a > b for a, b in zip(caps, caps[1:], strict=False))

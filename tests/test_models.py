@@ -29,3 +29,47 @@ def test_gguf_path_and_hf_directory_load_the_same_model_as_the_alias():
 def test_a_directory_without_a_config_is_refused(tmp_path):
     with pytest.raises(models.ModelNotFound, match="holds no config.json"):
         models.resolve(str(tmp_path))
+
+
+def test_an_unsupported_architecture_is_refused_by_name_before_its_weights_load(tmp_path, capsys):
+    import transformers
+
+    from kvbench.cli import main
+
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64))
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    (tmp_path / "gpt2" / "model.safetensors").write_bytes(b"not weights")  # never read: refused from the config
+    code = main(["compare", "--no-progress", "--model", str(tmp_path / "gpt2"), "--methods", "full",
+                 "--tasks", "needle-1k", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "kvbench cannot run 'gpt2' exactly" in err and "Supported architectures: Llama" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_model_id_is_taken_from_the_local_hub_cache_never_downloaded(tmp_path, monkeypatch):
+    import tiny
+
+    snapshot = tmp_path / "hub" / "models--kvbench-test--tiny-llama" / "snapshots" / "0123abcd"
+    tiny.build("llama", "sdpa").save_pretrained(snapshot)
+    models.load_tokenizer().save_pretrained(snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert models.resolve("kvbench-test/tiny-llama").directory == snapshot
+    lm, tok = models.load("kvbench-test/tiny-llama")
+    assert Engine(lm, tok).generate(tok("Hello")["input_ids"], make_policy("full"), 3, ignore_eos=True).tokens
+    with pytest.raises(models.ModelNotFound, match="not in the local Hugging Face cache .* kvbench never downloads"):
+        models.resolve("kvbench-test/other-model")
+
+
+def test_dequantized_copies_are_keyed_by_the_file_content_not_its_path(tmp_path):
+    import shutil
+
+    bundled = models.resolve(models.DEFAULT_MODEL)
+    copy = tmp_path / "renamed.gguf"
+    shutil.copyfile(bundled.directory / bundled.gguf_file, copy)
+    same = models._dequantized_dir(models.resolve(str(copy))).name.rsplit("-", 1)[1]
+    assert same == models._dequantized_dir(bundled).name.rsplit("-", 1)[1]
+    with copy.open("ab") as f:  # one byte more: another file, another copy
+        f.write(b"\0")
+    assert models._dequantized_dir(models.resolve(str(copy))).name.rsplit("-", 1)[1] != same

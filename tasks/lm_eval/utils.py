@@ -1,13 +1,27 @@
 """Offline data for kvbench's lm-eval tasks: generated with the same seeded generators as the built-in
-tasks and rendered with the bundled model's chat template (lm-eval gets plain strings). lm-eval calls
-each generator with the task's `metadata` (YAML, overridden by `--metadata`) as keyword arguments."""
+tasks and rendered in the evaluated model's own dialect: its tokenizer counts the context lengths and its
+chat template wraps the prompt (plain text for a base model without one); lm-eval gets plain strings.
+lm-eval calls each generator with the task's `metadata` (YAML, overridden by `--metadata`) as keyword
+arguments; `lm_eval` merges `--model_args` into it, so `pretrained=` (and stock `hf`'s `gguf_file=`) name
+the evaluated model, and `kvbench compare` passes `pretrained=` itself. `--apply_chat_template` would wrap
+these prompts a second time: kvbench's model types refuse it for these tasks."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import datasets
 
 from kvbench import models
 from kvbench.tasks.needle import ANSWER_PREFIX, haystack
+
+
+def _tokenizer(meta: dict):
+    """The evaluated model's tokenizer (`tokenizer=` or `pretrained=` [+ `gguf_file=`] in the metadata)."""
+    name = str(meta.get("tokenizer") or meta.get("pretrained") or models.DEFAULT_MODEL)
+    if meta.get("gguf_file"):
+        name = str(Path(name) / str(meta["gguf_file"]))
+    return models.load_tokenizer(name)
 
 
 def _chat(tokenizer, user: str, prefix: str = "") -> str:
@@ -20,10 +34,10 @@ def _chat(tokenizer, user: str, prefix: str = "") -> str:
 def needle(**meta) -> dict[str, datasets.Dataset]:
     """Simple filler at ~1k/2k/4k and varied prose at ~1k, x depth 0.1..0.9; seeded. Varied prose stops at
     1k by default: with the full cache the 135M model then finds only late needles (2k: 1/5, 4k: 2/5)."""
-    tokenizer = models.load_tokenizer(meta.get("tokenizer", models.DEFAULT_MODEL))
+    tokenizer = _tokenizer(meta)
 
     def count(user: str) -> int:
-        return len(tokenizer(_chat(tokenizer, user, ANSWER_PREFIX), add_special_tokens=False)["input_ids"])
+        return len(tokenizer(_chat(tokenizer, user, ANSWER_PREFIX))["input_ids"])
 
     rows = []
     depths = tuple(meta.get("depths", (0.1, 0.3, 0.5, 0.7, 0.9)))
@@ -51,7 +65,7 @@ def rope(**meta) -> dict[str, datasets.Dataset]:
     from kvbench.tasks.rope import ANSWER_PREFIX as ROPE_PREFIX
     from kvbench.tasks.rope import probes
 
-    tokenizer = models.load_tokenizer(meta.get("tokenizer", models.DEFAULT_MODEL))
+    tokenizer = _tokenizer(meta)
     rows = [{"prompt": _chat(tokenizer, p["user"], ROPE_PREFIX), "answer": p["answer"], "distance": p["distance"]}
             for p in probes(tokenizer, tuple(meta.get("distances", (64, 512, 2048, 6144))),
                             int(meta.get("repeats", 5)), int(meta.get("seed", 0)))]
@@ -89,7 +103,7 @@ def window_probe(**meta) -> dict[str, datasets.Dataset]:
     (inside it): the same continuation, the same text before it, only the positions differ."""
     from kvbench.tasks.multiturn import passages
 
-    tokenizer = models.load_tokenizer(meta.get("tokenizer", models.DEFAULT_MODEL))
+    tokenizer = _tokenizer(meta)
     end, context, scored = (int(meta.get(k, d)) for k, d in
                             (("window_end", 8192), ("context_tokens", 8192), ("continuation_tokens", 512)))
     if not 0 < context <= end:
