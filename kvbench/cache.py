@@ -326,7 +326,7 @@ def _follow(attn: torch.Tensor, before: torch.Tensor, after: torch.Tensor) -> to
 
 
 POSITION_MODES = ("original", "rerotate", "naive")
-PHASES = ("prefill", "decode", "reconstruct", "compress")  # `PolicyCache.phase` values (see LayerView.phase)
+PHASES = ("prefill", "decode", "reconstruct", "compress", "query")  # `PolicyCache.phase` values (LayerView.phase)
 
 
 class PolicyCache(Cache):
@@ -373,9 +373,11 @@ class PolicyCache(Cache):
 
     # -- called by the engine around each forward ---------------------------------------------
     def begin_step(self, position_ids: torch.Tensor, prefill: bool, last_chunk: bool = True,
-                   rotation_ids: torch.Tensor | None = None) -> None:
+                   rotation_ids: torch.Tensor | None = None, query: bool = False) -> None:
         """`position_ids`: the new tokens' true positions; `rotation_ids`: the positions the model rotates
-        them at (the same in `original` mode, in-cache positions in `rerotate` and `naive`)."""
+        them at (the same in `original` mode, in-cache positions in `rerotate` and `naive`); `query`: tokens
+        of a question fed after its context was compressed (phase "query": not a prompt a one-shot method
+        compresses again)."""
         self.pending_positions = position_ids
         self.pending_rotations = position_ids if rotation_ids is None else rotation_ids
         self._new_meta = None
@@ -383,7 +385,7 @@ class PolicyCache(Cache):
         self.prefill = prefill
         self.last_chunk = last_chunk
         if self.phase != "reconstruct":
-            self.phase = "prefill" if prefill else "decode"
+            self.phase = "query" if query else "prefill" if prefill else "decode"
         self.attn_rows = self.policy.wants_attention(self.phase, last_chunk)
 
     def new_meta(self, shape: tuple[int, int, int], device: torch.device) -> torch.Tensor:

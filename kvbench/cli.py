@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="policy parameters, e.g. h2o:heavy_ratio=0.5 (repeatable)")
     c.add_argument("--positions", type=_csv, default=["original"],
                    help="position handling after eviction: original, rerotate, naive (comma-separated sweep)")
+    c.add_argument("--query", type=_csv, default=["in-prompt"],
+                   help="where the question goes: in-prompt (inside the compressed prompt), after (the context is "
+                        "compressed first), reuse (one compressed context for its questions); comma-separated sweep")
     c.add_argument("--prefill-chunk", type=int, default=512, help="prefill chunk size in tokens")
     c.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     c.add_argument("--dtype", default="float32",
@@ -99,6 +102,7 @@ def _compare(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         device_map=args.device_map,
         positions=args.positions,
+        queries=args.query,
         context_lengths=tuple(_int(x, "--context-lengths") for x in args.context_lengths)
         if args.context_lengths else None,
     )

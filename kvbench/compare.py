@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from kvbench import lm_eval_run, models
 from kvbench.cache import POSITION_MODES
-from kvbench.engine import Engine, RunResult
+from kvbench.engine import QUERY_MODES, Engine, RunResult
 from kvbench.leaderboard import markdown
 from kvbench.policy import Budget, KVPolicy, make_policy, policy_class
 from kvbench.records import dump_json, sample_record, summarize, versions, write_atomic
@@ -33,6 +33,7 @@ class CompareSpec:
     device_map: str | None = None  # accelerate's device map (e.g. auto) for a model larger than one device
     context_lengths: tuple[int, ...] | None = None  # overrides the needle tasks' lengths
     positions: list[str] = field(default_factory=lambda: ["original"])
+    queries: list[str] = field(default_factory=lambda: ["in-prompt"])  # where the question goes (QUERY_MODES)
     task_metadata: dict[str, dict[str, Any]] = field(default_factory=dict)  # lm-eval tasks: metadata overrides
 
 
@@ -51,14 +52,17 @@ def parse_method_args(items: list[str]) -> dict[str, dict[str, str]]:
     return out
 
 
-def plan(spec: CompareSpec) -> list[tuple[KVPolicy, str]]:
-    """Every (policy, position mode) to run, validated before anything expensive happens."""
+def plan(spec: CompareSpec) -> list[tuple[KVPolicy, str, str]]:
+    """Every (policy, position mode, query mode) to run, validated before anything expensive happens."""
     stray = sorted(set(spec.method_args) - set(spec.methods))
     if stray:
         raise ValueError(f"--method-args names {', '.join(stray)}, which is not among --methods")
     bad = [p for p in spec.positions if p not in POSITION_MODES]
     if bad or not spec.positions:
         raise ValueError(f"--positions {','.join(bad)!r} is not a position mode; allowed: {', '.join(POSITION_MODES)}")
+    bad = [q for q in spec.queries if q not in QUERY_MODES]
+    if bad or not spec.queries:
+        raise ValueError(f"--query {','.join(bad)!r} is not a query mode; allowed: {', '.join(QUERY_MODES)}")
     if spec.limit is not None and spec.limit <= 0:
         raise ValueError(f"--limit must be a positive number of samples, got {spec.limit}")
     policies = []
@@ -74,7 +78,8 @@ def plan(spec: CompareSpec) -> list[tuple[KVPolicy, str]]:
             raise ValueError(f"--positions rerotate needs the same token count in every layer; {name!r} keeps "
                              "per-layer sets of different sizes (use original or naive)")
         for params in expand_sweep(spec.method_args.get(name, {})):
-            policies.extend((make_policy(name, b, **params), m) for b in budgets for m in modes)
+            policies.extend((make_policy(name, b, **params), m, q) for b in budgets for m in modes
+                            for q in dict.fromkeys(spec.queries))
     return policies
 
 
@@ -107,6 +112,10 @@ class Runner:
                              f"{', '.join(sorted(TASKS))}; lm-eval tasks: {', '.join(lm_eval_run.task_names())}")
         self.spec, self.task_names = spec, names
         self.builtin: dict[str, Task] = {t: make_task(t, **overrides) for t in names if t in TASKS}
+        if self.builtin and set(spec.queries) != {"in-prompt"}:
+            raise ValueError(f"--query {','.join(spec.queries)}: built-in tasks ({', '.join(self.builtin)}) put the "
+                             "question inside the prompt only; the query modes run kvbench's lm-eval tasks, "
+                             "e.g. kvbench_needle")
         models.parse_dtype(spec.dtype)
         models.resolve(spec.model)  # fail fast on a missing model, before loading anything
         lm, tok = models.load(spec.model, device=spec.device, dtype=spec.dtype, device_map=spec.device_map)
@@ -121,22 +130,24 @@ class Runner:
                        "prefill_chunk": spec.prefill_chunk, "limit": spec.limit}
         self.versions = versions()
 
-    def cell_config(self, policy: KVPolicy, mode: str, task: str) -> dict[str, Any]:
+    def cell_config(self, policy: KVPolicy, mode: str, task: str, query: str = "in-prompt") -> dict[str, Any]:
         """Everything that determines a cell's deterministic results (the sweep's cache key)."""
-        return {**self.config, "policy": {"name": policy.name, **policy.config()}, "positions": mode, "task": task,
+        return {**self.config, "policy": {"name": policy.name, **policy.config()}, "positions": mode,
+                "query": query, "task": task,
                 "task_metadata": self.spec.task_metadata.get(task),
                 "context_lengths": self.spec.context_lengths if task in self.builtin else None}
 
-    def cell(self, policy: KVPolicy, mode: str, task: str) -> Cell:
+    def cell(self, policy: KVPolicy, mode: str, task: str, query: str = "in-prompt") -> Cell:
         if task in self.builtin:
             t = self.builtin[task]
             return Cell(task, [sample_record(task, s, r, t.score(r.text, s)) for s in self.samples[task]
                                for r in [run_sample(self.engine, t, s, policy, mode)]])
         got = lm_eval_run.evaluate(self.engine, self.spec.model, policy, mode, task, self.spec.limit,
-                                   self.spec.task_metadata.get(task))
+                                   self.spec.task_metadata.get(task), query)
         return Cell(task, got.samples, got.scores, got.metrics)
 
-    def record(self, policy: KVPolicy, mode: str, cells: list[Cell], explicit: set[str]) -> dict[str, Any]:
+    def record(self, policy: KVPolicy, mode: str, cells: list[Cell], explicit: set[str],
+               query: str = "in-prompt") -> dict[str, Any]:
         """One leaderboard row: the policy's cells on every task, summarized."""
         config_now = policy.config()
         samples = [s for c in cells for s in c.samples]
@@ -145,7 +156,8 @@ class Runner:
             "variant": ",".join(f"{k}={config_now[k]}" for k in sorted(explicit)),
             "budget": str(policy.budget) if policy.budget is not None else None,
             "positions": mode,
-            "config": {**self.config, "positions": mode, "policy": config_now,
+            "query": query,
+            "config": {**self.config, "positions": mode, "query": query, "policy": config_now,
                        "task_metadata": {t: m for t, m in self.spec.task_metadata.items() if t in self.task_names}},
             "versions": self.versions,
             "metrics": summarize(samples, {k: v for c in cells for k, v in c.scores.items()},
@@ -159,13 +171,13 @@ def run(spec: CompareSpec, out_dir: Path | None = None, progress: bool = True) -
     runner = Runner(spec)
     records = []
     bar = tqdm(total=len(policies) * len(runner.task_names), disable=not progress, desc="compare", unit="cell")
-    for policy, mode in policies:
-        bar.set_postfix_str(f"{policy.name} {policy.budget or ''} {mode}")
+    for policy, mode, query in policies:
+        bar.set_postfix_str(f"{policy.name} {policy.budget or ''} {mode} {query}")
         cells = []
         for task in runner.task_names:
-            cells.append(runner.cell(policy, mode, task))
+            cells.append(runner.cell(policy, mode, task, query))
             bar.update()
-        records.append(runner.record(policy, mode, cells, set(spec.method_args.get(policy.name, {}))))
+        records.append(runner.record(policy, mode, cells, set(spec.method_args.get(policy.name, {})), query))
     bar.close()
     if out_dir is not None:
         write_outputs(records, out_dir)

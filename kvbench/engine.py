@@ -43,6 +43,15 @@ class RunResult:
     memory_peak_bytes: int  # allocator peak on CUDA, peak process RSS sampled per step on CPU
     logits: list[torch.Tensor] = field(default_factory=list)  # per generated token, if asked for
     policy_report: dict = field(default_factory=dict)
+    # a question after its compressed context (`compressed_context`): the context's prefill and compression
+    # time, and whether this result paid for it (1) or reused a context compressed for an earlier question (0)
+    context_s: float = 0.0
+    context_compressions: int = 0
+
+
+QUERY_MODES = ("in-prompt", "after", "reuse")
+"""Where the question is: inside the compressed prompt; after its context was compressed to completion; or
+one of several questions answered from the same compressed context (each from a copy of that state)."""
 
 
 class Engine:
@@ -97,6 +106,18 @@ class Engine:
         else:
             text = user + "\n"
         return self.tokenizer(text + assistant_prefix, add_special_tokens=not template)["input_ids"]
+
+    @torch.inference_mode()
+    def compressed_context(self, context: Sequence[int], policy: KVPolicy, positions: str = "original",
+                           ) -> tuple[Session, float]:
+        """A session holding `context` prefilled and compressed to completion (one-shot methods included), and
+        the seconds it took. Questions then go in with `feed(..., query=True)`, positions continuing from the
+        context; `fork()` answers several from the same compressed state."""
+        if not context:
+            raise ValueError("empty context")
+        session = self.session(policy, positions)
+        _, seconds = session.timed_feed(context)
+        return session, seconds
 
     def session(self, policy: KVPolicy, positions: str = "original",
                 on_step: Callable[[PolicyCache], None] | None = None) -> Session:
@@ -270,11 +291,12 @@ class Session:
     def memory_peak(self) -> int:
         return int(torch.cuda.max_memory_allocated(self.engine.device) if self.cuda else self._rss_peak)
 
-    def _forward(self, ids: torch.Tensor, prefill: bool, last: bool, all_logits: bool = False) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, prefill: bool, last: bool, all_logits: bool = False,
+                 query: bool = False) -> torch.Tensor:
         engine, cache, q = self.engine, self.cache, ids.shape[1]
         pos = torch.arange(self.seen, self.seen + q, device=engine.device)[None]
         rot = cache.next_rotations(pos)
-        cache.begin_step(pos, prefill=prefill, last_chunk=last, rotation_ids=rot)
+        cache.begin_step(pos, prefill=prefill, last_chunk=last, rotation_ids=rot, query=query)
         out = engine.model(input_ids=ids, position_ids=rot, past_key_values=cache, use_cache=True,
                            logits_to_keep=0 if all_logits else 1, **{CACHE_KWARG: cache})
         self.check_attended()
@@ -302,10 +324,10 @@ class Session:
         if not self.cuda:  # on CUDA the allocator keeps its own peak
             self._rss_peak = max(self._rss_peak, self._proc.memory_info().rss)
 
-    def timed_feed(self, input_ids: Sequence[int]) -> tuple[torch.Tensor, float]:
+    def timed_feed(self, input_ids: Sequence[int], query: bool = False) -> tuple[torch.Tensor, float]:
         """`feed`, and the seconds it took (synchronized): the prefill time of a prompt or a turn."""
         t0 = time.perf_counter()
-        logits = self.feed(input_ids)
+        logits = self.feed(input_ids, query)
         self.sync()
         return logits, time.perf_counter() - t0
 
@@ -316,14 +338,15 @@ class Session:
                          self.cache.stats(), self.memory_peak(), reply.logits, self.policy.report())
 
     @torch.inference_mode()
-    def feed(self, input_ids: Sequence[int]) -> torch.Tensor:
-        """Consume tokens in prefill chunks (the policy runs after each); logits after the last one."""
+    def feed(self, input_ids: Sequence[int], query: bool = False) -> torch.Tensor:
+        """Consume tokens in prefill chunks (the policy runs after each); logits after the last one. `query`: a
+        question after its compressed context (no one-shot compression, no reconstruction pass)."""
         ids = torch.tensor([list(input_ids)], dtype=torch.long, device=self.engine.device)
         n, chunk = ids.shape[1], self.engine.prefill_chunk
         for start in range(0, n, chunk):
             end = min(n, start + chunk)
-            logits = self._forward(ids[:, start:end], prefill=True, last=end == n)
-        if self.policy.reconstruction_prompt is not None:
+            logits = self._forward(ids[:, start:end], prefill=True, last=end == n, query=query)
+        if self.policy.reconstruction_prompt is not None and not query:
             self._reconstruct(list(input_ids))
         self.pending = []
         return logits
@@ -344,8 +367,16 @@ class Session:
             self.cache.drop_from(end)
         self.cache.compress()
 
+    def fork(self) -> Session:
+        """An independent copy of this sequence (cache, policy state, position): each question of `--query reuse`
+        starts from the same compressed context, and nothing of one answer reaches the next."""
+        twin = copy.copy(self)
+        twin.cache, twin.policy = copy.deepcopy((self.cache, self.policy))
+        twin.pending = list(self.pending)
+        return twin
+
     @torch.inference_mode()
-    def score(self, logits: torch.Tensor, continuation: Sequence[int]) -> tuple[float, bool]:
+    def score(self, logits: torch.Tensor, continuation: Sequence[int], query: bool = False) -> tuple[float, bool]:
         """Log-probability of `continuation` after the fed tokens (whose last logits are `logits`), and
         whether it is the greedy continuation. The continuation goes through the policy chunk by chunk,
         so every token is scored against the compressed cache."""
@@ -354,7 +385,7 @@ class Session:
         chunk = self.engine.prefill_chunk
         for start in range(0, len(cont) - 1, chunk):
             piece = cont[start : min(start + chunk, len(cont) - 1)]
-            step_logits.append(self._forward(piece[None], prefill=True, last=True, all_logits=True))
+            step_logits.append(self._forward(piece[None], prefill=True, last=True, all_logits=True, query=query))
         logp = torch.cat(step_logits).float().log_softmax(-1)
         total = float(logp.gather(-1, cont[:, None]).sum())
         greedy = bool((logp.argmax(-1) == cont).all())

@@ -38,8 +38,9 @@ def rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     per_task = len(tasks) > 1
     labels = {t: "ppl" if _is_perplexity(metric.get(t, "")) else "acc" for t in tasks}
     task_cols = [f"{t} {what}" for t in tasks for what in ((labels[t], "KV comp.") if per_task else (labels[t],))]
-    headers = ["method", "budget", "positions", *task_cols, "KV compression", "active KV MiB",
-               "peak KV MiB", "prefill ms", "decode ms p50", "decode ms p95", "tok/s", "decode × full",
+    queries = any(r.get("query", "in-prompt") != "in-prompt" for r in records)
+    headers = ["method", "budget", "positions", *(["query"] if queries else []), *task_cols, "KV compression",
+               "active KV MiB", "peak KV MiB", "prefill ms", "decode ms p50", "decode ms p95", "tok/s", "decode × full",
                "policy ms/step"]
     freezing = any(r["metrics"]["freezes"] for r in records)
     if freezing:
@@ -50,6 +51,7 @@ def rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
         ratio = m["decode_ms_p50"] / base if base and m["decode_ms_p50"] else None
         table.append([
             f"{r['method']} {r['variant']}".strip(), r["budget"] or "all", r.get("positions", "original"),
+            *([r.get("query", "in-prompt")] if queries else []),
             *(cell for t in tasks for cell in _task_cells(m, t, per_task)),
             _fmt(m["kv_compression"], 3), _fmt(m["active_kv_bytes"] / MIB, 2), _fmt(m["peak_kv_bytes"] / MIB, 2),
             _fmt(m["prefill_ms"], 0), _fmt(m["decode_ms_p50"]),

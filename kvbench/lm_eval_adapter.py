@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from kvbench import models
 from kvbench.cache import POSITION_MODES
-from kvbench.engine import Engine, RunResult
+from kvbench.engine import QUERY_MODES, Engine, RunResult, Session
 from kvbench.policy import KVPolicy, make_policy
 
 log = logging.getLogger(__name__)
@@ -58,9 +58,9 @@ class KVBenchLM(TemplateLM):
     default_method = "full"
 
     def __init__(self, pretrained: str = models.DEFAULT_MODEL, method: str | None = None, budget: Any = None,
-                 positions: str = "original", prefill_chunk: int = 512, device: str = "cpu",
-                 dtype: str = "float32", device_map: str | None = None, batch_size: int | str = 1,
-                 max_batch_size: int | None = None, **policy_args: Any) -> None:
+                 positions: str = "original", query: str = "in-prompt", prefill_chunk: int = 512,
+                 device: str = "cpu", dtype: str = "float32", device_map: str | None = None,
+                 batch_size: int | str = 1, max_batch_size: int | None = None, **policy_args: Any) -> None:
         batch = 1 if str(batch_size) == "auto" else batch_size
         if not str(batch).isdigit() or int(batch) < 1:
             raise ValueError(f"batch_size={batch_size!r}: use a whole number >= 1 (or auto, which means 1)")
@@ -70,23 +70,26 @@ class KVBenchLM(TemplateLM):
         if policy.uses_budget and policy.budget is None:
             raise ValueError(f"method {method!r} needs budget= in --model_args (tokens, or a ratio like 0.25)")
         _check_positions(positions)
+        _check_query(query)
         lm, tokenizer = models.load(str(pretrained), device=device, dtype=dtype, device_map=device_map)
-        self._setup(Engine(lm, tokenizer, prefill_chunk=int(prefill_chunk)), policy, positions)
+        self._setup(Engine(lm, tokenizer, prefill_chunk=int(prefill_chunk)), policy, positions, query=query)
         self.batch_size = int(batch)
 
     @classmethod
     def from_engine(cls, engine: Engine, policy: KVPolicy, positions: str = "original",
-                    progress: bool = True) -> KVBenchLM:
+                    progress: bool = True, query: str = "in-prompt") -> KVBenchLM:
         """An adapter around an already loaded model (kvbench compare runs many policies on one)."""
         _check_positions(positions)
+        _check_query(query)
         lm = cls.__new__(cls)
-        lm._setup(engine, policy, positions, progress)
+        lm._setup(engine, policy, positions, progress, query)
         return lm
 
-    def _setup(self, engine: Engine, policy: KVPolicy, positions: str, progress: bool = True) -> None:
+    def _setup(self, engine: Engine, policy: KVPolicy, positions: str, progress: bool = True,
+               query: str = "in-prompt") -> None:
         TemplateLM.__init__(self)
         self.engine, self.tokenizer = engine, engine.tokenizer
-        self.policy, self.method, self.positions = policy, policy.name, positions
+        self.policy, self.method, self.positions, self.query = policy, policy.name, positions, query
         self.measured: list[Measured] = []
         self._last: list[RunResult] = []
         self._warned = False
@@ -136,6 +139,8 @@ class KVBenchLM(TemplateLM):
         return self.tokenizer.decode(tokens)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        if self.query != "in-prompt":
+            return self._measure(requests, lambda: self._after(requests, score=True))
         return self._measure(requests, lambda: super(KVBenchLM, self).loglikelihood(requests, disable_tqdm))
 
     @torch.inference_mode()
@@ -161,7 +166,62 @@ class KVBenchLM(TemplateLM):
             [(("", text), ctx, cont) for text, (ctx, cont) in zip(texts, tokens, strict=True)], disable_tqdm)])
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        if self.query != "in-prompt":
+            return self._measure(requests, lambda: self._after(requests, score=False))
         return self._measure(requests, lambda: self._generate_all([req.args for req in requests], disable_tqdm))
+
+    # -- the question after its compressed context (query=after | reuse) ----------------------------
+    def split(self, context: str, doc: dict[str, Any], task: str) -> tuple[list[int], int]:
+        """The context's tokens (encoded whole, as in-prompt) and the index of the first question token: the
+        task marks the question with the doc field `question`, its exact text in the prompt (stock `hf` never
+        reads it). A token straddling the boundary goes with the question."""
+        question = doc.get(QUESTION_FIELD) if isinstance(doc, dict) else None
+        if not question:
+            raise ValueError(f"{task}: query={self.query} needs the question marked (a doc field {QUESTION_FIELD!r} "
+                             "holding the text where it starts in the prompt); this task has none, use query=in-prompt")
+        at = context.rfind(question)
+        if at < 0:
+            raise ValueError(f"{task}: the doc's {QUESTION_FIELD!r} text does not occur in its prompt")
+        ids = self.tok_encode(context)
+        if not self.tokenizer.is_fast:
+            raise ValueError("query=after|reuse needs a fast tokenizer (character offsets of tokens)")
+        special = not (self.tokenizer.bos_token and context.startswith(self.tokenizer.bos_token))
+        offsets = self.tokenizer(context, add_special_tokens=special, return_offsets_mapping=True)["offset_mapping"]
+        first = next(i for i, (_, end) in enumerate(offsets) if end > at)
+        return ids, first
+
+    def _after(self, requests, score: bool) -> list:
+        """Each request's context compressed before its question is fed (`after`), or once for every request
+        sharing it (`reuse`: each question from a copy of the compressed state)."""
+        split = [self.split(req.args[0], req.doc, req.task_name) for req in requests]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (ids, first) in enumerate(split):
+            key = tuple(ids[:first]) if self.query == "reuse" else (i, *ids[:first])
+            groups.setdefault(key, []).append(i)
+        out: list = [None] * len(requests)
+        results: list[RunResult | None] = [None] * len(requests)
+        for members in tqdm(groups.values(), disable=not self.progress, desc=f"kvbench query={self.query}"):
+            ids, first = split[members[0]]
+            base, context_s = self.engine.compressed_context(ids[:first], self.policy, self.positions)
+            for n, i in enumerate(members):
+                session = base if n == len(members) - 1 else base.fork()
+                out[i], results[i] = self._question(session, split[i], requests[i].args, score)
+                results[i].context_s, results[i].context_compressions = context_s, int(n == 0)
+        self._last += results
+        return out
+
+    def _question(self, session: Session, split: tuple[list[int], int], args: tuple, score: bool):
+        ids, first = split
+        logits, seconds = session.timed_feed(ids[first:], query=True)
+        if score:
+            _, continuation = self._encode_pair(*args)  # split as in-prompt scoring splits it
+            answer = session.score(logits, continuation, query=True)
+            return answer, session.result(len(ids) + len(continuation), seconds)
+        kwargs = args[1]
+        until = kwargs.get("until") or []
+        until = [until] if isinstance(until, str) else list(until)
+        reply = session.reply(logits, int(kwargs.get("max_gen_toks", 256)), until, bool(kwargs.get("ignore_eos")))
+        return reply.text, session.result(len(ids), seconds, reply)
 
     def _generate_all(self, args: list[tuple[str, dict[str, Any]]], disable_tqdm: bool) -> list[str]:
         """Consecutive requests with the same generation settings go together, up to `batch_size`."""
@@ -220,6 +280,14 @@ class ASRKFLM(KVBenchLM):
         if method not in (None, "asrkf"):
             raise ValueError(f"asrkf-hf always runs ASR-KF-EGR; use --model kvbench-hf for method={method!r}")
         super().__init__(method="asrkf", **kwargs)
+
+
+QUESTION_FIELD = "question"  # the doc field that marks where a task's question starts in its prompt
+
+
+def _check_query(query: str) -> None:
+    if query not in QUERY_MODES:
+        raise ValueError(f"query={query!r} is not a query mode; allowed: {', '.join(QUERY_MODES)}")
 
 
 def _check_positions(positions: str) -> None:

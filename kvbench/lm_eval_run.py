@@ -48,14 +48,14 @@ def _manager(metadata: str = "{}"):
 
 
 def evaluate(engine: Engine, model: str, policy: KVPolicy, positions: str, task: str, limit: int | None = None,
-             metadata: dict[str, Any] | None = None) -> TaskScores:
+             metadata: dict[str, Any] | None = None, query: str = "in-prompt") -> TaskScores:
     """One lm-eval task (or group) for one policy on `engine`'s model (`model`: its --model name, from which the
     tasks take the tokenizer and chat template); `metadata` overrides the YAML's."""
     import lm_eval
 
     from kvbench.lm_eval_adapter import KVBenchLM
 
-    lm = KVBenchLM.from_engine(engine, policy, positions, progress=False)
+    lm = KVBenchLM.from_engine(engine, policy, positions, progress=False, query=query)
     manager = _manager(json.dumps({**(metadata or {}), "pretrained": model}, sort_keys=True))
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     out = lm_eval.simple_evaluate(model=lm, tasks=[task], limit=limit, task_manager=manager, log_samples=True,

@@ -80,7 +80,8 @@ class LayerView:
     seen: int  # tokens that have gone through this layer so far
     prefill: bool  # True while the prompt is being consumed
     # phase: "prefill" | "decode" | "reconstruct" (scratch tokens of a reconstruction pass, dropped
-    # afterwards) | "compress" (right after that pass: attn is None, the policy's scores are complete)
+    # afterwards) | "compress" (right after that pass: attn is None, the policy's scores are complete) |
+    # "query" (a question fed after its context was compressed: `--query after|reuse`)
     attn: torch.Tensor | None  # [B, K, G, w, n] softmax rows of the last w queries, fp32
     state: dict[str, torch.Tensor]
     frozen_positions: torch.Tensor | None = None  # [B, K, m]

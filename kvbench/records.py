@@ -61,6 +61,8 @@ def sample_record(task: str, sample, result: RunResult, score: float) -> dict[st
         "new_tokens": len(result.tokens),
         "stop_reason": result.stop_reason,
         "prefill_ms": result.prefill_s * 1e3,
+        "context_prefill_ms": result.context_s * 1e3,  # question after compression: the shared context's prefill
+        "context_compressions": result.context_compressions,
         "decode_ms": [round(s * 1e3, 3) for s in result.decode_s],
         "kv_compression": c.kv_compression,
         "mean_kv_compression": c.mean_kv_compression,

@@ -33,7 +33,7 @@ from kvbench.policy import Budget
 from kvbench.records import cpu_model, write_atomic
 
 SWEEP_KEYS = {"model", "device", "dtype", "prefill_chunk", "limit", "tasks", "task_metadata", "rows", "slices"}
-ROW_KEYS = {"methods", "budgets", "positions", "method_args"}
+ROW_KEYS = {"methods", "budgets", "positions", "queries", "method_args"}
 SLICE_KEYS = {"methods", "tasks"}
 
 
@@ -99,6 +99,7 @@ def load(path: Path, slice_name: str | None = None) -> Sweep:
         rows.append(CompareSpec(**{**asdict(spec), "methods": methods,
                                    "budgets": [Budget.parse(b) for b in _strings(group.get("budgets", []), where)],
                                    "positions": _strings(group.get("positions", ["original"]), where),
+                                   "queries": _strings(group.get("queries", ["in-prompt"]), where),
                                    "method_args": args}))
     if not rows:
         raise ValueError(f"{path}: no rows to run" + (f" in slice {slice_name!r}" if slice_name else ""))
@@ -139,25 +140,25 @@ def run(sweep: Sweep, out_dir: Path, cells_dir: Path, plots_dir: Path | None = N
     commit = _commit()  # the code the cells are computed with, not what is checked out when they finish
     runner = Runner(CompareSpec(**{**asdict(sweep.spec), "methods": ["full"]}))
     code = source_hash()
-    plan_rows = [(row, policy, mode) for row in sweep.rows for policy, mode in plan(row)]
+    plan_rows = [(row, policy, mode, query) for row in sweep.rows for policy, mode, query in plan(row)]
     outcome = Outcome([], [], [])
     bar = tqdm(total=len(plan_rows) * len(runner.task_names), disable=not progress, desc="leaderboard", unit="cell")
-    for row, policy, mode in plan_rows:
+    for row, policy, mode, query in plan_rows:
         cells = []
         for task in runner.task_names:
             bar.set_postfix_str(f"{policy.name} {policy.budget or ''} {mode} {task}")
-            key = cell_key({**runner.cell_config(policy, mode, task), "source": code})
+            key = cell_key({**runner.cell_config(policy, mode, task, query), "source": code})
             path = cells_dir / f"{key}.json"
             if path.is_file():
                 cells.append(Cell(**json.loads(path.read_text())))
                 outcome.cached.append(key)
             else:
-                cell = runner.cell(policy, mode, task)
+                cell = runner.cell(policy, mode, task, query)
                 write_atomic(path, json.dumps(asdict(cell)))
                 cells.append(cell)
                 outcome.ran.append(key)
             bar.update()
-        outcome.records.append(runner.record(policy, mode, cells, set(row.method_args.get(policy.name, {}))))
+        outcome.records.append(runner.record(policy, mode, cells, set(row.method_args.get(policy.name, {})), query))
     bar.close()
     header = _header(sweep, code, commit, outcome)
     if committed is not None:
@@ -229,7 +230,9 @@ def _committed(path: Path) -> list[dict[str, Any]]:
 
 
 def row_key(record: dict[str, Any]) -> str:
-    return f"{record['method']} {record['variant']}".strip() + f" | {record['budget'] or 'all'} | {record['positions']}"
+    query = record.get("query", "in-prompt")  # records made before the query axis: in-prompt
+    key = f"{record['method']} {record['variant']}".strip() + f" | {record['budget'] or 'all'} | {record['positions']}"
+    return key if query == "in-prompt" else f"{key} | query={query}"
 
 
 # Relative tolerances of `--check`. The same code on another CPU (other MKL kernels, other rounding) can flip

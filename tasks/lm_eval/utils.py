@@ -13,7 +13,7 @@ from pathlib import Path
 import datasets
 
 from kvbench import models
-from kvbench.tasks.needle import ANSWER_PREFIX, haystack
+from kvbench.tasks.needle import ANSWER_PREFIX, QUESTION, haystack
 
 
 def _tokenizer(meta: dict):
@@ -48,7 +48,7 @@ def needle(**meta) -> dict[str, datasets.Dataset]:
         for sample in haystack(tokenizer, lengths, depths, seed + i, (filler,), count):
             rows.append({"prompt": _chat(tokenizer, sample["user"], ANSWER_PREFIX), "answer": sample["answer"],
                          "context_length": sample["context_length"], "depth": sample["depth"],
-                         "filler": sample["filler"]})
+                         "filler": sample["filler"], "question": QUESTION})
     return {"test": datasets.Dataset.from_list(rows)}
 
 
