@@ -9,7 +9,7 @@ import transformers
 
 WINDOW = 16
 _COMMON = dict(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2, tie_word_embeddings=True)
+               num_key_value_heads=2, max_position_embeddings=2048, initializer_range=0.2, tie_word_embeddings=True)
 _SLIDING = ["sliding_attention", "sliding_attention", "full_attention"]
 
 CONFIGS = {

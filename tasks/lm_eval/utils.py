@@ -16,12 +16,14 @@ from kvbench import models
 from kvbench.tasks.needle import ANSWER_PREFIX, QUESTION, haystack
 
 
-def _tokenizer(meta: dict):
-    """The evaluated model's tokenizer (`tokenizer=` or `pretrained=` [+ `gguf_file=`] in the metadata)."""
+def _model(meta: dict) -> str:
+    """The evaluated model as kvbench names it (`tokenizer=` or `pretrained=` [+ `gguf_file=`] in the metadata)."""
     name = str(meta.get("tokenizer") or meta.get("pretrained") or models.DEFAULT_MODEL)
-    if meta.get("gguf_file"):
-        name = str(Path(name) / str(meta["gguf_file"]))
-    return models.load_tokenizer(name)
+    return str(Path(name) / str(meta["gguf_file"])) if meta.get("gguf_file") else name
+
+
+def _tokenizer(meta: dict):
+    return models.load_tokenizer(_model(meta))
 
 
 def _chat(tokenizer, user: str, prefix: str = "") -> str:
@@ -120,3 +122,39 @@ def window_probe_results(doc: dict, results: list[tuple[float, bool]]) -> dict[s
     """Word perplexity of the continuation (lm-eval's weighted perplexity: total log-likelihood over words)."""
     loglikelihood, _ = results[0]
     return {"word_perplexity": (loglikelihood, len(doc["continuation"].split()))}
+
+
+def ruler(ruler_task: str, **meta) -> dict[str, datasets.Dataset]:
+    """One task of the RULER-style suite (kvbench/tasks/ruler.py) at each of `context_lengths` that fits the
+    evaluated model's window with its answer, `samples` per length, sized in that model's tokens. The doc's
+    `question` field marks where the question starts (for `query=after|reuse`)."""
+    from transformers import AutoConfig
+
+    from kvbench.tasks import ruler as suite
+
+    tokenizer = _tokenizer(meta)
+    window = getattr(AutoConfig.from_pretrained(models.local_dir(_model(meta))), "max_position_embeddings", None)
+    room = int(meta.get("max_gen_toks", 128))
+
+    def render(item) -> str:
+        return _chat(tokenizer, item.context + item.question, item.prefix)
+
+    def count(item) -> int:
+        return len(tokenizer(render(item))["input_ids"])
+
+    rows = []
+    for length in meta.get("context_lengths", (1024, 2048, 4096)):
+        if window and int(length) + room > window:
+            continue  # past the model's window: not a cell this model can be scored on
+        for i, item in enumerate(suite.generate(ruler_task, int(length), int(meta.get("samples", 4)),
+                                                int(meta.get("seed", 0)), count)):
+            rows.append({"prompt": render(item), "question": item.question, "answers": item.answers,
+                         "task": ruler_task, "context_length": int(length), "sample": i})
+    return {"test": datasets.Dataset.from_list(rows)}
+
+
+def ruler_results(doc: dict, results: list[str]) -> dict[str, float]:
+    """RULER's string match of the generated answer (`kvbench.tasks.ruler.score`)."""
+    from kvbench.tasks.ruler import score
+
+    return {"string_match": score(results[0], doc["answers"], doc["task"])}

@@ -1,0 +1,70 @@
+"""The RULER-style suite: seeded generators sized in the evaluated model's tokens, answers that are really in
+the context, RULER's string match, and every task answerable in every query mode."""
+
+from __future__ import annotations
+
+import pytest
+from lm_eval.api.instance import Instance
+
+import tiny
+from kvbench import models
+from kvbench.engine import Engine
+from kvbench.lm_eval_adapter import KVBenchLM
+from kvbench.policy import make_policy
+from kvbench.tasks import ruler
+from kvbench.tasks.lm_eval.utils import ruler as ruler_docs
+
+TASKS = sorted(ruler.TASKS)
+
+
+@pytest.fixture(scope="module")
+def docs():
+    return {t: ruler_docs(t, context_lengths=[512, 1024], samples=2, seed=3)["test"] for t in TASKS}
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_samples_fit_their_length_in_the_models_tokens_and_hold_their_answers(task, docs):
+    tok = models.load_tokenizer()
+    rows = docs[task]
+    assert [r["context_length"] for r in rows] == [512, 512, 1024, 1024]
+    for r in rows:
+        n = len(tok(r["prompt"])["input_ids"])
+        low = 0.8 if task == "qa" else 0.9  # qa grows by whole documents (~85 tokens)
+        assert low * r["context_length"] <= n <= r["context_length"]
+        context, _, tail = r["prompt"].rpartition(r["question"])
+        assert context and r["question"] not in context  # marked once, after the context
+        assert all(a in context for a in r["answers"]) or task in ("fwe", "qa")
+    again = ruler_docs(task, context_lengths=[512, 1024], samples=2, seed=3)["test"]
+    other = ruler_docs(task, context_lengths=[512], samples=1, seed=4)["test"]
+    assert list(again) == list(rows) and other[0]["prompt"] != rows[0]["prompt"]
+
+
+def test_the_aggregation_answers_are_what_the_lists_say():
+    tok = models.load_tokenizer()
+    for task in ("cwe", "fwe"):
+        item = ruler.generate(task, 1024, 1, 0, lambda it: len(tok(it.context + it.question)["input_ids"]))[0]
+        listed = [w.rstrip(".") for w in item.context.split(". ", 1)[-1].split() if not w[:-1].isdigit()]
+        counts = {w: listed.count(w) for w in set(listed)}
+        cut = sorted(counts.values(), reverse=True)[len(item.answers) - 1]
+        assert all(counts[a] >= cut for a in item.answers)
+        assert min(counts[a] for a in item.answers) > max(c for w, c in counts.items() if w not in item.answers)
+
+
+def test_string_match_is_rulers():
+    assert ruler.score("are: 123, 456", ["123", "456", "789"], "niah_multivalue") == pytest.approx(2 / 3)
+    assert ruler.score("ABC def", ["abc", "DEF"], "vt") == 1.0
+    assert ruler.score(" 13", ["3"], "qa") == 0.0 and ruler.score(" 3.", ["3"], "qa") == 1.0
+
+
+@pytest.mark.parametrize("query", ["in-prompt", "after", "reuse"])
+def test_every_task_runs_in_every_query_mode(query, docs):
+    engine = Engine(tiny.build("llama", "sdpa"), models.load_tokenizer(), prefill_chunk=256)
+    lm = KVBenchLM.from_engine(engine, make_policy("snapkv", 128), progress=False, query=query)
+    requests = [Instance("generate_until", r, (r["prompt"], {"until": [], "max_gen_toks": 3}), i,
+                         (f"kvbench_ruler_{t}", i, 1))
+                for t in TASKS for i, r in enumerate(docs[t]) if r["context_length"] == 512 and r["sample"] == 0]
+    answers = lm.generate_until(requests)
+    assert len(answers) == len(TASKS) and all(isinstance(a, str) for a in answers)
+    assert all(m.result.prompt_tokens > 400 for m in lm.measured)
+    if query != "in-prompt":
+        assert [m.result.context_compressions for m in lm.measured] == [1] * len(TASKS)
