@@ -108,8 +108,8 @@ class Engine:
         return self.tokenizer(text + assistant_prefix, add_special_tokens=not template)["input_ids"]
 
     @torch.inference_mode()
-    def compressed_context(self, context: Sequence[int], policy: KVPolicy, positions: str = "original",
-                           ) -> tuple[Session, float]:
+    def compressed_context(self, context: Sequence[int], policy: KVPolicy,
+                           positions: str = "original") -> tuple[Session, float]:
         """A session holding `context` prefilled and compressed to completion (one-shot methods included), and
         the seconds it took. Questions then go in with `feed(..., query=True)`, positions continuing from the
         context; `fork()` answers several from the same compressed state."""

@@ -129,3 +129,29 @@ def test_plots_are_drawn_from_records(tmp_path):
     assert len(made) == 3
     for path in made.values():
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def synthetic_row(method: str, scores: dict[tuple[str, int], list[float]], query: str = "in-prompt") -> dict:
+    """A leaderboard record with given per-sample scores per (task, context length); other columns filled."""
+    samples = [{"task": t, "score": v, "meta": {"context_length": n}} for (t, n), vs in scores.items() for v in vs]
+    tasks = sorted({t for t, _ in scores})
+    metrics = {"accuracy": {t: sum(s["score"] for s in samples if s["task"] == t) / sum(s["task"] == t for s in samples)
+                            for t in tasks},
+               "metric": dict.fromkeys(tasks, "exact_match"), "kv_compression_by_task": dict.fromkeys(tasks, 0.5),
+               "kv_compression": 0.5, "active_kv_bytes": 1, "peak_kv_bytes": 1, "prefill_ms": 1, "decode_ms_p50": 1,
+               "decode_ms_p95": 1, "tokens_per_s": 1, "policy_ms_per_decode_step": 0, "freezes": 0}
+    return {"method": method, "variant": "", "budget": None, "positions": "original", "query": query,
+            "metrics": metrics, "samples": samples, "versions": {},
+            "config": {"model": "m", "attention": "sdpa", "prefill_chunk": 512}}
+
+
+def test_cells_the_full_cache_fails_are_marked_and_left_out_of_the_suite_average():
+    from kvbench.leaderboard import counted_cells, markdown, suite_average
+
+    full = synthetic_row("full", {("a", 1024): [1, 1], ("a", 4096): [0, 0], ("b", 1024): [1, 0]})
+    method = synthetic_row("snapkv", {("a", 1024): [1, 0], ("a", 4096): [1, 1], ("b", 1024): [0, 0]}, "after")
+    counted, left = counted_cells([method, full])
+    assert counted == {("a", 1024): 1.0, ("b", 1024): 0.5} and left == {("a", 4096): 0.0}
+    assert suite_average(method, counted) == pytest.approx(0.25)  # (0.5 + 0) / 2: its 100% at 4096 does not count
+    text = markdown([full, method])
+    assert "suite avg" in text and "| 25%" in text and "a @ 4096 (full 0%)" in text and "| after" in text
