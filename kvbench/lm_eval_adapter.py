@@ -193,7 +193,9 @@ class KVBenchLM(TemplateLM):
     def _after(self, requests, score: bool) -> list:
         """Each request's context compressed before its question is fed (`after`), or once for every request
         sharing it (`reuse`: each question from a copy of the compressed state)."""
-        split = [self.split(req.args[0], req.doc, req.task_name) for req in requests]
+        # scoring: trailing whitespace of the context belongs to the continuation, as lm-eval's _encode_pair has it
+        split = [self.split(req.args[0].rstrip() if score else req.args[0], req.doc, req.task_name)
+                 for req in requests]
         if not score:  # as in-prompt generation: prompt + answer must fit the model's window
             for (ids, _), req in zip(split, requests, strict=True):
                 self.engine.check_fits(len(ids), int(req.args[1].get("max_gen_toks", 256)))
