@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 from tabulate import tabulate
@@ -25,10 +26,27 @@ def _score(value: float, metric: str) -> str:
     return _fmt(value, 2) if _is_perplexity(metric) else _fmt(100 * value, 0) + "%"
 
 
-def _task_cells(m: dict[str, Any], task: str, with_compression: bool) -> list[str]:
+def bootstrap_halfwidth(groups: list[list[float]], resamples: int = 1000) -> float | None:
+    """Half the width of a 95% percentile-bootstrap interval of the mean of the groups' means, each group resampled
+    on its own (a task: one group; the suite: one per counted cell). Seeded: the same scores, the same interval."""
+    if sum(len(g) for g in groups) < 2:
+        return None
+    rng = random.Random(0)
+    means = sorted(sum(sum(rng.choices(g, k=len(g))) / len(g) for g in groups) / len(groups)
+                   for _ in range(resamples))
+    return (means[int(0.975 * resamples) - 1] - means[int(0.025 * resamples)]) / 2
+
+
+def _with_ci(value: float | None, groups: list[list[float]]) -> str:
+    half = bootstrap_halfwidth(groups) if value is not None else None
+    return _pct(value) + ("" if half is None else f" ±{100 * half:.0f}")
+
+
+def _task_cells(m: dict[str, Any], task: str, with_compression: bool, samples: list[float] | None) -> list[str]:
     if task not in m["accuracy"]:
         return ["–", "–"] if with_compression else ["–"]
-    cells = [_score(m["accuracy"][task], m.get("metric", {}).get(task, "accuracy"))]
+    metric = m.get("metric", {}).get(task, "accuracy")
+    cells = [_with_ci(m["accuracy"][task], [samples]) if samples else _score(m["accuracy"][task], metric)]
     if with_compression:
         cells.append(_fmt(m["kv_compression_by_task"][task], 3))
     return cells
@@ -71,6 +89,14 @@ def suite_average(record: dict[str, Any], counted: dict[Cell, float]) -> float |
     return sum(means) / len(means) if means else None
 
 
+def task_samples(record: dict[str, Any]) -> dict[str, list[float]]:
+    """A row's per-sample scores of each task scored per sample (for its interval and n)."""
+    out: dict[str, list[float]] = {}
+    for (task, _), scores in cell_scores(record).items():
+        out.setdefault(task, []).extend(scores)
+    return out
+
+
 def rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     tasks = sorted({t for r in records for t in r["metrics"]["accuracy"]})
     metric = {t: name for r in records for t, name in r["metrics"].get("metric", {}).items()}
@@ -78,6 +104,9 @@ def rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     base = full["decode_ms_p50"] if full else None
     per_task = len(tasks) > 1
     labels = {t: "ppl" if _is_perplexity(metric.get(t, "")) else "acc" for t in tasks}
+    per_sample = [task_samples(r) for r in records]
+    counts = {t: len(ps[t]) for ps in reversed(per_sample) for t in ps}  # n of each task (the first row's)
+    labels = {t: f"{label} (n={counts[t]}, ±95%)" if t in counts else label for t, label in labels.items()}
     task_cols = [f"{t} {what}" for t in tasks for what in ((labels[t], "KV comp.") if per_task else (labels[t],))]
     queries = any(r.get("query", "in-prompt") != "in-prompt" for r in records)
     split = counted_cells(records)
@@ -90,14 +119,15 @@ def rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     if freezing:
         headers += ["mean KV comp.", "frozen MiB", "thaws", "recoveries"]
     table = []
-    for r in records:
+    for r, samples in zip(records, per_sample, strict=True):
         m = r["metrics"]
         ratio = m["decode_ms_p50"] / base if base and m["decode_ms_p50"] else None
+        cells = cell_scores(r)
         table.append([
             f"{r['method']} {r['variant']}".strip(), r["budget"] or "all", r.get("positions", "original"),
             *([r.get("query", "in-prompt")] if queries else []),
-            *(cell for t in tasks for cell in _task_cells(m, t, per_task)),
-            *([_pct(suite_average(r, split[0]))] if average else []),
+            *(cell for t in tasks for cell in _task_cells(m, t, per_task, samples.get(t))),
+            *([_with_ci(suite_average(r, split[0]), [cells[c] for c in split[0] if c in cells])] if average else []),
             _fmt(m["kv_compression"], 3), _fmt(m["active_kv_bytes"] / MIB, 2), _fmt(m["peak_kv_bytes"] / MIB, 2),
             _fmt(m["prefill_ms"], 0), _fmt(m["decode_ms_p50"]),
             _fmt(m["decode_ms_p95"]), _fmt(m["tokens_per_s"]), _fmt(ratio, 2),

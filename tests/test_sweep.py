@@ -155,3 +155,13 @@ def test_cells_the_full_cache_fails_are_marked_and_left_out_of_the_suite_average
     assert suite_average(method, counted) == pytest.approx(0.25)  # (0.5 + 0) / 2: its 100% at 4096 does not count
     text = markdown([full, method])
     assert "suite avg" in text and "| 25%" in text and "a @ 4096 (full 0%)" in text and "| after" in text
+
+
+def test_intervals_are_seeded_percentile_bootstraps_of_the_mean():
+    from kvbench.leaderboard import bootstrap_halfwidth
+
+    assert bootstrap_halfwidth([[1.0]]) is None and bootstrap_halfwidth([[1.0] * 20]) == 0.0
+    half = bootstrap_halfwidth([[0.0, 1.0] * 50])
+    assert half == bootstrap_halfwidth([[0.0, 1.0] * 50]) and 0.08 < half < 0.12  # 1.96 * 0.05 for p = 0.5, n = 100
+    # cells resampled on their own: a cell of certain outcomes adds no spread, so the suite's interval narrows
+    assert bootstrap_halfwidth([[0.0, 1.0] * 50, [1.0] * 100]) == pytest.approx(half / 2, rel=0.25)
