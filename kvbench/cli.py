@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--config", type=Path, default=Path("leaderboard") / "sweep.toml", help="sweep definition (TOML)")
     lb.add_argument("--slice", default=None, help="run only this [slices.NAME] of the sweep (e.g. ci)")
     lb.add_argument("--out", type=Path, default=Path("leaderboard"), help="where LEADERBOARD.md and results.json go")
+    lb.add_argument("--dtype", default=None, help="model dtype, replacing the sweep file's (float32, bfloat16, ...)")
     lb.add_argument("--plots", type=Path, default=Path("reports") / "leaderboard", help="where the PNG plots go")
     lb.add_argument("--cells", type=Path, default=None,
                     help="finished-cell store (default: the kvbench cache dir, ~/.cache/kvbench/cells)")
@@ -132,7 +133,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _leaderboard(args: argparse.Namespace) -> int:
     from kvbench import sweep
 
-    plan = sweep.load(args.config, args.slice)
+    plan = sweep.load(args.config, args.slice, args.dtype)
     cells = args.cells or models.cache_dir() / "cells"
     outcome = sweep.run(plan, args.out, cells, args.plots, args.check, progress=not args.no_progress)
     print((args.out / "LEADERBOARD.md").read_text())

@@ -58,8 +58,9 @@ def _only(table: dict[str, Any], allowed: set[str], where: str) -> None:
         raise ValueError(f"{where}: unknown key {', '.join(extra)}; allowed: {', '.join(sorted(allowed))}")
 
 
-def load(path: Path, slice_name: str | None = None) -> Sweep:
-    """Parse and validate a sweep file; `slice_name` keeps only that slice's methods and tasks."""
+def load(path: Path, slice_name: str | None = None, dtype: str | None = None) -> Sweep:
+    """Parse and validate a sweep file; `slice_name` keeps only that slice's methods and tasks, `dtype` replaces
+    the file's model dtype."""
     if not path.is_file():
         raise FileNotFoundError(f"sweep config not found: {path}")
     try:
@@ -83,8 +84,9 @@ def load(path: Path, slice_name: str | None = None) -> Sweep:
         raise ValueError(f"{path}: no tasks to run")
     spec = CompareSpec(methods=[], budgets=[], tasks=tasks, model=str(raw.get("model", models.DEFAULT_MODEL)),
                        limit=raw.get("limit"), prefill_chunk=int(raw.get("prefill_chunk", 512)),
-                       device=str(raw.get("device", "cpu")), dtype=str(raw.get("dtype", "float32")),
+                       device=str(raw.get("device", "cpu")), dtype=str(dtype or raw.get("dtype", "float32")),
                        task_metadata=raw.get("task_metadata", {}))
+    models.parse_dtype(spec.dtype)
     rows = []
     for i, group in enumerate(raw.get("rows", [])):
         where = f"{path} [[rows]] #{i + 1}"

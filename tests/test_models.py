@@ -1,6 +1,7 @@
 """Model sources: the bundled alias, a .gguf path and a local HF directory all load offline."""
 
 import pytest
+import torch
 
 from kvbench import models
 from kvbench.engine import Engine
@@ -56,7 +57,8 @@ def test_a_model_id_is_taken_from_the_local_hub_cache_never_downloaded(tmp_path,
     (snapshot.parents[1] / "refs" / "main").write_text("0123abcd")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     assert models.resolve("kvbench-test/tiny-llama").directory == snapshot
-    lm, tok = models.load("kvbench-test/tiny-llama")
+    lm, tok = models.load("kvbench-test/tiny-llama", dtype="auto", device_map="auto")  # accelerate places it (CPU here)
+    assert lm.dtype == torch.float32 and {p.device.type for p in lm.parameters()} == {"cpu"}
     assert Engine(lm, tok).generate(tok("Hello")["input_ids"], make_policy("full"), 3, ignore_eos=True).tokens
     with pytest.raises(models.ModelNotFound, match="not in the local Hugging Face cache .* kvbench never downloads"):
         models.resolve("kvbench-test/other-model")

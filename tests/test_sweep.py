@@ -38,6 +38,7 @@ def write(tmp_path: Path, text: str) -> Path:
     ('tasks = []\n[[rows]]\nmethods = ["full"]', "no tasks to run"),
     ('tasks = ["needle-1k"]\n[[rows]]\nmethods = ["full"]\npositions = ["sideways"]', "not a position mode"),
     ("tasks = [", "not valid TOML"),
+    ('tasks = ["needle-1k"]\ndtype = "float8"\n[[rows]]\nmethods = ["full"]', "dtype 'float8' is not one of"),
 ])
 def test_bad_sweep_files_are_refused_before_anything_runs(tmp_path, text, message):
     with pytest.raises(ValueError, match=message):
@@ -46,6 +47,7 @@ def test_bad_sweep_files_are_refused_before_anything_runs(tmp_path, text, messag
 
 def test_slices_select_methods_and_refuse_unknown_names(tmp_path):
     path = write(tmp_path, SMALL)
+    assert sweep.load(path, dtype="bfloat16").rows[0].dtype == "bfloat16"
     assert [r.methods for r in sweep.load(path, "quick").rows] == [["streamingllm"]]
     with pytest.raises(ValueError, match="has no slice 'ci'; slices: quick"):
         sweep.load(path, "ci")
