@@ -131,9 +131,12 @@ class KVBenchLM(TemplateLM):
         """As lm-eval's `hf` model encodes: the tokenizer's own special tokens (Gemma's BOS) unless the text
         already starts with the BOS token, so both model types score the same token sequences."""
         if add_special_tokens is None:
-            bos = self.tokenizer.bos_token
-            add_special_tokens = not (bos and string.startswith(bos))
+            add_special_tokens = self._adds_special(string)
         return self.tokenizer(string, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def _adds_special(self, string: str) -> bool:
+        bos = self.tokenizer.bos_token
+        return not (bos and string.startswith(bos))
 
     def tok_decode(self, tokens: list[int], **kwargs) -> str:
         return self.tokenizer.decode(tokens)
@@ -182,13 +185,11 @@ class KVBenchLM(TemplateLM):
         at = context.rfind(question)
         if at < 0:
             raise ValueError(f"{task}: the doc's {QUESTION_FIELD!r} text does not occur in its prompt")
-        ids = self.tok_encode(context)
         if not self.tokenizer.is_fast:
             raise ValueError("query=after|reuse needs a fast tokenizer (character offsets of tokens)")
-        special = not (self.tokenizer.bos_token and context.startswith(self.tokenizer.bos_token))
-        offsets = self.tokenizer(context, add_special_tokens=special, return_offsets_mapping=True)["offset_mapping"]
-        first = next(i for i, (_, end) in enumerate(offsets) if end > at)
-        return ids, first
+        enc = self.tokenizer(context, add_special_tokens=self._adds_special(context), return_offsets_mapping=True)
+        first = next(i for i, (_, end) in enumerate(enc["offset_mapping"]) if end > at)
+        return enc["input_ids"], first
 
     def _after(self, requests, score: bool) -> list:
         """Each request's context compressed before its question is fed (`after`), or once for every request
