@@ -356,6 +356,7 @@ class PolicyCache(Cache):
         self.phase = "prefill"
         self.last_chunk = False
         self.attn_rows = 0
+        self.applying = True
         self.steps = 0
         self.active_bytes = 0
         self.frozen_bytes = 0
@@ -387,6 +388,7 @@ class PolicyCache(Cache):
         if self.phase != "reconstruct":
             self.phase = "query" if query else "prefill" if prefill else "decode"
         self.attn_rows = self.policy.wants_attention(self.phase, last_chunk)
+        self.applying = self.policy.compresses(self.phase, last_chunk)  # the schedule: decisions take effect
 
     def new_meta(self, shape: tuple[int, int, int], device: torch.device) -> torch.Tensor:
         """Meta rows [B, K, q, C] of this step's new tokens: the same in every layer (layers copy them into
@@ -411,6 +413,7 @@ class PolicyCache(Cache):
     def compress(self) -> None:
         """After a reconstruction pass: one policy step per layer with the completed scores (no attention)."""
         self.phase = "compress"
+        self.applying = True
         for i in range(len(self.layers)):
             self.after_attention(i, None)
         self.end_step()
@@ -449,14 +452,14 @@ class PolicyCache(Cache):
         layer = self.layers[layer_idx]
         if layer.window is not None and self.phase != "reconstruct":
             attn = layer.expire(attn)
-        if self.policy.passive:
+        if self.policy.passive or not (self.applying or self.policy.observes):
             return
         t0 = time.perf_counter()
         view = layer.view(attn)
         decision = self.policy.step(view)
         if self.policy.token_state:
             layer.store_state(view)
-        if decision is not None:
+        if decision is not None and self.applying:
             layer.apply(decision)
         self.policy_seconds[self.phase] += time.perf_counter() - t0
 

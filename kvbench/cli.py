@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--query", type=_csv, default=["in-prompt"],
                    help="where the question goes: in-prompt (inside the compressed prompt), after (the context is "
                         "compressed first), reuse (one compressed context for its questions); comma-separated sweep")
+    c.add_argument("--schedule", type=_csv, default=[],
+                   help="when decisions apply: prompt (once after the prompt), chunk (after every prefill chunk), "
+                        "decode (also while decoding); comma-separated sweep (default: each method's own)")
     c.add_argument("--prefill-chunk", type=int, default=512, help="prefill chunk size in tokens")
     c.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     c.add_argument("--dtype", default="float32",
@@ -104,6 +107,7 @@ def _compare(args: argparse.Namespace) -> int:
         device_map=args.device_map,
         positions=args.positions,
         queries=args.query,
+        schedules=args.schedule,
         context_lengths=tuple(_int(x, "--context-lengths") for x in args.context_lengths)
         if args.context_lengths else None,
     )
@@ -151,11 +155,16 @@ def _leaderboard(args: argparse.Namespace) -> int:
 def _methods() -> int:
     import dataclasses
 
-    from kvbench.policy import available, parameters
+    from kvbench.policy import available, parameters, policy_class
 
     for name in available():
+        cls = policy_class(name)
         params = [f"{f.name}={f.default}" for f in parameters(name).values()
-                  if f.name != "budget" and f.default is not dataclasses.MISSING]
+                  if f.name not in ("budget", "schedule") and f.default is not dataclasses.MISSING]
+        if cls.evicts:
+            params.insert(0, f"schedule={cls.default_schedule}" + (
+                f" (or {'|'.join(s for s in cls.schedules if s != cls.default_schedule)})" if len(cls.schedules) > 1
+                else ""))
         print(f"{name:14s} {' '.join(params)}")
     return 0
 

@@ -14,7 +14,7 @@ from kvbench import lm_eval_run, models
 from kvbench.cache import POSITION_MODES
 from kvbench.engine import QUERY_MODES, Engine, RunResult
 from kvbench.leaderboard import markdown
-from kvbench.policy import Budget, KVPolicy, make_policy, policy_class
+from kvbench.policy import SCHEDULES, Budget, KVPolicy, make_policy, policy_class
 from kvbench.records import dump_json, sample_record, summarize, versions, write_atomic
 from kvbench.tasks import TASKS, Task, make_task
 
@@ -34,6 +34,7 @@ class CompareSpec:
     context_lengths: tuple[int, ...] | None = None  # overrides the needle tasks' lengths
     positions: list[str] = field(default_factory=lambda: ["original"])
     queries: list[str] = field(default_factory=lambda: ["in-prompt"])  # where the question goes (QUERY_MODES)
+    schedules: list[str] = field(default_factory=list)  # when decisions apply (SCHEDULES); empty: each method's own
     task_metadata: dict[str, dict[str, Any]] = field(default_factory=dict)  # lm-eval tasks: metadata overrides
 
 
@@ -60,6 +61,9 @@ def plan(spec: CompareSpec) -> list[tuple[KVPolicy, str, str]]:
     bad = [p for p in spec.positions if p not in POSITION_MODES]
     if bad or not spec.positions:
         raise ValueError(f"--positions {','.join(bad)!r} is not a position mode; allowed: {', '.join(POSITION_MODES)}")
+    bad = [s for s in spec.schedules if s not in SCHEDULES]
+    if bad:
+        raise ValueError(f"--schedule {','.join(bad)!r} is not a schedule; allowed: {', '.join(SCHEDULES)}")
     bad = [q for q in spec.queries if q not in QUERY_MODES]
     if bad or not spec.queries:
         raise ValueError(f"--query {','.join(bad)!r} is not a query mode; allowed: {', '.join(QUERY_MODES)}")
@@ -77,10 +81,18 @@ def plan(spec: CompareSpec) -> list[tuple[KVPolicy, str, str]]:
         if "rerotate" in modes and not cls.uniform_layers:
             raise ValueError(f"--positions rerotate needs the same token count in every layer; {name!r} keeps "
                              "per-layer sets of different sizes (use original or naive)")
-        for params in expand_sweep(spec.method_args.get(name, {})):
+        for params in expand_sweep(method_params(spec, name)):
             policies.extend((make_policy(name, b, **params), m, q) for b in budgets for m in modes
                             for q in dict.fromkeys(spec.queries))
     return policies
+
+
+def method_params(spec: CompareSpec, name: str) -> dict[str, str]:
+    """A method's parameters in a run: its --method-args, plus the --schedule sweep where it evicts."""
+    params = dict(spec.method_args.get(name, {}))
+    if spec.schedules and policy_class(name).evicts:
+        params.setdefault("schedule", "|".join(dict.fromkeys(spec.schedules)))
+    return params
 
 
 def expand_sweep(params: dict[str, str]) -> list[dict[str, str]]:
@@ -157,6 +169,7 @@ class Runner:
             "budget": str(policy.budget) if policy.budget is not None else None,
             "positions": mode,
             "query": query,
+            "schedule": policy.schedule if policy.evicts else None,
             "config": {**self.config, "positions": mode, "query": query, "policy": config_now,
                        "task_metadata": {t: m for t, m in self.spec.task_metadata.items() if t in self.task_names}},
             "versions": self.versions,
@@ -177,7 +190,7 @@ def run(spec: CompareSpec, out_dir: Path | None = None, progress: bool = True) -
         for task in runner.task_names:
             cells.append(runner.cell(policy, mode, task, query))
             bar.update()
-        records.append(runner.record(policy, mode, cells, set(spec.method_args.get(policy.name, {})), query))
+        records.append(runner.record(policy, mode, cells, set(method_params(spec, policy.name)), query))
     bar.close()
     if out_dir is not None:
         write_outputs(records, out_dir)

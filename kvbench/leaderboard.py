@@ -111,7 +111,7 @@ def rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     queries = any(r.get("query", "in-prompt") != "in-prompt" for r in records)
     split = counted_cells(records)
     average = split is not None and len({task for task, _ in split[0]}) > 1  # a suite: several tasks that count
-    headers = ["method", "budget", "positions", *(["query"] if queries else []), *task_cols,
+    headers = ["method", "budget", "positions", "schedule", *(["query"] if queries else []), *task_cols,
                *(["suite avg"] if average else []), "KV compression",
                "active KV MiB", "peak KV MiB", "prefill ms", "decode ms p50", "decode ms p95", "tok/s", "decode × full",
                "policy ms/step"]
@@ -125,6 +125,7 @@ def rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
         cells = cell_scores(r)
         table.append([
             f"{r['method']} {r['variant']}".strip(), r["budget"] or "all", r.get("positions", "original"),
+            r.get("schedule") or "–",
             *([r.get("query", "in-prompt")] if queries else []),
             *(cell for t in tasks for cell in _task_cells(m, t, per_task, samples.get(t))),
             *([_with_ci(suite_average(r, split[0]), [cells[c] for c in split[0] if c in cells])] if average else []),
@@ -155,6 +156,8 @@ def markdown(records: list[dict[str, Any]], title: str | None = None) -> str:
     )
     notes = [
         "",
+        "Schedule = when the method's decisions apply: once after the prompt (prompt), after every prefill chunk "
+        "(chunk), or also at every decode step (decode). "
         "KV compression = 1 − active/full KV bytes at the end of each sample (mean); peak KV = high-water "
         "mark of active KV over the run (max); decode × full = decode ms p50 over the `full` row's, same run; "
         "policy ms/step = mean host time per decode step the method spends deciding and moving rows after attention "

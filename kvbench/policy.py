@@ -17,6 +17,11 @@ import torch
 ALL_ROWS = sys.maxsize
 """`attn_rows` value asking for the attention of every query of the step (H2O's accumulation)."""
 
+SCHEDULES = ("prompt", "chunk", "decode")
+"""When a method's decisions are applied: once at the end of each prompt (kvpress's default), after every prefill
+chunk, or also at every decode step and question token. Compared across tools, a schedule changes the kept set as
+much as the scoring rule does, so it is a recorded parameter of every run (`schedule=`)."""
+
 
 @dataclass(frozen=True)
 class Budget:
@@ -122,7 +127,9 @@ class KVPolicy:
     `token_state` (names of per-token float tensors the cache should keep for the policy),
     `signals` (engine signals passed to `observe`, e.g. "entropy" of the next-token distribution)
     `uses_budget` (False for methods driven by thresholds rather than a token budget), `evicts` and
-    `uniform_layers` (whether all layers hold equally many tokens: `rerotate` needs it).
+    `uniform_layers` (whether all layers hold equally many tokens: `rerotate` needs it), `schedules` (the
+    SCHEDULES the method is defined for; `default_schedule` when the run names none) and `observes` (True:
+    `step` runs at every forward, so per-token scores accumulate, even where the schedule applies nothing).
     """
 
     name: ClassVar[str] = ""
@@ -133,11 +140,29 @@ class KVPolicy:
     evicts: ClassVar[bool] = True  # False: the cache never loses a token (full), position modes do not apply
     passive: ClassVar[bool] = False  # True: never changes the cache, so the engine does not even call `step`
     uniform_layers: ClassVar[bool] = True  # every layer holds the same number of tokens (rerotate needs it)
+    schedules: ClassVar[tuple[str, ...]] = SCHEDULES
+    default_schedule: ClassVar[str] = "decode"
+    observes: ClassVar[bool] = False
     budget: Budget | None = None
+    schedule: str = ""  # one of `schedules`; empty: `default_schedule`
 
     def __post_init__(self) -> None:
         if self.budget is not None and not isinstance(self.budget, Budget):
             self.budget = Budget.parse(self.budget)
+        self.schedule = self.schedule or self.default_schedule
+        if self.schedule not in self.schedules:
+            raise ValueError(
+                f"method {self.name!r} has no schedule {self.schedule!r}; its schedules: {', '.join(self.schedules)} "
+                "(prompt: once after the prompt, chunk: after every prefill chunk, decode: also while decoding)")
+
+    def compresses(self, phase: str, last_chunk: bool) -> bool:
+        """Whether the cache applies this step's decision under the run's schedule. A question fed after its
+        context (phase "query") is not a prompt: only `decode` compresses it, as it compresses the answer."""
+        if phase == "compress":
+            return True
+        if phase == "prefill":
+            return last_chunk or self.schedule != "prompt"
+        return phase != "reconstruct" and self.schedule == "decode"
 
     def capacity(self, seen: int) -> int:
         if self.budget is None:
@@ -147,8 +172,8 @@ class KVPolicy:
     reconstruction_prompt: ClassVar[str | None] = None  # set: the engine runs a context-reconstruction pass
 
     def wants_attention(self, phase: str, last_chunk: bool) -> int:
-        """Query rows of attention this step needs (0 = none). Override to ask only sometimes."""
-        return self.attn_rows
+        """Query rows of attention this step needs (0 = none): none where `step` does not run."""
+        return self.attn_rows if self.observes or self.compresses(phase, last_chunk) else 0
 
     def step(self, view: LayerView) -> Decision | None:
         """Return what to do with this layer's tokens, or None to leave the cache as it is."""

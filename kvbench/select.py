@@ -7,7 +7,10 @@ on the physical order of rows in the cache, which evictions, thaws and re-append
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
 
 
 def sinks(positions: torch.Tensor, k: int) -> torch.Tensor:
@@ -49,3 +52,22 @@ def accumulate(view, name: str, contribution: torch.Tensor, decay: float = 1.0) 
     score = (old[:, :1] if contribution.shape[1] == 1 else old) * decay + contribution
     view.state[name] = score.expand(old.shape)
     return score
+
+
+
+def pool(scores: torch.Tensor, kernel: int, how: str = "max") -> torch.Tensor:
+    """[B, K, n] scores pooled over each token's `kernel` neighbours along the last axis, zero-padded at the ends
+    (SnapKV's smoothing). The axis must be in position order (`in_position_order`)."""
+    b, k, n = scores.shape
+    flat = scores.reshape(b * k, 1, n)
+    if how == "max":
+        return F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2).reshape(b, k, n)
+    return F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2).reshape(b, k, n)
+
+
+def in_position_order(positions: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """The permutation that sorts a layer's rows by position, and the function that puts a [B, K, n] mask computed
+    in that order back in row order. After an eviction rows are not in position order (removal moves the last
+    rows into the holes); a rule on neighbours, and its tie-breaks, must not depend on that."""
+    order = positions.argsort(dim=-1)
+    return order, lambda sorted_mask: torch.empty_like(sorted_mask).scatter_(-1, order, sorted_mask)

@@ -27,13 +27,13 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from kvbench import models
-from kvbench.compare import Cell, CompareSpec, Runner, plan
+from kvbench.compare import Cell, CompareSpec, Runner, method_params, plan
 from kvbench.leaderboard import markdown
 from kvbench.policy import Budget
 from kvbench.records import cpu_model, write_atomic
 
 SWEEP_KEYS = {"model", "device", "dtype", "prefill_chunk", "limit", "tasks", "task_metadata", "rows", "slices"}
-ROW_KEYS = {"methods", "budgets", "positions", "queries", "method_args"}
+ROW_KEYS = {"methods", "budgets", "positions", "queries", "schedules", "method_args"}
 SLICE_KEYS = {"methods", "tasks"}
 
 
@@ -102,6 +102,7 @@ def load(path: Path, slice_name: str | None = None, dtype: str | None = None) ->
                                    "budgets": [Budget.parse(b) for b in _strings(group.get("budgets", []), where)],
                                    "positions": _strings(group.get("positions", ["original"]), where),
                                    "queries": _strings(group.get("queries", ["in-prompt"]), where),
+                                   "schedules": _strings(group.get("schedules", []), where),
                                    "method_args": args}))
     if not rows:
         raise ValueError(f"{path}: no rows to run" + (f" in slice {slice_name!r}" if slice_name else ""))
@@ -160,7 +161,7 @@ def run(sweep: Sweep, out_dir: Path, cells_dir: Path, plots_dir: Path | None = N
                 cells.append(cell)
                 outcome.ran.append(key)
             bar.update()
-        outcome.records.append(runner.record(policy, mode, cells, set(row.method_args.get(policy.name, {})), query))
+        outcome.records.append(runner.record(policy, mode, cells, set(method_params(row, policy.name)), query))
     bar.close()
     header = _header(sweep, code, commit, outcome)
     if committed is not None:

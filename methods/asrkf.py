@@ -20,6 +20,7 @@ Choices the paper leaves open (each a parameter):
   frozen in the last `window` steps) -> full (thaw everything, clear counts). Thaws take effect after
   the next step's attention. The paper's fourth level (regenerate the last k tokens after a full
   reset) needs the engine to roll back generated tokens and is not implemented.
+No reference implementation is public; `heads=mean, tau=0.5` are kvbench's choices, not the paper's.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ class ASRKF(KVPolicy):
     signals: ClassVar[tuple[str, ...]] = ("entropy",)
     uses_budget: ClassVar[bool] = False
     uniform_layers: ClassVar[bool] = False
+    observes: ClassVar[bool] = True
+    schedules: ClassVar[tuple[str, ...]] = ("decode",)  # freezes and thaws are timed in steps
     window: int = 32
     tau: float = 0.5
     k: float = 1.0

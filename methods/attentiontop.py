@@ -2,6 +2,8 @@
 than the budget, keep the top ceil(r * n) tokens by attention accumulated over every query so far
 (mean over the layer's heads: one token set per layer). With the paper's r = 0.99, each step over
 budget drops the least-attended 1%, so the cache shrinks towards the budget gradually.
+
+No reference implementation in reach (not in kvpress); built from the paper's text.
 """
 
 import math
@@ -17,6 +19,8 @@ from kvbench.select import accumulate, per_layer, top_k
 class AttentionTop(KVPolicy):
     attn_rows: ClassVar[int] = ALL_ROWS
     token_state: ClassVar[tuple[str, ...]] = ("score",)
+    observes: ClassVar[bool] = True
+    schedules: ClassVar[tuple[str, ...]] = ("decode",)  # shrinks by 1% per step: defined only as a running rule
     r: float = 0.99
 
     def __post_init__(self) -> None:

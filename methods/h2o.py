@@ -4,6 +4,10 @@ Each token's score is the attention it has received, accumulated over every quer
 and decode), per KV head (summed over the query heads sharing it). Over budget, a head keeps its
 `heavy_ratio` share of the budget as the highest-scoring tokens and the rest as the most recent
 tokens: the paper's default splits the budget in halves.
+
+Against the references: the paper's code evicts while generating (schedule `decode`, the default). kvpress
+has no H2O: its ObservedAttentionPress is a one-shot relative (scores divided by the number of queries that
+could see each token, no recent half), so kept sets are not compared.
 """
 
 from dataclasses import dataclass
@@ -18,6 +22,7 @@ from kvbench.select import accumulate, per_kv_head, recent, top_k
 class H2O(KVPolicy):
     attn_rows: ClassVar[int] = ALL_ROWS
     token_state: ClassVar[tuple[str, ...]] = ("score",)
+    observes: ClassVar[bool] = True  # scores accumulate over every query, whatever the schedule
     heavy_ratio: float = 0.5
 
     def step(self, view: LayerView) -> Decision | None:

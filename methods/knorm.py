@@ -1,9 +1,16 @@
 """Knorm (Devoto et al., 2024, arXiv 2406.11430; kvpress's KnormPress): keys with a small L2 norm
 draw the most attention, so over budget each KV head keeps the `budget` keys of lowest norm. Needs no
 attention statistics at all.
+
+Against the reference: kvpress compresses once after the prompt (schedule `prompt`, the default here),
+where its kept set and kvbench's are the same. Run while decoding (schedule `decode`), the rule alone
+would evict the token just generated whenever its key norm is high, which derails generation, so the
+newest `recent` tokens (8, kvbench's choice) are kept while decoding or reading a question; the
+reference never needs this.
 """
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from kvbench.policy import Decision, KVPolicy, LayerView, register
 from kvbench.select import top_k
@@ -12,8 +19,15 @@ from kvbench.select import top_k
 @register("knorm")
 @dataclass
 class Knorm(KVPolicy):
+    default_schedule: ClassVar[str] = "prompt"
+    recent: int = 8
+
     def step(self, view: LayerView) -> Decision | None:
         cap = self.capacity(view.full_tokens)
         if view.n <= cap:
             return None
-        return Decision(keep=top_k(-view.keys.float().norm(dim=-1), cap))
+        if view.phase == "prefill":
+            return Decision(keep=top_k(-view.keys.float().norm(dim=-1), cap))
+        protect = min(self.recent, cap)
+        newest = top_k(view.positions.float(), protect)  # each head's newest active tokens (as many in every head)
+        return Decision(keep=newest | top_k(-view.keys.float().norm(dim=-1), cap - protect, exclude=newest))

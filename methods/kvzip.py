@@ -8,6 +8,10 @@ The reconstruction pass is part of the measured prefill time.
 
 Fast KVzip (arXiv 2601.17668) replaces the pass with learned gates; no gate weights exist for the
 bundled models, so only the training-free score is implemented.
+
+Against kvpress's KVzipPress: kvpress by default ranks all layers together (per-layer ratios differ, the
+total is kept) and always keeps 4 sink tokens; kvbench gives every layer the same budget (kvpress's
+`layerwise=True`) and protects no sink.
 """
 
 from dataclasses import dataclass
@@ -24,6 +28,9 @@ from kvbench.select import top_k
 class KVzip(KVPolicy):
     token_state: ClassVar[tuple[str, ...]] = ("score",)
     reconstruction_prompt: ClassVar[str] = "\n\nRepeat the previous context exactly.\n\n"
+    observes: ClassVar[bool] = True  # scores come from the reconstruction pass, applied after it
+    schedules: ClassVar[tuple[str, ...]] = ("prompt",)
+    default_schedule: ClassVar[str] = "prompt"
 
     def wants_attention(self, phase: str, last_chunk: bool) -> int:
         return ALL_ROWS if phase == "reconstruct" else 0

@@ -10,6 +10,8 @@ Choices the paper leaves open, each a parameter:
   doubles (so flat layers keep more, as in the paper's layer adaptivity).
 - sparsity: the Hoyer sparsity of each layer's score, (sqrt(n) - L1/L2) / (sqrt(n) - 1), is
   logged at every trigger and reported as a per-layer mean.
+
+No reference implementation in reach (not in kvpress); the rules below are kvbench's reading of the paper.
 """
 
 import math
@@ -36,6 +38,8 @@ class Lethe(KVPolicy):
     attn_rows: ClassVar[int] = ALL_ROWS
     token_state: ClassVar[tuple[str, ...]] = ("score",)
     uniform_layers: ClassVar[bool] = False
+    observes: ClassVar[bool] = True
+    schedules: ClassVar[tuple[str, ...]] = ("decode",)  # its thresholds adapt step by step
     gamma: float = 0.9
     mass: float = 0.9
     dropoff: float = 0.5

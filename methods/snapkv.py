@@ -1,36 +1,53 @@
 """SnapKV (Li et al., 2024, arXiv 2404.14469) and PyramidKV (Cai et al., 2024, arXiv 2406.02069).
 
-SnapKV compresses the prompt once, when prefill ends: the last `window` prompt queries (the
-observation window) vote with their attention, summed per KV head; votes are max-pooled over
-neighbouring tokens (kernel 7) so kept tokens keep their context; each head keeps its top
-(budget - window) tokens plus the window itself. Decoding then appends without further eviction,
-and earlier prefill chunks are not compressed (the peak is the whole prompt), as in the paper.
-`every_chunk=True` compresses after every prefill chunk instead (each chunk's last `window` queries
-vote), which bounds the peak at budget + one chunk, at the price of judging early tokens before the
-question at the end of the prompt is seen.
+SnapKV compresses the prompt once, when prefill ends (schedule `prompt`, the paper's and kvpress's): the
+last `window` prompt queries (the observation window) vote with their attention, summed per KV head;
+votes are pooled over neighbouring positions (max, kernel 7) so kept tokens keep their context; each
+head keeps its top (budget - window) tokens plus the window itself. Decoding then appends without
+further eviction, and earlier prefill chunks are not compressed (the peak is the whole prompt).
+Schedule `chunk` compresses after every prefill chunk instead (each chunk's last `window` queries vote),
+which bounds the peak at budget + one chunk, at the price of judging early tokens before the question
+at the end of the prompt is seen. Pooling runs in position order: after an eviction the cache's rows
+are not (removal moves the last rows into the holes), and neighbours are positions, not rows.
+
+Against the references: kvpress's SnapKVPress scores the window's attention itself (it recomputes the
+window queries against the keys) and pools with an average (window 64, kernel 5): `pooling=avg,
+window=64, kernel=5` is that configuration. kvbench uses the attention rows the forward already computed,
+which are the same numbers.
 
 PyramidKV is SnapKV with per-layer budgets that shrink linearly with depth: layer 0 gets
-2B - B/beta, the last layer B/beta, averaging the budget B (beta = 20 in the paper).
+2B - B/beta, the last layer B/beta, averaging the budget B (beta = 20 in the paper). kvpress's PyramidKVPress
+differs in two places (reports/parity): it caps the first layers at (prompt - window) and redistributes, and
+where a layer's budget is below the window it keeps an arbitrary part of the window (all tie at the top
+score); kvbench keeps the newest.
 """
 
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch.nn.functional as F
-
 from kvbench.policy import Decision, KVPolicy, LayerView, register
-from kvbench.select import per_kv_head, recent, top_k
+from kvbench.select import in_position_order, per_kv_head, pool, recent, top_k
 
 
 @register("snapkv")
 @dataclass
 class SnapKV(KVPolicy):
+    schedules: ClassVar[tuple[str, ...]] = ("prompt", "chunk")  # its votes are prompt queries
+    default_schedule: ClassVar[str] = "prompt"
     window: int = 32
     kernel: int = 7
-    every_chunk: bool = False
+    pooling: str = "max"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.pooling not in ("max", "avg"):
+            raise ValueError(f"{self.name}: pooling must be 'max' or 'avg', got {self.pooling!r}")
+        if self.window < 1 or self.kernel < 1 or self.kernel % 2 == 0:
+            raise ValueError(f"{self.name}: window >= 1 and an odd kernel >= 1 required, got {self.window}, "
+                             f"{self.kernel}")
 
     def wants_attention(self, phase: str, last_chunk: bool) -> int:
-        return self.window if phase == "prefill" and (last_chunk or self.every_chunk) else 0
+        return self.window if phase == "prefill" and self.compresses(phase, last_chunk) else 0
 
     def layer_capacity(self, view: LayerView) -> int:
         return self.capacity(view.full_tokens)
@@ -39,12 +56,13 @@ class SnapKV(KVPolicy):
         cap = self.layer_capacity(view)
         if view.attn is None or view.n <= cap:
             return None
-        votes = per_kv_head(view.attn)  # [B, K, n]
-        b, k, n = votes.shape
-        votes = F.max_pool1d(votes.reshape(b * k, 1, n), self.kernel, stride=1, padding=self.kernel // 2)
-        window = recent(view.positions, view.seen, min(self.window, cap))
         kept_window = min(self.window, cap)  # the last `window` positions are all still active here
-        return Decision(keep=window | top_k(votes.reshape(b, k, n), cap - kept_window, exclude=window))
+        order, unsort = in_position_order(view.positions)
+        window = recent(view.positions, view.seen, kept_window).gather(-1, order)
+        # the window's own votes stay out of the pooling (as the references slice it off before pooling)
+        votes = per_kv_head(view.attn).gather(-1, order).masked_fill(window, 0.0)  # [B, K, n], in position order
+        pooled = pool(votes, self.kernel, self.pooling)
+        return Decision(keep=unsort(window | top_k(pooled, cap - kept_window, exclude=window)))
 
 
 @register("pyramidkv")

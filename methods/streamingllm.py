@@ -2,6 +2,10 @@
 
 Keeps the first `sinks` tokens and the most recent (budget - sinks) tokens; needs no attention
 statistics, so it costs nothing beyond the eviction itself.
+
+Against the references: the original code evicts at every generation step (schedule `decode`, the default)
+and numbers positions inside the cache (`--positions rerotate`). kvpress's StreamingLLMPress compresses once
+after the prompt; with schedule `prompt` the kept set is the same (reports/parity).
 """
 
 from dataclasses import dataclass

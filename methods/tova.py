@@ -2,6 +2,11 @@
 
 Whenever a layer holds more than the budget, drop the tokens the current (last) query attends to
 least, averaged over all heads: one token set per layer. Needs only the last query row each step.
+
+Against the references: TOVA's own code evicts while generating (schedule `decode`, the default). kvpress's
+TOVAPress scores once after the prompt and always keeps the last token (its score is set to the maximum);
+with schedule `prompt` the kept sets are the same (reports/parity), the last token being kept by its own
+attention.
 """
 
 from dataclasses import dataclass

@@ -27,9 +27,10 @@ def engine(model_and_tokenizer):
 
 def feed(cache: PolicyCache, layer: int, start: int, q: int, heads: int = 2, dim: int = 4,
          attn: torch.Tensor | None = None, gen: torch.Generator | None = None, prefill: bool = False,
-         keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+         keys: torch.Tensor | None = None, last_chunk: bool = True,
+         query: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Append q synthetic tokens at positions start.. to one layer and run the policy, as attention would."""
-    cache.begin_step(torch.arange(start, start + q)[None], prefill=prefill, last_chunk=True)
+    cache.begin_step(torch.arange(start, start + q)[None], prefill=prefill, last_chunk=last_chunk, query=query)
     k = torch.randn(1, heads, q, dim, generator=gen) if keys is None else keys
     v = torch.randn(1, heads, q, dim, generator=gen)
     cache.layers[layer].update(k, v)

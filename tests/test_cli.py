@@ -31,6 +31,7 @@ def test_compare_writes_results_and_prints_table(tmp_path, capsys):
         assert len(r["samples"]) == 2 and all("prediction" in s for s in r["samples"])
         assert r["versions"]["transformers"] and r["config"]["policy"]
     assert records[0]["metrics"]["kv_compression"] == 0.0
+    assert records[0]["schedule"] is None and records[1]["schedule"] == "decode"  # StreamingLLM's own
     assert records[1]["metrics"]["kv_compression"] > 0.9  # 64 of ~1000 tokens kept
     assert records[1]["metrics"]["active_kv_bytes"] < records[0]["metrics"]["active_kv_bytes"] / 10
     # policy time: none for `full`; StreamingLLM evicts in every prefill chunk and decode step
@@ -53,7 +54,10 @@ def test_compare_writes_results_and_prints_table(tmp_path, capsys):
     (["--methods", "pyramidkv", "--positions", "rerotate"], "rerotate needs the same token count in every layer"),
     (["--model", "/nonexistent/model.gguf"], "model file not found: /nonexistent/model.gguf"),
     (["--model", "/nonexistent/dir"], "model '/nonexistent/dir' not found"),
-    (["--method-args", "h2o:heavy=0.1"], "method 'h2o' has no parameter heavy; its parameters: heavy_ratio"),
+    (["--method-args", "h2o:heavy=0.1"], "method 'h2o' has no parameter heavy; its parameters: heavy_ratio, schedule"),
+    (["--schedule", "sometimes"], "--schedule 'sometimes' is not a schedule; allowed: prompt, chunk, decode"),
+    (["--methods", "full,asrkf", "--schedule", "prompt"], "method 'asrkf' has no schedule 'prompt'; its schedules: "
+                                                          "decode"),
     (["--method-args", "h2o"], "must look like METHOD:key=value"),
     (["--dtype", "float8"], "dtype 'float8' is not one of: auto, float32, bfloat16, float16"),
     (["--model", "kvbench-test/absent"], "is not in the local Hugging Face cache"),

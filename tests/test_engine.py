@@ -165,8 +165,8 @@ def test_batched_decode_equals_one_sequence_at_a_time(engine, method, budget):
 
 
 @pytest.mark.parametrize("method", ["snapkv", "pyramidkv"])
-def test_snapkv_every_chunk_bounds_prefill_peak_where_the_default_does_not(engine, method):
-    """Default SnapKV judges the prompt once, at its end (peak = whole prompt); every_chunk=True compresses
+def test_snapkv_chunk_schedule_bounds_prefill_peak_where_the_default_does_not(engine, method):
+    """Default SnapKV judges the prompt once, at its end (peak = whole prompt); schedule chunk compresses
     after each prefill chunk, so no layer ever holds more than its budget plus one chunk."""
     budget, chunk = 64, engine.prefill_chunk
     ids = engine.encode_chat(LONG)
@@ -177,7 +177,7 @@ def test_snapkv_every_chunk_bounds_prefill_peak_where_the_default_does_not(engin
         if cache.prefill:  # after each prompt chunk (decode appends without eviction, as in the paper)
             largest.append(max(layer.get_seq_length() for layer in cache.layers))
 
-    bounded = engine.generate(ids, make_policy(method, budget, every_chunk=True), 4, on_step=check)
+    bounded = engine.generate(ids, make_policy(method, budget, schedule="chunk"), 4, on_step=check)
     layer_cap = 2 * budget if method == "pyramidkv" else budget  # PyramidKV's first layers get up to 2B
     assert len(largest) >= 3 and max(largest) <= layer_cap  # what stays after a chunk is within the budget
     default = engine.generate(ids, make_policy(method, budget), 4)

@@ -71,8 +71,35 @@ def test_knorm_keeps_the_lowest_norm_keys_per_head():
     norms = torch.tensor([[5.0, 1.0, 3.0, 0.5], [0.1, 9.0, 0.2, 4.0]])
     keys = torch.zeros(1, 2, 4, 4)
     keys[0, :, :, 0] = norms
-    feed(cache, 0, 0, 4, keys=keys)
+    feed(cache, 0, 0, 4, keys=keys, prefill=True)
     assert kept(cache, 0) == [1, 3] and kept(cache, 1) == [0, 2]
+
+
+def keys_with_norms(norms: list[float], heads: int = 2) -> torch.Tensor:
+    keys = torch.zeros(1, heads, len(norms), 4)
+    keys[0, :, :, 0] = torch.tensor(norms)
+    return keys
+
+
+def test_knorm_while_decoding_keeps_the_newest_tokens_whatever_their_norm():
+    """Schedule decode: a just-generated token with the largest key norm would be the first evicted by the bare
+    rule; the newest `recent` stay, the rest of the budget goes to the lowest norms."""
+    cache = make_cache(make_policy("knorm", 3, schedule="decode", recent=1))
+    feed(cache, 0, 0, 5, keys=keys_with_norms([1.0, 4.0, 2.0, 5.0, 3.0]), prefill=True)
+    assert kept(cache) == [0, 2, 4]
+    feed(cache, 0, 5, 1, keys=keys_with_norms([9.0]))
+    assert kept(cache) == [0, 2, 5]  # 5 stays although its norm is the largest; 4 (norm 3) goes
+    bare = make_cache(make_policy("knorm", 3, schedule="decode", recent=0))
+    feed(bare, 0, 0, 5, keys=keys_with_norms([1.0, 4.0, 2.0, 5.0, 3.0]), prefill=True)
+    feed(bare, 0, 5, 1, keys=keys_with_norms([9.0]))
+    assert kept(bare) == [0, 2, 4]
+
+
+def test_knorm_by_default_compresses_the_prompt_only_as_kvpress_does():
+    cache = make_cache(make_policy("knorm", 3))
+    feed(cache, 0, 0, 5, keys=keys_with_norms([1.0, 4.0, 2.0, 5.0, 3.0]), prefill=True)
+    feed(cache, 0, 5, 1, keys=keys_with_norms([0.5]))
+    assert kept(cache) == [0, 2, 4, 5]  # decoding appends, nothing is evicted
 
 
 def snap_rows(votes: list[list[float]]) -> torch.Tensor:
@@ -92,6 +119,41 @@ def test_snapkv_pooling_keeps_the_neighbours_of_a_peak():
     votes = [0.01, 0.0, 0.9, 0.0, 0.02, 0.0, 0.0, 0.0, 0.03, 0.04]
     feed(cache, 0, 0, 10, prefill=True, attn=snap_rows([votes, votes]))
     assert kept(cache) == [1, 2, 3, 8, 9]
+
+
+def test_snapkv_pools_in_position_order_whatever_the_order_of_the_rows():
+    """After an eviction a layer's rows are no longer in position order; pooling over rows would mix unrelated
+    tokens. A view whose rows are shuffled must keep the same positions as the same view in order."""
+    from kvbench.policy import LayerView
+
+    gen = torch.Generator().manual_seed(0)
+    n, heads = 24, 2
+    positions = torch.arange(100, 100 + n).expand(1, heads, n)
+    attn = torch.rand(1, heads, 1, 1, n, generator=gen) ** 4  # peaky votes, so pooling decides
+    keys = torch.randn(1, heads, n, 4, generator=gen)
+
+    def kept_positions(order: torch.Tensor) -> list[list[int]]:
+        view = LayerView(0, 1, keys[:, :, order], keys[:, :, order], positions[:, :, order].contiguous(), 1, 124,
+                         True, attn[..., order], {}, full_tokens=124)
+        keep = make_policy("snapkv", 10, window=2, kernel=5).step(view).keep
+        return [sorted(view.positions[0, h][keep[0, h]].tolist()) for h in range(heads)]
+
+    in_order = kept_positions(torch.arange(n))
+    shuffled = kept_positions(torch.randperm(n, generator=gen))
+    assert shuffled == in_order and all(len(h) == 10 for h in in_order)
+    # pooling matters here: without it (kernel 1) the kept set is a different one
+    view = LayerView(0, 1, keys, keys, positions, 1, 124, True, attn, {}, full_tokens=124)
+    assert make_policy("snapkv", 10, window=2, kernel=1).step(view).keep[0, 0].nonzero().flatten().add(100).tolist() \
+        != in_order[0]
+
+
+def test_snapkv_avg_pooling_is_kvpress_zero_padded_mean():
+    """pooling=avg: each vote becomes the mean of the kernel around it, zero-padded at the ends (the window's
+    own votes count as zero), as kvpress's avg_pool1d over the votes before the window."""
+    cache = make_cache(make_policy("snapkv", 4, window=2, kernel=3, pooling="avg"))
+    votes = [0.0, 0.3, 0.3, 0.0, 0.1, 0.0, 0.9, 0.9]  # pooled (first six): .1 .2 .2 .133 .033 .033
+    feed(cache, 0, 0, 8, prefill=True, attn=snap_rows([votes, votes]))
+    assert kept(cache) == [1, 2, 6, 7]  # pooling the window's votes in would have given 5 (.9 + .1) / 3 = .33
 
 
 def test_snapkv_leaves_decode_alone():

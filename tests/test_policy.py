@@ -30,7 +30,7 @@ def test_unknown_method_lists_known_ones():
 
 
 def test_unknown_parameter_lists_allowed_ones():
-    with pytest.raises(ValueError, match=r"no parameter tau; its parameters: sinks"):
+    with pytest.raises(ValueError, match=r"no parameter tau; its parameters: schedule, sinks"):
         make_policy("streamingllm", 256, tau="0.5")
 
 

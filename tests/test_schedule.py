@@ -1,0 +1,105 @@
+"""When a method's decisions apply (its schedule): once after the prompt, after every prefill chunk, or also at
+every decode step. Cache mechanics on synthetic tokens; the engine on a tiny random Llama."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tiny
+from conftest import feed, make_cache
+from kvbench.engine import Engine
+from kvbench.policy import SCHEDULES, available, make_policy, policy_class
+
+
+def active(cache) -> int:
+    return cache.layers[0].active.n
+
+
+@pytest.mark.parametrize("schedule,sizes", [
+    ("prompt", [8, 4, 5, 8]),  # nothing until the prompt's last chunk; then decode and a question append
+    ("chunk", [4, 4, 5, 8]),  # every prefill chunk; decode and a question append
+    ("decode", [4, 4, 4, 4]),  # everywhere
+])
+def test_each_schedule_applies_decisions_exactly_where_it_says(schedule, sizes):
+    cache = make_cache(make_policy("streamingllm", 4, sinks=1, schedule=schedule))
+    got = []
+    feed(cache, 0, 0, 8, prefill=True, last_chunk=False)
+    got.append(active(cache))
+    feed(cache, 0, 8, 8, prefill=True, last_chunk=True)
+    got.append(active(cache))
+    feed(cache, 0, 16, 1)  # a decode step
+    got.append(active(cache))
+    feed(cache, 0, 17, 3, prefill=True, query=True)  # a question fed after its compressed context
+    got.append(active(cache))
+    assert got == sizes
+    assert cache.layers[0].evicted == 20 - got[-1]  # every token not active was evicted, none lost
+
+
+def test_no_attention_is_computed_where_a_stateless_method_does_not_decide():
+    cache = make_cache(make_policy("tova", 4, schedule="prompt"))
+    cache.begin_step(torch.arange(0, 8)[None], prefill=True, last_chunk=False)
+    assert cache.attn_rows == 0
+    cache.begin_step(torch.arange(8, 16)[None], prefill=True, last_chunk=True)
+    assert cache.attn_rows == 1
+    cache.begin_step(torch.arange(16, 17)[None], prefill=False)
+    assert cache.attn_rows == 0
+
+
+def attn_rows(scores: list[float]) -> torch.Tensor:
+    return torch.tensor([scores, scores])[None, :, None, None, :]
+
+
+def test_h2o_scores_accumulate_over_the_chunks_a_one_shot_schedule_does_not_compress():
+    """Schedule prompt: H2O evicts once, but its scores hold every query's attention, the first chunk's too."""
+    cache = make_cache(make_policy("h2o", 2, heavy_ratio=1.0, schedule="prompt"))  # all heavy hitters, no window
+    feed(cache, 0, 0, 3, prefill=True, last_chunk=False, attn=attn_rows([0.9, 0.05, 0.05]))
+    assert active(cache) == 3
+    feed(cache, 0, 3, 2, prefill=True, last_chunk=True, attn=attn_rows([0.0, 0.6, 0.0, 0.3, 0.1]))
+    # accumulated .9 .65 .05 .3 .1 -> {0, 1}; the last chunk's attention alone would keep {1, 3}
+    assert sorted(cache.layers[0].positions[0, 0].tolist()) == [0, 1]
+
+
+@pytest.mark.parametrize("name", available())
+def test_every_method_runs_the_schedules_it_declares_and_refuses_the_others(name):
+    cls = policy_class(name)
+    budget = 8 if cls.uses_budget else None
+    assert cls.default_schedule in cls.schedules and set(cls.schedules) <= set(SCHEDULES)
+    assert make_policy(name, budget).schedule == cls.default_schedule
+    for schedule in SCHEDULES:
+        if schedule in cls.schedules:
+            assert make_policy(name, budget, schedule=schedule).config()["schedule"] == schedule
+        else:
+            with pytest.raises(ValueError, match=f"method '{name}' has no schedule '{schedule}'; its schedules: "
+                                                 + ", ".join(cls.schedules)):
+                make_policy(name, budget, schedule=schedule)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from kvbench import models
+
+    return Engine(tiny.build("llama", "sdpa"), models.load_tokenizer(), prefill_chunk=16)
+
+
+@pytest.mark.parametrize("method,params", [("streamingllm", {}), ("tova", {}), ("knorm", {}), ("h2o", {}),
+                                           ("snapkv", {"window": 4})])
+def test_on_the_engine_one_shot_schedules_bound_the_prompt_and_let_decoding_append(engine, method, params):
+    ids = engine.encode_chat("Archive notes. " + " ".join(f"Box {i} holds item {i * 7 % 23}." for i in range(12)))
+    assert len(ids) > 4 * engine.prefill_chunk
+    budget = 24
+    for schedule in policy_class(method).schedules:
+        sizes: list[tuple[bool, int]] = []
+
+        def record(cache, sizes=sizes):
+            sizes.append((cache.prefill, max(layer.get_seq_length() for layer in cache.layers)))
+
+        engine.generate(ids, make_policy(method, budget, schedule=schedule, **params), 5, ignore_eos=True,
+                        on_step=record)
+        prompt, decode = [n for p, n in sizes if p], [n for p, n in sizes if not p]
+        assert prompt[-1] == budget and len(decode) == 4
+        if schedule == "prompt":  # the whole prompt stays until its last chunk
+            assert prompt[-2] == len(ids) - (len(ids) % engine.prefill_chunk or engine.prefill_chunk)
+        else:
+            assert max(prompt) == budget
+        assert decode == ([budget] * 4 if schedule == "decode" else [budget + i for i in range(1, 5)])
