@@ -1,4 +1,5 @@
-"""Leaderboard plots (matplotlib, PNG): needle heatmaps, accuracy versus KV memory, decode time versus context."""
+"""Leaderboard plots (matplotlib, PNG): needle heatmaps, accuracy versus KV memory and versus compression per query
+mode, decode time versus context."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from kvbench.leaderboard import counted_cells, suite_average  # noqa: E402
 from kvbench.records import MIB  # noqa: E402
 
 CONTEXT_BINS = (1024, 2048, 4096, 6144, 8192)
@@ -113,6 +115,57 @@ def pareto(records: list[dict[str, Any]], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def _accuracy(record: dict[str, Any], counted: dict | None) -> float | None:
+    """The row's suite average over the cells the full cache passes, else its mean over accuracy-type tasks."""
+    if counted:
+        return suite_average(record, counted)
+    m = record["metrics"]
+    accs = [v for t, v in m["accuracy"].items() if "perplexity" not in m.get("metric", {}).get(t, "")]
+    return statistics.fmean(accs) if accs else None
+
+
+def accuracy_vs_compression(records: list[dict[str, Any]], path: Path) -> Path | None:
+    """One panel per query mode: accuracy against KV compression, one colour per method (a line through its
+    budgets), the full cache as a dashed line."""
+    split = counted_cells(records)
+    counted = split[0] if split else None
+    modes = list(dict.fromkeys(r.get("query", "in-prompt") for r in records))
+    curves: dict[str, dict[str, list[tuple[float, float]]]] = {mode: defaultdict(list) for mode in modes}
+    fulls: dict[str, float] = {}
+    for r in records:
+        y = _accuracy(r, counted)
+        if y is None:
+            continue
+        mode = r.get("query", "in-prompt")
+        if r["method"] == "full":
+            fulls[mode] = y
+            continue
+        name = " ".join(p for p in (r["method"], r["variant"], r["positions"], r.get("schedule") or "")
+                        if p and p != "original")
+        curves[mode][name].append((r["metrics"]["kv_compression"], y))
+    if not any(curves.values()):
+        return None
+    names = sorted({n for c in curves.values() for n in c})
+    palette = list(plt.get_cmap("tab10").colors) + list(plt.get_cmap("tab20").colors[1::2])  # distinct first
+    colors = {n: palette[i % len(palette)] for i, n in enumerate(names)}
+    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.8), squeeze=False, sharey=True)
+    for ax, mode in zip(axes.flat, modes, strict=True):
+        for name, pts in sorted(curves[mode].items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colors[name], label=name)
+        if mode in fulls:
+            ax.axhline(fulls[mode], color="black", linestyle="--", linewidth=1, label="full cache")
+        ax.set_title(f"question {mode}" if mode != "in-prompt" else "question in the prompt", fontsize=10)
+        ax.set_xlabel("KV compression (1 − active / full KV bytes)")
+        ax.set_xlim(-0.02, 1.0)
+        ax.grid(alpha=0.3)
+    axes.flat[0].set_ylabel("suite average (cells the full cache passes)" if counted else "mean accuracy")
+    axes.flat[0].set_ylim(-0.05, 1.05)
+    axes.flat[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle("Accuracy versus KV compression")
+    return _save(fig, path)
+
+
 def decode_vs_context(records: list[dict[str, Any]], path: Path) -> Path | None:
     """Median decode ms/token of single-prompt samples, by prompt length (binned), one line per row."""
     fig, ax = plt.subplots(figsize=(8, 5.5))
@@ -152,6 +205,8 @@ def draw_all(records: list[dict[str, Any]], out_dir: Path) -> dict[str, Path]:
     made = {
         "needle heatmap (depth × context length) per method": needle_heatmap(records, out_dir / "needle_heatmap.png"),
         "accuracy versus active KV memory (Pareto)": pareto(records, out_dir / "pareto.png"),
+        "accuracy versus KV compression, per query mode": accuracy_vs_compression(
+            records, out_dir / "accuracy_vs_compression.png"),
         "decode ms/token versus context length": decode_vs_context(records, out_dir / "decode_vs_context.png"),
     }
     return {k: v for k, v in made.items() if v is not None}

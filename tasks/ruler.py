@@ -22,6 +22,10 @@ question follows the context, so `--query after` can compress the context before
 | cwe | a word list | 10 common words (30 times) among rare ones (3 times) | the 10 common words |
 | fwe | coded words, Zipf-distributed | - | the 3 most frequent |
 | qa | prose documents, numbered | - | the document holding a quoted sentence |
+| niah_reuse | prose | 4 keys | each key's number, one question per doc, all on one context (`--query reuse`) |
+
+niah_reuse is not RULER's: it is the prefix-cache condition (SCBench's shared context), several questions
+answered from one compressed context.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import string
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvbench.tasks.multiturn import passages
 from kvbench.tasks.needle import FILLER
@@ -65,6 +69,7 @@ class Item:
     question: str
     prefix: str
     answers: list[str]
+    more: list[tuple[str, str, list[str]]] = field(default_factory=list)  # further (question, prefix, answers)
 
 
 Builder = Callable[[random.Random, int], Item]  # (rng, haystack size in units) -> item
@@ -97,8 +102,10 @@ def _prose(rng: random.Random, size: int) -> list[str]:
     return [sentences[(start + i) % len(sentences)] for i in range(size)]
 
 
-def _niah(haystack: str, values: str = "numbers", keys: int = 1, asked: int = 1, per_key: int = 1) -> Builder:
-    """RULER's needle tasks: 'One of the special magic {values} for {key} is: {value}.' in a haystack."""
+def _niah(haystack: str, values: str = "numbers", keys: int = 1, asked: int = 1, per_key: int = 1,
+          each: bool = False) -> Builder:
+    """RULER's needle tasks: 'One of the special magic {values} for {key} is: {value}.' in a haystack. `each`: one
+    question per key on the same context (the first as the item's question, the others in `more`)."""
 
     def build(rng: random.Random, size: int) -> Item:
         value = _uuid if values == "uuids" else _number
@@ -111,13 +118,17 @@ def _niah(haystack: str, values: str = "numbers", keys: int = 1, asked: int = 1,
             units = [f"One of the special magic {values} for {_key(rng)} is: {value(rng)}." for _ in range(size)]
         else:
             units = _prose(rng, size)
-        query = ", ".join(names[:asked])
-        return Item(
-            context=("Some special magic " + values + " are hidden within the following text. Make sure to memorize "
-                     "it. I will quiz you about the " + values + " afterwards.\n" + _insert(units, needles, rng)),
-            question=f"\nWhat are all the special magic {values} for {query} mentioned in the provided text?",
-            prefix=f"The special magic {values} for {query} mentioned in the provided text are",
-            answers=[v for k, v in pairs if k in names[:asked]])
+        context = ("Some special magic " + values + " are hidden within the following text. Make sure to memorize "
+                   "it. I will quiz you about the " + values + " afterwards.\n" + _insert(units, needles, rng))
+
+        def ask(chosen: list[str]) -> tuple[str, str, list[str]]:
+            query = ", ".join(chosen)
+            return (f"\nWhat are all the special magic {values} for {query} mentioned in the provided text?",
+                    f"The special magic {values} for {query} mentioned in the provided text are",
+                    [v for k, v in pairs if k in chosen])
+
+        questions = [ask([k]) for k in names] if each else [ask(names[:asked])]
+        return Item(context, *questions[0], more=questions[1:])
 
     return build
 
@@ -193,6 +204,7 @@ TASKS: dict[str, tuple[Builder, int]] = {
     "niah_multikey_2": (_niah("needles"), 5),
     "niah_multivalue": (_niah("essay", per_key=4), 4),
     "niah_multiquery": (_niah("essay", keys=4, asked=4), 4),
+    "niah_reuse": (_niah("essay", keys=4, each=True), 4),
     "vt": (_vt, 4),
     "cwe": (_cwe, 25),
     "fwe": (_fwe, 40),

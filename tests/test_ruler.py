@@ -26,7 +26,8 @@ def docs():
 def test_samples_fit_their_length_in_the_models_tokens_and_hold_their_answers(task, docs):
     tok = models.load_tokenizer()
     rows = docs[task]
-    assert [r["context_length"] for r in rows] == [512, 512, 1024, 1024]
+    per_context = 4 if task == "niah_reuse" else 1  # one doc per question, the same context in each
+    assert [r["context_length"] for r in rows] == [512] * 2 * per_context + [1024] * 2 * per_context
     for r in rows:
         n = len(tok(r["prompt"])["input_ids"])
         low = 0.8 if task == "qa" else 0.9  # qa grows by whole documents (~85 tokens)
@@ -62,9 +63,27 @@ def test_every_task_runs_in_every_query_mode(query, docs):
     lm = KVBenchLM.from_engine(engine, make_policy("snapkv", 128), progress=False, query=query)
     requests = [Instance("generate_until", r, (r["prompt"], {"until": [], "max_gen_toks": 3}), i,
                          (f"kvbench_ruler_{t}", i, 1))
-                for t in TASKS for i, r in enumerate(docs[t]) if r["context_length"] == 512 and r["sample"] == 0]
+                for t in TASKS for i, r in enumerate(docs[t])
+                if r["context_length"] == 512 and r["sample"] == 0 and r["question_index"] == 0]
     answers = lm.generate_until(requests)
     assert len(answers) == len(TASKS) and all(isinstance(a, str) for a in answers)
     assert all(m.result.prompt_tokens > 400 for m in lm.measured)
     if query != "in-prompt":
         assert [m.result.context_compressions for m in lm.measured] == [1] * len(TASKS)
+
+
+def test_niah_reuse_asks_each_key_of_one_context_and_reuse_compresses_it_once(docs):
+    rows = [r for r in docs["niah_reuse"] if r["context_length"] == 512 and r["sample"] == 0]
+    contexts = {r["prompt"].rpartition(r["question"])[0] for r in rows}
+    assert len(rows) == 4 and len(contexts) == 1  # four questions on one context
+    assert len({tuple(r["answers"]) for r in rows}) == 4 and all(len(r["answers"]) == 1 for r in rows)
+    context = contexts.pop()
+    assert all(r["answers"][0] in context for r in rows)
+    engine = Engine(tiny.build("llama", "sdpa"), models.load_tokenizer(), prefill_chunk=256)
+    requests = [Instance("generate_until", r, (r["prompt"], {"until": [], "max_gen_toks": 3}), i,
+                         ("kvbench_ruler_niah_reuse", i, 1)) for i, r in enumerate(rows)]
+    reuse = KVBenchLM.from_engine(engine, make_policy("snapkv", 128), progress=False, query="reuse")
+    after = KVBenchLM.from_engine(engine, make_policy("snapkv", 128), progress=False, query="after")
+    assert reuse.generate_until(requests) == after.generate_until(requests)
+    assert sorted(m.result.context_compressions for m in reuse.measured) == [0, 0, 0, 1]
+    assert [m.result.context_compressions for m in after.measured] == [1, 1, 1, 1]

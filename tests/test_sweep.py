@@ -122,13 +122,16 @@ def test_plots_are_drawn_from_records(tmp_path):
         return {"task": "kvbench_needle", "score": score, "prompt_tokens": n, "decode_ms": [40.0 + n / 100] * 3,
                 "meta": {"context_length": n, "depth": depth, "filler": "simple"}}
 
-    records = [{"method": m, "variant": "", "budget": b, "positions": "original",
+    records = [{"method": m, "variant": "", "budget": b, "positions": "original", "query": q, "schedule": "decode",
                 "metrics": {"accuracy": {"kvbench_needle": acc}, "metric": {"kvbench_needle": "exact_match"},
-                            "active_kv_bytes": kv},
+                            "active_kv_bytes": kv, "kv_compression": 1 - kv / 6e7},
                 "samples": [sample(n, d, acc) for n in (1024, 2048, 4096) for d in (0.1, 0.9)]}
-               for m, b, acc, kv in (("full", None, 1.0, 6e7), ("streamingllm", "256", 0.0, 1e7))]
+               for m, b, acc, kv, q in (("full", None, 1.0, 6e7, "in-prompt"), ("streamingllm", "256", 0.0, 1e7,
+                                                                                 "in-prompt"),
+                                        ("streamingllm", "512", 0.5, 2e7, "in-prompt"),
+                                        ("streamingllm", "256", 0.0, 1e7, "after"))]
     made = draw_all(records, tmp_path)
-    assert len(made) == 3
+    assert len(made) == 4 and "accuracy versus KV compression, per query mode" in made
     for path in made.values():
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
 

@@ -127,7 +127,8 @@ def window_probe_results(doc: dict, results: list[tuple[float, bool]]) -> dict[s
 def ruler(ruler_task: str, **meta) -> dict[str, datasets.Dataset]:
     """One task of the RULER-style suite (kvbench/tasks/ruler.py) at each of `context_lengths` that fits the
     evaluated model's window with its answer, `samples` per length, sized in that model's tokens. The doc's
-    `question` field marks where the question starts (for `query=after|reuse`)."""
+    `question` field marks where the question starts (for `query=after|reuse`); a task with several questions
+    per context (niah_reuse) gives one doc per question, the same context in each."""
     from transformers import AutoConfig
 
     from kvbench.tasks import ruler as suite
@@ -136,11 +137,13 @@ def ruler(ruler_task: str, **meta) -> dict[str, datasets.Dataset]:
     window = getattr(AutoConfig.from_pretrained(models.local_dir(_model(meta))), "max_position_embeddings", None)
     room = int(meta.get("max_gen_toks", 128))
 
-    def render(item) -> str:
-        return _chat(tokenizer, item.context + item.question, item.prefix)
+    def prompts(item) -> list[tuple[str, str, list[str]]]:
+        """(prompt, question, answers) of each of the item's questions."""
+        return [(_chat(tokenizer, item.context + q, prefix), q, answers)
+                for q, prefix, answers in [(item.question, item.prefix, item.answers), *item.more]]
 
-    def count(item) -> int:
-        return len(tokenizer(render(item))["input_ids"])
+    def count(item) -> int:  # the longest of its prompts must fit
+        return max(len(tokenizer(prompt)["input_ids"]) for prompt, _, _ in prompts(item))
 
     rows = []
     for length in meta.get("context_lengths", (1024, 2048, 4096)):
@@ -148,8 +151,9 @@ def ruler(ruler_task: str, **meta) -> dict[str, datasets.Dataset]:
             continue  # past the model's window: not a cell this model can be scored on
         for i, item in enumerate(suite.generate(ruler_task, int(length), int(meta.get("samples", 4)),
                                                 int(meta.get("seed", 0)), count)):
-            rows.append({"prompt": render(item), "question": item.question, "answers": item.answers,
-                         "task": ruler_task, "context_length": int(length), "sample": i})
+            for j, (prompt, question, answers) in enumerate(prompts(item)):
+                rows.append({"prompt": prompt, "question": question, "answers": answers, "task": ruler_task,
+                             "context_length": int(length), "sample": i, "question_index": j})
     return {"test": datasets.Dataset.from_list(rows)}
 
 
