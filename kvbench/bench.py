@@ -56,6 +56,10 @@ def run(spec: BenchSpec, out_dir: Path | None = None, progress: bool = True) -> 
         raise ValueError(f"batch sizes must be >= 1, got {list(spec.batch)}")
     if spec.repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {spec.repeats}")
+    if not spec.methods:
+        raise ValueError("--methods names no method")
+    if not spec.contexts or any(n < 1 for n in spec.contexts):
+        raise ValueError(f"--contexts must be positive token counts (e.g. 1024,4096), got {spec.contexts}")
     if spec.new_tokens < 2:
         raise ValueError(f"new tokens must be >= 2 (the first comes from prefill; decode is timed after it), "
                          f"got {spec.new_tokens}")

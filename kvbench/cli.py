@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device-map", default=None,
                    help="accelerate device map for a model larger than one device (e.g. auto); replaces --device")
     c.add_argument("--out", type=Path, default=None, help="output folder (default: a new folder in reports/runs/)")
+    c.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     c.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     b = sub.add_parser("bench", help="decode/prefill time and peak KV of each method vs full, per context length")
@@ -70,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu")
     b.add_argument("--dtype", default="float32", help="float32, bfloat16, float16, or auto (the checkpoint's)")
     b.add_argument("--prefill-chunk", type=int, default=512)
-    b.add_argument("--out", type=Path, default=Path("reports") / "bench")
+    b.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: a new folder in reports/runs/; the committed reports/bench/ only "
+                        "when named)")
+    b.add_argument("--overwrite", action="store_true", help="replace bench.md and bench.json already in --out")
     b.add_argument("--no-progress", action="store_true")
 
     lb = sub.add_parser("leaderboard", help="run the published sweep (resumable) and write leaderboard/")
@@ -93,6 +98,7 @@ def _compare(args: argparse.Namespace) -> int:
     from kvbench.compare import CompareSpec, default_out_dir, parse_method_args, run
     from kvbench.leaderboard import markdown
     from kvbench.policy import Budget
+    from kvbench.records import check_outputs
 
     spec = CompareSpec(
         methods=args.methods,
@@ -114,6 +120,7 @@ def _compare(args: argparse.Namespace) -> int:
     if args.prefill_chunk <= 0:
         raise ValueError(f"--prefill-chunk must be positive, got {args.prefill_chunk}")
     out = args.out or default_out_dir(spec.methods)
+    check_outputs(out, ["results.json", "leaderboard.md"], args.overwrite)
     records = run(spec, out, progress=not args.no_progress)
     print(markdown(records))
     print(f"wrote {out / 'results.json'} and {out / 'leaderboard.md'}")
@@ -122,23 +129,31 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from kvbench.bench import BenchSpec, run
-    from kvbench.compare import parse_method_args
+    from kvbench.compare import default_out_dir, parse_method_args
+    from kvbench.records import check_outputs
 
     spec = BenchSpec(methods=args.methods, method_args=parse_method_args(args.method_args),
                      contexts=[_int(c, "--contexts") for c in args.contexts],
                      budget=args.budget, new_tokens=args.new_tokens, model=args.model, device=args.device,
                      dtype=args.dtype, prefill_chunk=args.prefill_chunk,
                      batch=tuple(_int(b, "--batch") for b in args.batch), repeats=args.repeats)
-    run(spec, args.out, progress=not args.no_progress)
-    print((args.out / "bench.md").read_text())
+    out = args.out or default_out_dir(spec.methods, "bench-")
+    check_outputs(out, ["bench.md", "bench.json"], args.overwrite)
+    run(spec, out, progress=not args.no_progress)
+    print((out / "bench.md").read_text())
+    print(f"wrote {out / 'bench.md'} and {out / 'bench.json'}")
     return 0
 
 
 def _leaderboard(args: argparse.Namespace) -> int:
     from kvbench import sweep
+    from kvbench.records import check_outputs
 
     plan = sweep.load(args.config, args.slice, args.dtype)
     cells = args.cells or models.cache_dir() / "cells"
+    check_outputs(args.out, ["LEADERBOARD.md", "results.json"], overwrite=True)  # the sweep's job is to replace them
+    check_outputs(args.plots, [], flag="--plots")
+    check_outputs(cells, [], flag="--cells")
     outcome = sweep.run(plan, args.out, cells, args.plots, args.check, progress=not args.no_progress)
     print((args.out / "LEADERBOARD.md").read_text())
     print(f"wrote {args.out / 'LEADERBOARD.md'} and {args.out / 'results.json'}: {len(outcome.ran)} cells run, "
@@ -169,6 +184,15 @@ def _methods() -> int:
     return 0
 
 
+INTERRUPTED = {  # what a Ctrl-C leaves behind, per command
+    "compare": "nothing was written (results are written once every cell is done; a leaderboard sweep resumes "
+               "from its finished cells)",
+    "bench": "nothing was written",
+    "leaderboard": "the finished cells are in the cell store and the last complete leaderboard is untouched; run "
+                   "the same command again to resume",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -182,6 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"kvbench: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`kvbench methods | head -1`): say so once, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        print("kvbench: error: the output pipe was closed before everything was written", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"kvbench: interrupted; {INTERRUPTED.get(args.command, 'nothing was written')}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

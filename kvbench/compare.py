@@ -14,7 +14,7 @@ from kvbench import lm_eval_run, models
 from kvbench.cache import POSITION_MODES
 from kvbench.engine import QUERY_MODES, Engine, RunResult
 from kvbench.leaderboard import markdown
-from kvbench.policy import SCHEDULES, Budget, KVPolicy, make_policy, policy_class
+from kvbench.policy import SCHEDULES, Budget, KVPolicy, available, make_policy, policy_class
 from kvbench.records import dump_json, sample_record, summarize, versions, write_atomic
 from kvbench.tasks import TASKS, Task, make_task
 
@@ -55,6 +55,10 @@ def parse_method_args(items: list[str]) -> dict[str, dict[str, str]]:
 
 def plan(spec: CompareSpec) -> list[tuple[KVPolicy, str, str]]:
     """Every (policy, position mode, query mode) to run, validated before anything expensive happens."""
+    if not spec.methods:
+        raise ValueError(f"--methods names no method; known methods: {', '.join(available())}")
+    if not spec.tasks:
+        raise ValueError("--tasks names no task (e.g. --tasks needle-1k,kvbench_needle)")
     stray = sorted(set(spec.method_args) - set(spec.methods))
     if stray:
         raise ValueError(f"--method-args names {', '.join(stray)}, which is not among --methods")
@@ -129,6 +133,8 @@ class Runner:
                              "question inside the prompt only; the query modes run kvbench's lm-eval tasks, "
                              "e.g. kvbench_needle")
         models.parse_dtype(spec.dtype)
+        if spec.device_map is None:
+            models.check_device(spec.device)
         models.resolve(spec.model)  # fail fast on a missing model, before loading anything
         lm, tok = models.load(spec.model, device=spec.device, dtype=spec.dtype, device_map=spec.device_map)
         self.engine = Engine(lm, tok, prefill_chunk=spec.prefill_chunk)
@@ -212,5 +218,6 @@ def write_outputs(records: list[dict[str, Any]], out_dir: Path) -> None:
     write_atomic(out_dir / "leaderboard.md", markdown(records, "kvbench compare"))
 
 
-def default_out_dir(methods: list[str]) -> Path:
-    return Path("reports") / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{'-'.join(methods)}"
+def default_out_dir(methods: list[str], what: str = "") -> Path:
+    """A new folder under reports/runs/ (not committed), named by time and methods."""
+    return Path("reports") / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{what}{'-'.join(methods)}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -72,6 +73,8 @@ class Engine:
             raise architectures.UnsupportedModel(
                 f"{type(model).__name__} does not take transformers' attention interface, so kvbench cannot run it")
         self.model = model
+        # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name goes in 5.40)
+        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.tokenizer = tokenizer
         self.prefill_chunk = prefill_chunk
         self.device = next(model.parameters()).device
@@ -196,8 +199,8 @@ class Engine:
         batch = BatchCache([s.cache for s in sessions])
         batch.begin_step(pos, rot)
         with FewRowLinear() if dev.type == "cpu" else contextlib.nullcontext():
-            out = self.model(input_ids=ids, position_ids=rot, past_key_values=batch, use_cache=True,
-                             logits_to_keep=1, **{CACHE_KWARG: batch})
+            out = self.model(input_ids=ids, position_ids=rot, use_cache=True, logits_to_keep=1,
+                             **{self.cache_arg: batch, CACHE_KWARG: batch})
         for s in sessions:
             s.check_attended()
         batch.end_step()
@@ -297,8 +300,8 @@ class Session:
         pos = torch.arange(self.seen, self.seen + q, device=engine.device)[None]
         rot = cache.next_rotations(pos)
         cache.begin_step(pos, prefill=prefill, last_chunk=last, rotation_ids=rot, query=query)
-        out = engine.model(input_ids=ids, position_ids=rot, past_key_values=cache, use_cache=True,
-                           logits_to_keep=0 if all_logits else 1, **{CACHE_KWARG: cache})
+        out = engine.model(input_ids=ids, position_ids=rot, use_cache=True, logits_to_keep=0 if all_logits else 1,
+                           **{engine.cache_arg: cache, CACHE_KWARG: cache})
         self.check_attended()
         cache.end_step()
         self.after_forward(q, out.logits[0, -1])

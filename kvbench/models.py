@@ -163,6 +163,19 @@ def _dequantized_dir(src: ModelSource) -> Path:
     return cache_dir() / "models" / f"{f.stem}-{_digest(str(f), st.st_size, st.st_mtime_ns)[:16]}"
 
 
+def check_device(device: str) -> None:
+    """Refuse a device torch cannot name or this machine does not have, before anything loads."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available here (torch {torch.__version__})")
+    if kind == "cuda" and torch.device(device).index is not None and torch.device(device).index >= \
+            torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
 def load(model: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype | str = torch.float32,
          device_map: str | dict | None = None):
     """Load (model, tokenizer) with the kvbench attention function selected. The architecture is checked from
@@ -173,6 +186,8 @@ def load(model: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype | s
 
     import kvbench.attention as attention
 
+    if device_map is None:
+        check_device(device)
     directory = local_dir(model)
     try:
         architectures.layout(AutoConfig.from_pretrained(directory, local_files_only=True))

@@ -145,6 +145,23 @@ def _sum_counters(reports: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def check_outputs(out_dir: Path, names: list[str], overwrite: bool = False, flag: str = "--out") -> None:
+    """Fail before any work if results could not be written to `out_dir`/`names`: `out_dir` a file, a name a
+    folder, the nearest existing folder not writable, or (unless `overwrite`) results already there. Creates
+    nothing, so a refused run leaves no trace."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{flag} {out_dir} is a file, not a folder")
+    for name in names:
+        path = out_dir / name
+        if path.is_dir():
+            raise ValueError(f"{flag} {out_dir}: {path} is a folder, so the results file cannot be written")
+        if path.exists() and not overwrite:
+            raise ValueError(f"{flag} {out_dir} already holds {name}; choose another folder or pass --overwrite")
+    existing = next(p for p in (out_dir, *out_dir.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {out_dir}: cannot write in {existing}")
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write to a temporary file next to `path`, then rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)

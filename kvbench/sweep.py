@@ -18,6 +18,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 import time
 import tomllib
 from dataclasses import asdict, dataclass, field
@@ -125,6 +126,23 @@ def source_hash() -> str:
     return digest.hexdigest()[:16]
 
 
+def read_cell(path: Path) -> Cell | None:
+    """A stored cell, or None (reported by file name) when it cannot be one: truncated, unreadable, or not
+    shaped like a cell. Such a file never blocks a sweep: the cell is computed again and the file replaced."""
+    try:
+        data = json.loads(path.read_text())
+        cell = Cell(**data)
+        if not (isinstance(cell.task, str) and isinstance(cell.samples, list) and cell.samples
+                and all(isinstance(s, dict) and "score" in s for s in cell.samples)
+                and isinstance(cell.scores, dict) and isinstance(cell.metrics, dict)):
+            raise ValueError("not a finished cell")
+    except (OSError, UnicodeDecodeError, ValueError, TypeError) as err:
+        print(f"kvbench: ignoring the unreadable cell {path} ({type(err).__name__}: {err}); computing it again",
+              file=sys.stderr)
+        return None
+    return cell
+
+
 def cell_key(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
@@ -152,8 +170,9 @@ def run(sweep: Sweep, out_dir: Path, cells_dir: Path, plots_dir: Path | None = N
             bar.set_postfix_str(f"{policy.name} {policy.budget or ''} {mode} {task}")
             key = cell_key({**runner.cell_config(policy, mode, task, query), "source": code})
             path = cells_dir / f"{key}.json"
-            if path.is_file():
-                cells.append(Cell(**json.loads(path.read_text())))
+            stored = read_cell(path) if path.exists() else None
+            if stored is not None:
+                cells.append(stored)
                 outcome.cached.append(key)
             else:
                 cell = runner.cell(policy, mode, task, query)

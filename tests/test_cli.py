@@ -5,7 +5,7 @@ import json
 import pytest
 
 from kvbench import leaderboard
-from kvbench.cli import main
+from kvbench.cli import build_parser, main
 from kvbench.policy import available
 from kvbench.tasks import TASKS
 
@@ -59,6 +59,10 @@ def test_compare_writes_results_and_prints_table(tmp_path, capsys):
     (["--methods", "full,asrkf", "--schedule", "prompt"], "method 'asrkf' has no schedule 'prompt'; its schedules: "
                                                           "decode"),
     (["--method-args", "h2o"], "must look like METHOD:key=value"),
+    (["--methods", ""], "--methods names no method; known methods: " + ", ".join(available())),
+    (["--tasks", ""], "--tasks names no task"),
+    (["--device", "tpu9"], "--device 'tpu9' is not a torch device"),
+    (["--device", "cuda:99"], "--device cuda:99: "),  # no CUDA here, or fewer than 100 devices
     (["--dtype", "float8"], "dtype 'float8' is not one of: auto, float32, bfloat16, float16"),
     (["--model", "kvbench-test/absent"], "is not in the local Hugging Face cache"),
 ])
@@ -141,8 +145,72 @@ def test_bench_refuses_bad_method_args_before_loading_the_model(tmp_path, capsys
     for args, message in ((["--method-args", "h2o:sinks=4"], "h2o, which is not among --methods"),
                           (["--method-args", "streamingllm:sink=4"], "method 'streamingllm' has no parameter sink"),
                           (["--repeats", "0"], "repeats must be >= 1, got 0"),
+                          (["--contexts", "-5"], "--contexts must be positive token counts (e.g. 1024,4096), got [-5]"),
+                          (["--contexts", "1024,0"], "--contexts must be positive token counts"),
                           (["--new-tokens", "1"], "new tokens must be >= 2")):
         code = main(["bench", "--methods", "full,streamingllm", "--model", "/nonexistent/model.gguf",
                      "--out", str(tmp_path / "b"), *args])
         assert code == 2 and message in capsys.readouterr().err
         assert not (tmp_path / "b").exists()
+
+
+NO_MODEL = ["--model", "/nonexistent/model.gguf"]  # whatever passes the output checks stops here, before any work
+
+
+@pytest.mark.parametrize("command,names", [(["compare"], ("results.json", "leaderboard.md")),
+                                           (["bench"], ("bench.md", "bench.json"))])
+def test_output_folders_are_checked_before_any_work_and_nothing_is_touched(tmp_path, capsys, command, names):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("mine")
+    assert main([*command, *NO_MODEL, "--out", str(a_file)]) == 2
+    assert f"--out {a_file} is a file, not a folder" in capsys.readouterr().err and a_file.read_text() == "mine"
+
+    blocked = tmp_path / "blocked"
+    (blocked / names[1]).mkdir(parents=True)
+    assert main([*command, *NO_MODEL, "--out", str(blocked)]) == 2
+    assert f"{blocked / names[1]} is a folder" in capsys.readouterr().err
+    assert sorted(p.name for p in blocked.iterdir()) == [names[1]]
+
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / names[0]).write_text("finished results")
+    assert main([*command, *NO_MODEL, "--out", str(done)]) == 2
+    assert f"already holds {names[0]}; choose another folder or pass --overwrite" in capsys.readouterr().err
+    assert (done / names[0]).read_text() == "finished results"
+    assert main([*command, *NO_MODEL, "--out", str(done), "--overwrite"]) == 2  # past the check, stopped by the model
+    assert "model file not found" in capsys.readouterr().err
+
+
+def test_bench_writes_into_a_new_run_folder_unless_told_where():
+    assert build_parser().parse_args(["bench"]).out is None  # never the committed reports/bench/ by default
+
+
+def test_leaderboard_refuses_an_output_it_cannot_write_before_loading_the_model(tmp_path, capsys):
+    out = tmp_path / "lb"
+    (out / "LEADERBOARD.md").mkdir(parents=True)
+    code = main(["leaderboard", "--out", str(out), "--plots", str(tmp_path / "plots"), "--cells", str(tmp_path / "c")])
+    assert code == 2 and f"{out / 'LEADERBOARD.md'} is a folder" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists() and not (tmp_path / "plots").exists()
+
+
+def test_a_closed_output_pipe_ends_with_one_line_and_exit_2():
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "kvbench", "methods"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before anything is written (`kvbench methods | head -0`)
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 2
+    assert "the output pipe was closed" in err and "Traceback" not in err
+
+
+def test_ctrl_c_ends_with_exit_130_and_says_what_was_kept(monkeypatch, capsys):
+    import kvbench.cli
+
+    def interrupted() -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kvbench.cli, "_methods", interrupted)
+    assert main(["methods"]) == 130
+    assert capsys.readouterr().err.startswith("kvbench: interrupted; nothing was written")

@@ -223,3 +223,14 @@ def test_batched_step_keeps_the_policies_ops_out_of_the_few_row_linear_hook(engi
         seen[method] = len(calls)
     assert seen["full"] > 0 and seen["asrkf"] == seen["full"]
     assert torch.nn.functional.linear in calls
+
+
+def test_the_cache_goes_to_transformers_under_the_forwards_own_argument_name(engine):
+    """transformers 5.24 renamed `past_key_values` to `cache` and warns on the old name (gone in 5.40)."""
+    import inspect
+    import warnings
+
+    assert engine.cache_arg in inspect.signature(engine.model.forward).parameters
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        engine.generate(engine.encode_chat("Hello"), make_policy("h2o", 8), 3)

@@ -114,6 +114,12 @@ def test_killed_sweep_resumes_with_only_the_unfinished_cells(tmp_path):
     again = sweep.run(sweep.load(config), out, cells, None, check=out / "results.json", progress=False)
     assert again.ran == [] and len(again.cached) == 3 and again.mismatches == []
 
+    broken = cells / f"{again.cached[1]}.json"  # a cell cut short (a full disk, a copy interrupted)
+    broken.write_text(broken.read_text()[:100])
+    healed = sweep.run(sweep.load(config), out, cells, None, check=out / "results.json", progress=False)
+    assert healed.ran == [again.cached[1]] and healed.mismatches == []  # recomputed, the same numbers
+    assert json.loads(broken.read_text())["samples"]
+
 
 def test_plots_are_drawn_from_records(tmp_path):
     from kvbench.plots import draw_all
@@ -170,3 +176,15 @@ def test_intervals_are_seeded_percentile_bootstraps_of_the_mean():
     assert half == bootstrap_halfwidth([[0.0, 1.0] * 50]) and 0.08 < half < 0.12  # 1.96 * 0.05 for p = 0.5, n = 100
     # cells resampled on their own: a cell of certain outcomes adds no spread, so the suite's interval narrows
     assert bootstrap_halfwidth([[0.0, 1.0] * 50, [1.0] * 100]) == pytest.approx(half / 2, rel=0.25)
+
+
+@pytest.mark.parametrize("content", ['{"task": "kvbench_needle", "samples": [{"sco', "{}", "[]", "null",
+                                     '{"task": "t", "samples": "none"}', '{"task": "t", "samples": []}', "\udcff"])
+def test_an_unreadable_cell_is_reported_by_name_and_never_used(tmp_path, capsys, content):
+    path = tmp_path / "0123abcd.json"
+    path.write_bytes(content.encode("utf-8", "surrogateescape"))
+    assert sweep.read_cell(path) is None
+    err = capsys.readouterr().err
+    assert f"ignoring the unreadable cell {path}" in err and "computing it again" in err
+    path.write_text(json.dumps({"task": "t", "samples": [{"score": 1.0}], "scores": {}, "metrics": {}}))
+    assert sweep.read_cell(path).samples == [{"score": 1.0}]
