@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 from kvbench import models
@@ -23,6 +24,7 @@ def _int(text: str, flag: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvbench", description="Compare KV-cache compression policies honestly.")
+    p.add_argument("--version", action="version", version=f"kvbench {version('kvbench')}")
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compare", help="run methods on the same model and samples, print a leaderboard")

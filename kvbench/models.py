@@ -79,6 +79,9 @@ def resolve(model: str) -> ModelSource:
         if not (path / "config.json").is_file():
             raise ModelNotFound(f"{path} is a directory but holds no config.json (not a HF model directory)")
         return ModelSource(path.name, path.resolve())
+    if path.is_file():
+        raise ModelNotFound(f"--model {path} is a file but not a .gguf model: give a .gguf file, a Hugging Face "
+                            "model directory (with config.json), a bundled alias or a cached model id")
     if model.count("/") == 1 and not path.exists():
         return ModelSource(model, _hub_snapshot(model))
     raise ModelNotFound(
@@ -222,15 +225,24 @@ def local_dir(model: str = DEFAULT_MODEL) -> Path:
 def load_tokenizer(model: str = DEFAULT_MODEL):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(local_dir(model), local_files_only=True)
+    directory = local_dir(model)
+    try:
+        return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise ModelNotFound(f"cannot load a tokenizer from {directory}: {type(err).__name__}: "
+                            f"{str(err).strip().splitlines()[0]}") from None
 
 
 def _dequantize(src: ModelSource, target: Path) -> None:
     """GGUF -> fp32 safetensors in the cache, written to a temporary folder and renamed into place."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    lm = AutoModelForCausalLM.from_pretrained(src.directory, gguf_file=src.gguf_file, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(src.directory, gguf_file=src.gguf_file)
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(src.directory, gguf_file=src.gguf_file, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(src.directory, gguf_file=src.gguf_file)
+    except (OSError, ValueError, KeyError, EOFError) as err:  # truncated or damaged: its tensors do not fit
+        raise ModelNotFound(f"cannot read the GGUF file {src.directory / src.gguf_file} (truncated or damaged?): "
+                            f"{type(err).__name__}: {err}") from None
     lm.hf_quantizer = None  # the weights are plain fp32 now; save_pretrained refuses otherwise
     if hasattr(lm.config, "quantization_config"):
         del lm.config.quantization_config

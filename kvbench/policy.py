@@ -243,9 +243,16 @@ def make_policy(name: str, budget: Budget | str | int | None = None, **params: A
 
 
 def _coerce(method: str, key: str, value: Any, f: dataclasses.Field) -> Any:
-    if not isinstance(value, str):
-        return value
+    """A parameter value from the command line (a string) or from lm-eval's model args (already a number or a
+    bool), as the field's type; anything else is refused by name, never passed through."""
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+    if not isinstance(value, str):
+        ok = {"bool": isinstance(value, bool) or value in (0, 1),
+              "int": not isinstance(value, bool) and isinstance(value, int | float) and float(value).is_integer(),
+              "float": not isinstance(value, bool) and isinstance(value, int | float)}.get(kind.split(" ")[0], True)
+        if not ok:
+            raise ValueError(f"{method}: parameter {key}={value!r} is not a valid {kind}")
+        return {"bool": bool, "int": int, "float": float}.get(kind.split(" ")[0], lambda v: v)(value)
     try:
         if kind.startswith("bool"):
             if value.lower() not in ("true", "false", "1", "0"):

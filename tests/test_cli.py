@@ -214,3 +214,11 @@ def test_ctrl_c_ends_with_exit_130_and_says_what_was_kept(monkeypatch, capsys):
     monkeypatch.setattr(kvbench.cli, "_methods", interrupted)
     assert main(["methods"]) == 130
     assert capsys.readouterr().err.startswith("kvbench: interrupted; nothing was written")
+
+
+def test_version_is_printed(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"kvbench {version('kvbench')}"

@@ -75,3 +75,43 @@ def test_dequantized_copies_are_keyed_by_the_file_content_not_its_path(tmp_path)
     with copy.open("ab") as f:  # one byte more: another file, another copy
         f.write(b"\0")
     assert models._dequantized_dir(models.resolve(str(copy))).name.rsplit("-", 1)[1] != same
+
+
+def broken_models(tmp_path) -> dict[str, tuple[str, str]]:
+    """Model sources that exist but cannot be used, each with the message it must get."""
+    import tiny
+
+    bundled = models.resolve(models.DEFAULT_MODEL)
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes((bundled.directory / bundled.gguf_file).read_bytes()[: 3 << 20])
+    no_weights = tmp_path / "no-weights"
+    tiny.CONFIGS["llama"]().save_pretrained(no_weights)
+    for f in models.local_dir().glob("tokenizer*"):
+        (no_weights / f.name).write_bytes(f.read_bytes())
+    no_tokenizer = tmp_path / "no-tokenizer"
+    tiny.CONFIGS["llama"]().save_pretrained(no_tokenizer)
+    bad_config = tmp_path / "bad-config"
+    bad_config.mkdir()
+    (bad_config / "config.json").write_text('{"model_type": "llama", ')
+    text = tmp_path / "notes.txt"
+    text.write_text("not a model")
+    return {"truncated gguf": (str(truncated), f"cannot read the GGUF file {truncated} (truncated or damaged?)"),
+            "no weights": (str(no_weights), f"cannot load the weights in {no_weights}"),
+            "no tokenizer": (str(no_tokenizer), f"cannot load a tokenizer from {no_tokenizer}"),
+            "bad config": (str(bad_config), f"cannot read the model config in {bad_config}"),
+            "a text file": (str(text), f"--model {text} is a file but not a .gguf model")}
+
+
+def test_models_that_exist_but_cannot_be_used_get_one_clear_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    from kvbench.cli import main
+
+    broken = broken_models(tmp_path)
+    monkeypatch.setenv("KVBENCH_CACHE_DIR", str(tmp_path / "cache"))  # no dequantized copy is reused
+    for what, (model, message) in broken.items():
+        code = main(["compare", "--no-progress", "--model", model, "--methods", "full", "--tasks", "needle-1k",
+                     "--out", str(tmp_path / "run")])
+        err = capsys.readouterr().err
+        assert code == 2, what
+        assert message in err and "Traceback" not in err, what
+        assert not (tmp_path / "run").exists()
+    assert not list((tmp_path / "cache").rglob("truncated*"))  # no half-dequantized copy left behind

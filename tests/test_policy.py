@@ -34,6 +34,19 @@ def test_unknown_parameter_lists_allowed_ones():
         make_policy("streamingllm", 256, tau="0.5")
 
 
+@pytest.mark.parametrize("key,value", [("sinks", 2.5), ("sinks", True), ("sinks", "many")])
+def test_a_value_that_is_not_the_fields_type_is_refused_whatever_its_source(key, value):
+    """lm-eval hands model args over already parsed (sinks=2.5 arrives as a float): refused like a bad string."""
+    with pytest.raises(ValueError, match=f"streamingllm: parameter {key}={value!r} is not a valid int"):
+        make_policy("streamingllm", 256, **{key: value})
+
+
+def test_numbers_from_lm_eval_become_the_fields_type():
+    assert make_policy("streamingllm", 256, sinks=8.0).sinks == 8
+    assert isinstance(make_policy("h2o", 256, heavy_ratio=1).heavy_ratio, float)
+    assert make_policy("asrkf", recovery=0).recovery is False
+
+
 def test_parameter_values_are_coerced_and_checked():
     assert make_policy("h2o", 256, heavy_ratio="0.25").heavy_ratio == 0.25
     with pytest.raises(ValueError, match="not a valid int"):
