@@ -215,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"kvbench: interrupted; {INTERRUPTED.get(args.command, 'nothing was written')}", file=sys.stderr)
         return 130
+    except OSError as err:  # the machine, not the input: a full disk, a folder that vanished
+        print(f"kvbench: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

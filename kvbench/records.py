@@ -101,8 +101,13 @@ def summarize(samples: list[dict[str, Any]], scores: dict[str, float] | None = N
     def mean(key: str) -> float:
         return statistics.fmean(s[key] for s in samples)
 
+    per_task = {t: [s["score"] for s in samples if s["task"] == t] for t in accuracy}
     return {
         "accuracy": {**accuracy, **(scores or {})},
+        # per-sample tasks: how many samples, and the standard error of their mean score
+        "accuracy_n": {t: len(v) for t, v in per_task.items()},
+        "accuracy_stderr": {t: statistics.stdev(v) / len(v) ** 0.5 if len(v) > 1 else None
+                            for t, v in per_task.items()},
         "metric": {t: (metric_names or {}).get(t, "accuracy") for t in tasks},
         "samples": len(samples),
         "kv_compression": mean("kv_compression"),

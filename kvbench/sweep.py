@@ -63,7 +63,8 @@ def load(path: Path, slice_name: str | None = None, dtype: str | None = None) ->
     """Parse and validate a sweep file; `slice_name` keeps only that slice's methods and tasks, `dtype` replaces
     the file's model dtype."""
     if not path.is_file():
-        raise FileNotFoundError(f"sweep config not found: {path}")
+        raise FileNotFoundError(f"sweep config not found: {path} (the published sweep is leaderboard/sweep.toml in "
+                                "the kvbench repository: run from a checkout or pass --config)")
     try:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:

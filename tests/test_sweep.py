@@ -188,3 +188,19 @@ def test_an_unreadable_cell_is_reported_by_name_and_never_used(tmp_path, capsys,
     assert f"ignoring the unreadable cell {path}" in err and "computing it again" in err
     path.write_text(json.dumps({"task": "t", "samples": [{"score": 1.0}], "scores": {}, "metrics": {}}))
     assert sweep.read_cell(path).samples == [{"score": 1.0}]
+
+
+def test_records_carry_each_scores_sample_count_and_standard_error():
+    from kvbench.records import summarize
+
+    def sample(task: str, score: float) -> dict:
+        zero = dict.fromkeys(("kv_compression", "mean_kv_compression", "active_kv_bytes", "full_kv_bytes",
+                              "peak_kv_bytes", "peak_reserved_kv_bytes", "frozen_kv_bytes", "peak_frozen_kv_bytes",
+                              "memory_peak_bytes", "prefill_ms", "freezes", "thaws"), 0)
+        return {**zero, "task": task, "score": score, "decode_ms": [1.0], "policy": {}, "policy_ms": {"decode": 0.0},
+                "offload": {"seconds": 0.0}, "restore": {"seconds": 0.0}}
+
+    m = summarize([sample("a", 1.0), sample("a", 0.0), sample("a", 1.0), sample("a", 0.0), sample("b", 1.0)])
+    assert m["accuracy"] == {"a": 0.5, "b": 1.0} and m["accuracy_n"] == {"a": 4, "b": 1}
+    assert m["accuracy_stderr"]["a"] == pytest.approx((1 / 3) ** 0.5 / 2)  # sample sd sqrt(1/3), over sqrt(4)
+    assert m["accuracy_stderr"]["b"] is None  # one sample has no spread to estimate
