@@ -169,13 +169,14 @@ def _dequantized_dir(src: ModelSource) -> Path:
 def check_device(device: str) -> None:
     """Refuse a device torch cannot name or this machine does not have, before anything loads."""
     try:
-        kind = torch.device(device).type
+        dev = torch.device(device)
     except RuntimeError:
         raise ValueError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
-    if kind == "cuda" and not torch.cuda.is_available():
+    if dev.type != "cuda":
+        return
+    if not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA device is available here (torch {torch.__version__})")
-    if kind == "cuda" and torch.device(device).index is not None and torch.device(device).index >= \
-            torch.cuda.device_count():
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 

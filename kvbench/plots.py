@@ -80,14 +80,20 @@ def needle_heatmap(records: list[dict[str, Any]], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def mean_accuracy(record: dict[str, Any]) -> float | None:
+    """The row's mean score over its accuracy-type tasks (perplexities left out), None without any."""
+    m = record["metrics"]
+    accs = [v for t, v in m["accuracy"].items() if "perplexity" not in m.get("metric", {}).get(t, "")]
+    return statistics.fmean(accs) if accs else None
+
+
 def pareto(records: list[dict[str, Any]], path: Path) -> Path | None:
     """Mean accuracy over the accuracy-type tasks against mean active KV memory; the frontier is drawn."""
     points = []
     for r in records:
-        m = r["metrics"]
-        accs = [v for t, v in m["accuracy"].items() if "perplexity" not in m.get("metric", {}).get(t, "")]
-        if accs:
-            points.append((m["active_kv_bytes"] / MIB, statistics.fmean(accs), label(r)))
+        accuracy = mean_accuracy(r)
+        if accuracy is not None:
+            points.append((r["metrics"]["active_kv_bytes"] / MIB, accuracy, label(r)))
     if not points:
         return None
     fig, ax = plt.subplots(figsize=(8, 5.5))
@@ -117,11 +123,7 @@ def pareto(records: list[dict[str, Any]], path: Path) -> Path | None:
 
 def _accuracy(record: dict[str, Any], counted: dict | None) -> float | None:
     """The row's suite average over the cells the full cache passes, else its mean over accuracy-type tasks."""
-    if counted:
-        return suite_average(record, counted)
-    m = record["metrics"]
-    accs = [v for t, v in m["accuracy"].items() if "perplexity" not in m.get("metric", {}).get(t, "")]
-    return statistics.fmean(accs) if accs else None
+    return suite_average(record, counted) if counted else mean_accuracy(record)
 
 
 def accuracy_vs_compression(records: list[dict[str, Any]], path: Path) -> Path | None:

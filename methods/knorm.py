@@ -26,8 +26,9 @@ class Knorm(KVPolicy):
         cap = self.capacity(view.full_tokens)
         if view.n <= cap:
             return None
+        low_norm = -view.keys.float().norm(dim=-1)
         if view.phase == "prefill":
-            return Decision(keep=top_k(-view.keys.float().norm(dim=-1), cap))
+            return Decision(keep=top_k(low_norm, cap))
         protect = min(self.recent, cap)
         newest = top_k(view.positions.float(), protect)  # each head's newest active tokens (as many in every head)
-        return Decision(keep=newest | top_k(-view.keys.float().norm(dim=-1), cap - protect, exclude=newest))
+        return Decision(keep=newest | top_k(low_norm, cap - protect, exclude=newest))
