@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(VENV)/bin/kvbench compare --methods full,streamingllm,h2o --budget 256 --tasks needle-1k,needle-2k
 
-# the published sweep (leaderboard/sweep.toml, ~45 min on 2 AVX-512 cores, over 75 on slower ones; resumes from finished cells)
+# the published sweep (leaderboard/sweep.toml, about 100 min on 2 cores; resumes from finished cells)
 leaderboard: $(STAMP)
 	$(VENV)/bin/kvbench leaderboard
 

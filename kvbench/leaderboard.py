@@ -97,7 +97,9 @@ def task_samples(record: dict[str, Any]) -> dict[str, list[float]]:
     return out
 
 
-def rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+def rows(records: list[dict[str, Any]],
+         split: tuple[dict[Cell, float], dict[Cell, float]] | None = None) -> tuple[list[str], list[list[str]]]:
+    """The table's headers and cells; `split` (counted and left-out cells) defaults to the one these rows give."""
     tasks = sorted({t for r in records for t in r["metrics"]["accuracy"]})
     metric = {t: name for r in records for t, name in r["metrics"].get("metric", {}).items()}
     full = next((r["metrics"] for r in records if r["method"] == "full"), None)
@@ -109,8 +111,9 @@ def rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     labels = {t: f"{label} (n={counts[t]}, ±95%)" if t in counts else label for t, label in labels.items()}
     task_cols = [f"{t} {what}" for t in tasks for what in ((labels[t], "KV comp.") if per_task else (labels[t],))]
     queries = any(r.get("query", "in-prompt") != "in-prompt" for r in records)
-    split = counted_cells(records)
-    average = split is not None and len({task for task, _ in split[0]}) > 1  # a suite: several tasks that count
+    split = split or counted_cells(records)
+    shown = {task for r in records for task in task_samples(r)}
+    average = split is not None and len({task for task, _ in split[0]} & shown) > 1  # a suite: several that count
     headers = ["method", "budget", "positions", "schedule", *(["query"] if queries else []), *task_cols,
                *(["suite avg"] if average else []), "KV compression",
                "active KV MiB", "peak KV MiB", "prefill ms", "decode ms p50", "decode ms p95", "tok/s", "decode × full",
@@ -141,9 +144,29 @@ def rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     return headers, table
 
 
+QUERY_TITLES = {"in-prompt": "Question inside the compressed prompt (in-prompt)",
+                "after": "Question after its context was compressed (after)",
+                "reuse": "Several questions on one compressed context (reuse)"}
+
+
+def tables(records: list[dict[str, Any]]) -> str:
+    """One table per query mode (rows of one mode run the same tasks, so their suite averages compare), each under
+    its heading when there are several; the cells that count come from the full cache's in-prompt row."""
+    modes = list(dict.fromkeys(r.get("query", "in-prompt") for r in records))
+    if len(modes) <= 1:
+        headers, table = rows(records)
+        return tabulate(table, headers=headers, tablefmt="github", disable_numparse=True)
+    split = counted_cells(records)
+    parts = []
+    for mode in modes:
+        headers, table = rows([r for r in records if r.get("query", "in-prompt") == mode], split)
+        parts += [f"### {QUERY_TITLES.get(mode, mode)}", "",
+                  tabulate(table, headers=headers, tablefmt="github", disable_numparse=True), ""]
+    return "\n".join(parts).rstrip()
+
+
 def markdown(records: list[dict[str, Any]], title: str | None = None) -> str:
-    headers, table = rows(records)
-    body = tabulate(table, headers=headers, tablefmt="github", disable_numparse=True)
+    body = tables(records)
     if not records:
         return body + "\n"
     v = records[0]["versions"]

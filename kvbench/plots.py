@@ -23,7 +23,9 @@ CONTEXT_BINS = (1024, 2048, 4096, 6144, 8192)
 
 
 def label(record: dict[str, Any]) -> str:
-    parts = [record["method"], record["variant"], record["budget"] or "", record["positions"]]
+    query = record.get("query", "in-prompt")
+    parts = [record["method"], record["variant"], record["budget"] or "", record["positions"],
+             "" if query == "in-prompt" else f"query={query}"]
     return " ".join(p for p in parts if p and p != "original")
 
 

@@ -34,14 +34,14 @@ from kvbench.policy import Budget
 from kvbench.records import cpu_model, write_atomic
 
 SWEEP_KEYS = {"model", "device", "dtype", "prefill_chunk", "limit", "tasks", "task_metadata", "rows", "slices"}
-ROW_KEYS = {"methods", "budgets", "positions", "queries", "schedules", "method_args"}
+ROW_KEYS = {"methods", "tasks", "budgets", "positions", "queries", "schedules", "method_args"}
 SLICE_KEYS = {"methods", "tasks"}
 
 
 @dataclass
 class Sweep:
     spec: CompareSpec  # shared settings: model, tasks, their metadata, limit, chunk
-    rows: list[CompareSpec]  # each group of rows: methods × budgets × positions (× method_args sweeps)
+    rows: list[CompareSpec]  # each group of rows: methods × budgets × positions (× method_args sweeps) on its tasks
     source: str = ""
     slice: str | None = None
     slices: dict[str, dict[str, list[str]]] = field(default_factory=dict)
@@ -96,11 +96,17 @@ def load(path: Path, slice_name: str | None = None, dtype: str | None = None) ->
         methods = _strings(group.get("methods", []), f"{where} methods")
         if "methods" in chosen:
             methods = [m for m in methods if m in chosen["methods"]]
-        if not methods:
+        row_tasks = _strings(group.get("tasks", tasks), f"{where} tasks")
+        stray = sorted(set(row_tasks) - set(raw.get("tasks", [])))
+        if stray:
+            raise ValueError(f"{where} tasks: {', '.join(stray)} not in the sweep's tasks; allowed: "
+                             f"{', '.join(raw.get('tasks', []))}")
+        row_tasks = [t for t in tasks if t in row_tasks]  # the sweep's order, within the slice
+        if not methods or not row_tasks:
             continue
         args = {m: {k: str(v) for k, v in kv.items()} for m, kv in group.get("method_args", {}).items()
                 if m in methods}
-        rows.append(CompareSpec(**{**asdict(spec), "methods": methods,
+        rows.append(CompareSpec(**{**asdict(spec), "methods": methods, "tasks": row_tasks,
                                    "budgets": [Budget.parse(b) for b in _strings(group.get("budgets", []), where)],
                                    "positions": _strings(group.get("positions", ["original"]), where),
                                    "queries": _strings(group.get("queries", ["in-prompt"]), where),
@@ -164,10 +170,11 @@ def run(sweep: Sweep, out_dir: Path, cells_dir: Path, plots_dir: Path | None = N
     code = source_hash()
     plan_rows = [(row, policy, mode, query) for row in sweep.rows for policy, mode, query in plan(row)]
     outcome = Outcome([], [], [])
-    bar = tqdm(total=len(plan_rows) * len(runner.task_names), disable=not progress, desc="leaderboard", unit="cell")
+    bar = tqdm(total=sum(len(row.tasks) for row, *_ in plan_rows), disable=not progress, desc="leaderboard",
+               unit="cell")
     for row, policy, mode, query in plan_rows:
         cells = []
-        for task in runner.task_names:
+        for task in row.tasks:
             bar.set_postfix_str(f"{policy.name} {policy.budget or ''} {mode} {task}")
             key = cell_key({**runner.cell_config(policy, mode, task, query), "source": code})
             path = cells_dir / f"{key}.json"

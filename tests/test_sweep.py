@@ -53,6 +53,17 @@ def test_slices_select_methods_and_refuse_unknown_names(tmp_path):
         sweep.load(path, "ci")
 
 
+def test_a_row_runs_only_its_own_tasks_which_must_be_the_sweeps(tmp_path):
+    text = ('tasks = ["needle-1k", "kvbench_needle"]\n[[rows]]\nmethods = ["full"]\n'
+            '[[rows]]\nmethods = ["h2o"]\nbudgets = [64]\ntasks = ["kvbench_needle"]\nqueries = ["after"]\n'
+            '[slices.builtin]\ntasks = ["needle-1k"]\n')
+    path = write(tmp_path, text)
+    assert [r.tasks for r in sweep.load(path).rows] == [["needle-1k", "kvbench_needle"], ["kvbench_needle"]]
+    assert [r.methods for r in sweep.load(path, "builtin").rows] == [["full"]]  # the h2o row has no task left
+    with pytest.raises(ValueError, match=r"tasks: needle-2k not in the sweep's tasks; allowed: needle-1k, kvbench_n"):
+        sweep.load(write(tmp_path, text.replace('tasks = ["kvbench_needle"]', 'tasks = ["needle-2k"]')))
+
+
 def test_the_committed_sweep_and_its_ci_slice_are_valid():
     root = Path(__file__).parent.parent
     full = sweep.load(root / "leaderboard" / "sweep.toml")
@@ -166,6 +177,9 @@ def test_cells_the_full_cache_fails_are_marked_and_left_out_of_the_suite_average
     assert suite_average(method, counted) == pytest.approx(0.25)  # (0.5 + 0) / 2: its 100% at 4096 does not count
     text = markdown([full, method])
     assert "suite avg" in text and "| 25%" in text and "a @ 4096 (full 0%)" in text and "| after" in text
+    inside, after = text.split("### Question after its context was compressed (after)")
+    assert "### Question inside the compressed prompt (in-prompt)" in inside  # one table per query mode
+    assert "| full" in inside and "snapkv" not in inside and "| snapkv" in after and "| full" not in after
 
 
 def test_intervals_are_seeded_percentile_bootstraps_of_the_mean():
