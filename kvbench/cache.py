@@ -55,6 +55,8 @@ class CacheStats:
     expired_tokens: list[int]  # left a sliding layer's window (dropped as transformers' own cache drops them)
     freezes: int
     thaws: int
+    rollbacks: int  # `Session.rollback` calls
+    rolled_back_tokens: int  # tokens undone by them (fed again or regenerated afterwards)
     offload: Transfers
     restore: Transfers
     policy_seconds: dict[str, float]  # host time deciding and applying decisions after attention, by phase
@@ -109,6 +111,7 @@ class PolicyLayer(CacheLayerMixin):
         self.window = window
         self.is_sliding = window is not None
         self.expired = 0
+        self.expired_below = 0  # positions below this may have left the window (gone, not evicted)
         names = owner.policy.token_state
         self.active = Rows(names, torch.device("cpu"))
         self.frozen = FrozenStore(names, pin=owner.pin_memory)
@@ -161,13 +164,13 @@ class PolicyLayer(CacheLayerMixin):
         return `attn` with its columns following the rows that stay. When heads hold different tokens after
         per-head evictions, each head drops as many of its oldest as the head with fewest outside the window;
         the rest stay active (counted) and masked by the attention function until the policy drops them."""
-        start = self.seen - self.window + 1  # the oldest position a later query can see
+        start = self.seen - self.window + 1 - self.owner.rollback_reserve  # the oldest a later query can see
         before = self._sizes()
-        f = self.frozen
+        f, dropped = self.frozen, 0
         if f.n:
             gone = (f.positions()[0, 0] < start).nonzero().squeeze(-1)
             f.discard(gone)
-            self.expired += gone.numel()
+            dropped = gone.numel()
         positions = self.active.positions()
         outside = positions < start
         count = int(outside.sum(-1).min()) if self.active.n else 0
@@ -177,7 +180,9 @@ class PolicyLayer(CacheLayerMixin):
             else:
                 idx = positions.topk(count, dim=-1, largest=False).indices.sort(-1).values
             self.active.remove(idx)
-            self.expired += count
+        if count + dropped:
+            self.expired += count + dropped
+            self.expired_below = start
         self._refresh(before)
         if attn is None or not count:
             return attn
@@ -185,6 +190,28 @@ class PolicyLayer(CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return -1
+
+    def drop_from(self, first: int) -> None:
+        """Remove the tokens at positions >= `first`, active or frozen, as if never fed (`seen` shrinks with
+        them). Those the policy had evicted are uncounted; earlier tokens it evicted stay evicted."""
+        before = self._sizes()
+        f = self.frozen
+        frozen = 0
+        if f.n:
+            gone = (f.positions()[0, 0] >= first).nonzero().squeeze(-1)
+            f.discard(gone)
+            frozen = gone.numel()
+        active = 0
+        if self.active.n:
+            later = self.active.positions() >= first
+            if bool(later.any()):
+                idx = _index(later, tuple(later.shape))
+                self.active.remove(idx)
+                active = idx.shape[-1]
+        undone = max(0, self.seen - first)
+        self.evicted -= undone - active - frozen
+        self.seen -= undone
+        self._refresh(before)
 
     def view(self, attn: torch.Tensor | None) -> LayerView:
         f = self.frozen
@@ -366,6 +393,9 @@ class PolicyCache(Cache):
         self.peak_reserved_bytes = 0
         self.freezes = 0
         self.thaws = 0
+        self.rollbacks = 0
+        self.rolled_back_tokens = 0
+        self.rollback_reserve = policy.rollback_reserve  # sliding layers keep this many more positions
         self.offload = Transfers()
         self.restore = Transfers()
         self.policy_seconds = dict.fromkeys(PHASES, 0.0)
@@ -389,6 +419,22 @@ class PolicyCache(Cache):
             self.phase = "query" if query else "prefill" if prefill else "decode"
         self.attn_rows = self.policy.wants_attention(self.phase, last_chunk)
         self.applying = self.policy.compresses(self.phase, last_chunk)  # the schedule: decisions take effect
+        if self.policy.acts_before_step(self.steps):
+            self._before_step()
+
+    def _before_step(self) -> None:
+        """Apply the policy's `before_step` decision to every layer that has frozen or active tokens."""
+        t0 = time.perf_counter()
+        for layer in self.layers:
+            if not layer.is_initialized:
+                continue
+            view = layer.view(None)
+            decision = self.policy.before_step(view)
+            if self.policy.token_state:
+                layer.store_state(view)
+            if decision is not None:
+                layer.apply(decision)
+        self.policy_seconds[self.phase] += time.perf_counter() - t0
 
     def new_meta(self, shape: tuple[int, int, int], device: torch.device) -> torch.Tensor:
         """Meta rows [B, K, q, C] of this step's new tokens: the same in every layer (layers copy them into
@@ -404,11 +450,20 @@ class PolicyCache(Cache):
         """Remove every token at or after `first_position` from all layers, as if never fed (the scratch
         tokens of a reconstruction pass). Not an eviction: `seen` shrinks with them."""
         for layer in self.layers:
-            before = layer._sizes()
-            idx = (layer.active.positions()[0, 0] >= first_position).nonzero().squeeze(-1)
-            layer.active.remove(idx)
-            layer.seen -= idx.numel()
-            layer._refresh(before)
+            layer.drop_from(first_position)
+
+    def roll_back(self, first_position: int) -> None:
+        """Undo every token from `first_position` on (`Session.rollback`): refused, with nothing changed, where a
+        sliding layer already dropped a position that re-fed tokens would see again."""
+        for layer in self.layers:
+            if layer.window is not None and layer.expired_below > max(0, first_position - layer.window + 1):
+                raise ValueError(
+                    f"cannot roll back to position {first_position}: layer {layer.layer_idx}'s sliding window "
+                    f"({layer.window}) already dropped positions below {layer.expired_below}, which re-fed tokens "
+                    f"would attend; a policy that rolls back must reserve rows for it (`KVPolicy.rollback_reserve`)")
+        self.rolled_back_tokens += max(0, self.layers[0].seen - first_position)
+        self.rollbacks += 1
+        self.drop_from(first_position)
 
     def compress(self) -> None:
         """After a reconstruction pass: one policy step per layer with the completed scores (no attention)."""
@@ -495,6 +550,8 @@ class PolicyCache(Cache):
             expired_tokens=[layer.expired for layer in layers],
             freezes=self.freezes,
             thaws=self.thaws,
+            rollbacks=self.rollbacks,
+            rolled_back_tokens=self.rolled_back_tokens,
             offload=dataclasses.replace(self.offload),
             restore=dataclasses.replace(self.restore),
             policy_seconds=dict(self.policy_seconds),

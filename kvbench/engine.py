@@ -166,6 +166,9 @@ class Engine:
             if not ids:
                 raise ValueError("empty prompt")
             self.check_fits(len(ids), max_new_tokens)
+        if policy.rollback_reserve:
+            raise ValueError(f"method {policy.name!r} rolls back and regenerates tokens, which batched decoding "
+                             "cannot do; run it with batch size 1")
         sessions, prefill_s, generated = [], [], []
         for ids in prompts:
             session = self.session(copy.deepcopy(policy), positions)
@@ -321,7 +324,7 @@ class Session:
         """Bookkeeping after `q` tokens went through the model (alone or in a batch); `logits`: the last one's."""
         self.seen += q
         if self.policy.signals:
-            self.policy.observe(_signals(self.policy.signals, logits, self.cache.steps))
+            self.policy.observe(_signals(self.policy.signals, logits, self.cache.steps, self.cache.phase))
         if self.on_step is not None:
             self.on_step(self.cache)
         if not self.cuda:  # on CUDA the allocator keeps its own peak
@@ -370,6 +373,19 @@ class Session:
             self.cache.drop_from(end)
         self.cache.compress()
 
+    @torch.inference_mode()
+    def rollback(self, tokens: int) -> None:
+        """Undo the last `tokens` fed tokens: their K/V rows leave every layer (active or frozen), positions
+        continue from where they start, and the policy's `rolled_back` resets what it keeps per sequence.
+        Tokens the policy evicted meanwhile stay evicted; the cache's step counter does not go back (a freeze
+        lasts for steps taken, undone ones included)."""
+        if not 0 < tokens <= self.seen:
+            raise ValueError(f"cannot roll back {tokens} tokens of a sequence of {self.seen}")
+        self.cache.roll_back(self.seen - tokens)
+        self.seen -= tokens
+        self.policy.rolled_back(tokens)
+        self.pending = []
+
     def fork(self) -> Session:
         """An independent copy of this sequence (cache, policy state, position): each question of `--query reuse`
         starts from the same compressed context, and nothing of one answer reaches the next."""
@@ -398,14 +414,25 @@ class Session:
     @torch.inference_mode()
     def reply(self, logits: torch.Tensor, max_new_tokens: int, stop: Sequence[str] = (), ignore_eos: bool = False,
               return_logits: bool = False) -> Reply:
-        """Greedy decode from `logits` until eos, a stop string or `max_new_tokens`."""
+        """Greedy decode from `logits` until eos, a stop string or `max_new_tokens`.
+        Where the policy asks for it (`take_rollback`), the last generated tokens are undone and generated again:
+        their steps stay in the decode time, and at most `max_new_tokens` tokens are regenerated per reply."""
         eos_ids = set() if ignore_eos else self.engine.eos_ids
         token = int(logits.argmax())
         generated, decode_s = [token], []
         kept = [logits.float().cpu()] if return_logits else []
+        regenerable = max_new_tokens
         while not self.engine.finished(generated, max_new_tokens, stop, eos_ids):
             token, logits, seconds = self.decode_step(token)
             decode_s.append(seconds)
+            back = min(self.policy.take_rollback(), len(generated), regenerable)  # fed tokens of this reply
+            if back:
+                regenerable -= back
+                self.rollback(back)
+                del generated[len(generated) - back + 1:]  # keep the first undone token: it is fed again
+                del kept[len(generated):]
+                token = generated[-1]
+                continue
             if return_logits:
                 kept.append(logits.float().cpu())
             generated.append(token)
@@ -432,8 +459,8 @@ class Session:
         return Reply(generated, text, "stop" if hit else reason, decode_s, logits or [])
 
 
-def _signals(names: Sequence[str], logits: torch.Tensor, step: int) -> dict:
-    out: dict = {"step": step}
+def _signals(names: Sequence[str], logits: torch.Tensor, step: int, phase: str) -> dict:
+    out: dict = {"step": step, "phase": phase}
     if "entropy" in names:
         logp = logits.float().log_softmax(-1)
         out["entropy"] = float(-(logp.exp() * logp).sum())

@@ -189,6 +189,30 @@ class KVPolicy:
         """Sequence-level counters to put in the run record (e.g. recovery events)."""
         return {}
 
+    def acts_before_step(self, step: int) -> bool:
+        """Whether `before_step` has something to apply before forward `step` (checked once per step)."""
+        return False
+
+    def before_step(self, view: LayerView) -> Decision | None:
+        """A decision applied to a layer before the next forward, so that forward already attends what it
+        changed (a recovery's thaws); `view.attn` is None. Called only when `acts_before_step()`."""
+        return None
+
+    def take_rollback(self) -> int:
+        """After a decode step: how many of the last generated tokens the engine should undo and generate again
+        (`Session.rollback`; 0: none). Read once per step by the decode loop, so a request is consumed."""
+        return 0
+
+    def rolled_back(self, tokens: int) -> None:
+        """Sequence-level state after the engine undid the last `tokens` tokens (per-token state went with them;
+        the remaining tokens' state is left as it is)."""
+
+    @property
+    def rollback_reserve(self) -> int:
+        """Positions each sliding layer keeps beyond its window (masked, counted as active) so that a rollback of up
+        to this many tokens stays exact; 0 for a policy that never asks for one."""
+        return 0
+
     def config(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["budget"] = str(self.budget) if self.budget is not None else None

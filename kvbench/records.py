@@ -77,6 +77,8 @@ def sample_record(task: str, sample, result: RunResult, score: float) -> dict[st
         "expired_tokens": sum(c.expired_tokens),  # left a sliding layer's window (the full cache drops them too)
         "freezes": c.freezes,
         "thaws": c.thaws,
+        "rollbacks": c.rollbacks,  # tokens undone and generated again (ASR-KF-EGR's level 4)
+        "rolled_back_tokens": c.rolled_back_tokens,
         "offload": vars(c.offload),
         "restore": vars(c.restore),
         "policy_ms": {phase: seconds * 1e3 for phase, seconds in c.policy_seconds.items()},
@@ -128,6 +130,8 @@ def summarize(samples: list[dict[str, Any]], scores: dict[str, float] | None = N
         "tokens_per_s": len(steps) / decode_total_s if decode_total_s else None,
         "freezes": sum(s["freezes"] for s in samples),
         "thaws": sum(s["thaws"] for s in samples),
+        "rollbacks": sum(s["rollbacks"] for s in samples),
+        "rolled_back_tokens": sum(s["rolled_back_tokens"] for s in samples),
         "policy": _sum_counters([s["policy"] for s in samples]),
         "transfer_ms": sum(s["offload"]["seconds"] + s["restore"]["seconds"] for s in samples) * 1e3,
         # the policy's bookkeeping inside each decode step (LayerView, step, freeze/thaw/evict copies)

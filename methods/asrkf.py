@@ -15,12 +15,22 @@ Choices the paper leaves open (each a parameter):
 - schedule: each detection adds 1 to the token's count c; the freeze lasts d = floor(sqrt(c) / k)
   steps (prefill chunks and decode steps), and only when d >= 1 (k > 1 needs repeated detections).
 - recovery: entropy H of the next-token distribution; a spike is H > mean + sigma * std over the
-  last `entropy_history` steps (at least 8 steps of history). A spike within `escalation_gap` steps
-  of the previous one escalates one level: soft (thaw tokens with d > 1) -> window (thaw tokens
-  frozen in the last `window` steps) -> full (thaw everything, clear counts). Thaws take effect after
-  the next step's attention. The paper's fourth level (regenerate the last k tokens after a full
-  reset) needs the engine to roll back generated tokens and is not implemented.
-No reference implementation is public; `heads=mean, tau=0.5` are kvbench's choices, not the paper's.
+  last `entropy_history` steps (at least `min_history` steps of history). A spike within
+  `escalation_gap` steps of the previous one escalates one level: soft (thaw tokens with d > 1) ->
+  window (thaw tokens frozen in the last `window` steps) -> full (thaw everything, clear counts) ->
+  regenerate (the paper's fourth level, with `regenerate` = r > 0: a full reset, then the engine rolls
+  back the last r generated tokens and generates them again on the restored cache; the escalation
+  starts over after it). Thaws take effect after the next step's attention.
+kvbench's own options, off by default (the defaults above are the paper read as closely as its public
+text allows):
+- `entropy_floor` > 0: a decode step whose entropy exceeds it is a spike too, without any history (an
+  answer of a few tokens is over before `min_history` steps; the prompt's last logits are left out:
+  they carry 1-3.5 nats even with the full cache).
+- `early_thaw`: recovery thaws land before the next forward, so that forward attends them (level 4's
+  always do: the regenerated tokens must see the restored cache).
+- `prefill_freeze=false`: no token is frozen while a prompt is read (importance is still tracked).
+No reference implementation is public; `heads=mean, tau=0.5` and every option above are kvbench's
+choices, not the paper's.
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ import torch
 from kvbench.policy import Decision, KVPolicy, LayerView, register
 from kvbench.select import recent, sinks
 
-LEVELS = ("soft", "window", "full")
+LEVELS = ("soft", "window", "full", "regenerate")
 
 
 @register("asrkf")
@@ -56,11 +66,17 @@ class ASRKF(KVPolicy):
     sigma: float = 2.0
     escalation_gap: int = 8
     heads: str = "mean"
+    min_history: int = 8
+    regenerate: int = 0
+    entropy_floor: float = 0.0
+    early_thaw: bool = False
+    prefill_freeze: bool = True
     _entropies: deque = field(default_factory=deque, init=False, repr=False)
     _level: int = field(default=0, init=False, repr=False)
     _last_spike: int = field(default=-(10**9), init=False, repr=False)
     _pending: tuple[int, int] | None = field(default=None, init=False, repr=False)  # (level, step)
     _events: dict[str, int] = field(default_factory=dict, init=False, repr=False)
+    _rollback: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -68,11 +84,14 @@ class ASRKF(KVPolicy):
             raise ValueError(f"asrkf: window >= 1, tau > 0 and k > 0 required, got {self.window}, {self.tau}, {self.k}")
         if self.heads not in ("mean", "max"):
             raise ValueError(f"asrkf: heads must be 'mean' or 'max', got {self.heads!r}")
+        if self.min_history < 2 or self.regenerate < 0 or self.entropy_floor < 0:
+            raise ValueError(f"asrkf: min_history >= 2, regenerate >= 0 and entropy_floor >= 0 required, got "
+                             f"{self.min_history}, {self.regenerate}, {self.entropy_floor}")
         self.reset()
 
     def reset(self) -> None:
         self._entropies = deque(maxlen=self.entropy_history)
-        self._level, self._last_spike, self._pending = 0, -(10**9), None
+        self._level, self._last_spike, self._pending, self._rollback = 0, -(10**9), None, 0
         self._events = dict.fromkeys(LEVELS, 0)
 
     def wants_attention(self, phase: str, last_chunk: bool) -> int:
@@ -84,15 +103,48 @@ class ASRKF(KVPolicy):
     def report(self) -> dict[str, Any]:
         return {"recoveries": dict(self._events)}
 
+    @property
+    def rollback_reserve(self) -> int:
+        return self.regenerate
+
+    def _spike(self, h: float, phase: str) -> bool:
+        hist = self._entropies
+        if len(hist) >= self.min_history and h > statistics.fmean(hist) + self.sigma * statistics.pstdev(hist):
+            return True
+        return bool(self.entropy_floor) and phase == "decode" and h > self.entropy_floor
+
     def observe(self, signals: dict[str, Any]) -> None:
-        h, hist = signals["entropy"], self._entropies
-        if self.recovery and len(hist) >= 8 and h > statistics.fmean(hist) + self.sigma * statistics.pstdev(hist):
+        h = signals["entropy"]
+        self._rollback = 0
+        if self.recovery and self._spike(h, signals["phase"]):
             step = signals["step"]
-            self._level = min(self._level + 1, len(LEVELS)) if step - self._last_spike <= self.escalation_gap else 1
+            top = len(LEVELS) if self.regenerate else len(LEVELS) - 1
+            self._level = min(self._level + 1, top) if step - self._last_spike <= self.escalation_gap else 1
             self._last_spike = step
             self._pending = (self._level, step)
             self._events[LEVELS[self._level - 1]] += 1
-        hist.append(h)
+            if LEVELS[self._level - 1] == "regenerate":
+                self._rollback, self._level = self.regenerate, 0
+        self._entropies.append(h)
+
+    def take_rollback(self) -> int:
+        back, self._rollback = self._rollback, 0
+        return back
+
+    def rolled_back(self, tokens: int) -> None:
+        for _ in range(min(tokens, len(self._entropies))):  # the undone steps' entropies
+            self._entropies.pop()
+
+    def _thaws_before(self, level: int) -> bool:
+        return self.early_thaw or LEVELS[level - 1] == "regenerate"
+
+    def acts_before_step(self, step: int) -> bool:
+        return self._pending is not None and self._pending[1] == step and self._thaws_before(self._pending[0])
+
+    def before_step(self, view: LayerView) -> Decision | None:
+        if self._pending is None or self._pending[1] != view.step or view.frozen_positions is None:
+            return None
+        return Decision(thaw=self._recovery_thaw(self._pending[0], view))
 
     def _duration(self, count: torch.Tensor) -> torch.Tensor:
         return torch.floor(count.sqrt() / self.k)
@@ -105,6 +157,8 @@ class ASRKF(KVPolicy):
         importance = s["importance"][:, :1]
         importance = importance + rate * (seen_attn - importance)
         low = (importance < self.tau / view.n) & ~(sinks(pos, self.sinks) | recent(pos, view.seen, self.window))
+        if view.prefill and not self.prefill_freeze:
+            low = torch.zeros_like(low)
         count = s["count"][:, :1] + low
         duration = self._duration(count)
         freeze = low & (duration >= 1)
@@ -116,8 +170,9 @@ class ASRKF(KVPolicy):
         if view.frozen_positions is not None:
             f = view.frozen_state
             thaw = f["until"][:, :1] <= view.step
-            if self._pending is not None and self._pending[1] == view.step:
-                thaw = thaw | self._recovery_thaw(self._pending[0], view)
+            pending = self._pending
+            if pending is not None and pending[1] == view.step and not self._thaws_before(pending[0]):
+                thaw = thaw | self._recovery_thaw(pending[0], view)
         return Decision(freeze=freeze, thaw=thaw)  # keep=None: nothing is evicted
 
     def _recovery_thaw(self, level: int, view: LayerView) -> torch.Tensor:

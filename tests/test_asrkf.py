@@ -8,10 +8,10 @@ from conftest import make_cache
 from kvbench.policy import make_policy
 
 
-def step(cache, seen: int, attention_by_position: dict[int, float], default: float = 0.2):
+def step(cache, seen: int, attention_by_position: dict[int, float], default: float = 0.2, prefill: bool = False):
     """Append one token at position `seen`; the new query's attention is given per position."""
     layer = cache.layers[0]
-    cache.begin_step(torch.tensor([[seen]]), prefill=False)
+    cache.begin_step(torch.tensor([[seen]]), prefill=prefill)
     layer.update(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4))
     order = layer.active.positions()[0, 0].tolist()
     attn = torch.tensor([attention_by_position.get(p, default) for p in order])[None, None, None, None, :]
@@ -67,10 +67,10 @@ def test_entropy_spikes_escalate_soft_window_full_and_full_reset_thaws_everythin
     low = {p: 0.0 for p in range(1, 12)}
     for pos in range(30):
         step(cache, pos, low)
-        policy.observe({"entropy": 1.0 + 0.01 * (pos % 3), "step": cache.steps})
+        policy.observe({"entropy": 1.0 + 0.01 * (pos % 3), "step": cache.steps, "phase": "decode"})
     assert frozen_positions(cache)
     for level in ("soft", "window", "full"):
-        policy.observe({"entropy": 50.0, "step": cache.steps})
+        policy.observe({"entropy": 50.0, "step": cache.steps, "phase": "decode"})
         assert policy.report()["recoveries"][level] == 1
         step(cache, cache.layers[0].seen, low)
     # the full reset thawed every frozen token and cleared detection counts, active and frozen
@@ -83,16 +83,76 @@ def test_entropy_spikes_escalate_soft_window_full_and_full_reset_thaws_everythin
 def test_spikes_far_apart_do_not_escalate():
     policy = make_policy("asrkf")
     for s in range(20):
-        policy.observe({"entropy": 1.0 + 0.01 * (s % 2), "step": s})
-    policy.observe({"entropy": 9.0, "step": 20})
+        policy.observe({"entropy": 1.0 + 0.01 * (s % 2), "step": s, "phase": "decode"})
+    policy.observe({"entropy": 9.0, "step": 20, "phase": "decode"})
     for s in range(21, 60):
-        policy.observe({"entropy": 1.0 + 0.01 * (s % 2), "step": s})
-    policy.observe({"entropy": 9.0, "step": 60})
-    assert policy.report()["recoveries"] == {"soft": 2, "window": 0, "full": 0}
+        policy.observe({"entropy": 1.0 + 0.01 * (s % 2), "step": s, "phase": "decode"})
+    policy.observe({"entropy": 9.0, "step": 60, "phase": "decode"})
+    assert policy.report()["recoveries"] == {"soft": 2, "window": 0, "full": 0, "regenerate": 0}
+
+
+def frozen_at_spike(early_thaw: bool) -> tuple[set[int], set[int]]:
+    """Frozen positions just before a full-reset spike, and right after the next step's `begin_step`."""
+    policy = make_policy("asrkf", window=2, sinks=1, escalation_gap=8, early_thaw=early_thaw)
+    cache = make_cache(policy)
+    low = {p: 0.0 for p in range(1, 12)}
+    for pos in range(30):
+        step(cache, pos, low)
+        policy.observe({"entropy": 1.0 + 0.01 * (pos % 3), "step": cache.steps, "phase": "decode"})
+    for _ in range(3):  # soft, window, full
+        policy.observe({"entropy": 50.0, "step": cache.steps, "phase": "decode"})
+        if policy.report()["recoveries"]["full"]:
+            break
+        step(cache, cache.layers[0].seen, low)
+    before = frozen_positions(cache)
+    cache.begin_step(torch.tensor([[cache.layers[0].seen]]), prefill=False)
+    return before, frozen_positions(cache)
+
+
+def test_early_thaw_restores_before_the_next_forward_and_the_default_after_it():
+    before, after = frozen_at_spike(early_thaw=True)
+    assert before and not after  # the full reset landed before the forward: it attends every token
+    before, after = frozen_at_spike(early_thaw=False)
+    assert before and after == before  # the default: thawed only after that forward's attention
+
+
+def test_an_entropy_floor_is_a_spike_without_history_in_decoding_only():
+    floor = make_policy("asrkf", entropy_floor=3.0)
+    floor.observe({"entropy": 3.5, "step": 1, "phase": "prefill"})  # a prompt's last logits: not a trigger
+    assert sum(floor.report()["recoveries"].values()) == 0
+    floor.observe({"entropy": 2.5, "step": 2, "phase": "decode"})
+    floor.observe({"entropy": 3.5, "step": 3, "phase": "decode"})
+    assert floor.report()["recoveries"]["soft"] == 1
+    plain = make_policy("asrkf")  # the default: 8 steps of history first
+    plain.observe({"entropy": 0.1, "step": 1, "phase": "decode"})
+    plain.observe({"entropy": 9.0, "step": 2, "phase": "decode"})
+    assert sum(plain.report()["recoveries"].values()) == 0
+
+
+def test_prefill_freeze_off_freezes_nothing_while_a_prompt_is_read():
+    for prefill_freeze in (True, False):
+        cache = make_cache(make_policy("asrkf", window=2, sinks=1, prefill_freeze=prefill_freeze))
+        for pos in range(12):
+            step(cache, pos, {3: 0.0}, prefill=True)
+        assert bool(frozen_positions(cache)) == prefill_freeze
+        for pos in range(12, 20):
+            step(cache, pos, {3: 0.0})
+        assert 3 in frozen_positions(cache) or cache.thaws  # decoding freezes it either way
+
+
+def test_a_rollback_forgets_the_undone_steps_entropies():
+    policy = make_policy("asrkf", min_history=2, sigma=1.0)
+    for s, h in enumerate((1.0, 1.1, 1.0, 50.0, 60.0)):
+        policy.observe({"entropy": h, "step": s, "phase": "decode"})
+    policy.rolled_back(2)  # the two high ones are undone
+    assert policy.report()["recoveries"] == {"soft": 1, "window": 1, "full": 0, "regenerate": 0}
+    policy.observe({"entropy": 1.5, "step": 9, "phase": "decode"})  # a spike against 1.0, 1.1, 1.0 only
+    assert policy.report()["recoveries"]["full"] == 1
 
 
 def test_bad_parameters_are_refused():
-    for bad in ({"window": "0"}, {"tau": "-1"}, {"k": "0"}):
+    for bad in ({"window": "0"}, {"tau": "-1"}, {"k": "0"}, {"min_history": "1"}, {"regenerate": "-1"},
+                {"entropy_floor": "-2"}):
         try:
             make_policy("asrkf", **bad)
         except ValueError as err:
