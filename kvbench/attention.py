@@ -152,24 +152,27 @@ class Shape:
 
 
 def _visible(module: torch.nn.Module, q: int, n: int, window: int | None, policy_cache,
-             device: torch.device) -> torch.Tensor | None:
-    """[B, K|1, q, n] keys each new query may see under a sliding window, by true positions (rows are not in
-    position order after evictions); None when bottom-right causal is exact: no window, or every key inside
-    the window of the last query (a decode step after the cache dropped what left the window)."""
-    if window is None:
+             device: torch.device, reordered: bool = False) -> torch.Tensor | None:
+    """[B, K|1, q, n] keys each new query may see, by true positions (rows are not in position order after
+    evictions); None when bottom-right causal is exact: no window and the new tokens are the last rows (not so
+    after an on-demand thaw appended rows: `reordered`), or every key inside the window of the last query (a
+    decode step after the cache dropped what left the window)."""
+    if window is None and not (reordered and q > 1):
         return None
     if policy_cache is None:
         keys, queries = torch.arange(n, device=device)[None, None], torch.arange(n - q, n, device=device)[None]
     else:
         layer = policy_cache.layers[module.layer_idx]
-        if layer.window != window:
+        if window is not None and layer.window != window:
             raise UnsupportedModel(f"layer {module.layer_idx} attends with sliding window {window} but the model's "
                                    f"config gives it {layer.window}: kvbench cannot reproduce this layout")
         keys = layer.positions[:, :1] if layer.heads_aligned else layer.positions
         queries = policy_cache.pending_positions.to(device)
+    k, q_ = keys[:, :, None, :], queries[:, None, :, None]
+    if window is None:
+        return k <= q_
     if int(keys.min()) > int(queries.max()) - window:
         return None
-    k, q_ = keys[:, :, None, :], queries[:, None, :, None]
     return (k <= q_) & (k > q_ - window)
 
 
@@ -178,7 +181,17 @@ def _attend(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, val
     """One sequence's attention output, then its policy step for this layer (with the rows it asked for)."""
     q = query.shape[2]
     rows = policy_cache.attn_rows if policy_cache is not None else 0
-    mask = _visible(module, q, key.shape[2], shape.window, policy_cache, query.device)
+    if policy_cache is not None and policy_cache.reads_queries:
+        def score(frozen_keys: torch.Tensor, frozen_positions: torch.Tensor) -> torch.Tensor:
+            return frozen_attention(query, key, frozen_keys, frozen_positions, shape, policy_cache, module.layer_idx)
+
+        reordered = policy_cache.thaw_on_demand(module.layer_idx, score)
+        if reordered:
+            layer = policy_cache.layers[module.layer_idx]
+            key, value = layer.keys, layer.values
+    else:
+        reordered = False
+    mask = _visible(module, q, key.shape[2], shape.window, policy_cache, query.device, reordered)
     backend = backend_for(query.device, query.dtype)
     if shape.softcap is not None and (backend != "flash-attn" or mask is not None):
         # no fused SDPA kernel soft-caps logits: every query's probabilities, as eager attention computes them
@@ -199,6 +212,25 @@ def _attend(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, val
     if policy_cache is not None:
         policy_cache.after_attention(module.layer_idx, attn)
     return out
+
+
+def frozen_attention(query: torch.Tensor, key: torch.Tensor, frozen_keys: torch.Tensor, frozen_positions: torch.Tensor,
+                     shape: Shape, policy_cache, layer_idx: int) -> torch.Tensor:
+    """[B, K, G, q, m]: what each of this step's queries would give each frozen token were it active, i.e. one
+    softmax over frozen and active keys with the layer's scale, soft-cap and window (frozen tokens are older than
+    every new query, so causality never hides them)."""
+    m = frozen_keys.shape[2]
+    mask = None
+    if shape.window is not None:
+        layer = policy_cache.layers[layer_idx]
+        active = layer.positions[:, :1] if layer.heads_aligned else layer.positions
+        keys = torch.cat([frozen_positions[:, :1].expand(active.shape[0], active.shape[1], -1), active], dim=-1)
+        queries = policy_cache.pending_positions.to(keys.device)
+        k, q_ = keys[:, :, None, :], queries[:, None, :, None]
+        mask = (k <= q_) & (k > q_ - shape.window)
+    probs = attention_rows(query, torch.cat([frozen_keys.to(key.dtype), key], dim=2), query.shape[2], shape.scaling,
+                           mask, shape.softcap)
+    return probs[..., :m]
 
 
 def _weighted_values(attn: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

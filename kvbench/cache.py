@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +58,7 @@ class CacheStats:
     thaws: int
     rollbacks: int  # `Session.rollback` calls
     rolled_back_tokens: int  # tokens undone by them (fed again or regenerated afterwards)
+    frozen_scored: int  # frozen keys read to score them against new queries (`thaw_on_demand`), summed over layers
     offload: Transfers
     restore: Transfers
     policy_seconds: dict[str, float]  # host time deciding and applying decisions after attention, by phase
@@ -395,6 +397,8 @@ class PolicyCache(Cache):
         self.thaws = 0
         self.rollbacks = 0
         self.rolled_back_tokens = 0
+        self.frozen_scored = 0
+        self.reads_queries = policy.reads_queries  # the attention function asks `thaw_on_demand` first
         self.rollback_reserve = policy.rollback_reserve  # sliding layers keep this many more positions
         self.offload = Transfers()
         self.restore = Transfers()
@@ -419,8 +423,30 @@ class PolicyCache(Cache):
             self.phase = "query" if query else "prefill" if prefill else "decode"
         self.attn_rows = self.policy.wants_attention(self.phase, last_chunk)
         self.applying = self.policy.compresses(self.phase, last_chunk)  # the schedule: decisions take effect
-        if self.policy.acts_before_step(self.steps):
+        if self.policy.acts_before_step(self.steps, self.phase):
             self._before_step()
+
+    def thaw_on_demand(self, layer_idx: int,
+                       score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> bool:
+        """Before a layer's attention: let a policy that reads queries (`on_queries`) thaw frozen tokens for them.
+        `score(frozen_keys, frozen_positions)` gives the queries' probabilities over the frozen tokens (the
+        attention function computes them). Whether the active rows changed. The reading is counted
+        (`frozen_scored`: frozen keys read, per layer and step) and timed with the policy."""
+        layer = self.layers[layer_idx]
+        if not (self.reads_queries and layer.frozen.n):
+            return False
+        t0 = time.perf_counter()
+        view = layer.view(None)
+        self.frozen_scored += layer.frozen.n
+        view.frozen_attn = score(layer.frozen.keys().to(layer.device), view.frozen_positions.to(layer.device))
+        decision = self.policy.on_queries(view)
+        if self.policy.token_state:
+            layer.store_state(view)
+        changed = decision is not None and decision.thaw is not None and bool(decision.thaw.any())
+        if changed:
+            layer.apply(decision)
+        self.policy_seconds[self.phase] += time.perf_counter() - t0
+        return changed
 
     def _before_step(self) -> None:
         """Apply the policy's `before_step` decision to every layer that has frozen or active tokens."""
@@ -552,6 +578,7 @@ class PolicyCache(Cache):
             thaws=self.thaws,
             rollbacks=self.rollbacks,
             rolled_back_tokens=self.rolled_back_tokens,
+            frozen_scored=self.frozen_scored,
             offload=dataclasses.replace(self.offload),
             restore=dataclasses.replace(self.restore),
             policy_seconds=dict(self.policy_seconds),

@@ -97,6 +97,10 @@ class LayerView:
     # tokens this layer would hold with the full cache: all seen, or a sliding window's last w - 1; budgets
     # are capacities of this (a ratio budget on a sliding layer is a share of the window)
     full_tokens: int = 0
+    # [B, K, G, q, m]: before attention (`on_queries`), the probability each of this step's q queries would give
+    # each frozen token were it active (one softmax over active and frozen keys, scale, soft-cap and window
+    # applied as the layer's attention applies them); None elsewhere
+    frozen_attn: torch.Tensor | None = None
 
     @property
     def n(self) -> int:
@@ -189,13 +193,20 @@ class KVPolicy:
         """Sequence-level counters to put in the run record (e.g. recovery events)."""
         return {}
 
-    def acts_before_step(self, step: int) -> bool:
-        """Whether `before_step` has something to apply before forward `step` (checked once per step)."""
+    def acts_before_step(self, step: int, phase: str) -> bool:
+        """Whether `before_step` has something to apply before forward `step` of `phase` (checked once per step)."""
         return False
 
     def before_step(self, view: LayerView) -> Decision | None:
         """A decision applied to a layer before the next forward, so that forward already attends what it
         changed (a recovery's thaws); `view.attn` is None. Called only when `acts_before_step()`."""
+        return None
+
+    reads_queries: ClassVar[bool] = False  # True: `on_queries` runs in every layer that has frozen tokens
+
+    def on_queries(self, view: LayerView) -> Decision | None:
+        """Before a layer's attention, with `view.frozen_attn` of the step's queries: a decision (thaws) applied
+        before they attend, so they see what it restores."""
         return None
 
     def take_rollback(self) -> int:

@@ -79,6 +79,7 @@ def sample_record(task: str, sample, result: RunResult, score: float) -> dict[st
         "thaws": c.thaws,
         "rollbacks": c.rollbacks,  # tokens undone and generated again (ASR-KF-EGR's level 4)
         "rolled_back_tokens": c.rolled_back_tokens,
+        "frozen_scored": c.frozen_scored,  # frozen keys read to score them against new queries
         "offload": vars(c.offload),
         "restore": vars(c.restore),
         "policy_ms": {phase: seconds * 1e3 for phase, seconds in c.policy_seconds.items()},
@@ -132,6 +133,7 @@ def summarize(samples: list[dict[str, Any]], scores: dict[str, float] | None = N
         "thaws": sum(s["thaws"] for s in samples),
         "rollbacks": sum(s["rollbacks"] for s in samples),
         "rolled_back_tokens": sum(s["rolled_back_tokens"] for s in samples),
+        "frozen_scored": sum(s["frozen_scored"] for s in samples),
         "policy": _sum_counters([s["policy"] for s in samples]),
         "transfer_ms": sum(s["offload"]["seconds"] + s["restore"]["seconds"] for s in samples) * 1e3,
         # the policy's bookkeeping inside each decode step (LayerView, step, freeze/thaw/evict copies)

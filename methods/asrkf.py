@@ -29,6 +29,12 @@ text allows):
 - `early_thaw`: recovery thaws land before the next forward, so that forward attends them (level 4's
   always do: the regenerated tokens must see the restored cache).
 - `prefill_freeze=false`: no token is frozen while a prompt is read (importance is still tracked).
+- `query_thaw` = p > 0, "restore on demand" read literally: before each layer's attention (a prompt chunk, a
+  question or a decode step), the frozen keys are scored against the step's queries where they are stored,
+  and a frozen token that any query head would give more than p of its attention (one softmax over active
+  and frozen keys) is thawed for that very attention. Its importance is raised to that probability, so the
+  step's own update does not freeze it again at once. The keys read are counted (`frozen_scored`).
+- `thaw_on_prompt`: every frozen token is thawed before each prompt chunk (a new turn or question).
 No reference implementation is public; `heads=mean, tau=0.5` and every option above are kvbench's
 choices, not the paper's.
 """
@@ -71,6 +77,8 @@ class ASRKF(KVPolicy):
     entropy_floor: float = 0.0
     early_thaw: bool = False
     prefill_freeze: bool = True
+    query_thaw: float = 0.0
+    thaw_on_prompt: bool = False
     _entropies: deque = field(default_factory=deque, init=False, repr=False)
     _level: int = field(default=0, init=False, repr=False)
     _last_spike: int = field(default=-(10**9), init=False, repr=False)
@@ -84,9 +92,10 @@ class ASRKF(KVPolicy):
             raise ValueError(f"asrkf: window >= 1, tau > 0 and k > 0 required, got {self.window}, {self.tau}, {self.k}")
         if self.heads not in ("mean", "max"):
             raise ValueError(f"asrkf: heads must be 'mean' or 'max', got {self.heads!r}")
-        if self.min_history < 2 or self.regenerate < 0 or self.entropy_floor < 0:
-            raise ValueError(f"asrkf: min_history >= 2, regenerate >= 0 and entropy_floor >= 0 required, got "
-                             f"{self.min_history}, {self.regenerate}, {self.entropy_floor}")
+        if self.min_history < 2 or self.regenerate < 0 or self.entropy_floor < 0 or not 0 <= self.query_thaw < 1:
+            raise ValueError(f"asrkf: min_history >= 2, regenerate >= 0, entropy_floor >= 0 and 0 <= query_thaw < 1 "
+                             f"required, got {self.min_history}, {self.regenerate}, {self.entropy_floor}, "
+                             f"{self.query_thaw}")
         self.reset()
 
     def reset(self) -> None:
@@ -138,13 +147,33 @@ class ASRKF(KVPolicy):
     def _thaws_before(self, level: int) -> bool:
         return self.early_thaw or LEVELS[level - 1] == "regenerate"
 
-    def acts_before_step(self, step: int) -> bool:
+    def acts_before_step(self, step: int, phase: str) -> bool:
+        if self.thaw_on_prompt and phase in ("prefill", "query"):
+            return True
         return self._pending is not None and self._pending[1] == step and self._thaws_before(self._pending[0])
 
     def before_step(self, view: LayerView) -> Decision | None:
-        if self._pending is None or self._pending[1] != view.step or view.frozen_positions is None:
+        if view.frozen_positions is None:
+            return None
+        if self.thaw_on_prompt and view.phase in ("prefill", "query"):
+            return Decision(thaw=torch.ones_like(view.frozen_positions[:, :1], dtype=torch.bool))
+        if self._pending is None or self._pending[1] != view.step:
             return None
         return Decision(thaw=self._recovery_thaw(self._pending[0], view))
+
+    @property
+    def reads_queries(self) -> bool:
+        return self.query_thaw > 0
+
+    def on_queries(self, view: LayerView) -> Decision | None:
+        wanted = view.frozen_attn.amax(dim=(1, 2, 3))[:, None]  # [B, 1, m]: the most any query head gives
+        hot = wanted > self.query_thaw
+        if not bool(hot.any()):
+            return None
+        importance = view.frozen_state["importance"]
+        view.frozen_state["importance"] = torch.where(hot, torch.maximum(importance, wanted.to(importance.dtype)),
+                                                      importance)
+        return Decision(thaw=hot)
 
     def _duration(self, count: torch.Tensor) -> torch.Tensor:
         return torch.floor(count.sqrt() / self.k)

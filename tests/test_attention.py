@@ -49,6 +49,8 @@ def test_attention_rows_equal_the_last_rows_of_the_full_matrix():
 class RowsWanted:
     """Stands in for a PolicyCache: asks for attention rows and keeps what the attention function hands over."""
 
+    reads_queries = False
+
     def __init__(self, rows):
         self.attn_rows, self.handed = rows, []
 
