@@ -234,3 +234,36 @@ def test_the_cache_goes_to_transformers_under_the_forwards_own_argument_name(eng
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         engine.generate(engine.encode_chat("Hello"), make_policy("h2o", 8), 3)
+
+
+def key_frozen_layers(engine, sample, policy) -> tuple[str, list[int]]:
+    """The answer, and after the prompt and each answer step: in how many layers a token of the needle's key
+    is frozen."""
+    text = engine.tokenizer.decode(sample.prompt_ids)
+    enc = engine.tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+    assert enc["input_ids"] == list(sample.prompt_ids)
+    start = text.index(sample.answer)
+    key = {i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < start + len(sample.answer) and b > start}
+    counts = []
+
+    def watch(cache):
+        if not cache.prefill or cache.last_chunk:
+            counts.append(sum(bool(layer.frozen.n and set(layer.frozen.positions()[0, 0].tolist()) & key)
+                              for layer in cache.layers))
+
+    return engine.generate(sample.prompt_ids, policy, 8, ("\n",), on_step=watch).text, counts
+
+
+def test_asrkf_needle_keys_are_frozen_every_other_answer_step_and_query_thaw_answers(engine):
+    """The failure traced in issue 21, pinned on the 1k needles at depths 0.1, 0.3 and 0.9 (the full cache answers
+    every 1k needle): with the defaults the key's tokens leave attention in most layers at every other
+    answer step (thawed on time, re-detected with their stale low importance, frozen again) and the answer is
+    wrong. Query-driven thaw gives them back to the queries that need them, and the answer is right."""
+    task = make_task("needle-1k", depths=(0.1, 0.3, 0.9))
+    layers = len(engine.layout.windows)
+    for sample in task.samples(engine):
+        text, counts = key_frozen_layers(engine, sample, make_policy("asrkf"))
+        assert task.score(text, sample) == 0.0
+        assert max(counts) > layers / 2 > min(counts)  # frozen in most layers at some answer steps, not at others
+        text, counts = key_frozen_layers(engine, sample, make_policy("asrkf", query_thaw=0.02, thaw_on_prompt=True))
+        assert task.score(text, sample) == 1.0
