@@ -26,13 +26,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvbench", description="Compare KV-cache compression policies honestly.")
     p.add_argument("--version", action="version", version=f"kvbench {version('kvbench')}")
     sub = p.add_subparsers(dest="command", required=True)
+    shown = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}  # every flag's help ends with its default
 
-    c = sub.add_parser("compare", help="run methods on the same model and samples, print a leaderboard")
-    c.add_argument("--methods", type=_csv, default=["full", "streamingllm", "h2o"],
+    c = sub.add_parser("compare", help="run methods on the same model and samples, print a leaderboard", **shown)
+    c.add_argument("--methods", type=_csv, default="full,streamingllm,h2o",
                    help="comma-separated method names (see `kvbench methods`)")
-    c.add_argument("--budget", type=_csv, default=["256"],
+    c.add_argument("--budget", type=_csv, default="256",
                    help="KV budget per layer: tokens (256) or a ratio of tokens seen (0.25); comma-separated sweep")
-    c.add_argument("--tasks", type=_csv, default=["needle"], help="comma-separated built-in tasks")
+    c.add_argument("--tasks", type=_csv, default="needle",
+                   help="comma-separated tasks: built-in ones and kvbench's lm-eval tasks (see README, Tasks)")
     c.add_argument("--context-lengths", type=_csv, default=None,
                    help="needle context lengths in tokens, comma-separated (default: the task's own)")
     c.add_argument("--limit", type=int, default=None, help="at most N samples per task")
@@ -41,12 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "or a model id in the local Hugging Face cache")
     c.add_argument("--method-args", action="append", default=[], metavar="METHOD:K=V[,K=V]",
                    help="policy parameters, e.g. h2o:heavy_ratio=0.5 (repeatable)")
-    c.add_argument("--positions", type=_csv, default=["original"],
+    c.add_argument("--positions", type=_csv, default="original",
                    help="position handling after eviction: original, rerotate, naive (comma-separated sweep)")
-    c.add_argument("--query", type=_csv, default=["in-prompt"],
+    c.add_argument("--query", type=_csv, default="in-prompt",
                    help="where the question goes: in-prompt (inside the compressed prompt), after (the context is "
                         "compressed first), reuse (one compressed context for its questions); comma-separated sweep")
-    c.add_argument("--schedule", type=_csv, default=[],
+    c.add_argument("--schedule", type=_csv, default="",
                    help="when decisions apply: prompt (once after the prompt), chunk (after every prefill chunk), "
                         "decode (also while decoding); comma-separated sweep (default: each method's own)")
     c.add_argument("--prefill-chunk", type=int, default=512, help="prefill chunk size in tokens")
@@ -59,28 +61,31 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     c.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
-    b = sub.add_parser("bench", help="decode/prefill time and peak KV of each method vs full, per context length")
-    b.add_argument("--methods", type=_csv, default=["full", "streamingllm", "h2o", "asrkf"])
-    b.add_argument("--contexts", type=_csv, default=["1024", "2048", "4096", "8000"])
+    b = sub.add_parser("bench", help="decode/prefill time and peak KV of each method vs full, per context length",
+                       **shown)
+    b.add_argument("--methods", type=_csv, default="full,streamingllm,h2o,asrkf",
+                   help="comma-separated method names; the × full ratios need full among them")
+    b.add_argument("--contexts", type=_csv, default="1024,2048,4096,8000",
+                   help="prompt lengths in tokens, comma-separated (positive, within the model's window)")
     b.add_argument("--budget", default="512", help="budget for methods that take one")
     b.add_argument("--method-args", action="append", default=[], metavar="METHOD:K=V[,K=V]",
                    help="policy parameters, e.g. asrkf:tau=0.5|0.25 (one row per variant; repeatable)")
-    b.add_argument("--new-tokens", type=int, default=32)
-    b.add_argument("--batch", type=_csv, default=["1"],
+    b.add_argument("--new-tokens", type=int, default=32, help="decode steps timed per prompt")
+    b.add_argument("--batch", type=_csv, default="1",
                    help="batch sizes, comma-separated: B > 1 decodes B prompts together (per-sequence caches)")
     b.add_argument("--repeats", type=int, default=1,
                    help="whole rounds of every method (ratios: median over rounds, with their spread)")
-    b.add_argument("--model", default=models.DEFAULT_MODEL)
-    b.add_argument("--device", default="cpu")
+    b.add_argument("--model", default=models.DEFAULT_MODEL, help="as for compare: an alias, a .gguf, a folder or an id")
+    b.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     b.add_argument("--dtype", default="float32", help="float32, bfloat16, float16, or auto (the checkpoint's)")
-    b.add_argument("--prefill-chunk", type=int, default=512)
+    b.add_argument("--prefill-chunk", type=int, default=512, help="prefill chunk size in tokens")
     b.add_argument("--out", type=Path, default=None,
                    help="output folder (default: a new folder in reports/runs/; the committed reports/bench/ only "
                         "when named)")
     b.add_argument("--overwrite", action="store_true", help="replace bench.md and bench.json already in --out")
-    b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
-    lb = sub.add_parser("leaderboard", help="run the published sweep (resumable) and write leaderboard/")
+    lb = sub.add_parser("leaderboard", help="run the published sweep (resumable) and write leaderboard/", **shown)
     lb.add_argument("--config", type=Path, default=Path("leaderboard") / "sweep.toml", help="sweep definition (TOML)")
     lb.add_argument("--slice", default=None, help="run only this [slices.NAME] of the sweep (e.g. ci)")
     lb.add_argument("--out", type=Path, default=Path("leaderboard"), help="where LEADERBOARD.md and results.json go")
@@ -90,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="finished-cell store (default: the kvbench cache dir, ~/.cache/kvbench/cells)")
     lb.add_argument("--check", type=Path, default=None,
                     help="committed results.json: exit 1 if a deterministic column of any cell run differs")
-    lb.add_argument("--no-progress", action="store_true")
+    lb.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     sub.add_parser("methods", help="list the registered methods and their parameters")
     return p

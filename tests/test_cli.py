@@ -222,3 +222,21 @@ def test_version_is_printed(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.strip() == f"kvbench {version('kvbench')}"
+
+
+def test_every_flag_of_every_subcommand_has_help_and_its_default_shown():
+    import argparse
+
+    from kvbench.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subparsers.choices.items():
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"kvbench {name} {action.option_strings[0]} has no help text"
+        text = sub.format_help()
+        if name != "methods":
+            assert "(default:" in text, f"kvbench {name} --help shows no defaults"
+    compare = subparsers.choices["compare"].parse_args([])
+    assert compare.methods == ["full", "streamingllm", "h2o"] and compare.schedule == [] and compare.budget == ["256"]
