@@ -8,9 +8,11 @@ columns.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +49,20 @@ def _manager(metadata: str = "{}"):
                                      metadata=json.loads(metadata) or None)
 
 
+@contextlib.contextmanager
+def quiet_lm_eval() -> Iterator[None]:
+    """lm-eval's INFO lines (one per task and request type) would break kvbench's progress bar: errors only while
+    kvbench runs a task, and the caller's level back afterwards (a process that also runs lm-eval itself keeps
+    its logging)."""
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def evaluate(engine: Engine, model: str, policy: KVPolicy, positions: str, task: str, limit: int | None = None,
              metadata: dict[str, Any] | None = None, query: str = "in-prompt") -> TaskScores:
     """One lm-eval task (or group) for one policy on `engine`'s model (`model`: its --model name, from which the
@@ -57,9 +73,9 @@ def evaluate(engine: Engine, model: str, policy: KVPolicy, positions: str, task:
 
     lm = KVBenchLM.from_engine(engine, policy, positions, progress=False, query=query)
     manager = _manager(json.dumps({**(metadata or {}), "pretrained": model}, sort_keys=True))
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    out = lm_eval.simple_evaluate(model=lm, tasks=[task], limit=limit, task_manager=manager, log_samples=True,
-                                  bootstrap_iters=0, verbosity="ERROR")
+    with quiet_lm_eval():
+        out = lm_eval.simple_evaluate(model=lm, tasks=[task], limit=limit, task_manager=manager, log_samples=True,
+                                      bootstrap_iters=0)
     scores, metrics, better = {}, {}, {}
     for name, values in out["results"].items():
         key = next((k for k in values if "," in k and "_stderr" not in k), None)

@@ -144,12 +144,17 @@ def test_multiturn_task_keeps_one_cache_across_turns():
 
 
 def test_compare_scores_lm_eval_tasks_as_lm_eval_does(tmp_path):
-    """`kvbench compare --tasks kvbench_needle` reports what `lm_eval --model kvbench-hf` reports."""
+    """`kvbench compare --tasks kvbench_needle` reports what `lm_eval --model kvbench-hf` reports, and leaves the
+    process's lm-eval logging as it found it."""
+    import logging
+
     from kvbench.cli import main
 
     out = tmp_path / "run"
+    logging.getLogger("lm_eval").setLevel(logging.INFO)
     assert main(["compare", "--methods", "full,streamingllm", "--budget", "64", "--tasks", "kvbench_needle",
                  "--limit", "3", "--out", str(out), "--no-progress"]) == 0
+    assert logging.getLogger("lm_eval").level == logging.INFO
     records = {r["method"]: r for r in json.loads((out / "results.json").read_text())}
     for method, args in (("full", "method=full"), ("streamingllm", "method=streamingllm,budget=64")):
         ours = records[method]
