@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 TASK_DIR = Path(str(files("kvbench.tasks") / "lm_eval"))
 
@@ -26,3 +29,66 @@ def install_task_path(tasks_module) -> None:
 
     manager.__init__ = init
     manager._kvbench = True
+
+
+class _TaskLoader(yaml.SafeLoader):
+    """Reads kvbench's task YAMLs without lm-eval: `!function` tags become their text."""
+
+
+_TaskLoader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+
+PROPORTIONS = {"depths"}  # metadata lists of shares in [0, 1]
+MAY_BE_EMPTY = {"varied_context_lengths"}  # metadata lists that may be empty (that part of a task left out)
+FROM_ZERO = {"seed"}  # whole numbers that may be 0; every other whole number must be positive
+
+
+def _yaml(name: str) -> dict[str, Any]:
+    path = next((p for p in (TASK_DIR / f"{name}.yaml", TASK_DIR / name) if p.is_file()), None)
+    return yaml.load(path.read_text(), Loader=_TaskLoader) if path else {}
+
+
+def metadata_defaults(task: str) -> dict[str, Any] | None:
+    """The metadata a kvbench lm-eval task (or group: its members') takes, with the YAML's defaults; None for a
+    name that is not one of kvbench's task files."""
+    config = _yaml(task)
+    if not config:
+        return None
+    if "group" in config:
+        merged: dict[str, Any] = {}
+        for member in config.get("task", []):
+            merged |= metadata_defaults(member) or {}
+        return merged
+    meta = {**(_yaml(config["include"]).get("metadata", {}) if "include" in config else {}),
+            **config.get("metadata", {})}
+    meta.pop("version", None)
+    return meta
+
+
+def check_metadata(task: str, meta: Any, where: str) -> None:
+    """Refuse, naming what is allowed, task metadata a task does not take or cannot use: an unknown key, a value of
+    another type than the YAML's default, a length, count or distance below 1, a depth outside [0, 1]."""
+    defaults = metadata_defaults(task)
+    if defaults is None:
+        raise ValueError(f"{where}: {task!r} is not one of kvbench's lm-eval tasks; task metadata applies to those")
+    if not isinstance(meta, dict):
+        raise ValueError(f"{where}: must be a table of settings, got {meta!r}")
+    unknown = sorted(set(meta) - set(defaults))
+    if unknown:
+        raise ValueError(f"{where}: unknown setting {', '.join(unknown)}; {task} takes: {', '.join(sorted(defaults))}")
+    for key, value in meta.items():
+        default, low = defaults[key], 0 if key in FROM_ZERO else 1
+        if isinstance(default, list):
+            numbers = isinstance(value, list) and all(isinstance(v, int | float) and not isinstance(v, bool)
+                                                      for v in value)
+            if key in PROPORTIONS:
+                ok = numbers and bool(value) and all(0 <= v <= 1 for v in value)
+                allowed = "a non-empty list of numbers in [0, 1]"
+            else:
+                ok = numbers and (bool(value) or key in MAY_BE_EMPTY) and all(
+                    isinstance(v, int) and v >= low for v in value)
+                allowed = f"a {'' if key in MAY_BE_EMPTY else 'non-empty '}list of whole numbers >= {low}"
+        else:
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
+            allowed = f"a whole number >= {low}"
+        if not ok:
+            raise ValueError(f"{where}: {key} = {value!r} is not {allowed}")

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from kvbench import models
 from kvbench.compare import Cell, CompareSpec, Runner, method_params, plan
 from kvbench.leaderboard import markdown
+from kvbench.lm_eval_tasks import check_metadata
 from kvbench.policy import Budget
 from kvbench.records import cpu_model, write_atomic
 
@@ -53,6 +54,33 @@ def _strings(value: Any, where: str) -> list[str]:
     return [str(v) for v in value]
 
 
+def _check_types(raw: dict[str, Any], path: Path) -> None:
+    """The shape of every top-level entry, before any value is used (a wrong type is named, never a traceback)."""
+    expected = {"model": (str, "a name"), "device": (str, "a name"), "dtype": (str, "a name"),
+                "prefill_chunk": (int, "a whole number >= 1"), "limit": (int, "a whole number >= 1"),
+                "tasks": (list, "a list of task names"), "task_metadata": (dict, "a table of tables, one per task"),
+                "rows": (list, "an array of [[rows]] tables"), "slices": (dict, "a table of [slices.NAME] tables")}
+    for key, (kind, allowed) in expected.items():
+        value = raw.get(key)
+        if value is None:
+            continue
+        bad = not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 1)
+        bad = bad or (key == "rows" and not all(isinstance(r, dict) for r in value))
+        bad = bad or (key in ("slices", "task_metadata") and not all(isinstance(v, dict) for v in value.values()))
+        if bad:
+            raise ValueError(f"{path}: {key} = {value!r} is not {allowed}")
+    for i, group in enumerate(raw.get("rows", [])):
+        args = group.get("method_args", {})
+        if not (isinstance(args, dict) and all(isinstance(kv, dict) for kv in args.values())):
+            raise ValueError(f"{path} [[rows]] #{i + 1}: method_args = {args!r} is not a table of tables, e.g. "
+                             "{ h2o = { heavy_ratio = 0.3 } }")
+        for method, kv in args.items():
+            for key, value in kv.items():
+                if not isinstance(value, str | int | float):
+                    raise ValueError(f"{path} [[rows]] #{i + 1}: method_args.{method}.{key} = {value!r} is not a "
+                                     "number, a string or a boolean")
+
+
 def _only(table: dict[str, Any], allowed: set[str], where: str) -> None:
     extra = sorted(set(table) - allowed)
     if extra:
@@ -70,9 +98,12 @@ def load(path: Path, slice_name: str | None = None, dtype: str | None = None) ->
     except tomllib.TOMLDecodeError as err:
         raise ValueError(f"{path}: not valid TOML: {err}") from None
     _only(raw, SWEEP_KEYS, str(path))
+    _check_types(raw, path)
     slices = raw.get("slices", {})
     for name, sl in slices.items():
         _only(sl, SLICE_KEYS, f"{path} [slices.{name}]")
+        for key, value in sl.items():
+            _strings(value, f"{path} [slices.{name}] {key}")
     if slice_name is not None and slice_name not in slices:
         raise ValueError(f"{path} has no slice {slice_name!r}; slices: {', '.join(slices) or 'none'}")
     chosen = slices.get(slice_name, {})
@@ -84,6 +115,11 @@ def load(path: Path, slice_name: str | None = None, dtype: str | None = None) ->
         tasks = [t for t in tasks if t in chosen["tasks"]]
     if not tasks:
         raise ValueError(f"{path}: no tasks to run")
+    for task, meta in raw.get("task_metadata", {}).items():
+        where = f"{path} [task_metadata.{task}]"
+        if task not in raw.get("tasks", []):
+            raise ValueError(f"{where}: {task!r} is not among the sweep's tasks ({', '.join(raw.get('tasks', []))})")
+        check_metadata(task, meta, where)
     spec = CompareSpec(methods=[], budgets=[], tasks=tasks, model=str(raw.get("model", models.DEFAULT_MODEL)),
                        limit=raw.get("limit"), prefill_chunk=int(raw.get("prefill_chunk", 512)),
                        device=str(raw.get("device", "cpu")), dtype=str(dtype or raw.get("dtype", "float32")),

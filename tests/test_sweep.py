@@ -39,6 +39,27 @@ def write(tmp_path: Path, text: str) -> Path:
     ('tasks = ["needle-1k"]\n[[rows]]\nmethods = ["full"]\npositions = ["sideways"]', "not a position mode"),
     ("tasks = [", "not valid TOML"),
     ('tasks = ["needle-1k"]\ndtype = "float8"\n[[rows]]\nmethods = ["full"]', "dtype 'float8' is not one of"),
+    ('tasks = ["needle-1k"]\nlimit = "abc"\n[[rows]]\nmethods = ["full"]', "limit = 'abc' is not a whole number"),
+    ('tasks = ["needle-1k"]\nlimit = 0\n[[rows]]\nmethods = ["full"]', "limit = 0 is not a whole number >= 1"),
+    ('tasks = ["needle-1k"]\n[[rows]]\nmethods = ["h2o"]\nbudgets = [64]\nmethod_args = { h2o = "x" }',
+     "method_args = {'h2o': 'x'} is not a table of tables"),
+    ('tasks = ["needle-1k"]\nslices = 3\n[[rows]]\nmethods = ["full"]', "slices = 3 is not a table of"),
+    ('tasks = ["needle-1k"]\n[slices.ci]\nmethods = "full"\n[[rows]]\nmethods = ["full"]',
+     r"\[slices.ci\] methods must be a list"),
+    ('tasks = ["kvbench_needle"]\ntask_metadata = 5\n[[rows]]\nmethods = ["full"]', "task_metadata = 5 is not a table"),
+    ('tasks = ["kvbench_needle"]\n[task_metadata.kvbench_needle]\ncontext_length = [1024]\n'
+     '[[rows]]\nmethods = ["full"]',
+     "unknown setting context_length; kvbench_needle takes: context_lengths, depths, seed, varied_context_lengths"),
+    ('tasks = ["kvbench_needle"]\n[task_metadata.kvbench_needle]\ncontext_lengths = [0]\n[[rows]]\nmethods = ["full"]',
+     r"context_lengths = \[0\] is not a non-empty list of whole numbers >= 1"),
+    ('tasks = ["kvbench_needle"]\n[task_metadata.kvbench_needle]\ndepths = [-3]\n[[rows]]\nmethods = ["full"]',
+     r"depths = \[-3\] is not a non-empty list of numbers in \[0, 1\]"),
+    ('tasks = ["kvbench_ppl"]\n[task_metadata.kvbench_ppl]\ndocuments = "4"\n[[rows]]\nmethods = ["full"]',
+     "documents = '4' is not a whole number >= 1"),
+    ('tasks = ["kvbench_ppl"]\n[task_metadata.kvbench_needle]\ndepths = [0.5]\n[[rows]]\nmethods = ["full"]',
+     "'kvbench_needle' is not among the sweep's tasks"),
+    ('tasks = ["needle-1k"]\n[task_metadata.needle-1k]\ndepths = [0.5]\n[[rows]]\nmethods = ["full"]',
+     "is not one of kvbench's lm-eval tasks"),
 ])
 def test_bad_sweep_files_are_refused_before_anything_runs(tmp_path, text, message):
     with pytest.raises(ValueError, match=message):
@@ -210,7 +231,8 @@ def test_records_carry_each_scores_sample_count_and_standard_error():
     def sample(task: str, score: float) -> dict:
         zero = dict.fromkeys(("kv_compression", "mean_kv_compression", "active_kv_bytes", "full_kv_bytes",
                               "peak_kv_bytes", "peak_reserved_kv_bytes", "frozen_kv_bytes", "peak_frozen_kv_bytes",
-                              "memory_peak_bytes", "prefill_ms", "freezes", "thaws"), 0)
+                              "memory_peak_bytes", "prefill_ms", "freezes", "thaws", "rollbacks", "rolled_back_tokens",
+                              "frozen_scored"), 0)
         return {**zero, "task": task, "score": score, "decode_ms": [1.0], "policy": {}, "policy_ms": {"decode": 0.0},
                 "offload": {"seconds": 0.0}, "restore": {"seconds": 0.0}}
 
