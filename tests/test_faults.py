@@ -1,10 +1,15 @@
 """Faults from the machine, not the input: a full disk mid-write leaves the last complete file and no temporary
-behind, and the CLI ends such a run with one line and exit 2 (SIGKILL and resume: tests/test_sweep.py)."""
+behind, and the CLI ends such a run with one line and exit 2; a compare killed mid-run leaves nothing partial; two
+sweeps sharing a cell store both finish with the same cells (SIGKILL and resume: tests/test_sweep.py)."""
 
 from __future__ import annotations
 
 import errno
+import json
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -47,3 +52,39 @@ def test_a_run_whose_results_cannot_be_written_ends_with_one_line_and_exit_2(tmp
     err = capsys.readouterr().err
     assert code == 2 and "kvbench: error: [Errno 28] No space left on device" in err and "Traceback" not in err
     assert not out.exists() or not [p for p in out.iterdir()]
+
+
+@pytest.mark.model
+def test_a_compare_killed_mid_run_leaves_nothing_partial(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "kvbench", "compare", "--methods", "full,streamingllm", "--budget",
+                             "64", "--tasks", "needle-1k", "--limit", "3", "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    seen = b""
+    while b"compare:" not in seen and proc.poll() is None:  # its progress bar: the model is loaded, cells run
+        seen += proc.stderr.read1(4096)
+    assert proc.poll() is None, "the run must still be going when it is killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    left = sorted(p.name for p in out.rglob("*")) if out.exists() else []
+    assert left == [], f"a killed compare left {left}"
+
+
+@pytest.mark.model
+def test_two_sweeps_sharing_a_cell_store_both_finish_with_the_same_cells(tmp_path):
+    config = tmp_path / "sweep.toml"
+    config.write_text('tasks = ["needle-1k"]\nlimit = 1\n[[rows]]\nmethods = ["full", "streamingllm", "h2o"]\n'
+                      "budgets = [64]\n")
+    cells = tmp_path / "cells"
+    procs = [subprocess.Popen([sys.executable, "-m", "kvbench", "leaderboard", "--config", str(config), "--out",
+                               str(tmp_path / f"out{i}"), "--plots", str(tmp_path / f"plots{i}"), "--cells",
+                               str(cells), "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for i in range(2)]
+    for proc in procs:
+        assert proc.wait() == 0, proc.stderr.read().decode()[-2000:]
+    stored = sorted(cells.iterdir())
+    assert len(stored) == 3 and all(json.loads(p.read_text())["samples"] for p in stored)  # whole cells, no temp
+    results = [json.loads((tmp_path / f"out{i}" / "results.json").read_text())["records"] for i in range(2)]
+    from kvbench.sweep import compare_deterministic
+
+    assert compare_deterministic(results[0], results[1]) == [] and len(results[0]) == 3
