@@ -289,7 +289,10 @@ def _markdown(header: dict[str, Any], records: list[dict[str, Any]], plots: dict
 def _committed(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"--check: committed results not found: {path}")
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"--check {path}: not a readable results.json ({err})") from None
     if not isinstance(data, dict) or "records" not in data:
         raise ValueError(f"--check: {path} is not a leaderboard results.json (no 'records')")
     return data["records"]

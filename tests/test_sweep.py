@@ -85,6 +85,13 @@ def test_a_row_runs_only_its_own_tasks_which_must_be_the_sweeps(tmp_path):
         sweep.load(write(tmp_path, text.replace('tasks = ["kvbench_needle"]', 'tasks = ["needle-2k"]')))
 
 
+def test_check_names_the_file_and_the_flag_of_a_corrupt_results_file(tmp_path):
+    broken = tmp_path / "results.json"
+    broken.write_text('{"header": {}, "records": [')
+    with pytest.raises(ValueError, match=f"--check {broken}: not a readable results.json"):
+        sweep._committed(broken)
+
+
 def test_the_committed_sweep_and_its_ci_slice_are_valid():
     root = Path(__file__).parent.parent
     full = sweep.load(root / "leaderboard" / "sweep.toml")

@@ -3,7 +3,8 @@
 # what was left on disk. Writes a markdown table to stdout. ~3 minutes on 2 CPU cores (a few probes load the model).
 #   bash reports/cli-contract/probes.sh > reports/cli-contract/after.md
 set -u
-K="${KVBENCH:-$(cd "$(dirname "$0")/../.." && pwd)/.venv/bin/kvbench}"
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+K="${KVBENCH:-$REPO/.venv/bin/kvbench}"
 PY="$(dirname "$K")/python"
 W=$(mktemp -d)
 cd "$W" || exit 1
@@ -14,7 +15,7 @@ row() {  # row NAME CHECK-DIR COMMAND...
   n=$((n + 1))
   "$@" >out.txt 2>err.txt
   local rc=$? msg left
-  msg=$(grep -v '^\s*$' err.txt | tail -1 | tr '|' '/' | cut -c1-160)
+  msg=$(cat err.txt out.txt | tr '\r' '\n' | grep -v '^\s*$' | grep -v '%|' | tail -1 | tr '|' '/' | cut -c1-160)
   left=$(if [ -d "$dir" ]; then (cd "$dir" && find . -mindepth 1 | sort | tr '\n' ' ' | cut -c1-80)
          elif [ -e "$dir" ]; then echo "$dir: unchanged"; else echo "-"; fi)
   printf '| %s | %s | `%s` | %s | %s | %s |\n' "$n" "$name" "$(echo "$*" | sed "s#$K#kvbench#; s#$W/##g" | cut -c1-90)" \
@@ -22,9 +23,9 @@ row() {  # row NAME CHECK-DIR COMMAND...
 }
 sweep() { printf 'tasks = ["%s"]\n%s\n[[rows]]\nmethods = ["h2o"]\nbudgets = [64]\n%s\n' "$1" "$2" "$3" > "$4"; }
 
-touch afile; mkdir -p ro && chmod 555 ro; mkdir -p lbdir/leaderboard.md
+touch afile; mkdir -p lbdir/leaderboard.md
 row "--out is a file" afile "$K" compare --methods full --tasks needle-1k --limit 1 --out afile
-row "--out read-only" ro "$K" compare --methods full --tasks needle-1k --limit 1 --out ro/x
+row "--out cannot be created (under a file)" afile "$K" compare --methods full --tasks needle-1k --limit 1 --out afile/x
 row "--out holds a directory named leaderboard.md" lbdir "$K" compare --methods full --tasks needle-1k --limit 1 --out lbdir
 mkdir -p done && echo '[]' > done/results.json
 row "--out already has results" done "$K" compare --methods full --tasks needle-1k --limit 1 --out done
@@ -52,17 +53,17 @@ row "a text file as --model" o "$K" compare --model notamodel.txt --methods full
 row "--methods \"\"" o "$K" compare --methods "" --tasks needle-1k --out o
 row "--tasks \"\"" o "$K" compare --methods full --tasks "" --out o
 row "--device cuda without CUDA" o "$K" compare --device cuda --methods full --tasks needle-1k --limit 1 --out o
-row "kvbench methods / head -0" - bash -c "'$K' methods | head -0"
+row "kvbench methods / head -0" - bash -c "set -o pipefail; '$K' methods | head -0"
 row "lm-eval model arg sinks=2.5" - "$(dirname "$K")/lm_eval" --model kvbench-hf --model_args pretrained=smollm2-135m,method=streamingllm,budget=64,sinks=2.5 --tasks kvbench_needle --limit 1
 echo '{"header": {}, "records": [' > broken.json
-row "--check on a corrupt results file" o "$K" leaderboard --slice ci --check broken.json --out o --cells c
+row "--check on a corrupt results file" o "$K" leaderboard --config "$REPO/leaderboard/sweep.toml" --slice ci --check broken.json --out o --cells c
 mkdir -p outside && row "leaderboard outside the repository" o bash -c "cd outside && '$K' leaderboard --out ../o --cells ../c"
 row "kvbench --version" - "$K" --version
-( "$K" compare --methods full,streamingllm --budget 64 --tasks needle-1k --limit 3 --out int >/dev/null 2>int.err & pid=$!
-  while ! grep -q "compare:" int.err 2>/dev/null; do sleep 0.2; done; sleep 3; kill -INT $pid; wait $pid; echo $? > int.rc )
+( "$K" compare --methods full,streamingllm,h2o,tova --budget 64 --tasks needle-1k,needle-2k --out int >/dev/null 2>int.err &
+  pid=$!
+  while ! grep -q "compare:" int.err 2>/dev/null; do sleep 0.2; done; sleep 2; kill -INT $pid; wait $pid; echo $? > int.rc )
 n=$((n + 1))
 printf '| %s | Ctrl-C during a compare | `kvbench compare ... --out int` + SIGINT | %s | %s | %s |\n' "$n" "$(cat int.rc)" \
   "$(grep -v '^\s*$' int.err | tr '\r' '\n' | grep -v '%|' | tail -1 | tr '|' '/' | cut -c1-160)" \
   "$( (cd int 2>/dev/null && find . -mindepth 1 | sort | tr '\n' ' ') || echo -)"
-chmod 755 ro
 rm -rf "$W"
