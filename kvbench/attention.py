@@ -168,12 +168,16 @@ def _visible(module: torch.nn.Module, q: int, n: int, window: int | None, policy
                                    f"config gives it {layer.window}: kvbench cannot reproduce this layout")
         keys = layer.positions[:, :1] if layer.heads_aligned else layer.positions
         queries = policy_cache.pending_positions.to(device)
-    k, q_ = keys[:, :, None, :], queries[:, None, :, None]
-    if window is None:
-        return k <= q_
-    if int(keys.min()) > int(queries.max()) - window:
+    if window is not None and int(keys.min()) > int(queries.max()) - window:
         return None
-    return (k <= q_) & (k > q_ - window)
+    return _by_position(keys, queries, window)
+
+
+def _by_position(keys: torch.Tensor, queries: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[B, K|1, q, n]: key positions ([B, K|1, n]) each query position ([B, q]) sees, causally and in its window."""
+    k, q_ = keys[:, :, None, :], queries[:, None, :, None]
+    visible = k <= q_
+    return visible if window is None else visible & (k > q_ - window)
 
 
 def _attend(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, shape: Shape,
@@ -181,6 +185,7 @@ def _attend(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, val
     """One sequence's attention output, then its policy step for this layer (with the rows it asked for)."""
     q = query.shape[2]
     rows = policy_cache.attn_rows if policy_cache is not None else 0
+    reordered = False
     if policy_cache is not None and policy_cache.reads_queries:
         def score(frozen_keys: torch.Tensor, frozen_positions: torch.Tensor) -> torch.Tensor:
             return frozen_attention(query, key, frozen_keys, frozen_positions, shape, policy_cache, module.layer_idx)
@@ -189,8 +194,6 @@ def _attend(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, val
         if reordered:
             layer = policy_cache.layers[module.layer_idx]
             key, value = layer.keys, layer.values
-    else:
-        reordered = False
     mask = _visible(module, q, key.shape[2], shape.window, policy_cache, query.device, reordered)
     backend = backend_for(query.device, query.dtype)
     if shape.softcap is not None and (backend != "flash-attn" or mask is not None):
@@ -225,9 +228,7 @@ def frozen_attention(query: torch.Tensor, key: torch.Tensor, frozen_keys: torch.
         layer = policy_cache.layers[layer_idx]
         active = layer.positions[:, :1] if layer.heads_aligned else layer.positions
         keys = torch.cat([frozen_positions[:, :1].expand(active.shape[0], active.shape[1], -1), active], dim=-1)
-        queries = policy_cache.pending_positions.to(keys.device)
-        k, q_ = keys[:, :, None, :], queries[:, None, :, None]
-        mask = (k <= q_) & (k > q_ - shape.window)
+        mask = _by_position(keys, policy_cache.pending_positions.to(keys.device), shape.window)
     probs = attention_rows(query, torch.cat([frozen_keys.to(key.dtype), key], dim=2), query.shape[2], shape.scaling,
                            mask, shape.softcap)
     return probs[..., :m]

@@ -433,18 +433,13 @@ class PolicyCache(Cache):
         attention function computes them). Whether the active rows changed. The reading is counted
         (`frozen_scored`: frozen keys read, per layer and step) and timed with the policy."""
         layer = self.layers[layer_idx]
-        if not (self.reads_queries and layer.frozen.n):
+        if not layer.frozen.n:
             return False
         t0 = time.perf_counter()
         view = layer.view(None)
         self.frozen_scored += layer.frozen.n
         view.frozen_attn = score(layer.frozen.keys().to(layer.device), view.frozen_positions.to(layer.device))
-        decision = self.policy.on_queries(view)
-        if self.policy.token_state:
-            layer.store_state(view)
-        changed = decision is not None and decision.thaw is not None and bool(decision.thaw.any())
-        if changed:
-            layer.apply(decision)
+        changed = self._decide(layer, view, self.policy.on_queries) is not None
         self.policy_seconds[self.phase] += time.perf_counter() - t0
         return changed
 
@@ -452,15 +447,20 @@ class PolicyCache(Cache):
         """Apply the policy's `before_step` decision to every layer that has frozen or active tokens."""
         t0 = time.perf_counter()
         for layer in self.layers:
-            if not layer.is_initialized:
-                continue
-            view = layer.view(None)
-            decision = self.policy.before_step(view)
-            if self.policy.token_state:
-                layer.store_state(view)
-            if decision is not None:
-                layer.apply(decision)
+            if layer.is_initialized:
+                self._decide(layer, layer.view(None), self.policy.before_step)
         self.policy_seconds[self.phase] += time.perf_counter() - t0
+
+    def _decide(self, layer: PolicyLayer, view: LayerView, decide: Callable[[LayerView], Decision | None],
+                apply: bool = True) -> Decision | None:
+        """One policy hook on one layer: its decision, the per-token state it changed written back, and the
+        decision applied (unless `apply` is False: the schedule lets it observe, not act)."""
+        decision = decide(view)
+        if self.policy.token_state:
+            layer.store_state(view)
+        if decision is not None and apply:
+            layer.apply(decision)
+        return decision
 
     def new_meta(self, shape: tuple[int, int, int], device: torch.device) -> torch.Tensor:
         """Meta rows [B, K, q, C] of this step's new tokens: the same in every layer (layers copy them into
@@ -536,12 +536,7 @@ class PolicyCache(Cache):
         if self.policy.passive or not (self.applying or self.policy.observes):
             return
         t0 = time.perf_counter()
-        view = layer.view(attn)
-        decision = self.policy.step(view)
-        if self.policy.token_state:
-            layer.store_state(view)
-        if decision is not None and self.applying:
-            layer.apply(decision)
+        self._decide(layer, layer.view(attn), self.policy.step, self.applying)
         self.policy_seconds[self.phase] += time.perf_counter() - t0
 
     # -- accounting -------------------------------------------------------------------------------

@@ -112,7 +112,7 @@ def rows(records: list[dict[str, Any]],
     task_cols = [f"{t} {what}" for t in tasks for what in ((labels[t], "KV comp.") if per_task else (labels[t],))]
     queries = any(r.get("query", "in-prompt") != "in-prompt" for r in records)
     split = split or counted_cells(records)
-    shown = {task for r in records for task in task_samples(r)}
+    shown = {task for samples in per_sample for task in samples}
     average = split is not None and len({task for task, _ in split[0]} & shown) > 1  # a suite: several that count
     headers = ["method", "budget", "positions", "schedule", *(["query"] if queries else []), *task_cols,
                *(["suite avg"] if average else []), "KV compression",
