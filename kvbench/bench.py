@@ -10,6 +10,7 @@ runs one method at a time and reports it.
 
 from __future__ import annotations
 
+import json
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from kvbench import models
 from kvbench.compare import expand_sweep
 from kvbench.engine import Engine, RunResult
 from kvbench.policy import make_policy, policy_class
-from kvbench.records import MIB, dump_json, versions, write_atomic
+from kvbench.records import MIB, versions, write_atomic
 from kvbench.tasks.multiturn import passages
 
 
@@ -89,7 +90,7 @@ def run(spec: BenchSpec, out_dir: Path | None = None, progress: bool = True) -> 
         row["throughput_vs_first_batch"] = row["tokens_per_s"] / single["tokens_per_s"]
     record = {"spec": vars(spec), "versions": versions(), "attention": engine.attention_backend, "rows": rows}
     if out_dir is not None:
-        write_atomic(out_dir / "bench.json", dump_json([record]))
+        write_atomic(out_dir / "bench.json", json.dumps([record], indent=1) + "\n")
         write_atomic(out_dir / "bench.md", markdown(record))
     return rows
 

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from kvbench import lm_eval_run, models
+from kvbench import lm_eval_run, models, results
 from kvbench.cache import POSITION_MODES
 from kvbench.engine import QUERY_MODES, Engine, RunResult
 from kvbench.leaderboard import markdown
 from kvbench.policy import SCHEDULES, Budget, KVPolicy, available, make_policy, policy_class
-from kvbench.records import dump_json, sample_record, summarize, versions, write_atomic
+from kvbench.records import sample_record, summarize, versions, write_atomic
 from kvbench.tasks import TASKS, Task, make_task
 
 
@@ -36,6 +36,14 @@ class CompareSpec:
     queries: list[str] = field(default_factory=lambda: ["in-prompt"])  # where the question goes (QUERY_MODES)
     schedules: list[str] = field(default_factory=list)  # when decisions apply (SCHEDULES); empty: each method's own
     task_metadata: dict[str, dict[str, Any]] = field(default_factory=dict)  # lm-eval tasks: metadata overrides
+
+    def to_json(self) -> dict[str, Any]:
+        """The spec as a results file's `run`: typed budgets; method_args as given (each record's config.policy
+        holds the values they parsed to)."""
+        out = asdict(self)
+        out["budgets"] = [b.to_json() for b in self.budgets]
+        out["context_lengths"] = list(self.context_lengths) if self.context_lengths else None
+        return out
 
 
 def parse_method_args(items: list[str]) -> dict[str, dict[str, str]]:
@@ -172,7 +180,7 @@ class Runner:
         return {
             "method": policy.name,
             "variant": ",".join(f"{k}={config_now[k]}" for k in sorted(explicit)),
-            "budget": str(policy.budget) if policy.budget is not None else None,
+            "budget": policy.budget.to_json() if policy.budget is not None else None,
             "positions": mode,
             "query": query,
             "schedule": policy.schedule if policy.evicts else None,
@@ -199,7 +207,7 @@ def run(spec: CompareSpec, out_dir: Path | None = None, progress: bool = True) -
         records.append(runner.record(policy, mode, cells, set(method_params(spec, policy.name)), query))
     bar.close()
     if out_dir is not None:
-        write_outputs(records, out_dir)
+        write_outputs(spec, records, out_dir)
     return records
 
 
@@ -212,9 +220,9 @@ def run_sample(engine: Engine, task: Task, sample, policy: KVPolicy, mode: str) 
     return Engine.merge_turns(engine.converse(turns, policy, task.max_new_tokens, task.stop, positions=mode))
 
 
-def write_outputs(records: list[dict[str, Any]], out_dir: Path) -> None:
+def write_outputs(spec: CompareSpec, records: list[dict[str, Any]], out_dir: Path) -> None:
     """results.json and leaderboard.md, each written whole or not at all."""
-    write_atomic(out_dir / "results.json", dump_json(records))
+    write_atomic(out_dir / "results.json", results.dumps("compare", spec.to_json(), records))
     write_atomic(out_dir / "leaderboard.md", markdown(records, "kvbench compare"))
 
 

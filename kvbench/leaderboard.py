@@ -7,6 +7,7 @@ from typing import Any
 
 from tabulate import tabulate
 
+from kvbench.policy import Budget
 from kvbench.records import MIB
 
 
@@ -127,7 +128,7 @@ def rows(records: list[dict[str, Any]],
         ratio = m["decode_ms_p50"] / base if base and m["decode_ms_p50"] else None
         cells = cell_scores(r)
         table.append([
-            f"{r['method']} {r['variant']}".strip(), r["budget"] or "all", r.get("positions", "original"),
+            f"{r['method']} {r['variant']}".strip(), Budget.label(r["budget"]), r.get("positions", "original"),
             r.get("schedule") or "–",
             *([r.get("query", "in-prompt")] if queries else []),
             *(cell for t in tasks for cell in _task_cells(m, t, per_task, samples.get(t))),

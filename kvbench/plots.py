@@ -17,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from kvbench.leaderboard import counted_cells, suite_average  # noqa: E402
+from kvbench.policy import Budget  # noqa: E402
 from kvbench.records import MIB  # noqa: E402
 
 CONTEXT_BINS = (1024, 2048, 4096, 6144, 8192)
@@ -24,7 +25,8 @@ CONTEXT_BINS = (1024, 2048, 4096, 6144, 8192)
 
 def label(record: dict[str, Any]) -> str:
     query = record.get("query", "in-prompt")
-    parts = [record["method"], record["variant"], record["budget"] or "", record["positions"],
+    budget = Budget.label(record["budget"]) if record["budget"] else ""
+    parts = [record["method"], record["variant"], budget, record["positions"],
              "" if query == "in-prompt" else f"query={query}"]
     return " ".join(p for p in parts if p and p != "original")
 

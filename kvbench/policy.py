@@ -63,6 +63,15 @@ class Budget:
     def __str__(self) -> str:
         return str(self.tokens) if self.tokens is not None else f"{self.ratio:g}"
 
+    def to_json(self) -> dict[str, int | float]:
+        """{"tokens": 256} or {"ratio": 0.25}: typed, and never ambiguous (a ratio of 1 is not 1 token)."""
+        return {"tokens": self.tokens} if self.tokens is not None else {"ratio": self.ratio}
+
+    @staticmethod
+    def label(value: dict[str, int | float] | None) -> str:
+        """A results file's budget as the CLI writes it ('256', '0.25'); 'all' for a method without one."""
+        return str(Budget(**value)) if value else "all"
+
 
 @dataclass
 class LayerView:
@@ -226,7 +235,7 @@ class KVPolicy:
 
     def config(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        out["budget"] = str(self.budget) if self.budget is not None else None
+        out["budget"] = self.budget.to_json() if self.budget is not None else None
         return out
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -186,6 +185,3 @@ def write_atomic(path: Path, text: str) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
 
-
-def dump_json(records: list[dict[str, Any]]) -> str:
-    return json.dumps(records, indent=1, sort_keys=False) + "\n"

@@ -27,7 +27,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from kvbench import models
+from kvbench import models, results
 from kvbench.compare import Cell, CompareSpec, Runner, method_params, plan
 from kvbench.leaderboard import markdown
 from kvbench.lm_eval_tasks import check_metadata
@@ -234,7 +234,7 @@ def run(sweep: Sweep, out_dir: Path, cells_dir: Path, plots_dir: Path | None = N
         from kvbench.plots import draw_all
 
         plots = {name: os.path.relpath(p, out_dir) for name, p in draw_all(outcome.records, plots_dir).items()}
-    write_atomic(out_dir / "results.json", json.dumps({"header": header, "records": outcome.records}, indent=1) + "\n")
+    write_atomic(out_dir / "results.json", results.dumps("leaderboard", header, outcome.records))
     write_atomic(out_dir / "LEADERBOARD.md", _markdown(header, outcome.records, plots))
     return outcome
 
@@ -287,21 +287,13 @@ def _markdown(header: dict[str, Any], records: list[dict[str, Any]], plots: dict
 
 
 def _committed(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"--check: committed results not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"--check {path}: not a readable results.json ({err})") from None
-    if not isinstance(data, dict) or "records" not in data:
-        raise ValueError(f"--check: {path} is not a leaderboard results.json (no 'records')")
-    return data["records"]
+    return results.load(path, "--check")["records"]
 
 
 def row_key(record: dict[str, Any]) -> str:
-    query = record.get("query", "in-prompt")  # records made before the query axis: in-prompt
-    key = f"{record['method']} {record['variant']}".strip() + f" | {record['budget'] or 'all'} | {record['positions']}"
-    return key if query == "in-prompt" else f"{key} | query={query}"
+    key = f"{record['method']} {record['variant']}".strip()
+    key += f" | {Budget.label(record['budget'])} | {record['positions']}"
+    return key if record["query"] == "in-prompt" else f"{key} | query={record['query']}"
 
 
 # Relative tolerances of `--check`. The same code on another CPU (other MKL kernels, other rounding) can flip

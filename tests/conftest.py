@@ -9,6 +9,17 @@ from kvbench.cache import PolicyCache
 from kvbench.policy import KVPolicy
 
 
+def assert_valid_results(document: dict) -> None:
+    """A results.json as the code wrote it conforms to the JSON Schema shipped in the package."""
+    import json
+
+    import jsonschema
+
+    from kvbench.results import SCHEMA_PATH
+
+    jsonschema.validate(document, json.loads(SCHEMA_PATH.read_text()), cls=jsonschema.Draft202012Validator)
+
+
 @pytest.fixture(scope="session")
 def model_and_tokenizer():
     from kvbench import models

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from conftest import assert_valid_results
 from kvbench import leaderboard
 from kvbench.cli import build_parser, main
 from kvbench.policy import available
@@ -22,8 +23,11 @@ def test_compare_writes_results_and_prints_table(tmp_path, capsys):
     code, stdout, _ = run_cli(capsys, "--methods", "full,streamingllm", "--budget", "64", "--tasks", "needle-1k",
                               "--limit", "2", "--out", str(out))
     assert code == 0
-    records = json.loads((out / "results.json").read_text())
-    assert [(r["method"], r["budget"]) for r in records] == [("full", None), ("streamingllm", "64")]
+    results = json.loads((out / "results.json").read_text())
+    assert_valid_results(results)
+    assert results["kind"] == "compare" and results["run"]["budgets"] == [{"tokens": 64}]
+    records = results["records"]
+    assert [(r["method"], r["budget"]) for r in records] == [("full", None), ("streamingllm", {"tokens": 64})]
     for r in records:
         m = r["metrics"]
         assert set(m) >= {"accuracy", "kv_compression", "active_kv_bytes", "peak_kv_bytes", "prefill_ms",

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from conftest import assert_valid_results
+
 pytestmark = pytest.mark.model
 
 
@@ -155,7 +157,9 @@ def test_compare_scores_lm_eval_tasks_as_lm_eval_does(tmp_path):
     assert main(["compare", "--methods", "full,streamingllm", "--budget", "64", "--tasks", "kvbench_needle",
                  "--limit", "3", "--out", str(out), "--no-progress"]) == 0
     assert logging.getLogger("lm_eval").level == logging.INFO
-    records = {r["method"]: r for r in json.loads((out / "results.json").read_text())}
+    results = json.loads((out / "results.json").read_text())
+    assert_valid_results(results)
+    records = {r["method"]: r for r in results["records"]}
     for method, args in (("full", "method=full"), ("streamingllm", "method=streamingllm,budget=64")):
         ours = records[method]
         theirs = evaluate("kvbench-hf", f"pretrained=smollm2-135m,{args}", "kvbench_needle", 3)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import assert_valid_results
 from kvbench import sweep
 
 SMALL = """
@@ -87,7 +88,7 @@ def test_a_row_runs_only_its_own_tasks_which_must_be_the_sweeps(tmp_path):
 
 def test_check_names_the_file_and_the_flag_of_a_corrupt_results_file(tmp_path):
     broken = tmp_path / "results.json"
-    broken.write_text('{"header": {}, "records": [')
+    broken.write_text('{"schema_version": 1, "records": [')
     with pytest.raises(ValueError, match=f"--check {broken}: not a readable results.json"):
         sweep._committed(broken)
 
@@ -102,7 +103,7 @@ def test_the_committed_sweep_and_its_ci_slice_are_valid():
 
 def test_check_reports_every_moved_deterministic_column_beyond_cross_host_rounding():
     sample = {"task": "t", "kv_compression": 0.5, "active_kv_bytes": 100, "peak_kv_bytes": 200, "frozen_kv_bytes": 0}
-    record = {"method": "h2o", "variant": "", "budget": "64", "positions": "original",
+    record = {"method": "h2o", "variant": "", "budget": {"tokens": 64}, "positions": "original", "query": "in-prompt",
               "metrics": {"accuracy": {"t": 0.5}}, "samples": [sample]}
     assert sweep.compare_deterministic([record], [record]) == []
     moved = json.loads(json.dumps(record))
@@ -117,7 +118,7 @@ def test_check_reports_every_moved_deterministic_column_beyond_cross_host_roundi
     assert sweep.compare_deterministic([flipped], [big]) == []
     flipped["samples"][0]["active_kv_bytes"] = 31645696 * 0.999  # 0.1%: a real change
     assert len(sweep.compare_deterministic([flipped], [big])) == 1
-    other = {**record, "budget": "128"}
+    other = {**record, "budget": {"tokens": 128}}
     missing = sweep.compare_deterministic([other], [record])
     assert missing == ["h2o | 128 | original / t: not in the committed leaderboard"]
 
@@ -145,8 +146,9 @@ def test_killed_sweep_resumes_with_only_the_unfinished_cells(tmp_path):
     assert set(outcome.cached) == done_before
     assert len(outcome.ran) == 3 - len(done_before) and not set(outcome.ran) & done_before
     results = json.loads((out / "results.json").read_text())
+    assert_valid_results(results)
     assert [r["method"] for r in results["records"]] == ["full", "streamingllm", "h2o"]
-    assert results["header"]["cells_cached"] == len(done_before)
+    assert results["kind"] == "leaderboard" and results["run"]["cells_cached"] == len(done_before)
     board = (out / "LEADERBOARD.md").read_text()
     assert "| streamingllm" in board and "keep the timings of the run that made them" in board
 
@@ -171,10 +173,10 @@ def test_plots_are_drawn_from_records(tmp_path):
                 "metrics": {"accuracy": {"kvbench_needle": acc}, "metric": {"kvbench_needle": "exact_match"},
                             "active_kv_bytes": kv, "kv_compression": 1 - kv / 6e7},
                 "samples": [sample(n, d, acc) for n in (1024, 2048, 4096) for d in (0.1, 0.9)]}
-               for m, b, acc, kv, q in (("full", None, 1.0, 6e7, "in-prompt"), ("streamingllm", "256", 0.0, 1e7,
-                                                                                 "in-prompt"),
-                                        ("streamingllm", "512", 0.5, 2e7, "in-prompt"),
-                                        ("streamingllm", "256", 0.0, 1e7, "after"))]
+               for m, b, acc, kv, q in (("full", None, 1.0, 6e7, "in-prompt"),
+                                        ("streamingllm", {"tokens": 256}, 0.0, 1e7, "in-prompt"),
+                                        ("streamingllm", {"tokens": 512}, 0.5, 2e7, "in-prompt"),
+                                        ("streamingllm", {"tokens": 256}, 0.0, 1e7, "after"))]
     made = draw_all(records, tmp_path)
     assert len(made) == 4 and "accuracy versus KV compression, per query mode" in made
     for path in made.values():

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from kvbench.policy import Budget
+
 RETRIEVAL = ("kvbench_needle", "kvbench_rope_passkey")
 
 
@@ -22,7 +24,7 @@ def main() -> None:
     rows = []
     for r in records:
         m, samples = r["metrics"], [s for s in r["samples"] if s["task"] in RETRIEVAL]
-        label = " ".join(p for p in (r["method"], r["variant"], r["budget"] or "") if p)
+        label = " ".join(p for p in (r["method"], r["variant"], Budget.label(r["budget"]) if r["budget"] else "") if p)
         recoveries = m["policy"].get("recoveries", {})
         rows.append([
             label,

@@ -1,0 +1,73 @@
+"""The versioned results file: the shipped JSON Schema, and `--check` refusing files of another version."""
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from conftest import assert_valid_results
+from kvbench.cli import main
+from kvbench.policy import Budget
+from kvbench.results import SCHEMA_PATH, SCHEMA_VERSION, dumps, load
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_the_schema_is_a_valid_json_schema_and_pins_its_version():
+    schema = json.loads(SCHEMA_PATH.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    assert schema["properties"]["schema_version"] == {"const": SCHEMA_VERSION}
+
+
+def test_the_committed_leaderboard_conforms():
+    """`--check` compares CI's cells against this file: it must be a schema-1 file, typed budgets included."""
+    results = json.loads((ROOT / "leaderboard" / "results.json").read_text())
+    assert_valid_results(results)
+    assert {json.dumps(r["budget"]) for r in results["records"]} >= {"null", '{"tokens": 256}'}
+
+
+@pytest.mark.parametrize("budget", ["256", "0.25", "1", "1.0"])
+def test_a_budget_is_typed_and_round_trips(budget):
+    b = Budget.parse(budget)
+    assert Budget(**b.to_json()) == b and Budget.label(b.to_json()) == str(b)
+    assert ("tokens" in b.to_json()) == ("." not in budget)  # 1 token and a ratio of 1.0 stay apart
+
+
+def test_the_schema_refuses_a_string_budget_and_an_unknown_field():
+    doc = json.loads(dumps("compare", {}, [json.loads((ROOT / "leaderboard" / "results.json").read_text())
+                                           ["records"][1]]))
+    assert_valid_results(doc)
+    doc["records"][0]["budget"] = "256"
+    with pytest.raises(jsonschema.ValidationError, match="'256' is not valid"):
+        assert_valid_results(doc)
+    doc["records"][0]["budget"] = {"tokens": 256}
+    doc["records"][0]["samples"][0]["new_field"] = 1
+    with pytest.raises(jsonschema.ValidationError, match="new_field"):
+        assert_valid_results(doc)
+
+
+@pytest.mark.parametrize("content,message", [
+    ("[]", "no schema_version, so not a kvbench results file of schema 1"),
+    ('{"header": {}, "records": []}', "no schema_version"),
+    ('{"schema_version": 2, "records": []}', "results schema version 2; this kvbench reads version 1 only"),
+    ('{"schema_version": 1, "records": {}}', "'records' is not a list of records"),
+    ('{"schema_version": 1, "records": [', "not a readable results.json"),
+])
+def test_load_refuses_another_version_with_the_flag_and_the_file(tmp_path, content, message):
+    path = tmp_path / "results.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match="--check " + str(path) + ": " + message.replace("(", r"\(")):
+        load(path, "--check")
+
+
+def test_leaderboard_check_of_an_old_results_file_exits_2_before_any_work(tmp_path, capsys):
+    old = tmp_path / "results.json"
+    old.write_text('{"header": {}, "records": []}')
+    out = tmp_path / "out"
+    code = main(["leaderboard", "--config", str(ROOT / "leaderboard" / "sweep.toml"), "--slice", "ci", "--out",
+                 str(out), "--plots", str(tmp_path / "plots"), "--cells", str(tmp_path / "cells"), "--check", str(old),
+                 "--no-progress"])
+    assert code == 2
+    assert f"--check {old}: no schema_version" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "cells").exists()
