@@ -3,7 +3,8 @@
 A sweep is a TOML file (leaderboard/sweep.toml). Each (policy, position mode, task) is a *cell*; a
 finished cell is stored under the hash of everything that determines its results (model, policy
 config, task and its metadata, limit, prefill chunk, and the kvbench source code), so an interrupted
-sweep resumes where it stopped and a code change reruns everything. LEADERBOARD.md and results.json
+sweep resumes where it stopped and a code change reruns everything; two sweeps sharing a store never compute
+the same cell (`cells.py`). LEADERBOARD.md and results.json
 are written only once every cell is done, each to a temporary file then renamed.
 
 `--check FILE` compares the deterministic columns (task scores, KV compression, KV bytes) of every
@@ -18,7 +19,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 import time
 import tomllib
 from dataclasses import asdict, dataclass, field
@@ -28,7 +28,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from kvbench import models, results
-from kvbench.compare import Cell, CompareSpec, Runner, method_params, plan
+from kvbench.cells import CellStore
+from kvbench.compare import CompareSpec, Runner, method_params, plan
 from kvbench.leaderboard import markdown
 from kvbench.lm_eval_tasks import check_metadata
 from kvbench.policy import Budget
@@ -169,25 +170,11 @@ def source_hash() -> str:
     return digest.hexdigest()[:16]
 
 
-def read_cell(path: Path) -> Cell | None:
-    """A stored cell, or None (reported by file name) when it cannot be one: truncated, unreadable, or not
-    shaped like a cell. Such a file never blocks a sweep: the cell is computed again and the file replaced."""
-    try:
-        data = json.loads(path.read_text())
-        cell = Cell(**data)
-        if not (isinstance(cell.task, str) and isinstance(cell.samples, list) and cell.samples
-                and all(isinstance(s, dict) and "score" in s for s in cell.samples)
-                and isinstance(cell.scores, dict) and isinstance(cell.metrics, dict)):
-            raise ValueError("not a finished cell")
-    except (OSError, UnicodeDecodeError, ValueError, TypeError) as err:
-        print(f"kvbench: ignoring the unreadable cell {path} ({type(err).__name__}: {err}); computing it again",
-              file=sys.stderr)
-        return None
-    return cell
-
-
 def cell_key(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+CLAIM_POLL_S = 2.0  # how often a sweep looks again at a cell another sweep is computing
 
 
 @dataclass
@@ -205,27 +192,45 @@ def run(sweep: Sweep, out_dir: Path, cells_dir: Path, plots_dir: Path | None = N
     runner = Runner(CompareSpec(**{**asdict(sweep.spec), "methods": ["full"]}))
     code = source_hash()
     plan_rows = [(row, policy, mode, query) for row in sweep.rows for policy, mode, query in plan(row)]
+    todo = {cell_key({**runner.cell_config(policy, mode, task, query), "source": code}): (policy, mode, task, query)
+            for row, policy, mode, query in plan_rows for task in row.tasks}
     outcome = Outcome([], [], [])
-    bar = tqdm(total=sum(len(row.tasks) for row, *_ in plan_rows), disable=not progress, desc="leaderboard",
-               unit="cell")
+    store = CellStore(cells_dir)
+    done = {}
+    bar = tqdm(total=len(todo), disable=not progress, desc="leaderboard", unit="cell")
+    try:
+        while len(done) < len(todo):
+            waiting = False
+            for key, (policy, mode, task, query) in todo.items():
+                if key in done:
+                    continue
+                bar.set_postfix_str(f"{policy.name} {policy.budget or ''} {mode} {task}")
+                stored = store.get(key)
+                if stored is None and store.claim(key):
+                    try:
+                        stored = store.get(key)  # finished by another sweep between the read and the claim
+                        if stored is None:
+                            done[key] = runner.cell(policy, mode, task, query)
+                            store.put(key, done[key])
+                            outcome.ran.append(key)
+                    finally:
+                        store.release(key)
+                if stored is not None:
+                    done[key] = stored
+                    outcome.cached.append(key)
+                if key in done:
+                    bar.update()
+                else:
+                    waiting = True  # another sweep computes it: come back after the other cells
+            if waiting and len(done) < len(todo):
+                time.sleep(CLAIM_POLL_S)
+    finally:
+        store.release_all()  # Ctrl-C or an error: no claim outlives this process
+        bar.close()
     for row, policy, mode, query in plan_rows:
-        cells = []
-        for task in row.tasks:
-            bar.set_postfix_str(f"{policy.name} {policy.budget or ''} {mode} {task}")
-            key = cell_key({**runner.cell_config(policy, mode, task, query), "source": code})
-            path = cells_dir / f"{key}.json"
-            stored = read_cell(path) if path.exists() else None
-            if stored is not None:
-                cells.append(stored)
-                outcome.cached.append(key)
-            else:
-                cell = runner.cell(policy, mode, task, query)
-                write_atomic(path, json.dumps(asdict(cell)))
-                cells.append(cell)
-                outcome.ran.append(key)
-            bar.update()
+        cells = [done[cell_key({**runner.cell_config(policy, mode, task, query), "source": code})]
+                 for task in row.tasks]
         outcome.records.append(runner.record(policy, mode, cells, set(method_params(row, policy.name)), query))
-    bar.close()
     header = _header(sweep, code, commit, outcome)
     if committed is not None:
         outcome.mismatches = compare_deterministic(outcome.records, committed)

@@ -4,6 +4,7 @@ cells, the check catches a moved deterministic column, plots are drawn, a partia
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ import pytest
 
 from conftest import assert_valid_results
 from kvbench import sweep
+from kvbench.cells import CellStore, read_cell
 
 SMALL = """
 tasks = ["needle-1k"]
@@ -227,11 +229,31 @@ def test_intervals_are_seeded_percentile_bootstraps_of_the_mean():
 def test_an_unreadable_cell_is_reported_by_name_and_never_used(tmp_path, capsys, content):
     path = tmp_path / "0123abcd.json"
     path.write_bytes(content.encode("utf-8", "surrogateescape"))
-    assert sweep.read_cell(path) is None
+    assert read_cell(path) is None
     err = capsys.readouterr().err
     assert f"ignoring the unreadable cell {path}" in err and "computing it again" in err
     path.write_text(json.dumps({"task": "t", "samples": [{"score": 1.0}], "scores": {}, "metrics": {}}))
-    assert sweep.read_cell(path).samples == [{"score": 1.0}]
+    assert read_cell(path).samples == [{"score": 1.0}]
+
+
+def test_a_cell_claimed_by_a_live_sweep_is_left_to_it_and_a_dead_sweeps_claim_is_taken_over(tmp_path):
+    ours, theirs = CellStore(tmp_path), CellStore(tmp_path)
+    assert ours.claim("k") and (tmp_path / "k.claim").exists()
+    assert not theirs.claim("k") and theirs.claimed("k")  # this process is alive: the claim holds
+    ours.release("k")
+    assert not (tmp_path / "k.claim").exists() and theirs.claim("k")
+    theirs.release_all()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "d.claim").write_text(json.dumps({"pid": int(gone.stdout), "host": socket.gethostname()}))
+    assert not ours.claimed("d") and ours.claim("d")  # its process has ended (a SIGKILLed sweep)
+    (tmp_path / "e.claim").write_text("")  # being written now: not taken
+    assert not ours.claim("e")
+    os.utime(tmp_path / "e.claim", (time.time() - 60, time.time() - 60))  # still empty a minute on: left behind
+    assert ours.claim("e")
+    (tmp_path / "f.claim").write_text(json.dumps({"pid": 1, "host": "another-host"}))  # a shared folder
+    assert not ours.claim("f")
+    ours.release_all()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.claim"]
 
 
 def test_records_carry_each_scores_sample_count_and_standard_error():
