@@ -14,6 +14,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from kvbench.select import top_k
+
 ALL_ROWS = sys.maxsize
 """`attn_rows` value asking for the attention of every query of the step (H2O's accumulation)."""
 
@@ -141,8 +143,9 @@ class KVPolicy:
     `signals` (engine signals passed to `observe`, e.g. "entropy" of the next-token distribution)
     `uses_budget` (False for methods driven by thresholds rather than a token budget), `evicts` and
     `uniform_layers` (whether all layers hold equally many tokens: `rerotate` needs it), `schedules` (the
-    SCHEDULES the method is defined for; `default_schedule` when the run names none) and `observes` (True:
-    `step` runs at every forward, so per-token scores accumulate, even where the schedule applies nothing).
+    SCHEDULES the method is defined for; `default_schedule` when the run names none), `observes` (True:
+    `step` runs at every forward, so per-token scores accumulate, even where the schedule applies nothing) and
+    `bounded` (False for a budgeted method that approaches its budget gradually; tests/test_method_contract.py).
     """
 
     name: ClassVar[str] = ""
@@ -156,6 +159,7 @@ class KVPolicy:
     schedules: ClassVar[tuple[str, ...]] = SCHEDULES
     default_schedule: ClassVar[str] = "decode"
     observes: ClassVar[bool] = False
+    bounded: ClassVar[bool] = True  # a budgeted method that holds at most its capacity once a decision applies
     budget: Budget | None = None
     schedule: str = ""  # one of `schedules`; empty: `default_schedule`
 
@@ -237,6 +241,32 @@ class KVPolicy:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["budget"] = self.budget.to_json() if self.budget is not None else None
         return out
+
+
+class ScorerPolicy(KVPolicy):
+    """A budgeted method that only scores tokens (kvpress's scorer/base split): over the layer's capacity, each row
+    keeps the tokens `protected` returns plus the highest-scoring others up to the capacity. A subclass writes
+    `score` (and `protected` where it keeps some tokens whatever their score); it never selects."""
+
+    def score(self, view: LayerView) -> torch.Tensor | None:
+        """[B, K, n] (or [B, 1, n]: one set per layer) scores of the active tokens, higher kept; None: nothing to
+        decide this step. Called at every step the method runs, so running scores can accumulate."""
+        raise NotImplementedError
+
+    def protected(self, view: LayerView, capacity: int) -> tuple[torch.Tensor, int] | None:
+        """Tokens kept whatever their score, and how many of the capacity they take; None: none."""
+        return None
+
+    def step(self, view: LayerView) -> Decision | None:
+        score = self.score(view)
+        cap = self.capacity(view.full_tokens)
+        if score is None or view.n <= cap:
+            return None
+        kept = self.protected(view, cap)
+        if kept is None:
+            return Decision(keep=top_k(score, cap))
+        mask, taken = kept
+        return Decision(keep=mask | top_k(score, cap - taken, exclude=mask))
 
 
 _REGISTRY: dict[str, type[KVPolicy]] = {}

@@ -21,6 +21,7 @@ class AttentionTop(KVPolicy):
     token_state: ClassVar[tuple[str, ...]] = ("score",)
     observes: ClassVar[bool] = True
     schedules: ClassVar[tuple[str, ...]] = ("decode",)  # shrinks by 1% per step: defined only as a running rule
+    bounded: ClassVar[bool] = False  # the same: the budget is where it shrinks towards, not a cap
     r: float = 0.99
 
     def __post_init__(self) -> None:

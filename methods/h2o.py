@@ -13,22 +13,23 @@ could see each token, no recent half), so kept sets are not compared.
 from dataclasses import dataclass
 from typing import ClassVar
 
-from kvbench.policy import ALL_ROWS, Decision, KVPolicy, LayerView, register
-from kvbench.select import accumulate, per_kv_head, recent, top_k
+import torch
+
+from kvbench.policy import ALL_ROWS, LayerView, ScorerPolicy, register
+from kvbench.select import accumulate, per_kv_head, recent
 
 
 @register("h2o")
 @dataclass
-class H2O(KVPolicy):
+class H2O(ScorerPolicy):
     attn_rows: ClassVar[int] = ALL_ROWS
     token_state: ClassVar[tuple[str, ...]] = ("score",)
     observes: ClassVar[bool] = True  # scores accumulate over every query, whatever the schedule
     heavy_ratio: float = 0.5
 
-    def step(self, view: LayerView) -> Decision | None:
-        score = accumulate(view, "score", per_kv_head(view.attn))
-        cap = self.capacity(view.full_tokens)
-        if view.n <= cap:
-            return None
-        window = recent(view.positions, view.seen, cap - int(cap * self.heavy_ratio))
-        return Decision(keep=window | top_k(score, int(cap * self.heavy_ratio), exclude=window))
+    def score(self, view: LayerView) -> torch.Tensor:
+        return accumulate(view, "score", per_kv_head(view.attn))
+
+    def protected(self, view: LayerView, capacity: int) -> tuple[torch.Tensor, int]:
+        recent_share = capacity - int(capacity * self.heavy_ratio)
+        return recent(view.positions, view.seen, recent_share), recent_share

@@ -12,23 +12,23 @@ reference never needs this.
 from dataclasses import dataclass
 from typing import ClassVar
 
-from kvbench.policy import Decision, KVPolicy, LayerView, register
+import torch
+
+from kvbench.policy import LayerView, ScorerPolicy, register
 from kvbench.select import top_k
 
 
 @register("knorm")
 @dataclass
-class Knorm(KVPolicy):
+class Knorm(ScorerPolicy):
     default_schedule: ClassVar[str] = "prompt"
     recent: int = 8
 
-    def step(self, view: LayerView) -> Decision | None:
-        cap = self.capacity(view.full_tokens)
-        if view.n <= cap:
-            return None
-        low_norm = -view.keys.float().norm(dim=-1)
+    def score(self, view: LayerView) -> torch.Tensor:
+        return -view.keys.float().norm(dim=-1)  # low norm kept
+
+    def protected(self, view: LayerView, capacity: int) -> tuple[torch.Tensor, int] | None:
         if view.phase == "prefill":
-            return Decision(keep=top_k(low_norm, cap))
-        protect = min(self.recent, cap)
-        newest = top_k(view.positions.float(), protect)  # each head's newest active tokens (as many in every head)
-        return Decision(keep=newest | top_k(low_norm, cap - protect, exclude=newest))
+            return None
+        protect = min(self.recent, capacity)
+        return top_k(view.positions.float(), protect), protect  # each head's newest (as many in every head)

@@ -19,13 +19,12 @@ from typing import ClassVar
 
 import torch
 
-from kvbench.policy import ALL_ROWS, Decision, KVPolicy, LayerView, register
-from kvbench.select import top_k
+from kvbench.policy import ALL_ROWS, LayerView, ScorerPolicy, register
 
 
 @register("kvzip")
 @dataclass
-class KVzip(KVPolicy):
+class KVzip(ScorerPolicy):
     token_state: ClassVar[tuple[str, ...]] = ("score",)
     reconstruction_prompt: ClassVar[str] = "\n\nRepeat the previous context exactly.\n\n"
     observes: ClassVar[bool] = True  # scores come from the reconstruction pass, applied after it
@@ -35,11 +34,8 @@ class KVzip(KVPolicy):
     def wants_attention(self, phase: str, last_chunk: bool) -> int:
         return ALL_ROWS if phase == "reconstruct" else 0
 
-    def step(self, view: LayerView) -> Decision | None:
+    def score(self, view: LayerView) -> torch.Tensor | None:
+        """The most attention any reconstruction query gave each token; applied in the compress phase only."""
         if view.phase == "reconstruct":
             view.state["score"] = torch.maximum(view.state["score"], view.attn.amax(dim=(2, 3)))
-            return None
-        cap = self.capacity(view.full_tokens)
-        if view.phase != "compress" or view.n <= cap:
-            return None
-        return Decision(keep=top_k(view.state["score"], cap))
+        return view.state["score"] if view.phase == "compress" else None

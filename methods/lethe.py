@@ -40,6 +40,7 @@ class Lethe(KVPolicy):
     uniform_layers: ClassVar[bool] = False
     observes: ClassVar[bool] = True
     schedules: ClassVar[tuple[str, ...]] = ("decode",)  # its thresholds adapt step by step
+    bounded: ClassVar[bool] = False  # a flat layer doubles its threshold: the budget is where thresholds start
     gamma: float = 0.9
     mass: float = 0.9
     dropoff: float = 0.5

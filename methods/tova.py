@@ -12,17 +12,16 @@ attention.
 from dataclasses import dataclass
 from typing import ClassVar
 
-from kvbench.policy import Decision, KVPolicy, LayerView, register
-from kvbench.select import per_layer, top_k
+import torch
+
+from kvbench.policy import LayerView, ScorerPolicy, register
+from kvbench.select import per_layer
 
 
 @register("tova")
 @dataclass
-class TOVA(KVPolicy):
+class TOVA(ScorerPolicy):
     attn_rows: ClassVar[int] = 1
 
-    def step(self, view: LayerView) -> Decision | None:
-        cap = self.capacity(view.full_tokens)
-        if view.n <= cap:
-            return None
-        return Decision(keep=top_k(per_layer(view.attn), cap))
+    def score(self, view: LayerView) -> torch.Tensor:
+        return per_layer(view.attn)

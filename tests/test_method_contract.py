@@ -1,0 +1,55 @@
+"""The contract every registered method keeps, checked on each of them alike (kvpress's test over every press):
+on a tiny random Llama, generation loses no token (active + frozen + evicted = seen in every layer at every step),
+a budgeted method that declares itself bounded holds at most its budget once its schedule has applied (plus the
+tokens appended since), and two runs with the same input keep the same tokens and generate the same text."""
+
+from __future__ import annotations
+
+import pytest
+
+import tiny
+from kvbench.engine import Engine
+from kvbench.policy import available, make_policy, policy_class
+
+BUDGET = 24
+NEW_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from kvbench import models
+
+    return Engine(tiny.build("llama", "sdpa"), models.load_tokenizer(), prefill_chunk=16)
+
+
+def run(engine: Engine, name: str) -> tuple[list[int], list[list[list[list[int]]]]]:
+    """The generated tokens, and after each forward every layer's kept positions per head."""
+    ids = engine.encode_chat("Archive notes. " + " ".join(f"Box {i} holds item {i * 7 % 23}." for i in range(12)))
+    assert len(ids) > 4 * BUDGET
+    policy = make_policy(name, BUDGET if policy_class(name).uses_budget else None)
+    kept: list[list[list[list[int]]]] = []
+
+    def check(cache) -> None:
+        for layer in cache.layers:
+            assert layer.get_seq_length() + layer.frozen.n + layer.evicted == layer.seen, "a token was lost"
+        kept.append([[sorted(row) for row in layer.positions[0].tolist()] for layer in cache.layers])
+
+    result = engine.generate(ids, policy, max_new_tokens=NEW_TOKENS, on_step=check, ignore_eos=True)
+    return result.tokens, kept
+
+
+@pytest.mark.parametrize("name", available())
+def test_every_method_loses_no_token_keeps_its_budget_and_is_deterministic(engine, name):
+    cls = policy_class(name)
+    tokens, kept = run(engine, name)
+    assert len(tokens) == NEW_TOKENS and len(kept) > NEW_TOKENS
+    if cls.uses_budget and cls.bounded:
+        # after the last forward: decode-schedule methods apply the budget at every step; one-shot ones once after
+        # the prompt, and the answer's tokens are appended after it
+        slack = 0 if make_policy(name, BUDGET).schedule == "decode" else NEW_TOKENS - 1
+        counts = [max(len(row) for row in layer) for layer in kept[-1]]
+        if cls.uniform_layers:
+            assert max(counts) <= BUDGET + slack
+        else:  # per-layer budgets that average the budget (PyramidKV)
+            assert sum(counts) / len(counts) <= BUDGET + slack + 1
+    assert run(engine, name) == (tokens, kept)
