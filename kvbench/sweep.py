@@ -192,8 +192,11 @@ def run(sweep: Sweep, out_dir: Path, cells_dir: Path, plots_dir: Path | None = N
     runner = Runner(CompareSpec(**{**asdict(sweep.spec), "methods": ["full"]}))
     code = source_hash()
     plan_rows = [(row, policy, mode, query) for row in sweep.rows for policy, mode, query in plan(row)]
-    todo = {cell_key({**runner.cell_config(policy, mode, task, query), "source": code}): (policy, mode, task, query)
-            for row, policy, mode, query in plan_rows for task in row.tasks}
+    row_keys = [[cell_key({**runner.cell_config(policy, mode, task, query), "source": code}) for task in row.tasks]
+                for row, policy, mode, query in plan_rows]
+    todo = {key: (policy, mode, task, query)
+            for (row, policy, mode, query), keys in zip(plan_rows, row_keys, strict=True)
+            for task, key in zip(row.tasks, keys, strict=True)}
     outcome = Outcome([], [], [])
     store = CellStore(cells_dir)
     done = {}
@@ -227,9 +230,8 @@ def run(sweep: Sweep, out_dir: Path, cells_dir: Path, plots_dir: Path | None = N
     finally:
         store.release_all()  # Ctrl-C or an error: no claim outlives this process
         bar.close()
-    for row, policy, mode, query in plan_rows:
-        cells = [done[cell_key({**runner.cell_config(policy, mode, task, query), "source": code})]
-                 for task in row.tasks]
+    for (row, policy, mode, query), keys in zip(plan_rows, row_keys, strict=True):
+        cells = [done[key] for key in keys]
         outcome.records.append(runner.record(policy, mode, cells, set(method_params(row, policy.name)), query))
     header = _header(sweep, code, commit, outcome)
     if committed is not None:
