@@ -10,7 +10,6 @@ runs one method at a time and reports it.
 
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +18,10 @@ from typing import Any
 from tabulate import tabulate
 from tqdm.auto import tqdm
 
-from kvbench import models
+from kvbench import models, results
 from kvbench.compare import expand_sweep
 from kvbench.engine import Engine, RunResult
-from kvbench.policy import make_policy, policy_class
+from kvbench.policy import Budget, make_policy, policy_class
 from kvbench.records import MIB, versions, write_atomic
 from kvbench.tasks.multiturn import passages
 
@@ -88,10 +87,11 @@ def run(spec: BenchSpec, out_dir: Path | None = None, progress: bool = True) -> 
         single = next(b for b in rows if b["context"] == row["context"] and b["method"] == row["method"]
                       and b["variant"] == row["variant"] and b["batch"] == spec.batch[0])
         row["throughput_vs_first_batch"] = row["tokens_per_s"] / single["tokens_per_s"]
-    record = {"spec": vars(spec), "versions": versions(), "attention": engine.attention_backend, "rows": rows}
+    run_ = {**vars(spec), "budget": Budget.parse(spec.budget).to_json(), "versions": versions(),
+            "attention": engine.attention_backend}
     if out_dir is not None:
-        write_atomic(out_dir / "bench.json", json.dumps([record], indent=1) + "\n")
-        write_atomic(out_dir / "bench.md", markdown(record))
+        write_atomic(out_dir / "bench.json", results.dumps("bench", run_, rows))
+        write_atomic(out_dir / "bench.md", markdown(run_, rows))
     return rows
 
 
@@ -124,17 +124,17 @@ def _round(engine: Engine, prompts: list[list[int]], variants: list[tuple[str, d
     return [_figures(r, budget, spec) for r, budget in zip(results, budgets, strict=True)]
 
 
-def _budget(name: str, spec: BenchSpec) -> str | None:
-    return spec.budget if policy_class(name).uses_budget else None
+def _budget(name: str, spec: BenchSpec) -> Budget | None:
+    return Budget.parse(spec.budget) if policy_class(name).uses_budget else None
 
 
-def _figures(batch: list[RunResult], budget: str | None, spec: BenchSpec) -> dict[str, Any]:
+def _figures(batch: list[RunResult], budget: Budget | None, spec: BenchSpec) -> dict[str, Any]:
     """One method's run (its sequences, decoded together): decode step time (median over the steps, and over the
     last quarter of them: a policy whose work changes as generation goes on, like ASR-KF-EGR's freeze cohorts,
     shows it there), the policy's share of a step, prefill time and the first sequence's cache sizes."""
     r = batch[0]
     c = r.cache
-    return {"budget": budget, "step_ms": 1e3 * statistics.median(r.decode_s),
+    return {"budget": budget.to_json() if budget else None, "step_ms": 1e3 * statistics.median(r.decode_s),
             "late_ms": 1e3 * statistics.median(r.decode_s[len(r.decode_s) * 3 // 4 :]),
             "mean_ms": 1e3 * statistics.fmean(r.decode_s), "prefill_ms": 1e3 * r.prefill_s,
             "peak_kv_bytes": c.peak_active_bytes, "active_kv_bytes": c.active_bytes, "full_kv_bytes": c.full_bytes,
@@ -143,7 +143,7 @@ def _figures(batch: list[RunResult], budget: str | None, spec: BenchSpec) -> dic
             "mean_kv_compression": c.mean_kv_compression, "policy": r.policy_report,
             # peak active KV in tokens per layer, against the bound budget + one prefill chunk
             "peak_kv_tokens_per_layer": c.peak_active_bytes / c.token_bytes,
-            "peak_bound_tokens": int(budget) + spec.prefill_chunk if budget and budget.isdigit() else None,
+            "peak_bound_tokens": budget.tokens + spec.prefill_chunk if budget and budget.tokens else None,
             "transfer_ms": 1e3 * (c.offload.seconds + c.restore.seconds),
             # what deciding and applying decisions adds to each decode step (every sequence's policy runs in it):
             # set against the step time, it shows whether a smaller attention pays for the bookkeeping
@@ -175,29 +175,29 @@ def _summarise(name: str, params: dict[str, str], n: int, batch: int, runs: list
     return row
 
 
-def markdown(record: dict[str, Any]) -> str:
+def markdown(run_: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     def ratio(x: float | None, spread: list[float] | None = None) -> str:
         if x is None:
             return "–"
         return f"{x:.2f}" if not spread or spread[0] == spread[1] else f"{x:.2f} ({spread[0]:.2f}–{spread[1]:.2f})"
 
-    first = record["spec"]["batch"][0]
+    first = run_["batch"][0]
     headers = ["context", "batch", "method", "budget", "decode ms/step p50", "decode × full",
                "last quarter × full", "tok/s",
                f"tok/s × batch {first}", "prefill ms", "prefill × full", "peak KV MiB", "peak KV tok/layer",
                "budget + chunk", "final active KV MiB", "mean KV comp.", "policy ms/step", "transfer ms"]
     table = [[r["context"], r["batch"], f"{r['method']} {r.get('variant', '')}".strip(),
-              r["budget"] or "all", f"{r['decode_ms_p50']:.1f}",
+              Budget.label(r["budget"]), f"{r['decode_ms_p50']:.1f}",
               ratio(r["decode_vs_full"], r.get("decode_vs_full_range")),
               ratio(r.get("late_decode_vs_full"), r.get("late_decode_vs_full_range")), f"{r['tokens_per_s']:.1f}",
               ratio(r["throughput_vs_first_batch"]), f"{r['prefill_ms']:.0f}",
               ratio(r["prefill_vs_full"], r.get("prefill_vs_full_range")), f"{r['peak_kv_bytes'] / MIB:.1f}",
               f"{r['peak_kv_tokens_per_layer']:.0f}", r["peak_bound_tokens"] or "–",
               f"{r['active_kv_bytes'] / MIB:.1f}", f"{r['mean_kv_compression']:.3f}",
-              f"{r['policy_ms_per_step']:.1f}", f"{r['transfer_ms']:.0f}"] for r in record["rows"]]
-    v, s = record["versions"], record["spec"]
+              f"{r['policy_ms_per_step']:.1f}", f"{r['transfer_ms']:.0f}"] for r in rows]
+    v, s = run_["versions"], run_
     cpu = f" ({v['cpu']})" if "cpu" in v and s["device"] == "cpu" else ""
-    head = (f"Model `{s['model']}` {s['dtype']} on {v.get('device')}{cpu} · attention `{record['attention']}` · "
+    head = (f"Model `{s['model']}` {s['dtype']} on {v.get('device')}{cpu} · attention `{s['attention']}` · "
             f"{s['new_tokens']} new tokens · prefill chunk {s['prefill_chunk']} · torch {v.get('torch')} · "
             f"transformers {v.get('transformers')}")
     rounds = s.get("repeats", 1)

@@ -61,6 +61,15 @@ class KVBenchLM(TemplateLM):
                  positions: str = "original", query: str = "in-prompt", prefill_chunk: int = 512,
                  device: str = "cpu", dtype: str = "float32", device_map: str | None = None,
                  batch_size: int | str = 1, max_batch_size: int | None = None, **policy_args: Any) -> None:
+        try:
+            self._build(pretrained, method, budget, positions, query, prefill_chunk, device, dtype, device_map,
+                        batch_size, policy_args)
+        except (ValueError, FileNotFoundError) as err:
+            raise err if isinstance(err, ModelArgsError) else ModelArgsError(str(err)) from err
+
+    def _build(self, pretrained: str, method: str | None, budget: Any, positions: str, query: str,
+               prefill_chunk: int, device: str, dtype: str, device_map: str | None, batch_size: int | str,
+               policy_args: dict[str, Any]) -> None:
         batch = 1 if str(batch_size) == "auto" else batch_size
         if not str(batch).isdigit() or int(batch) < 1:
             raise ValueError(f"batch_size={batch_size!r}: use a whole number >= 1 (or auto, which means 1)")
@@ -284,8 +293,13 @@ class ASRKFLM(KVBenchLM):
 
     def __init__(self, method: str | None = None, **kwargs: Any) -> None:
         if method not in (None, "asrkf"):
-            raise ValueError(f"asrkf-hf always runs ASR-KF-EGR; use --model kvbench-hf for method={method!r}")
+            raise ModelArgsError(f"asrkf-hf always runs ASR-KF-EGR; use --model kvbench-hf for method={method!r}")
         super().__init__(method="asrkf", **kwargs)
+
+
+class ModelArgsError(ValueError):
+    """A --model_args value (or the model it names) that kvbench refuses. Stock `lm_eval` reports it in one line
+    with exit code 2, as kvbench's own CLI does, instead of a traceback (kvbench_lm_eval_hook)."""
 
 
 QUESTION_FIELD = "question"  # the doc field that marks where a task's question starts in its prompt

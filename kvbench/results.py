@@ -17,7 +17,7 @@ SCHEMA_PATH = Path(__file__).with_name("results.schema.json")
 
 
 def dumps(kind: str, run: dict[str, Any], records: list[dict[str, Any]]) -> str:
-    """The file's text. `kind` is the command that wrote it ("compare" or "leaderboard"); `run` its
+    """The file's text. `kind` is the command that wrote it ("compare", "leaderboard" or "bench"); `run` its
     configuration (typed: numbers are numbers, a budget is {"tokens": n} or {"ratio": r})."""
     doc = {"schema_version": SCHEMA_VERSION, "kind": kind, "run": run, "records": records}
     return json.dumps(doc, indent=1) + "\n"
@@ -38,6 +38,9 @@ def load(path: Path, flag: str) -> dict[str, Any]:
     if data["schema_version"] != SCHEMA_VERSION:
         raise ValueError(f"{flag} {path}: results schema version {data['schema_version']!r}; this kvbench reads "
                          f"version {SCHEMA_VERSION} only")
+    if data.get("kind") == "bench":
+        raise ValueError(f"{flag} {path}: a `kvbench bench` file (bench.json) holds timings, not task results; "
+                         "pass a results.json written by `kvbench compare` or `kvbench leaderboard`")
     if not isinstance(data.get("records"), list):
         raise ValueError(f"{flag} {path}: 'records' is not a list of records")
     return data

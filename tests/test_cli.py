@@ -105,8 +105,11 @@ def test_bench_reports_every_method_against_full_at_each_context(tmp_path, capsy
                  "--budget", "64", "--method-args", "streamingllm:sinks=4|16", "--out", str(tmp_path),
                  "--repeats", "2", "--no-progress"])
     assert code == 0
-    record = json.loads((tmp_path / "bench.json").read_text())[0]
-    rows = {(r["method"], r["variant"], r["context"]): r for r in record["rows"]}
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    assert_valid_results(doc)  # a versioned file of kind "bench", budgets typed
+    assert doc["kind"] == "bench" and doc["run"]["budget"] == {"tokens": 64}
+    assert {json.dumps(r["budget"]) for r in doc["records"]} == {"null", '{"tokens": 64}'}
+    rows = {(r["method"], r["variant"], r["context"]): r for r in doc["records"]}
     variants = [("full", ""), ("streamingllm", "sinks=4"), ("streamingllm", "sinks=16")]
     assert set(rows) == {(m, v, c) for m, v in variants for c in (200, 300)}
     assert all(rows[("full", "", c)][col] == 1.0 for c in (200, 300)
@@ -129,6 +132,7 @@ def test_bench_figures_last_quarter_and_policy_time_per_step():
     from types import SimpleNamespace
 
     from kvbench.bench import BenchSpec, _figures
+    from kvbench.policy import Budget
 
     def run(policy_decode_s: float) -> SimpleNamespace:
         cache = SimpleNamespace(peak_active_bytes=8, active_bytes=4, full_bytes=16, seen_tokens=2, token_bytes=8,
@@ -138,7 +142,8 @@ def test_bench_figures_last_quarter_and_policy_time_per_step():
         return SimpleNamespace(decode_s=[0.001] * 12 + [0.003] * 4, prefill_s=0.5, cache=cache,  # slower at the end
                                policy_report={"recoveries": {"full": 2}})
 
-    figures = _figures([run(0.008), run(0.024)], "64", BenchSpec(methods=["full"], contexts=[100]))
+    figures = _figures([run(0.008), run(0.024)], Budget(tokens=64), BenchSpec(methods=["full"], contexts=[100]))
+    assert figures["budget"] == {"tokens": 64} and figures["peak_bound_tokens"] == 64 + 512  # + one prefill chunk
     assert figures["step_ms"] == pytest.approx(1.0) and figures["late_ms"] == pytest.approx(3.0)
     assert figures["mean_kv_compression"] == 0.25 and figures["policy"] == {"recoveries": {"full": 2}}
     # both sequences' policies run in each of the 16 batched steps; prefill's policy time is not a decode cost

@@ -4,6 +4,7 @@ faithful with the full cache, and compression reaches both the generate and the 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -91,6 +92,22 @@ def test_bad_model_args_are_refused_with_what_is_allowed(args, message):
 
     with pytest.raises(ValueError, match=message):
         KVBenchLM.create_from_arg_string(f"pretrained=smollm2-135m,{args}")
+
+
+@pytest.mark.parametrize("model,args,message", [
+    ("kvbench-hf", "method=streamingllm,budget=64,sinks=2.5", "parameter sinks=2.5 is not a valid int"),
+    ("kvbench-hf", "pretrained=/no/such/model", "/no/such/model"),
+    ("asrkf-hf", "method=h2o", "asrkf-hf always runs ASR-KF-EGR"),
+])
+def test_stock_lm_eval_cli_refuses_bad_model_args_in_one_line_with_exit_2(model, args, message):
+    """The `lm_eval` command (lm-eval's own process) ends a kvbench refusal as `kvbench` does: no traceback."""
+    lm_eval = Path(sys.executable).parent / "lm_eval"
+    done = subprocess.run([str(lm_eval), "--model", model, "--model_args", args, "--tasks", "kvbench_needle",
+                           "--device", "cpu", "--limit", "1"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("lm_eval: kvbench: error: ") and message in last
 
 
 def test_asrkf_hf_refuses_another_method():

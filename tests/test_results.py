@@ -52,6 +52,7 @@ def test_the_schema_refuses_a_string_budget_and_an_unknown_field():
     ('{"header": {}, "records": []}', "no schema_version"),
     ('{"schema_version": 2, "records": []}', "results schema version 2; this kvbench reads version 1 only"),
     ('{"schema_version": 1, "records": {}}', "'records' is not a list of records"),
+    ('{"schema_version": 1, "kind": "bench", "run": {}, "records": []}', "a `kvbench bench` file"),
     ('{"schema_version": 1, "records": [', "not a readable results.json"),
 ])
 def test_load_refuses_another_version_with_the_flag_and_the_file(tmp_path, content, message):
