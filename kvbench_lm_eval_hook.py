@@ -13,7 +13,7 @@ import importlib.abc
 import importlib.util
 import sys
 
-MODELS = {"kvbench-hf": "kvbench.lm_eval_adapter:KVBenchLM", "asrkf-hf": "kvbench.lm_eval_adapter:ASRKFLM"}
+MODELS = {"kvbench-hf": "kvbench.lmeval.adapter:KVBenchLM", "asrkf-hf": "kvbench.lmeval.adapter:ASRKFLM"}
 # lm_eval.models fills the registry from its static table; get_model() imports it when the registry
 # is empty, so kvbench registers right after it, never before (that would hide the built-in models)
 WATCHED = {"lm_eval.models": "_register_models", "lm_eval.tasks": "_register_tasks",
@@ -29,7 +29,7 @@ def _register_models(module) -> None:
 
 
 def _register_tasks(module) -> None:
-    from kvbench.lm_eval_tasks import install_task_path
+    from kvbench.lmeval.tasks import install_task_path
 
     install_task_path(module)
 
@@ -45,7 +45,7 @@ def _one_line_refusals(module) -> None:
         try:
             return evaluate()
         except ValueError as err:
-            adapter = sys.modules.get("kvbench.lm_eval_adapter")
+            adapter = sys.modules.get("kvbench.lmeval.adapter")
             if adapter is None or not isinstance(err, adapter.ModelArgsError):
                 raise
             print(f"lm_eval: kvbench: error: {err}", file=sys.stderr)

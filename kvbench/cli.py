@@ -8,7 +8,7 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
-from kvbench import models
+from kvbench.runtime import models
 
 
 def _csv(text: str) -> list[str]:
@@ -102,10 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from kvbench.compare import CompareSpec, default_out_dir, parse_method_args, run
-    from kvbench.leaderboard import markdown
+    from kvbench.evaluation.compare import CompareSpec, default_out_dir, parse_method_args, run
+    from kvbench.evaluation.leaderboard import markdown
+    from kvbench.evaluation.records import check_outputs
     from kvbench.policy import Budget
-    from kvbench.records import check_outputs
 
     spec = CompareSpec(
         methods=args.methods,
@@ -135,9 +135,9 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from kvbench.bench import BenchSpec, run
-    from kvbench.compare import default_out_dir, parse_method_args
-    from kvbench.records import check_outputs
+    from kvbench.evaluation.bench import BenchSpec, run
+    from kvbench.evaluation.compare import default_out_dir, parse_method_args
+    from kvbench.evaluation.records import check_outputs
 
     spec = BenchSpec(methods=args.methods, method_args=parse_method_args(args.method_args),
                      contexts=[_int(c, "--contexts") for c in args.contexts],
@@ -153,8 +153,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _leaderboard(args: argparse.Namespace) -> int:
-    from kvbench import sweep
-    from kvbench.records import check_outputs
+    from kvbench.evaluation import sweep
+    from kvbench.evaluation.records import check_outputs
 
     plan = sweep.load(args.config, args.slice, args.dtype)
     cells = args.cells or models.cache_dir() / "cells"

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from kvbench.select import top_k
+from kvbench.selection import top_k
 
 ALL_ROWS = sys.maxsize
 """`attn_rows` value asking for the attention of every query of the step (H2O's accumulation)."""

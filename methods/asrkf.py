@@ -49,7 +49,7 @@ from typing import Any, ClassVar
 import torch
 
 from kvbench.policy import Decision, KVPolicy, LayerView, register
-from kvbench.select import recent, sinks
+from kvbench.selection import recent, sinks
 
 LEVELS = ("soft", "window", "full", "regenerate")
 

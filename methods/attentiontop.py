@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from kvbench.policy import ALL_ROWS, Decision, KVPolicy, LayerView, register
-from kvbench.select import accumulate, per_layer, top_k
+from kvbench.selection import accumulate, per_layer, top_k
 
 
 @register("attentiontop")

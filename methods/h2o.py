@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 
 from kvbench.policy import ALL_ROWS, LayerView, ScorerPolicy, register
-from kvbench.select import accumulate, per_kv_head, recent
+from kvbench.selection import accumulate, per_kv_head, recent
 
 
 @register("h2o")

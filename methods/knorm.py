@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 
 from kvbench.policy import LayerView, ScorerPolicy, register
-from kvbench.select import top_k
+from kvbench.selection import top_k
 
 
 @register("knorm")

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 
 from kvbench.policy import ALL_ROWS, Decision, KVPolicy, LayerView, register
-from kvbench.select import accumulate, per_layer, recent, sinks
+from kvbench.selection import accumulate, per_layer, recent, sinks
 
 
 def hoyer(x: torch.Tensor) -> float:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from kvbench.policy import Decision, KVPolicy, LayerView, register
-from kvbench.select import in_position_order, per_kv_head, pool, recent, top_k
+from kvbench.selection import in_position_order, per_kv_head, pool, recent, top_k
 
 
 @register("snapkv")

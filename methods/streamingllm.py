@@ -11,7 +11,7 @@ after the prompt; with schedule `prompt` the kept set is the same (reports/parit
 from dataclasses import dataclass
 
 from kvbench.policy import Decision, KVPolicy, LayerView, register
-from kvbench.select import recent, sinks
+from kvbench.selection import recent, sinks
 
 
 @register("streamingllm")

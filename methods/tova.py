@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 
 from kvbench.policy import LayerView, ScorerPolicy, register
-from kvbench.select import per_layer
+from kvbench.selection import per_layer
 
 
 @register("tova")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvbench.cache import PolicyCache
+from kvbench.kv.cache import PolicyCache
 from kvbench.policy import KVPolicy
 
 
@@ -15,14 +15,14 @@ def assert_valid_results(document: dict) -> None:
 
     import jsonschema
 
-    from kvbench.results import SCHEMA_PATH
+    from kvbench.evaluation.results import SCHEMA_PATH
 
     jsonschema.validate(document, json.loads(SCHEMA_PATH.read_text()), cls=jsonschema.Draft202012Validator)
 
 
 @pytest.fixture(scope="session")
 def model_and_tokenizer():
-    from kvbench import models
+    from kvbench.runtime import models
 
     torch.manual_seed(0)
     return models.load(models.DEFAULT_MODEL)
@@ -30,7 +30,7 @@ def model_and_tokenizer():
 
 @pytest.fixture(scope="session")
 def engine(model_and_tokenizer):
-    from kvbench.engine import Engine
+    from kvbench.runtime.engine import Engine
 
     model, tok = model_and_tokenizer
     return Engine(model, tok, prefill_chunk=128)

@@ -10,10 +10,10 @@ import torch
 import transformers
 
 import tiny
-from kvbench import architectures
-from kvbench.architectures import UnsupportedModel
-from kvbench.engine import Engine
 from kvbench.policy import make_policy
+from kvbench.runtime import architectures
+from kvbench.runtime.architectures import UnsupportedModel
+from kvbench.runtime.engine import Engine
 
 ARCHS = sorted(tiny.CONFIGS)
 PROMPT, NEW, CHUNK = 50, 10, 16  # the prompt spans three windows and four prefill chunks
@@ -25,7 +25,7 @@ def test_the_matrix_covers_every_supported_architecture():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from kvbench import models
+    from kvbench.runtime import models
 
     return models.load_tokenizer()
 
@@ -71,7 +71,7 @@ def test_batched_decode_equals_each_sequence_alone(arch, tokenizer):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_lm_eval_loglikelihood_of_full_is_transformers_one_pass_score(arch, tokenizer):
-    from kvbench.lm_eval_adapter import KVBenchLM
+    from kvbench.lmeval.adapter import KVBenchLM
 
     model = tiny.build(arch, tiny.reference_attention(arch))
     ref = tiny.build(arch, tiny.reference_attention(arch))
@@ -143,7 +143,7 @@ def test_unsupported_architectures_are_refused_by_name(config, feature):
 
 
 def test_attention_sinks_are_refused_by_the_attention_function():
-    from kvbench.attention import kvbench_attention
+    from kvbench.runtime.attention import kvbench_attention
 
     module = torch.nn.Module()
     module.layer_idx = 0

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kvbench.attention import _sdpa, attention_rows, kvbench_attention
+from kvbench.runtime.attention import _sdpa, attention_rows, kvbench_attention
 
 
 def reference(query, key, value, scaling):

@@ -5,9 +5,9 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from conftest import feed, make_cache
-from kvbench.cache import RECENT_STEPS, PolicyCache
+from kvbench.kv.cache import RECENT_STEPS, PolicyCache
+from kvbench.kv.rows import FEW_ROWS
 from kvbench.policy import Decision, KVPolicy, LayerView
-from kvbench.rows import FEW_ROWS
 
 
 class Scripted(KVPolicy):
@@ -336,7 +336,7 @@ def test_frozen_tokens_that_leave_the_window_are_dropped_for_good():
 
 
 def test_heads_holding_different_tokens_expire_alike_and_the_rest_stays_masked():
-    from kvbench.attention import _visible
+    from kvbench.runtime.attention import _visible
 
     class PerHead(KVPolicy):
         def step(self, view: LayerView) -> Decision | None:

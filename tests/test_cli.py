@@ -5,8 +5,8 @@ import json
 import pytest
 
 from conftest import assert_valid_results
-from kvbench import leaderboard
 from kvbench.cli import build_parser, main
+from kvbench.evaluation import leaderboard
 from kvbench.policy import available
 from kvbench.tasks import TASKS
 
@@ -88,7 +88,7 @@ def test_prompt_beyond_context_window_is_refused_before_running(tmp_path, capsys
 
 
 def test_method_args_sweep_expands_into_rows():
-    from kvbench.compare import CompareSpec, expand_sweep, plan
+    from kvbench.evaluation.compare import CompareSpec, expand_sweep, plan
     from kvbench.policy import Budget
 
     assert expand_sweep({"tau": "0.25|0.5", "k": "1"}) == [{"tau": "0.25", "k": "1"}, {"tau": "0.5", "k": "1"}]
@@ -131,7 +131,7 @@ def test_bench_reports_every_method_against_full_at_each_context(tmp_path, capsy
 def test_bench_figures_last_quarter_and_policy_time_per_step():
     from types import SimpleNamespace
 
-    from kvbench.bench import BenchSpec, _figures
+    from kvbench.evaluation.bench import BenchSpec, _figures
     from kvbench.policy import Budget
 
     def run(policy_decode_s: float) -> SimpleNamespace:

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from kvbench.engine import PromptTooLong
 from kvbench.policy import make_policy
+from kvbench.runtime.engine import PromptTooLong
 from kvbench.tasks import make_task
 
 pytestmark = pytest.mark.model
@@ -186,7 +186,7 @@ def test_snapkv_chunk_schedule_bounds_prefill_peak_where_the_default_does_not(en
 
 
 def test_few_row_linear_computes_f_linear_for_batched_steps_and_leaves_other_calls_alone():
-    from kvbench.batch import FewRowLinear
+    from kvbench.runtime.batch import FewRowLinear
 
     g = torch.Generator().manual_seed(4)
     w, b = torch.randn(48, 32, generator=g), torch.randn(48, generator=g)
@@ -205,7 +205,7 @@ def test_batched_step_keeps_the_policies_ops_out_of_the_few_row_linear_hook(engi
     """FewRowLinear sees every torch call made while it is active. The batch step's attention and policy work
     runs with torch-function modes off, so a policy that runs ~200 ops per layer (ASR-KF-EGR) adds no hook
     calls over `full`: only the model's own calls reach it."""
-    from kvbench.batch import FewRowLinear
+    from kvbench.runtime.batch import FewRowLinear
 
     calls = []
     original = FewRowLinear.__torch_function__

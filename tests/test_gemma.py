@@ -5,9 +5,9 @@ window, in the engine and through lm-eval, and compression still changes scores.
 import pytest
 import torch
 
-from kvbench import models
-from kvbench.engine import Engine
 from kvbench.policy import make_policy
+from kvbench.runtime import models
+from kvbench.runtime.engine import Engine
 
 pytestmark = pytest.mark.model
 GEMMA = "gemma3-270m"

@@ -41,7 +41,7 @@ def responses(result: dict, task: str) -> list[str]:
 
 
 def test_full_cache_adapter_matches_stock_hf_on_the_needle_task():
-    from kvbench import models
+    from kvbench.runtime import models
 
     ours = evaluate("kvbench-hf", "pretrained=smollm2-135m,method=full", "kvbench_needle", 3)
     stock = evaluate("hf", f"pretrained={models.local_dir()},dtype=float32", "kvbench_needle", 3)
@@ -51,7 +51,7 @@ def test_full_cache_adapter_matches_stock_hf_on_the_needle_task():
 
 
 def test_full_cache_adapter_matches_stock_hf_on_perplexity():
-    from kvbench import models
+    from kvbench.runtime import models
 
     ours = evaluate("kvbench-hf", "pretrained=smollm2-135m,method=full", "kvbench_ppl", 2)
     stock = evaluate("hf", f"pretrained={models.local_dir()},dtype=float32", "kvbench_ppl", 2)
@@ -88,7 +88,7 @@ def test_batched_generation_gives_the_answers_of_batch_size_one():
     ("method=full,positions=sideways", "allowed: original, rerotate, naive"),
 ])
 def test_bad_model_args_are_refused_with_what_is_allowed(args, message):
-    from kvbench.lm_eval_adapter import KVBenchLM
+    from kvbench.lmeval.adapter import KVBenchLM
 
     with pytest.raises(ValueError, match=message):
         KVBenchLM.create_from_arg_string(f"pretrained=smollm2-135m,{args}")
@@ -111,7 +111,7 @@ def test_stock_lm_eval_cli_refuses_bad_model_args_in_one_line_with_exit_2(model,
 
 
 def test_asrkf_hf_refuses_another_method():
-    from kvbench.lm_eval_adapter import ASRKFLM
+    from kvbench.lmeval.adapter import ASRKFLM
 
     with pytest.raises(ValueError, match="asrkf-hf always runs ASR-KF-EGR"):
         ASRKFLM.create_from_arg_string("pretrained=smollm2-135m,method=h2o")
@@ -188,7 +188,7 @@ def test_compare_scores_lm_eval_tasks_as_lm_eval_does(tmp_path):
 
 
 def test_rope_probe_puts_the_key_at_the_requested_distance():
-    from kvbench import models
+    from kvbench.runtime import models
     from kvbench.tasks.rope import probes
 
     tok = models.load_tokenizer()
@@ -200,7 +200,7 @@ def test_rope_probe_puts_the_key_at_the_requested_distance():
 def test_tasks_speak_the_evaluated_models_dialect():
     """lm-eval merges --model_args into task metadata: prompts take the evaluated model's chat template (none for
     base Gemma: plain text) and its tokenizer counts the context lengths."""
-    from kvbench import models
+    from kvbench.runtime import models
     from kvbench.tasks.lm_eval.utils import needle
 
     meta = {"context_lengths": [1024], "depths": [0.5], "varied_context_lengths": []}
@@ -212,9 +212,9 @@ def test_tasks_speak_the_evaluated_models_dialect():
 
 
 def test_apply_chat_template_uses_the_models_template_and_is_refused_for_kvbench_tasks():
-    from kvbench.engine import Engine
-    from kvbench.lm_eval_adapter import KVBenchLM
+    from kvbench.lmeval.adapter import KVBenchLM
     from kvbench.policy import make_policy
+    from kvbench.runtime.engine import Engine
 
     ours = KVBenchLM.from_engine(Engine(*_smollm2()), make_policy("full"), progress=False)
     rendered = ours.apply_chat_template([{"role": "user", "content": "Hi"}])
@@ -227,6 +227,6 @@ def test_apply_chat_template_uses_the_models_template_and_is_refused_for_kvbench
 
 
 def _smollm2():
-    from kvbench import models
+    from kvbench.runtime import models
 
     return models.load(models.DEFAULT_MODEL)

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 
 import tiny
-from kvbench.engine import Engine
 from kvbench.policy import available, make_policy, policy_class
+from kvbench.runtime.engine import Engine
 
 BUDGET = 24
 NEW_TOKENS = 6
@@ -17,7 +17,7 @@ NEW_TOKENS = 6
 
 @pytest.fixture(scope="module")
 def engine():
-    from kvbench import models
+    from kvbench.runtime import models
 
     return Engine(tiny.build("llama", "sdpa"), models.load_tokenizer(), prefill_chunk=16)
 

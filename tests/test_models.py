@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from kvbench import models
-from kvbench.engine import Engine
 from kvbench.policy import make_policy
+from kvbench.runtime import models
+from kvbench.runtime.engine import Engine
 
 pytestmark = pytest.mark.model
 

@@ -57,7 +57,7 @@ def test_parameter_values_are_coerced_and_checked():
 def test_top_k_keeps_exactly_the_k_highest_outside_exclude(k):
     import torch
 
-    from kvbench.select import top_k
+    from kvbench.selection import top_k
 
     scores = torch.tensor([[[0.3, 0.9, 0.1, 0.5, 0.7, 0.2, 0.8, 0.05, 0.6, 0.4, 0.95, 0.15]]])
     exclude = torch.zeros_like(scores, dtype=torch.bool)

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from kvbench.kv.rope import Rope
 from kvbench.policy import make_policy
-from kvbench.rope import Rope
 
 pytestmark = pytest.mark.model
 LONG = " ".join(["Tell me about rivers, mountains and the sea."] * 40)

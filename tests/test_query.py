@@ -8,9 +8,9 @@ import pytest
 from lm_eval.api.instance import Instance
 
 import tiny
-from kvbench.engine import Engine
-from kvbench.lm_eval_adapter import KVBenchLM
+from kvbench.lmeval.adapter import KVBenchLM
 from kvbench.policy import make_policy
+from kvbench.runtime.engine import Engine
 
 CONTEXT = "Archive notes. " + " ".join(f"Box {i} holds item {i * 7 % 23}." for i in range(40))
 QUESTIONS = ["\n\nWhich item is in box 3?", "\n\nWhich item is in box 17?", "\n\nHow many boxes are there?"]
@@ -18,7 +18,7 @@ QUESTIONS = ["\n\nWhich item is in box 3?", "\n\nWhich item is in box 17?", "\n\
 
 @pytest.fixture(scope="module")
 def engine():
-    from kvbench import models
+    from kvbench.runtime import models
 
     return Engine(tiny.build("llama", "sdpa"), models.load_tokenizer(), prefill_chunk=64)
 

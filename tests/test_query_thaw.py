@@ -6,9 +6,9 @@ import torch
 
 import tiny
 from conftest import make_cache
-from kvbench.attention import Shape, attention_rows, frozen_attention
-from kvbench.engine import Engine
 from kvbench.policy import make_policy
+from kvbench.runtime.attention import Shape, attention_rows, frozen_attention
+from kvbench.runtime.engine import Engine
 
 PROMPT = "Archive notes. " + " ".join(f"Box {i} holds item {i * 7 % 23}." for i in range(6))
 FREEZE_ALL = {"window": 1, "sinks": 1, "tau": 1e6, "recovery": False}  # everything older than 1 token is low
@@ -16,7 +16,7 @@ FREEZE_ALL = {"window": 1, "sinks": 1, "tau": 1e6, "recovery": False}  # everyth
 
 @pytest.fixture(scope="module")
 def llama():
-    from kvbench import models
+    from kvbench.runtime import models
 
     return Engine(tiny.build("llama", "sdpa"), models.load_tokenizer(), prefill_chunk=16)
 

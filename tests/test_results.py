@@ -8,8 +8,8 @@ import pytest
 
 from conftest import assert_valid_results
 from kvbench.cli import main
+from kvbench.evaluation.results import SCHEMA_PATH, SCHEMA_VERSION, dumps, load
 from kvbench.policy import Budget
-from kvbench.results import SCHEMA_PATH, SCHEMA_VERSION, dumps, load
 
 ROOT = Path(__file__).parent.parent
 

@@ -6,15 +6,15 @@ import pytest
 import torch
 
 import tiny
-from kvbench.engine import Engine
 from kvbench.policy import make_policy
+from kvbench.runtime.engine import Engine
 
 PROMPT = "Archive notes. " + " ".join(f"Box {i} holds item {i * 7 % 23}." for i in range(6))
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from kvbench import models
+    from kvbench.runtime import models
 
     return models.load_tokenizer()
 

@@ -7,10 +7,10 @@ import pytest
 from lm_eval.api.instance import Instance
 
 import tiny
-from kvbench import models
-from kvbench.engine import Engine
-from kvbench.lm_eval_adapter import KVBenchLM
+from kvbench.lmeval.adapter import KVBenchLM
 from kvbench.policy import make_policy
+from kvbench.runtime import models
+from kvbench.runtime.engine import Engine
 from kvbench.tasks import ruler
 from kvbench.tasks.lm_eval.utils import ruler as ruler_docs
 

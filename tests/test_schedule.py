@@ -8,8 +8,8 @@ import torch
 
 import tiny
 from conftest import feed, make_cache
-from kvbench.engine import Engine
 from kvbench.policy import SCHEDULES, available, make_policy, policy_class
+from kvbench.runtime.engine import Engine
 
 
 def active(cache) -> int:
@@ -77,7 +77,7 @@ def test_every_method_runs_the_schedules_it_declares_and_refuses_the_others(name
 
 @pytest.fixture(scope="module")
 def engine():
-    from kvbench import models
+    from kvbench.runtime import models
 
     return Engine(tiny.build("llama", "sdpa"), models.load_tokenizer(), prefill_chunk=16)
 

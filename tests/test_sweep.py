@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_valid_results
-from kvbench import sweep
-from kvbench.cells import CellStore, read_cell
+from kvbench.evaluation import sweep
+from kvbench.evaluation.cells import CellStore, read_cell
 
 SMALL = """
 tasks = ["needle-1k"]
@@ -165,7 +165,7 @@ def test_killed_sweep_resumes_with_only_the_unfinished_cells(tmp_path):
 
 
 def test_plots_are_drawn_from_records(tmp_path):
-    from kvbench.plots import draw_all
+    from kvbench.evaluation.plots import draw_all
 
     def sample(n: int, depth: float, score: float) -> dict:
         return {"task": "kvbench_needle", "score": score, "prompt_tokens": n, "decode_ms": [40.0 + n / 100] * 3,
@@ -200,7 +200,7 @@ def synthetic_row(method: str, scores: dict[tuple[str, int], list[float]], query
 
 
 def test_cells_the_full_cache_fails_are_marked_and_left_out_of_the_suite_average():
-    from kvbench.leaderboard import counted_cells, markdown, suite_average
+    from kvbench.evaluation.leaderboard import counted_cells, markdown, suite_average
 
     full = synthetic_row("full", {("a", 1024): [1, 1], ("a", 4096): [0, 0], ("b", 1024): [1, 0]})
     method = synthetic_row("snapkv", {("a", 1024): [1, 0], ("a", 4096): [1, 1], ("b", 1024): [0, 0]}, "after")
@@ -215,7 +215,7 @@ def test_cells_the_full_cache_fails_are_marked_and_left_out_of_the_suite_average
 
 
 def test_intervals_are_seeded_percentile_bootstraps_of_the_mean():
-    from kvbench.leaderboard import bootstrap_halfwidth
+    from kvbench.evaluation.leaderboard import bootstrap_halfwidth
 
     assert bootstrap_halfwidth([[1.0]]) is None and bootstrap_halfwidth([[1.0] * 20]) == 0.0
     half = bootstrap_halfwidth([[0.0, 1.0] * 50])
@@ -257,7 +257,7 @@ def test_a_cell_claimed_by_a_live_sweep_is_left_to_it_and_a_dead_sweeps_claim_is
 
 
 def test_records_carry_each_scores_sample_count_and_standard_error():
-    from kvbench.records import summarize
+    from kvbench.evaluation.records import summarize
 
     def sample(task: str, score: float) -> dict:
         zero = dict.fromkeys(("kv_compression", "mean_kv_compression", "active_kv_bytes", "full_kv_bytes",

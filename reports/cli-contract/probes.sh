@@ -41,7 +41,7 @@ sweep kvbench_needle '[task_metadata.kvbench_needle]
 context_lengths = [0]' '' v.toml;                    row "sweep context_lengths = [0]" o "$K" leaderboard --config v.toml --out o --cells c
 sweep kvbench_needle '[task_metadata.kvbench_needle]
 depths = [-3]' '' x.toml;                            row "sweep depths = [-3]" o "$K" leaderboard --config x.toml --out o --cells c
-GGUF=$("$PY" -c "from kvbench import models; s = models.resolve('smollm2-135m'); print(s.directory / s.gguf_file)")
+GGUF=$("$PY" -c "from kvbench.runtime import models; s = models.resolve('smollm2-135m'); print(s.directory / s.gguf_file)")
 head -c 30000000 "$GGUF" > cut.gguf
 row "truncated .gguf" o "$K" compare --model cut.gguf --methods full --tasks needle-1k --limit 1 --out o
 mkdir -p noweights && echo '{"model_type": "llama"}' > noweights/config.json

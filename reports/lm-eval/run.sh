@@ -17,7 +17,7 @@ run h2o-256 kvbench-hf method=h2o,budget=256
 run streamingllm-256 kvbench-hf method=streamingllm,budget=256
 # faithfulness: stock --model hf on the same tasks (multiturn needs a kvbench model type; the window probes
 # are longer than the window, which hf would cut)
-dir=$(.venv/bin/python -c "from kvbench import models; print(models.local_dir())")
+dir=$(.venv/bin/python -c "from kvbench.runtime import models; print(models.local_dir())")
 .venv/bin/lm_eval --model hf --model_args "pretrained=$dir,dtype=float32" --tasks kvbench_needle,kvbench_ppl \
   --metadata "$meta" --device cpu --batch_size 1 --output_path "$out/stock-hf" 2>/dev/null | grep '^|' > "$out/stock-hf.md"
 .venv/bin/lm_eval --model kvbench-hf --model_args "pretrained=smollm2-135m,method=full" --tasks kvbench_needle,kvbench_ppl \

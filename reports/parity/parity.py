@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from kvbench import models
-from kvbench.engine import Engine
-from kvbench.lm_eval_adapter import KVBenchLM
-from kvbench.lm_eval_tasks import TASK_DIR
+from kvbench.lmeval.adapter import KVBenchLM
+from kvbench.lmeval.tasks import TASK_DIR
 from kvbench.policy import Budget, make_policy
+from kvbench.runtime import models
+from kvbench.runtime.engine import Engine
 from kvbench.tasks import ruler
 
 HERE = Path(__file__).parent

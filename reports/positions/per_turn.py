@@ -13,8 +13,8 @@ from collections import defaultdict
 
 from tabulate import tabulate
 
-from kvbench import models
-from kvbench.engine import Engine
+from kvbench.runtime import models
+from kvbench.runtime.engine import Engine
 from kvbench.tasks import make_task
 
 

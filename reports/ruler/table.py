@@ -14,8 +14,8 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from kvbench import results
-from kvbench.leaderboard import bootstrap_halfwidth, cell_scores, counted_cells, suite_average
+from kvbench.evaluation import results
+from kvbench.evaluation.leaderboard import bootstrap_halfwidth, cell_scores, counted_cells, suite_average
 from kvbench.policy import Budget
 
 QUERIES = ("in-prompt", "after")

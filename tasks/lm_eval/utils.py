@@ -12,7 +12,7 @@ from pathlib import Path
 
 import datasets
 
-from kvbench import models
+from kvbench.runtime import models
 from kvbench.tasks.needle import ANSWER_PREFIX, QUESTION, haystack
 
 

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from kvbench.architectures import UnsupportedModel
-from kvbench.batch import outside_few_row_linear
+from kvbench.runtime.architectures import UnsupportedModel
+from kvbench.runtime.batch import outside_few_row_linear
 
 ATTN_IMPLEMENTATION = "kvbench"
 CACHE_KWARG = "kvbench_cache"

@@ -27,13 +27,14 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from kvbench import models, results
-from kvbench.cells import CellStore
-from kvbench.compare import CompareSpec, Runner, method_params, plan
-from kvbench.leaderboard import markdown
-from kvbench.lm_eval_tasks import check_metadata
+from kvbench.evaluation import results
+from kvbench.evaluation.cells import CellStore
+from kvbench.evaluation.compare import CompareSpec, Runner, method_params, plan
+from kvbench.evaluation.leaderboard import markdown
+from kvbench.evaluation.records import cpu_model, write_atomic
+from kvbench.lmeval.tasks import check_metadata
 from kvbench.policy import Budget
-from kvbench.records import cpu_model, write_atomic
+from kvbench.runtime import models
 
 SWEEP_KEYS = {"model", "device", "dtype", "prefill_chunk", "limit", "tasks", "task_metadata", "rows", "slices"}
 ROW_KEYS = {"methods", "tasks", "budgets", "positions", "queries", "schedules", "method_args"}
@@ -238,7 +239,7 @@ def run(sweep: Sweep, out_dir: Path, cells_dir: Path, plots_dir: Path | None = N
         outcome.mismatches = compare_deterministic(outcome.records, committed)
     plots = {}
     if plots_dir is not None:
-        from kvbench.plots import draw_all
+        from kvbench.evaluation.plots import draw_all
 
         plots = {name: os.path.relpath(p, out_dir) for name, p in draw_all(outcome.records, plots_dir).items()}
     write_atomic(out_dir / "results.json", results.dumps("leaderboard", header, outcome.records))

@@ -16,9 +16,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from kvbench.leaderboard import counted_cells, suite_average  # noqa: E402
+from kvbench.evaluation.leaderboard import counted_cells, suite_average  # noqa: E402
+from kvbench.evaluation.records import MIB  # noqa: E402
 from kvbench.policy import Budget  # noqa: E402
-from kvbench.records import MIB  # noqa: E402
 
 CONTEXT_BINS = (1024, 2048, 4096, 6144, 8192)
 

@@ -2,8 +2,8 @@
 
 Every token of a layer is in exactly one of three places: active (on the compute device, seen by
 attention), frozen (in the off-device store, pinned host memory on CUDA) or evicted (gone). `Rows`
-(kvbench/rows.py) holds the active data: evicted rows are overwritten and sparse buffers are
-reallocated smaller, so dropped bytes are really released. `FrozenStore` (kvbench/store.py) holds
+(kvbench/kv/rows.py) holds the active data: evicted rows are overwritten and sparse buffers are
+reallocated smaller, so dropped bytes are really released. `FrozenStore` (kvbench/kv/store.py) holds
 host copies, written once per token; a thaw copies a token back bit for bit, with its true position
 and its per-token policy state travelling along.
 """
@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from kvbench.kv.rope import Rope
+from kvbench.kv.rows import ROT, SLOT, RowData, Rows, gather, new_meta
+from kvbench.kv.store import FrozenStore
 from kvbench.policy import Decision, KVPolicy, LayerView
-from kvbench.rope import Rope
-from kvbench.rows import ROT, SLOT, RowData, Rows, gather, new_meta
-from kvbench.store import FrozenStore
 
 
 @dataclass

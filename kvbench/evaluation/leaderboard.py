@@ -7,8 +7,8 @@ from typing import Any
 
 from tabulate import tabulate
 
+from kvbench.evaluation.records import MIB
 from kvbench.policy import Budget
-from kvbench.records import MIB
 
 
 def _fmt(x: float | None, digits: int = 1) -> str:

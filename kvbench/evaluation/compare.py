@@ -10,12 +10,13 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from kvbench import lm_eval_run, models, results
-from kvbench.cache import POSITION_MODES
-from kvbench.engine import QUERY_MODES, Engine, RunResult
-from kvbench.leaderboard import markdown
+from kvbench.evaluation import lmeval_tasks, results
+from kvbench.evaluation.leaderboard import markdown
+from kvbench.evaluation.records import sample_record, summarize, versions, write_atomic
+from kvbench.kv.cache import POSITION_MODES
 from kvbench.policy import SCHEDULES, Budget, KVPolicy, available, make_policy, policy_class
-from kvbench.records import sample_record, summarize, versions, write_atomic
+from kvbench.runtime import models
+from kvbench.runtime.engine import QUERY_MODES, Engine, RunResult
 from kvbench.tasks import TASKS, Task, make_task
 
 
@@ -130,10 +131,10 @@ class Runner:
     def __init__(self, spec: CompareSpec) -> None:
         overrides = {"context_lengths": spec.context_lengths} if spec.context_lengths else {}
         names = list(dict.fromkeys(spec.tasks))
-        unknown = [t for t in names if t not in TASKS and t not in lm_eval_run.task_names()]
+        unknown = [t for t in names if t not in TASKS and t not in lmeval_tasks.task_names()]
         if unknown:
             raise ValueError(f"unknown task {', '.join(map(repr, unknown))}; built-in tasks: "
-                             f"{', '.join(sorted(TASKS))}; lm-eval tasks: {', '.join(lm_eval_run.task_names())}")
+                             f"{', '.join(sorted(TASKS))}; lm-eval tasks: {', '.join(lmeval_tasks.task_names())}")
         self.spec, self.task_names = spec, names
         self.builtin: dict[str, Task] = {t: make_task(t, **overrides) for t in names if t in TASKS}
         if self.builtin and set(spec.queries) != {"in-prompt"}:
@@ -168,7 +169,7 @@ class Runner:
             t = self.builtin[task]
             return Cell(task, [sample_record(task, s, r, t.score(r.text, s)) for s in self.samples[task]
                                for r in [run_sample(self.engine, t, s, policy, mode)]])
-        got = lm_eval_run.evaluate(self.engine, self.spec.model, policy, mode, task, self.spec.limit,
+        got = lmeval_tasks.evaluate(self.engine, self.spec.model, policy, mode, task, self.spec.limit,
                                    self.spec.task_metadata.get(task), query)
         return Cell(task, got.samples, got.scores, got.metrics)
 

@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 import psutil
 import torch
 
-from kvbench import architectures
-from kvbench.attention import ATTN_IMPLEMENTATION, CACHE_KWARG, backend_for
-from kvbench.batch import BatchCache, FewRowLinear
-from kvbench.cache import CacheStats, PolicyCache
+from kvbench.kv.cache import CacheStats, PolicyCache
+from kvbench.kv.rope import Rope
 from kvbench.policy import KVPolicy
-from kvbench.rope import Rope
+from kvbench.runtime import architectures
+from kvbench.runtime.attention import ATTN_IMPLEMENTATION, CACHE_KWARG, backend_for
+from kvbench.runtime.batch import BatchCache, FewRowLinear
 
 
 class PromptTooLong(ValueError):

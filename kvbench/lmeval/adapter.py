@@ -25,10 +25,10 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
-from kvbench import models
-from kvbench.cache import POSITION_MODES
-from kvbench.engine import QUERY_MODES, Engine, RunResult, Session
+from kvbench.kv.cache import POSITION_MODES
 from kvbench.policy import KVPolicy, make_policy
+from kvbench.runtime import models
+from kvbench.runtime.engine import QUERY_MODES, Engine, RunResult, Session
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from kvbench import architectures  # noqa: E402
+from kvbench.runtime import architectures  # noqa: E402
 
 BUNDLED = {
     # alias: (package shipping the file, file name inside the package; None: the package assembles it)
@@ -188,7 +188,7 @@ def load(model: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype | s
     a model larger than one device over several and replaces `device`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    import kvbench.attention as attention
+    import kvbench.runtime.attention as attention
 
     if device_map is None:
         check_device(device)

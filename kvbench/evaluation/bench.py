@@ -18,11 +18,12 @@ from typing import Any
 from tabulate import tabulate
 from tqdm.auto import tqdm
 
-from kvbench import models, results
-from kvbench.compare import expand_sweep
-from kvbench.engine import Engine, RunResult
+from kvbench.evaluation import results
+from kvbench.evaluation.compare import expand_sweep
+from kvbench.evaluation.records import MIB, versions, write_atomic
 from kvbench.policy import Budget, make_policy, policy_class
-from kvbench.records import MIB, versions, write_atomic
+from kvbench.runtime import models
+from kvbench.runtime.engine import Engine, RunResult
 from kvbench.tasks.multiturn import passages
 
 

@@ -8,7 +8,7 @@ thaws the same tokens over and over (a token frozen for one step is thawed, atte
 again), so this halves the rows it moves per step.
 
 Buffers have the active cache's layout ([B, K, cap, d]; meta [B, K, cap, C] with the columns of
-kvbench/rows.py) and rows are gathered through the [B*K, cap, c] view (`rows.gather`), so a thaw
+kvbench/kv/rows.py) and rows are gathered through the [B*K, cap, c] view (`rows.gather`), so a thaw
 hands the active buffer contiguous rows in its own layout (scattering a permuted, token-major source
 into it was the slower half of a thaw: ~1 ms per decode step at 4k for ASR-KF-EGR). One slot serves
 every head, so freeze and thaw decisions must agree across heads (PolicyLayer checks). Slots are
@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-from kvbench.rows import POS, SLOT, STATE, RowData, gather, row_bytes
+from kvbench.kv.rows import POS, SLOT, STATE, RowData, gather, row_bytes
 
 
 class FrozenStore:

@@ -16,10 +16,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from kvbench.engine import Engine
-from kvbench.lm_eval_tasks import TASK_DIR
+from kvbench.evaluation.records import sample_record
+from kvbench.lmeval.tasks import TASK_DIR
 from kvbench.policy import KVPolicy
-from kvbench.records import sample_record
+from kvbench.runtime.engine import Engine
 from kvbench.tasks import Sample
 
 MAX_META_CHARS = 200  # doc fields longer than this (prompts, documents) stay out of the records
@@ -69,7 +69,7 @@ def evaluate(engine: Engine, model: str, policy: KVPolicy, positions: str, task:
     tasks take the tokenizer and chat template); `metadata` overrides the YAML's."""
     import lm_eval
 
-    from kvbench.lm_eval_adapter import KVBenchLM
+    from kvbench.lmeval.adapter import KVBenchLM
 
     lm = KVBenchLM.from_engine(engine, policy, positions, progress=False, query=query)
     manager = _manager(json.dumps({**(metadata or {}), "pretrained": model}, sort_keys=True))

@@ -3,7 +3,7 @@
 K and V are [B, K, cap, d]; `meta` [B, K, cap, 3 + S] (float32) packs each token's true position
 (column 0, exact below 2**24), the position its key is currently rotated at (column 1: the same
 unless keys were re-rotated), its slot in the layer's frozen store (column 2, -1 while it has no
-copy there; kvbench/store.py) and the policy's S per-token state values, so moving a token is three
+copy there; kvbench/kv/store.py) and the policy's S per-token state values, so moving a token is three
 row copies whatever the policy keeps. The first `n` rows are valid. Appending writes in place (the
 buffer grows by a quarter when full), and removing rows moves the last valid rows into the holes,
 so a decode step, a freeze or a thaw costs O(rows moved) instead of rewriting the whole cache. Row

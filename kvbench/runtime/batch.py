@@ -11,7 +11,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kvbench.cache import PolicyCache
+from kvbench.kv.cache import PolicyCache
 
 
 class _BatchLayer(CacheLayerMixin):

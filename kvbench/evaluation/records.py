@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from kvbench.engine import RunResult
+from kvbench.runtime.engine import RunResult
 
 MIB = 1024 * 1024
 
