@@ -26,14 +26,14 @@ def test_eviction_really_frees_bytes():
     policy = Scripted()
     cache = make_cache(policy)
     feed(cache, 0, 0, 10)
-    full_bytes = cache.active_bytes
+    full_bytes = cache.ledger.active_bytes
     assert full_bytes == 2 * 1 * 2 * 10 * 4 * 4  # K and V, B=1, 2 heads, 10 tokens, dim 4, fp32
     policy.next = Decision(keep=torch.arange(11) % 2 == 0)  # keep even tokens among 11
     feed(cache, 0, 10, 1)
     layer = cache.layers[0]
     assert sorted(layer.positions[0, 0].tolist()) == [0, 2, 4, 6, 8, 10]
-    assert cache.active_bytes == 2 * 6 * 2 * 4 * 4
-    assert cache.peak_active_bytes == 2 * 11 * 2 * 4 * 4
+    assert cache.ledger.active_bytes == 2 * 6 * 2 * 4 * 4
+    assert cache.ledger.peak_active_bytes == 2 * 11 * 2 * 4 * 4
     assert layer.evicted == 5 and layer.seen == 11
 
 
@@ -54,7 +54,7 @@ def test_evicted_rows_are_given_back_to_the_allocator():
         feed(cache, 0, 401 + i, 1)
     assert layer.active.n == 21 + RECENT_STEPS - 1
     assert layer.active.k.untyped_storage().nbytes() < reserved / 4  # a smaller buffer: bytes really gone
-    assert cache.reserved_bytes == layer.active.reserved_bytes
+    assert cache.ledger.reserved_bytes == layer.active.reserved_bytes
 
 
 def test_the_end_of_a_prompt_gives_back_spare_rows_at_once():
@@ -156,11 +156,11 @@ def test_freeze_then_thaw_is_bit_exact_and_accounted(keep_rest):
     assert sorted(layer.positions[0, 0].tolist()) == [0, 2, 4, 5, 6] and layer.evicted == 0
     assert sorted(layer.frozen.positions()[0, 0].tolist()) == [1, 3]
     assert layer.get_seq_length() == 5 and layer.frozen.n == 2
-    assert cache.frozen_bytes == 2 * 2 * 2 * 4 * 4
+    assert cache.ledger.frozen_bytes == 2 * 2 * 2 * 4 * 4
     assert cache.stats().offload.count == 1
     policy.next = Decision(thaw=torch.tensor([True, True]))
     feed(cache, 0, 7, 1)
-    assert layer.frozen.n == 0 and cache.frozen_bytes == 0
+    assert layer.frozen.n == 0 and cache.ledger.frozen_bytes == 0
     order = layer.positions[0, 0].tolist()
     for pos in (1, 3):
         i = order.index(pos)
@@ -299,7 +299,7 @@ def test_a_sliding_layer_keeps_the_last_window_minus_one_positions_as_transforme
         seen = start + q
         assert sorted(layer.positions[0, 0].tolist()) == list(range(max(0, seen - 5), seen))
         assert layer.active.n + layer.expired == seen and layer.evicted == 0
-        assert cache.full_bytes() == cache.active_bytes == layer.active.n * layer.active.row_bytes()
+        assert cache.full_bytes() == cache.ledger.active_bytes == layer.active.n * layer.active.row_bytes()
     assert cache.stats().kv_compression == 0 and cache.stats().expired_tokens == [13]
 
 
@@ -332,7 +332,7 @@ def test_frozen_tokens_that_leave_the_window_are_dropped_for_good():
     feed(cache, 0, 6, 1)  # seen 7: position 1 leaves the window, from the frozen store
     assert layer.frozen.positions()[0, 0].tolist() == [2] and layer.expired == 2
     assert layer.active.n + layer.frozen.n + layer.evicted + layer.expired == layer.seen == 7
-    assert cache.frozen_bytes == layer.frozen.row_bytes()
+    assert cache.ledger.frozen_bytes == layer.frozen.row_bytes()
 
 
 def test_heads_holding_different_tokens_expire_alike_and_the_rest_stays_masked():

@@ -126,7 +126,7 @@ def test_asrkf_freezes_and_thaws_without_losing_a_token_on_the_real_model(engine
         for layer in cache.layers:
             assert layer.evicted == 0
             assert layer.active.n + layer.frozen.n == layer.seen
-        frozen_seen.append(cache.frozen_bytes)
+        frozen_seen.append(cache.ledger.frozen_bytes)
 
     r = engine.generate(engine.encode_chat(LONG), make_policy("asrkf"), max_new_tokens=24, ignore_eos=True,
                         on_step=check)

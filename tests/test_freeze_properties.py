@@ -69,12 +69,12 @@ def test_random_freeze_thaw_schedules_lose_nothing_and_restore_bit_exact(schedul
                 if pos < seen - chunk:  # tagged by the policy at an earlier step
                     assert tags[0, 0, row] == pos * 10
         row_bytes = 2 * 2 * 4 * 4
-        assert cache.frozen_bytes == layer.frozen.n * row_bytes
-        assert cache.active_bytes == layer.active.n * row_bytes
+        assert cache.ledger.frozen_bytes == layer.frozen.n * row_bytes
+        assert cache.ledger.active_bytes == layer.active.n * row_bytes
         # K/V go to the host once per token: a re-freeze reuses the copy, so bytes offloaded and held both
         # equal the number of distinct tokens ever frozen
         ever_frozen.update(frozen)
-        assert cache.offload.bytes == layer.frozen.held_bytes == len(ever_frozen) * row_bytes
+        assert cache.ledger.offload.bytes == layer.frozen.held_bytes == len(ever_frozen) * row_bytes
 
 
 @settings(max_examples=30, deadline=None)

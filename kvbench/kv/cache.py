@@ -10,72 +10,18 @@ and its per-token policy state travelling along.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from kvbench.kv.accounting import CacheStats, Ledger
 from kvbench.kv.rope import Rope
 from kvbench.kv.rows import ROT, SLOT, RowData, Rows, gather, new_meta
 from kvbench.kv.store import FrozenStore
 from kvbench.policy import Decision, KVPolicy, LayerView
-
-
-@dataclass
-class Transfers:
-    count: int = 0
-    bytes: int = 0
-    seconds: float = 0.0
-
-    def add(self, nbytes: int, seconds: float) -> None:
-        self.count += 1
-        self.bytes += nbytes
-        self.seconds += seconds
-
-
-@dataclass
-class CacheStats:
-    """Counters of one sequence's run, summed over layers unless named per layer."""
-
-    active_bytes: int
-    frozen_bytes: int
-    frozen_store_bytes: int  # host copies held by the frozen stores (frozen tokens and thawed ones' copies)
-    full_bytes: int  # what transformers' own cache would hold now (sliding layers: their window)
-    token_bytes: int  # K/V bytes of one token in every layer
-    peak_active_bytes: int  # high-water mark of active KV, measured at every append and compaction
-    peak_frozen_bytes: int
-    peak_reserved_bytes: int  # high-water mark of device buffers, spare capacity included
-    seen_tokens: int  # per layer
-    active_tokens: list[int]
-    frozen_tokens: list[int]
-    evicted_tokens: list[int]
-    expired_tokens: list[int]  # left a sliding layer's window (dropped as transformers' own cache drops them)
-    freezes: int
-    thaws: int
-    rollbacks: int  # `Session.rollback` calls
-    rolled_back_tokens: int  # tokens undone by them (fed again or regenerated afterwards)
-    frozen_scored: int  # frozen keys read to score them against new queries (`thaw_on_demand`), summed over layers
-    offload: Transfers
-    restore: Transfers
-    policy_seconds: dict[str, float]  # host time deciding and applying decisions after attention, by phase
-
-    step_active_bytes: float  # active KV averaged over steps (prefill chunks and decode steps)
-    step_full_bytes: float  # what a full cache would have held, averaged over the same steps
-
-    @property
-    def kv_compression(self) -> float:
-        """1 - active/full at the end of the run."""
-        return 1.0 - self.active_bytes / self.full_bytes if self.full_bytes else 0.0
-
-    @property
-    def mean_kv_compression(self) -> float:
-        """1 - active/full averaged over every step of the run."""
-        return 1.0 - self.step_active_bytes / self.step_full_bytes if self.step_full_bytes else 0.0
-
 
 RECENT_STEPS = 8  # steps over which an active buffer must stay mostly empty before it is shrunk (`compact`)
 
@@ -109,6 +55,7 @@ class PolicyLayer(CacheLayerMixin):
     def __init__(self, owner: PolicyCache, layer_idx: int, window: int | None = None) -> None:
         super().__init__()
         self.owner = owner
+        self.ledger = owner.ledger  # what the layer's changes are reported to
         self.layer_idx = layer_idx
         self.window = window
         self.is_sliding = window is not None
@@ -145,7 +92,7 @@ class PolicyLayer(CacheLayerMixin):
 
     def _refresh(self, before: tuple[int, int, int]) -> None:
         self.keys, self.values = self.active.keys(), self.active.values()
-        self.owner._account(*(after - prev for after, prev in zip(self._sizes(), before, strict=True)))
+        self.ledger.resized(*(after - prev for after, prev in zip(self._sizes(), before, strict=True)))
 
     @property
     def positions(self) -> torch.Tensor:
@@ -331,8 +278,7 @@ class PolicyLayer(CacheLayerMixin):
             return gather(rows.k, sel), gather(rows.v, sel)
 
         copied = self.frozen.put(meta, fetch)
-        self.owner.freezes += idx.numel()
-        self.owner.offload.add(copied, time.perf_counter() - t0)
+        self.ledger.froze(idx.numel(), copied, time.perf_counter() - t0)
 
     def _restore_rows(self, idx: torch.Tensor) -> RowData:
         """Device copies of frozen tokens `idx`, bound for the active rows."""
@@ -340,8 +286,7 @@ class PolicyLayer(CacheLayerMixin):
         k, v, meta = self.frozen.take(idx)
         dev = self.device
         rows = (k.to(dev, non_blocking=True), v.to(dev, non_blocking=True), meta.to(dev))
-        self.owner.thaws += meta.shape[2]
-        self.owner.restore.add(k.nbytes + v.nbytes, time.perf_counter() - t0)
+        self.ledger.thawed(meta.shape[2], k.nbytes + v.nbytes, time.perf_counter() - t0)
         return rows
 
 
@@ -355,7 +300,6 @@ def _follow(attn: torch.Tensor, before: torch.Tensor, after: torch.Tensor) -> to
 
 
 POSITION_MODES = ("original", "rerotate", "naive")
-PHASES = ("prefill", "decode", "reconstruct", "compress", "query")  # `PolicyCache.phase` values (LayerView.phase)
 
 
 class PolicyCache(Cache):
@@ -376,6 +320,7 @@ class PolicyCache(Cache):
         self.positions = positions
         self.rope = rope
         self.pin_memory = torch.device(device).type == "cuda"
+        self.ledger = Ledger()
         super().__init__(layers=[PolicyLayer(self, i, w) for i, w in enumerate(windows)])
         self.attended = 0  # layers whose attention ran in this step (the engine checks every layer did)
         self.pending_positions = torch.zeros((1, 0), dtype=torch.long)
@@ -387,24 +332,8 @@ class PolicyCache(Cache):
         self.attn_rows = 0
         self.applying = True
         self.steps = 0
-        self.active_bytes = 0
-        self.frozen_bytes = 0
-        self.peak_active_bytes = 0
-        self.peak_frozen_bytes = 0
-        self.reserved_bytes = 0
-        self.peak_reserved_bytes = 0
-        self.freezes = 0
-        self.thaws = 0
-        self.rollbacks = 0
-        self.rolled_back_tokens = 0
-        self.frozen_scored = 0
         self.reads_queries = policy.reads_queries  # the attention function asks `thaw_on_demand` first
         self.rollback_reserve = policy.rollback_reserve  # sliding layers keep this many more positions
-        self.offload = Transfers()
-        self.restore = Transfers()
-        self.policy_seconds = dict.fromkeys(PHASES, 0.0)
-        self._sum_active = 0
-        self._sum_full = 0
 
     # -- called by the engine around each forward ---------------------------------------------
     def begin_step(self, position_ids: torch.Tensor, prefill: bool, last_chunk: bool = True,
@@ -435,21 +364,18 @@ class PolicyCache(Cache):
         layer = self.layers[layer_idx]
         if not layer.frozen.n:
             return False
-        t0 = time.perf_counter()
-        view = layer.view(None)
-        self.frozen_scored += layer.frozen.n
-        view.frozen_attn = score(layer.frozen.keys().to(layer.device), view.frozen_positions.to(layer.device))
-        changed = self._decide(layer, view, self.policy.on_queries) is not None
-        self.policy_seconds[self.phase] += time.perf_counter() - t0
-        return changed
+        with self.ledger.policy_time(self.phase):
+            view = layer.view(None)
+            self.ledger.frozen_scored += layer.frozen.n
+            view.frozen_attn = score(layer.frozen.keys().to(layer.device), view.frozen_positions.to(layer.device))
+            return self._decide(layer, view, self.policy.on_queries) is not None
 
     def _before_step(self) -> None:
         """Apply the policy's `before_step` decision to every layer that has frozen or active tokens."""
-        t0 = time.perf_counter()
-        for layer in self.layers:
-            if layer.is_initialized:
-                self._decide(layer, layer.view(None), self.policy.before_step)
-        self.policy_seconds[self.phase] += time.perf_counter() - t0
+        with self.ledger.policy_time(self.phase):
+            for layer in self.layers:
+                if layer.is_initialized:
+                    self._decide(layer, layer.view(None), self.policy.before_step)
 
     def _decide(self, layer: PolicyLayer, view: LayerView, decide: Callable[[LayerView], Decision | None],
                 apply: bool = True) -> Decision | None:
@@ -487,8 +413,7 @@ class PolicyCache(Cache):
                     f"cannot roll back to position {first_position}: layer {layer.layer_idx}'s sliding window "
                     f"({layer.window}) already dropped positions below {layer.expired_below}, which re-fed tokens "
                     f"would attend; a policy that rolls back must reserve rows for it (`KVPolicy.rollback_reserve`)")
-        self.rolled_back_tokens += max(0, self.layers[0].seen - first_position)
-        self.rollbacks += 1
+        self.ledger.rolled_back(max(0, self.layers[0].seen - first_position))
         self.drop_from(first_position)
 
     def compress(self) -> None:
@@ -520,8 +445,7 @@ class PolicyCache(Cache):
         for layer in self.layers:
             layer.compact(2 if settle else 4, settle)
         self.steps += 1
-        self._sum_active += self.active_bytes
-        self._sum_full += self.full_bytes()
+        self.ledger.step_ended(self.full_bytes())
 
     # -- called by the attention function after computing a layer's output ----------------------
     def after_attention(self, layer_idx: int, attn: torch.Tensor | None) -> None:
@@ -535,19 +459,10 @@ class PolicyCache(Cache):
             attn = layer.expire(attn)
         if self.policy.passive or not (self.applying or self.policy.observes):
             return
-        t0 = time.perf_counter()
-        self._decide(layer, layer.view(attn), self.policy.step, self.applying)
-        self.policy_seconds[self.phase] += time.perf_counter() - t0
+        with self.ledger.policy_time(self.phase):
+            self._decide(layer, layer.view(attn), self.policy.step, self.applying)
 
-    # -- accounting -------------------------------------------------------------------------------
-    def _account(self, active_delta: int, frozen_delta: int, reserved_delta: int) -> None:
-        self.active_bytes += active_delta
-        self.frozen_bytes += frozen_delta
-        self.reserved_bytes += reserved_delta
-        self.peak_active_bytes = max(self.peak_active_bytes, self.active_bytes)
-        self.peak_frozen_bytes = max(self.peak_frozen_bytes, self.frozen_bytes)
-        self.peak_reserved_bytes = max(self.peak_reserved_bytes, self.reserved_bytes)
-
+    # -- accounting (kvbench/kv/accounting.py) ---------------------------------------------------
     def full_bytes(self) -> int:
         """K/V bytes transformers' own cache would hold now (a sliding layer: its window's last w - 1 tokens)."""
         return sum(layer.full_tokens() * layer.active.row_bytes() for layer in self.layers)
@@ -556,27 +471,13 @@ class PolicyCache(Cache):
         layers = self.layers
         seen = layers[0].seen if layers else 0
         return CacheStats(
-            active_bytes=self.active_bytes,
-            frozen_bytes=self.frozen_bytes,
+            **self.ledger.figures(self.steps),
             frozen_store_bytes=sum(layer.frozen.held_bytes for layer in layers),
             full_bytes=self.full_bytes(),
             token_bytes=sum(layer.active.row_bytes() for layer in layers),
-            peak_active_bytes=self.peak_active_bytes,
-            peak_frozen_bytes=self.peak_frozen_bytes,
-            peak_reserved_bytes=self.peak_reserved_bytes,
             seen_tokens=seen,
             active_tokens=[layer.active.n for layer in layers],
             frozen_tokens=[layer.frozen.n for layer in layers],
             evicted_tokens=[layer.evicted for layer in layers],
             expired_tokens=[layer.expired for layer in layers],
-            freezes=self.freezes,
-            thaws=self.thaws,
-            rollbacks=self.rollbacks,
-            rolled_back_tokens=self.rolled_back_tokens,
-            frozen_scored=self.frozen_scored,
-            offload=dataclasses.replace(self.offload),
-            restore=dataclasses.replace(self.restore),
-            policy_seconds=dict(self.policy_seconds),
-            step_active_bytes=self._sum_active / max(1, self.steps),
-            step_full_bytes=self._sum_full / max(1, self.steps),
         )

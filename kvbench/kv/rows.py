@@ -61,7 +61,23 @@ def _moves(drop: list[int], n: int) -> list[tuple[int, int]]:
     return list(zip([i for i in drop if i < m], [j for j in range(m, n) if j not in gone], strict=True))
 
 
-class Rows:
+class TokenRows:
+    """What active rows and a frozen store share: `n` tokens held in K/V buffers `k`, `v` ([B, K, cap, d])."""
+
+    k: torch.Tensor | None
+    v: torch.Tensor | None
+    n: int
+
+    def row_bytes(self) -> int:
+        return row_bytes(self.k, self.v)
+
+    @property
+    def nbytes(self) -> int:
+        """K/V bytes of the `n` tokens held (active rows: the valid ones; a store: the frozen ones)."""
+        return self.n * self.row_bytes()
+
+
+class Rows(TokenRows):
     def __init__(self, state_names: tuple[str, ...], device: torch.device) -> None:
         self.state_names = state_names
         self.device = device
@@ -74,14 +90,6 @@ class Rows:
     @property
     def cap(self) -> int:
         return 0 if self.k is None else self.k.shape[2]
-
-    def row_bytes(self) -> int:
-        return row_bytes(self.k, self.v)
-
-    @property
-    def nbytes(self) -> int:
-        """K/V bytes of valid rows."""
-        return self.n * self.row_bytes()
 
     @property
     def reserved_bytes(self) -> int:

@@ -23,10 +23,10 @@ from collections.abc import Callable
 
 import torch
 
-from kvbench.kv.rows import POS, SLOT, STATE, RowData, gather, row_bytes
+from kvbench.kv.rows import POS, SLOT, STATE, RowData, TokenRows, gather
 
 
-class FrozenStore:
+class FrozenStore(TokenRows):
     def __init__(self, state_names: tuple[str, ...], pin: bool) -> None:
         self.state_names = state_names
         self.pin = pin  # pinned host memory (a CUDA run)
@@ -41,14 +41,6 @@ class FrozenStore:
         self._copy_done: torch.cuda.Event | None = None  # pending device-to-host copy of K/V (CUDA)
 
     # -- sizes -------------------------------------------------------------------------------------
-    def row_bytes(self) -> int:
-        return row_bytes(self.k, self.v)
-
-    @property
-    def nbytes(self) -> int:
-        """K/V bytes of the frozen tokens."""
-        return self.n * self.row_bytes()
-
     @property
     def held_bytes(self) -> int:
         """K/V bytes of every copy held, including those of tokens that are active again."""

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import psutil
 import torch
 
-from kvbench.kv.cache import CacheStats, PolicyCache
+from kvbench.kv.accounting import CacheStats
+from kvbench.kv.cache import PolicyCache
 from kvbench.kv.rope import Rope
 from kvbench.policy import KVPolicy
 from kvbench.runtime import architectures
