@@ -10,6 +10,7 @@ import dataclasses
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, ClassVar
 
 import torch
@@ -75,6 +76,17 @@ class Budget:
         return str(Budget(**value)) if value else "all"
 
 
+class Phase(StrEnum):
+    """What a forward does. The engine names it for each step (`PolicyCache.begin_step`); the cache hands it to
+    the policy (`LayerView.phase`) and to its schedule. A StrEnum: a method may compare it with plain strings."""
+
+    PREFILL = "prefill"  # prompt tokens, in chunks (and a continuation being scored)
+    DECODE = "decode"  # one generated token
+    QUERY = "query"  # a question fed after its context was compressed (`--query after|reuse`)
+    RECONSTRUCT = "reconstruct"  # scratch tokens of a reconstruction pass (KVzip), dropped afterwards
+    COMPRESS = "compress"  # right after that pass: attn is None, the policy's scores are complete
+
+
 @dataclass
 class LayerView:
     """Read-only view of one layer after a cache update, handed to `KVPolicy.step`.
@@ -94,16 +106,12 @@ class LayerView:
     positions: torch.Tensor  # [B, K, n] true (original) positions
     new_tokens: int  # tokens appended by this step (the last `new_tokens` of the active set)
     seen: int  # tokens that have gone through this layer so far
-    prefill: bool  # True while the prompt is being consumed
-    # phase: "prefill" | "decode" | "reconstruct" (scratch tokens of a reconstruction pass, dropped
-    # afterwards) | "compress" (right after that pass: attn is None, the policy's scores are complete) |
-    # "query" (a question fed after its context was compressed: `--query after|reuse`)
     attn: torch.Tensor | None  # [B, K, G, w, n] softmax rows of the last w queries, fp32
     state: dict[str, torch.Tensor]
     frozen_positions: torch.Tensor | None = None  # [B, K, m]
     frozen_state: dict[str, torch.Tensor] = field(default_factory=dict)  # [B, K, m] each, edits are kept
     step: int = 0  # forward passes so far (prefill chunks + decode steps)
-    phase: str = "prefill"
+    phase: Phase = Phase.PREFILL
     window: int | None = None  # the layer's sliding window; tokens older than its last w - 1 are already gone
     # tokens this layer would hold with the full cache: all seen, or a sliding window's last w - 1; budgets
     # are capacities of this (a ratio budget on a sliding layer is a share of the window)
@@ -116,6 +124,11 @@ class LayerView:
     @property
     def n(self) -> int:
         return self.keys.shape[2]
+
+    @property
+    def prefill(self) -> bool:
+        """Several tokens at once (a prompt chunk, a question, a reconstruction pass), not one decode step."""
+        return self.phase != Phase.DECODE
 
 
 @dataclass
@@ -172,14 +185,14 @@ class KVPolicy:
                 f"method {self.name!r} has no schedule {self.schedule!r}; its schedules: {', '.join(self.schedules)} "
                 "(prompt: once after the prompt, chunk: after every prefill chunk, decode: also while decoding)")
 
-    def compresses(self, phase: str, last_chunk: bool) -> bool:
+    def compresses(self, phase: Phase, last_chunk: bool) -> bool:
         """Whether the cache applies this step's decision under the run's schedule. A question fed after its
-        context (phase "query") is not a prompt: only `decode` compresses it, as it compresses the answer."""
-        if phase == "compress":
+        context (`QUERY`) is not a prompt: only `decode` compresses it, as it compresses the answer."""
+        if phase == Phase.COMPRESS:
             return True
-        if phase == "prefill":
+        if phase == Phase.PREFILL:
             return last_chunk or self.schedule != "prompt"
-        return phase != "reconstruct" and self.schedule == "decode"
+        return phase != Phase.RECONSTRUCT and self.schedule == "decode"
 
     def capacity(self, seen: int) -> int:
         if self.budget is None:
@@ -188,7 +201,7 @@ class KVPolicy:
 
     reconstruction_prompt: ClassVar[str | None] = None  # set: the engine runs a context-reconstruction pass
 
-    def wants_attention(self, phase: str, last_chunk: bool) -> int:
+    def wants_attention(self, phase: Phase, last_chunk: bool) -> int:
         """Query rows of attention this step needs (0 = none): none where `step` does not run."""
         return self.attn_rows if self.observes or self.compresses(phase, last_chunk) else 0
 
@@ -206,7 +219,7 @@ class KVPolicy:
         """Sequence-level counters to put in the run record (e.g. recovery events)."""
         return {}
 
-    def acts_before_step(self, step: int, phase: str) -> bool:
+    def acts_before_step(self, step: int, phase: Phase) -> bool:
         """Whether `before_step` has something to apply before forward `step` of `phase` (checked once per step)."""
         return False
 

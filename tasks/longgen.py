@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvbench.runtime.chat import encode_chat
 from kvbench.tasks.base import Sample
 
 PROMPTS = (
@@ -26,7 +27,8 @@ class LongGenTask:
     ignore_eos: bool = True
 
     def samples(self, engine, limit: int | None = None) -> list[Sample]:
-        out = [Sample(f"longgen-{i}", tuple(engine.encode_chat(p)), "", {"prompt": p}) for i, p in enumerate(PROMPTS)]
+        out = [Sample(f"longgen-{i}", tuple(encode_chat(engine.tokenizer, p)), "", {"prompt": p})
+               for i, p in enumerate(PROMPTS)]
         return out[:limit] if limit else out
 
     def score(self, prediction: str, sample: Sample) -> float:

@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from kvbench.runtime.chat import encode_chat
 from kvbench.tasks.base import Sample
 
 INTRO = (
@@ -43,9 +44,9 @@ class NeedleTask:
 
     def samples(self, engine, limit: int | None = None) -> list[Sample]:
         out = []
-        count = lambda user: len(engine.encode_chat(user, ANSWER_PREFIX))  # noqa: E731
+        count = lambda user: len(encode_chat(engine.tokenizer, user, ANSWER_PREFIX))  # noqa: E731
         for h in haystack(engine.tokenizer, self.context_lengths, self.depths, self.seed, ("simple",), count):
-            ids = engine.encode_chat(h["user"], ANSWER_PREFIX)
+            ids = encode_chat(engine.tokenizer, h["user"], ANSWER_PREFIX)
             meta = {"context_length": h["context_length"], "depth": h["depth"], "prompt_tokens": len(ids)}
             out.append(Sample(f"needle-{h['context_length']}-{h['depth']:.2f}", tuple(ids), h["answer"], meta))
         return out[:limit] if limit else out

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvbench.kv.cache import PolicyCache
-from kvbench.policy import KVPolicy
+from kvbench.policy import KVPolicy, Phase
 
 
 def assert_valid_results(document: dict) -> None:
@@ -38,10 +38,12 @@ def engine(model_and_tokenizer):
 
 def feed(cache: PolicyCache, layer: int, start: int, q: int, heads: int = 2, dim: int = 4,
          attn: torch.Tensor | None = None, gen: torch.Generator | None = None, prefill: bool = False,
-         keys: torch.Tensor | None = None, last_chunk: bool = True,
-         query: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Append q synthetic tokens at positions start.. to one layer and run the policy, as attention would."""
-    cache.begin_step(torch.arange(start, start + q)[None], prefill=prefill, last_chunk=last_chunk, query=query)
+         keys: torch.Tensor | None = None, last_chunk: bool = True, query: bool = False,
+         phase: Phase | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append q synthetic tokens at positions start.. to one layer and run the policy, as attention would. The
+    step's phase: `phase` if given, else a question (`query`), a prompt chunk (`prefill`) or a decode step."""
+    phase = phase or (Phase.QUERY if query else Phase.PREFILL if prefill else Phase.DECODE)
+    cache.begin_step(torch.arange(start, start + q)[None], phase, last_chunk=last_chunk)
     k = torch.randn(1, heads, q, dim, generator=gen) if keys is None else keys
     v = torch.randn(1, heads, q, dim, generator=gen)
     cache.layers[layer].update(k, v)

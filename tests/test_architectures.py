@@ -13,6 +13,7 @@ import tiny
 from kvbench.policy import make_policy
 from kvbench.runtime import architectures
 from kvbench.runtime.architectures import UnsupportedModel
+from kvbench.runtime.batch import generate_batch
 from kvbench.runtime.engine import Engine
 
 ARCHS = sorted(tiny.CONFIGS)
@@ -63,7 +64,7 @@ def test_batched_decode_equals_each_sequence_alone(arch, tokenizer):
     for method, budget in (("full", None), ("h2o", 12)):
         policy = make_policy(method, budget)
         alone = [engine.generate(p, policy, NEW, ignore_eos=True) for p in prompts]
-        together = engine.generate_batch(prompts, policy, NEW, ignore_eos=True)
+        together = generate_batch(engine, prompts, policy, NEW, ignore_eos=True)
         for a, b in zip(alone, together, strict=True):
             assert b.tokens == a.tokens
             assert b.cache.active_tokens == a.cache.active_tokens and b.cache.expired_tokens == a.cache.expired_tokens

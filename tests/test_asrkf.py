@@ -5,13 +5,13 @@ import math
 import torch
 
 from conftest import make_cache
-from kvbench.policy import make_policy
+from kvbench.policy import Phase, make_policy
 
 
 def step(cache, seen: int, attention_by_position: dict[int, float], default: float = 0.2, prefill: bool = False):
     """Append one token at position `seen`; the new query's attention is given per position."""
     layer = cache.layers[0]
-    cache.begin_step(torch.tensor([[seen]]), prefill=prefill)
+    cache.begin_step(torch.tensor([[seen]]), Phase.PREFILL if prefill else Phase.DECODE)
     layer.update(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4))
     order = layer.active.positions()[0, 0].tolist()
     attn = torch.tensor([attention_by_position.get(p, default) for p in order])[None, None, None, None, :]
@@ -105,7 +105,7 @@ def frozen_at_spike(early_thaw: bool) -> tuple[set[int], set[int]]:
             break
         step(cache, cache.layers[0].seen, low)
     before = frozen_positions(cache)
-    cache.begin_step(torch.tensor([[cache.layers[0].seen]]), prefill=False)
+    cache.begin_step(torch.tensor([[cache.layers[0].seen]]), Phase.DECODE)
     return before, frozen_positions(cache)
 
 

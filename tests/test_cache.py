@@ -7,7 +7,7 @@ from torch.overrides import TorchFunctionMode
 from conftest import feed, make_cache
 from kvbench.kv.cache import RECENT_STEPS, PolicyCache
 from kvbench.kv.rows import FEW_ROWS
-from kvbench.policy import Decision, KVPolicy, LayerView
+from kvbench.policy import Decision, KVPolicy, LayerView, Phase
 
 
 class Scripted(KVPolicy):
@@ -353,7 +353,7 @@ def test_heads_holding_different_tokens_expire_alike_and_the_rest_stays_masked()
     assert not layer.heads_aligned and layer.expired == 2 and layer.evicted == 1
     held = [sorted(layer.positions[0, h].tolist()) for h in range(2)]
     assert held == [[2, 3, 5, 6, 7], [3, 4, 5, 6, 7]]
-    cache.begin_step(torch.tensor([[8]]), prefill=False)
+    cache.begin_step(torch.tensor([[8]]), Phase.DECODE)
     layer.update(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4))
     module = torch.nn.Module()
     module.layer_idx = 0

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from kvbench.policy import make_policy
+from kvbench.policy import Phase, make_policy
+from kvbench.runtime.batch import generate_batch
+from kvbench.runtime.chat import encode_chat
 from kvbench.runtime.engine import PromptTooLong
 from kvbench.tasks import make_task
 
@@ -17,7 +19,7 @@ def test_full_cache_matches_plain_transformers(model_and_tokenizer, engine):
     from transformers import AutoModelForCausalLM
 
     model, tok = model_and_tokenizer
-    ids = engine.encode_chat(PROMPT)
+    ids = encode_chat(engine.tokenizer, PROMPT)
     ours = engine.generate(ids, make_policy("full"), max_new_tokens=24, return_logits=True)
     plain = AutoModelForCausalLM.from_pretrained(model.name_or_path, dtype=torch.float32, attn_implementation="sdpa")
     ref = plain.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, output_logits=True,
@@ -31,7 +33,7 @@ def test_full_cache_matches_plain_transformers(model_and_tokenizer, engine):
 
 def test_streamingllm_bounds_every_layer_and_keeps_sinks_plus_window(engine):
     budget, chunk = 96, engine.prefill_chunk
-    ids = engine.encode_chat(LONG)
+    ids = encode_chat(engine.tokenizer, LONG)
     seen_steps = []
 
     def check(cache):
@@ -51,7 +53,7 @@ def test_streamingllm_bounds_every_layer_and_keeps_sinks_plus_window(engine):
 
 @pytest.mark.parametrize("method", ["streamingllm", "h2o", "full"])
 def test_active_plus_evicted_equals_seen_at_every_step(engine, method):
-    ids = engine.encode_chat(LONG)
+    ids = encode_chat(engine.tokenizer, LONG)
     steps = []
 
     def check(cache):
@@ -93,7 +95,7 @@ def test_h2o_on_the_real_model_keeps_top_accumulated_scores_plus_recent_half(eng
                 assert kept == recent | heavy
             checked.append(layer.layer_idx)
 
-    engine.generate(engine.encode_chat(LONG), policy, max_new_tokens=4, on_step=check)
+    engine.generate(encode_chat(engine.tokenizer, LONG), policy, max_new_tokens=4, on_step=check)
     assert len(checked) >= 30
 
 
@@ -128,7 +130,7 @@ def test_asrkf_freezes_and_thaws_without_losing_a_token_on_the_real_model(engine
             assert layer.active.n + layer.frozen.n == layer.seen
         frozen_seen.append(cache.ledger.frozen_bytes)
 
-    r = engine.generate(engine.encode_chat(LONG), make_policy("asrkf"), max_new_tokens=24, ignore_eos=True,
+    r = engine.generate(encode_chat(engine.tokenizer, LONG), make_policy("asrkf"), max_new_tokens=24, ignore_eos=True,
                         on_step=check)
     assert max(frozen_seen) > 0 and r.cache.thaws > 0 and r.cache.restore.bytes > 0
     assert r.cache.mean_kv_compression > 0.2
@@ -151,11 +153,11 @@ def test_batched_decode_equals_one_sequence_at_a_time(engine, method, budget):
     """Prompts of different lengths decoded together: each sequence keeps its own cache, so tokens, kept
     sets and bytes are those of running it alone (per-sequence lengths, no padding)."""
     task = make_task("needle", context_lengths=(300, 500), depths=(0.2, 0.8))
-    prompts = [list(s.prompt_ids) for s in task.samples(engine)] + [engine.encode_chat("Tell a long story.")]
+    prompts = [list(s.prompt_ids) for s in task.samples(engine)] + [encode_chat(engine.tokenizer, "Tell a long story.")]
     assert len({len(p) for p in prompts}) > 1
     policy = make_policy(method, budget)
     alone = [engine.generate(p, policy, 10, task.stop) for p in prompts]
-    together = engine.generate_batch(prompts, policy, 10, task.stop)
+    together = generate_batch(engine, prompts, policy, 10, task.stop)
     for a, b in zip(alone, together, strict=True):
         assert b.tokens == a.tokens and b.text == a.text and b.stop_reason == a.stop_reason
         assert b.cache.active_tokens == a.cache.active_tokens and b.cache.active_bytes == a.cache.active_bytes
@@ -169,12 +171,12 @@ def test_snapkv_chunk_schedule_bounds_prefill_peak_where_the_default_does_not(en
     """Default SnapKV judges the prompt once, at its end (peak = whole prompt); schedule chunk compresses
     after each prefill chunk, so no layer ever holds more than its budget plus one chunk."""
     budget, chunk = 64, engine.prefill_chunk
-    ids = engine.encode_chat(LONG)
+    ids = encode_chat(engine.tokenizer, LONG)
     assert len(ids) > 3 * chunk
     largest = []
 
     def check(cache):
-        if cache.prefill:  # after each prompt chunk (decode appends without eviction, as in the paper)
+        if cache.phase == Phase.PREFILL:  # after each prompt chunk (decode appends without eviction, as in the paper)
             largest.append(max(layer.get_seq_length() for layer in cache.layers))
 
     bounded = engine.generate(ids, make_policy(method, budget, schedule="chunk"), 4, on_step=check)
@@ -186,7 +188,7 @@ def test_snapkv_chunk_schedule_bounds_prefill_peak_where_the_default_does_not(en
 
 
 def test_few_row_linear_computes_f_linear_for_batched_steps_and_leaves_other_calls_alone():
-    from kvbench.runtime.batch import FewRowLinear
+    from kvbench.runtime.few_rows import FewRowLinear
 
     g = torch.Generator().manual_seed(4)
     w, b = torch.randn(48, 32, generator=g), torch.randn(48, generator=g)
@@ -205,7 +207,7 @@ def test_batched_step_keeps_the_policies_ops_out_of_the_few_row_linear_hook(engi
     """FewRowLinear sees every torch call made while it is active. The batch step's attention and policy work
     runs with torch-function modes off, so a policy that runs ~200 ops per layer (ASR-KF-EGR) adds no hook
     calls over `full`: only the model's own calls reach it."""
-    from kvbench.runtime.batch import FewRowLinear
+    from kvbench.runtime.few_rows import FewRowLinear
 
     calls = []
     original = FewRowLinear.__torch_function__
@@ -215,11 +217,11 @@ def test_batched_step_keeps_the_policies_ops_out_of_the_few_row_linear_hook(engi
         return original(self, func, types, args, kwargs)
 
     monkeypatch.setattr(FewRowLinear, "__torch_function__", counting)
-    prompts = [engine.encode_chat("Tell a long story."), engine.encode_chat("Name three colours.")]
+    prompts = [encode_chat(engine.tokenizer, text) for text in ("Tell a long story.", "Name three colours.")]
     seen = {}
     for method in ("full", "asrkf"):
         calls.clear()
-        engine.generate_batch(prompts, make_policy(method), 4, ignore_eos=True)
+        generate_batch(engine, prompts, make_policy(method), 4, ignore_eos=True)
         seen[method] = len(calls)
     assert seen["full"] > 0 and seen["asrkf"] == seen["full"]
     assert torch.nn.functional.linear in calls
@@ -233,7 +235,7 @@ def test_the_cache_goes_to_transformers_under_the_forwards_own_argument_name(eng
     assert engine.cache_arg in inspect.signature(engine.model.forward).parameters
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
-        engine.generate(engine.encode_chat("Hello"), make_policy("h2o", 8), 3)
+        engine.generate(encode_chat(engine.tokenizer, "Hello"), make_policy("h2o", 8), 3)
 
 
 def key_frozen_layers(engine, sample, policy) -> tuple[str, list[int]]:
@@ -247,7 +249,7 @@ def key_frozen_layers(engine, sample, policy) -> tuple[str, list[int]]:
     counts = []
 
     def watch(cache):
-        if not cache.prefill or cache.last_chunk:
+        if cache.phase == Phase.DECODE or cache.last_chunk:
             counts.append(sum(bool(layer.frozen.n and set(layer.frozen.positions()[0, 0].tolist()) & key)
                               for layer in cache.layers))
 

@@ -9,6 +9,7 @@ import pytest
 
 import tiny
 from kvbench.policy import available, make_policy, policy_class
+from kvbench.runtime.chat import encode_chat
 from kvbench.runtime.engine import Engine
 
 BUDGET = 24
@@ -24,7 +25,8 @@ def engine():
 
 def run(engine: Engine, name: str) -> tuple[list[int], list[list[list[list[int]]]]]:
     """The generated tokens, and after each forward every layer's kept positions per head."""
-    ids = engine.encode_chat("Archive notes. " + " ".join(f"Box {i} holds item {i * 7 % 23}." for i in range(12)))
+    ids = encode_chat(engine.tokenizer,
+                      "Archive notes. " + " ".join(f"Box {i} holds item {i * 7 % 23}." for i in range(12)))
     assert len(ids) > 4 * BUDGET
     policy = make_policy(name, BUDGET if policy_class(name).uses_budget else None)
     kept: list[list[list[list[int]]]] = []

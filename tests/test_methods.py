@@ -3,7 +3,7 @@
 import torch
 
 from conftest import feed, make_cache
-from kvbench.policy import make_policy
+from kvbench.policy import Phase, make_policy
 
 
 def test_streamingllm_keeps_sinks_and_recent_window():
@@ -134,7 +134,7 @@ def test_snapkv_pools_in_position_order_whatever_the_order_of_the_rows():
 
     def kept_positions(order: torch.Tensor) -> list[list[int]]:
         view = LayerView(0, 1, keys[:, :, order], keys[:, :, order], positions[:, :, order].contiguous(), 1, 124,
-                         True, attn[..., order], {}, full_tokens=124)
+                         attn[..., order], {}, full_tokens=124)
         keep = make_policy("snapkv", 10, window=2, kernel=5).step(view).keep
         return [sorted(view.positions[0, h][keep[0, h]].tolist()) for h in range(heads)]
 
@@ -142,7 +142,7 @@ def test_snapkv_pools_in_position_order_whatever_the_order_of_the_rows():
     shuffled = kept_positions(torch.randperm(n, generator=gen))
     assert shuffled == in_order and all(len(h) == 10 for h in in_order)
     # pooling matters here: without it (kernel 1) the kept set is a different one
-    view = LayerView(0, 1, keys, keys, positions, 1, 124, True, attn, {}, full_tokens=124)
+    view = LayerView(0, 1, keys, keys, positions, 1, 124, attn, {}, full_tokens=124)
     assert make_policy("snapkv", 10, window=2, kernel=1).step(view).keep[0, 0].nonzero().flatten().add(100).tolist() \
         != in_order[0]
 
@@ -166,7 +166,7 @@ def test_pyramidkv_budgets_shrink_linearly_with_depth_and_average_the_budget():
     from kvbench.policy import LayerView
 
     policy = make_policy("pyramidkv", 64, beta=20)
-    caps = [policy.layer_capacity(LayerView(i, 30, None, None, None, 0, 1000, True, None, {}, full_tokens=1000))
+    caps = [policy.layer_capacity(LayerView(i, 30, None, None, None, 0, 1000, None, {}, full_tokens=1000))
             for i in range(30)]
     assert caps[0] == round(2 * 64 - 3.2) and caps[-1] == round(3.2)
     assert all(a > b for a, b in zip(caps, caps[1:], strict=False))
@@ -197,14 +197,12 @@ def test_kvzip_keeps_the_context_tokens_the_repeat_queries_attend_to_most():
     cache = make_cache(make_policy("kvzip", 3))
     feed(cache, 0, 0, 6, prefill=True)  # the prompt: no scores yet, nothing evicted
     assert kept(cache) == list(range(6)) and cache.attn_rows == 0
-    cache.phase = "reconstruct"
     # two scratch steps; per head, the max over repeat queries is what counts
-    feed(cache, 0, 6, 1, prefill=True, attn=attn_rows([[0.1, 0.5, 0.0, 0.1, 0.1, 0.0, 0.2],
+    feed(cache, 0, 6, 1, phase=Phase.RECONSTRUCT, attn=attn_rows([[0.1, 0.5, 0.0, 0.1, 0.1, 0.0, 0.2],
                                                        [0.0, 0.0, 0.6, 0.0, 0.3, 0.0, 0.1]]))
     assert cache.attn_rows > 0
-    feed(cache, 0, 7, 1, prefill=True, attn=attn_rows([[0.0, 0.0, 0.0, 0.4, 0.0, 0.35, 0.1, 0.15],
+    feed(cache, 0, 7, 1, phase=Phase.RECONSTRUCT, attn=attn_rows([[0.0, 0.0, 0.0, 0.4, 0.0, 0.35, 0.1, 0.15],
                                                        [0.5, 0.0, 0.0, 0.0, 0.1, 0.0, 0.2, 0.2]]))
-    cache.phase = "prefill"
     cache.drop_from(6)
     layer = cache.layers[0]
     assert layer.seen == 6 and layer.active.n == 6  # scratch gone, not counted as evicted

@@ -5,6 +5,7 @@ import torch
 
 from kvbench.policy import make_policy
 from kvbench.runtime import models
+from kvbench.runtime.chat import encode_chat
 from kvbench.runtime.engine import Engine
 
 pytestmark = pytest.mark.model
@@ -13,7 +14,7 @@ pytestmark = pytest.mark.model
 def answer(model: str) -> str:
     lm, tok = models.load(model)
     engine = Engine(lm, tok)
-    return engine.generate(engine.encode_chat("What is the capital of France?"), make_policy("full"), 8).text
+    return engine.generate(encode_chat(engine.tokenizer, "What is the capital of France?"), make_policy("full"), 8).text
 
 
 def test_gguf_path_and_hf_directory_load_the_same_model_as_the_alias():

@@ -6,6 +6,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from kvbench.kv.rope import Rope
 from kvbench.policy import make_policy
+from kvbench.runtime.chat import encode_chat
 
 pytestmark = pytest.mark.model
 LONG = " ".join(["Tell me about rivers, mountains and the sea."] * 40)
@@ -39,7 +40,7 @@ def test_rerotate_keeps_keys_at_contiguous_in_cache_positions(engine):
             assert layer.active.rotations()[0, 0][order].tolist() == list(range(layer.active.n))
         checked.append(cache.layers[0].active.n)
 
-    r = engine.generate(engine.encode_chat(LONG), make_policy("streamingllm", budget), max_new_tokens=6,
+    r = engine.generate(encode_chat(engine.tokenizer, LONG), make_policy("streamingllm", budget), max_new_tokens=6,
                         positions="rerotate", on_step=check)
     assert checked[-1] == budget and r.text.strip()
 
@@ -56,7 +57,7 @@ def test_naive_keeps_old_rotations_and_numbers_new_tokens_from_the_shrunk_length
         old = pos < 4
         assert torch.equal(rot[old], pos[old])  # sinks were rotated at their true positions and stay so
 
-    engine.generate(engine.encode_chat(LONG), make_policy("streamingllm", budget), max_new_tokens=4,
+    engine.generate(encode_chat(engine.tokenizer, LONG), make_policy("streamingllm", budget), max_new_tokens=4,
                     positions="naive", on_step=check)
     assert gaps[0] == 0 and gaps[-1] > 100  # positions collapse to the shrunk length
 
@@ -66,10 +67,10 @@ def test_original_positions_never_rotate_away_from_true_positions(engine):
         for layer in cache.layers:
             assert torch.equal(layer.active.rotations(), layer.active.positions())
 
-    engine.generate(engine.encode_chat(LONG), make_policy("h2o", 48), max_new_tokens=3, on_step=check)
+    engine.generate(encode_chat(engine.tokenizer, LONG), make_policy("h2o", 48), max_new_tokens=3, on_step=check)
 
 
 def test_rerotate_refuses_methods_with_per_layer_budgets(engine):
     with pytest.raises(ValueError, match="rerotate needs every layer to hold the same number of tokens"):
-        engine.generate(engine.encode_chat(LONG), make_policy("pyramidkv", 48), max_new_tokens=3,
+        engine.generate(encode_chat(engine.tokenizer, LONG), make_policy("pyramidkv", 48), max_new_tokens=3,
                         positions="rerotate")

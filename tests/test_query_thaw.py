@@ -6,8 +6,9 @@ import torch
 
 import tiny
 from conftest import make_cache
-from kvbench.policy import make_policy
+from kvbench.policy import Phase, make_policy
 from kvbench.runtime.attention import Shape, attention_rows, frozen_attention
+from kvbench.runtime.chat import encode_chat
 from kvbench.runtime.engine import Engine
 
 PROMPT = "Archive notes. " + " ".join(f"Box {i} holds item {i * 7 % 23}." for i in range(6))
@@ -38,7 +39,7 @@ def test_a_sliding_window_hides_frozen_tokens_outside_it():
     cache = make_cache(make_policy("asrkf"), layers=1)
     cache.layers[0].window = 4
     layer = cache.layers[0]
-    cache.begin_step(torch.tensor([[9, 10, 11]]), prefill=True)
+    cache.begin_step(torch.tensor([[9, 10, 11]]), Phase.PREFILL)
     layer.update(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8))  # active: positions 9, 10, 11
     cache.pending_positions = torch.tensor([[10, 11]])  # the queries: the last two
     frozen_positions = torch.tensor([[[6, 7, 8]]]).expand(1, 2, 3)
@@ -50,7 +51,7 @@ def test_a_sliding_window_hides_frozen_tokens_outside_it():
 
 
 def test_a_threshold_near_zero_thaws_everything_each_step_so_answers_are_the_full_caches(llama):
-    ids = llama.encode_chat(PROMPT)
+    ids = encode_chat(llama.tokenizer, PROMPT)
     full = llama.generate(ids, make_policy("full"), max_new_tokens=8, ignore_eos=True, return_logits=True)
     thawing = llama.generate(ids, make_policy("asrkf", **FREEZE_ALL, query_thaw=1e-30), max_new_tokens=8,
                              ignore_eos=True, return_logits=True)
@@ -62,7 +63,7 @@ def test_a_threshold_near_zero_thaws_everything_each_step_so_answers_are_the_ful
 
 
 def test_a_threshold_no_query_reaches_thaws_nothing_beyond_the_plain_method(llama):
-    ids = llama.encode_chat(PROMPT)
+    ids = encode_chat(llama.tokenizer, PROMPT)
     plain = llama.generate(ids, make_policy("asrkf", **FREEZE_ALL), max_new_tokens=8, ignore_eos=True)
     strict = llama.generate(ids, make_policy("asrkf", **FREEZE_ALL, query_thaw=0.999999), max_new_tokens=8,
                             ignore_eos=True)
@@ -78,5 +79,5 @@ def test_thaw_on_prompt_restores_every_frozen_token_before_a_prompt_chunk():
         for pos in range(20):
             step(cache, pos, {3: 0.0, 5: 0.0})
         assert frozen_positions(cache)
-        cache.begin_step(torch.tensor([[20]]), prefill=True)
+        cache.begin_step(torch.tensor([[20]]), Phase.PREFILL)
         assert bool(frozen_positions(cache)) != thaw_on_prompt

@@ -7,6 +7,8 @@ import torch
 
 import tiny
 from kvbench.policy import make_policy
+from kvbench.runtime.batch import generate_batch
+from kvbench.runtime.chat import encode_chat
 from kvbench.runtime.engine import Engine
 
 PROMPT = "Archive notes. " + " ".join(f"Box {i} holds item {i * 7 % 23}." for i in range(6))
@@ -44,7 +46,7 @@ def positions_held(session) -> set[int]:
     ("snapkv", 24, {"schedule": "prompt", "window": 4}),
 ])
 def test_rolling_back_and_feeding_again_gives_the_same_logits_bit_for_bit(llama, method, budget, params):
-    ids = llama.encode_chat(PROMPT)
+    ids = encode_chat(llama.tokenizer, PROMPT)
     tokens = [int(t) for t in torch.randint(100, 5000, (10,), generator=torch.Generator().manual_seed(0))]
     reference = llama.session(make_policy(method, budget, **params))
     reference.feed(ids)
@@ -69,7 +71,7 @@ def test_a_rollback_removes_frozen_rows_too(llama):
     """A policy that freezes everything outside a 1-token window: the undone tokens are frozen in most layers."""
     policy = make_policy("asrkf", window=1, sinks=1, tau=1e6, recovery=False)
     session = llama.session(policy)
-    ids = llama.encode_chat(PROMPT)
+    ids = encode_chat(llama.tokenizer, PROMPT)
     session.feed(ids)
     run_tokens(session, list(range(200, 210)))
     first = session.seen - 5
@@ -89,7 +91,7 @@ def test_a_rollback_removes_frozen_rows_too(llama):
 
 def test_a_sliding_window_refuses_a_rollback_it_cannot_undo_and_a_reserve_makes_it_exact(tokenizer):
     mistral = Engine(tiny.build("mistral", "sdpa"), tokenizer, prefill_chunk=16)
-    ids = mistral.encode_chat("Short note.")
+    ids = encode_chat(mistral.tokenizer, "Short note.")
     tokens = list(range(300, 300 + tiny.WINDOW + 8))  # runs past the 16-token window
     session = mistral.session(make_policy("full"))
     session.feed(ids)
@@ -123,7 +125,7 @@ def test_level_4_regenerates_the_last_tokens_and_counts_them_up_to_the_reply_len
     """An entropy floor every decode step exceeds: each step escalates (soft, window, full), and every fourth is
     level 4, which undoes 3 tokens; their re-decoding spikes again, so regeneration stops only at its bound: as
     many tokens as the reply may have (5 rollbacks of 3, then one of the 1 left)."""
-    ids = llama.encode_chat(PROMPT)
+    ids = encode_chat(llama.tokenizer, PROMPT)
     policy = make_policy("asrkf", window=2, sinks=1, tau=2.0, entropy_floor=1e-3, regenerate=3, escalation_gap=100)
     result = llama.generate(ids, policy, max_new_tokens=16, ignore_eos=True)
     stats, recoveries = result.cache, result.policy_report["recoveries"]
@@ -135,4 +137,4 @@ def test_level_4_regenerates_the_last_tokens_and_counts_them_up_to_the_reply_len
 
 def test_batched_decoding_refuses_a_policy_that_rolls_back(llama):
     with pytest.raises(ValueError, match="batched decoding cannot"):
-        llama.generate_batch([[1, 2, 3], [4, 5]], make_policy("asrkf", regenerate=2), max_new_tokens=2)
+        generate_batch(llama, [[1, 2, 3], [4, 5]], make_policy("asrkf", regenerate=2), max_new_tokens=2)

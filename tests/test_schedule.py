@@ -8,7 +8,8 @@ import torch
 
 import tiny
 from conftest import feed, make_cache
-from kvbench.policy import SCHEDULES, available, make_policy, policy_class
+from kvbench.policy import SCHEDULES, Phase, available, make_policy, policy_class
+from kvbench.runtime.chat import encode_chat
 from kvbench.runtime.engine import Engine
 
 
@@ -38,11 +39,11 @@ def test_each_schedule_applies_decisions_exactly_where_it_says(schedule, sizes):
 
 def test_no_attention_is_computed_where_a_stateless_method_does_not_decide():
     cache = make_cache(make_policy("tova", 4, schedule="prompt"))
-    cache.begin_step(torch.arange(0, 8)[None], prefill=True, last_chunk=False)
+    cache.begin_step(torch.arange(0, 8)[None], Phase.PREFILL, last_chunk=False)
     assert cache.attn_rows == 0
-    cache.begin_step(torch.arange(8, 16)[None], prefill=True, last_chunk=True)
+    cache.begin_step(torch.arange(8, 16)[None], Phase.PREFILL, last_chunk=True)
     assert cache.attn_rows == 1
-    cache.begin_step(torch.arange(16, 17)[None], prefill=False)
+    cache.begin_step(torch.arange(16, 17)[None], Phase.DECODE)
     assert cache.attn_rows == 0
 
 
@@ -85,14 +86,15 @@ def engine():
 @pytest.mark.parametrize("method,params", [("streamingllm", {}), ("tova", {}), ("knorm", {}), ("h2o", {}),
                                            ("snapkv", {"window": 4})])
 def test_on_the_engine_one_shot_schedules_bound_the_prompt_and_let_decoding_append(engine, method, params):
-    ids = engine.encode_chat("Archive notes. " + " ".join(f"Box {i} holds item {i * 7 % 23}." for i in range(12)))
+    ids = encode_chat(engine.tokenizer,
+                      "Archive notes. " + " ".join(f"Box {i} holds item {i * 7 % 23}." for i in range(12)))
     assert len(ids) > 4 * engine.prefill_chunk
     budget = 24
     for schedule in policy_class(method).schedules:
         sizes: list[tuple[bool, int]] = []
 
         def record(cache, sizes=sizes):
-            sizes.append((cache.prefill, max(layer.get_seq_length() for layer in cache.layers)))
+            sizes.append((cache.phase == Phase.PREFILL, max(layer.get_seq_length() for layer in cache.layers)))
 
         engine.generate(ids, make_policy(method, budget, schedule=schedule, **params), 5, ignore_eos=True,
                         on_step=record)

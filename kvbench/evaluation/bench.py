@@ -23,6 +23,7 @@ from kvbench.evaluation.compare import expand_sweep
 from kvbench.evaluation.records import MIB, versions, write_atomic
 from kvbench.policy import Budget, make_policy, policy_class
 from kvbench.runtime import models
+from kvbench.runtime.batch import generate_batch
 from kvbench.runtime.engine import Engine, RunResult
 from kvbench.tasks.multiturn import passages
 
@@ -106,7 +107,7 @@ def _round(engine: Engine, prompts: list[list[int]], variants: list[tuple[str, d
     if len(prompts) > 1:
         results = []
         for policy in policies:
-            results.append(engine.generate_batch(prompts, policy, spec.new_tokens, ignore_eos=True))
+            results.append(generate_batch(engine, prompts, policy, spec.new_tokens, ignore_eos=True))
             bar.update()
     else:
         runs = []

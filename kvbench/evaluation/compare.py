@@ -16,6 +16,7 @@ from kvbench.evaluation.records import sample_record, summarize, versions, write
 from kvbench.kv.cache import POSITION_MODES
 from kvbench.policy import SCHEDULES, Budget, KVPolicy, available, make_policy, policy_class
 from kvbench.runtime import models
+from kvbench.runtime.chat import converse, encode_chat, merge_turns
 from kvbench.runtime.engine import QUERY_MODES, Engine, RunResult
 from kvbench.tasks import TASKS, Task, make_task
 
@@ -151,7 +152,8 @@ class Runner:
         for name, task in self.builtin.items():
             for s in self.samples[name]:
                 self.engine.check_fits(len(s.prompt_ids), task.max_new_tokens)
-        self.engine.generate(self.engine.encode_chat("Hello"), make_policy("full"), max_new_tokens=4)  # warm-up
+        warm_up = encode_chat(self.engine.tokenizer, "Hello")
+        self.engine.generate(warm_up, make_policy("full"), max_new_tokens=4)
         self.config = {"model": spec.model, "device": spec.device, "dtype": str(lm.dtype).removeprefix("torch."),
                        "attention": self.engine.attention_backend,
                        "prefill_chunk": spec.prefill_chunk, "limit": spec.limit}
@@ -218,7 +220,7 @@ def run_sample(engine: Engine, task: Task, sample, policy: KVPolicy, mode: str) 
     if not turns:
         return engine.generate(sample.prompt_ids, policy, task.max_new_tokens, task.stop,
                                ignore_eos=task.ignore_eos, positions=mode)
-    return Engine.merge_turns(engine.converse(turns, policy, task.max_new_tokens, task.stop, positions=mode))
+    return merge_turns(converse(engine, turns, policy, task.max_new_tokens, task.stop, positions=mode))
 
 
 def write_outputs(spec: CompareSpec, records: list[dict[str, Any]], out_dir: Path) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-PHASES = ("prefill", "decode", "reconstruct", "compress", "query")  # `PolicyCache.phase` values (LayerView.phase)
+from kvbench.policy import Phase
 
 
 @dataclass
@@ -44,7 +44,7 @@ class Ledger:
     frozen_scored: int = 0  # frozen keys read to score them against new queries (`thaw_on_demand`)
     offload: Transfers = field(default_factory=Transfers)
     restore: Transfers = field(default_factory=Transfers)
-    policy_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    policy_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(map(str, Phase), 0.0))
     step_active_sum: int = 0  # active bytes at the end of each step, summed (mean compression)
     step_full_sum: int = 0  # what a full cache would have held at the same moments
 
@@ -74,7 +74,7 @@ class Ledger:
         self.step_full_sum += full_bytes
 
     @contextmanager
-    def policy_time(self, phase: str) -> Iterator[None]:
+    def policy_time(self, phase: Phase) -> Iterator[None]:
         """Host time of the policy's deciding and applying, by phase: the bookkeeping a method adds to `full`'s
         step, which its smaller attention has to pay for."""
         t0 = time.perf_counter()

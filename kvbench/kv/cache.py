@@ -21,7 +21,7 @@ from kvbench.kv.accounting import CacheStats, Ledger
 from kvbench.kv.rope import Rope
 from kvbench.kv.rows import ROT, SLOT, RowData, Rows, gather, new_meta
 from kvbench.kv.store import FrozenStore
-from kvbench.policy import Decision, KVPolicy, LayerView
+from kvbench.policy import Decision, KVPolicy, LayerView, Phase
 
 RECENT_STEPS = 8  # steps over which an active buffer must stay mostly empty before it is shrunk (`compact`)
 
@@ -176,7 +176,6 @@ class PolicyLayer(CacheLayerMixin):
             positions=self.active.positions(),
             new_tokens=self.new_tokens,
             seen=self.seen,
-            prefill=self.owner.prefill,
             attn=attn,
             state=dict(self._handed),
             frozen_positions=frozen_positions,
@@ -326,8 +325,7 @@ class PolicyCache(Cache):
         self.pending_positions = torch.zeros((1, 0), dtype=torch.long)
         self.pending_rotations = self.pending_positions
         self._new_meta: torch.Tensor | None = None  # this step's new rows' meta, shared by the layers (`new_meta`)
-        self.prefill = True
-        self.phase = "prefill"
+        self.phase = Phase.PREFILL  # named by the engine at each step (`begin_step`)
         self.last_chunk = False
         self.attn_rows = 0
         self.applying = True
@@ -336,20 +334,18 @@ class PolicyCache(Cache):
         self.rollback_reserve = policy.rollback_reserve  # sliding layers keep this many more positions
 
     # -- called by the engine around each forward ---------------------------------------------
-    def begin_step(self, position_ids: torch.Tensor, prefill: bool, last_chunk: bool = True,
-                   rotation_ids: torch.Tensor | None = None, query: bool = False) -> None:
-        """`position_ids`: the new tokens' true positions; `rotation_ids`: the positions the model rotates
-        them at (the same in `original` mode, in-cache positions in `rerotate` and `naive`); `query`: tokens
-        of a question fed after its context was compressed (phase "query": not a prompt a one-shot method
-        compresses again)."""
+    def begin_step(self, position_ids: torch.Tensor, phase: Phase, last_chunk: bool = True,
+                   rotation_ids: torch.Tensor | None = None) -> None:
+        """`position_ids`: the new tokens' true positions; `phase`: what this forward does (a question fed after
+        its compressed context is `QUERY`: not a prompt a one-shot method compresses again); `rotation_ids`: the
+        positions the model rotates them at (the same in `original` mode, in-cache positions in `rerotate` and
+        `naive`)."""
         self.pending_positions = position_ids
         self.pending_rotations = position_ids if rotation_ids is None else rotation_ids
         self._new_meta = None
         self.attended = 0
-        self.prefill = prefill
+        self.phase = phase
         self.last_chunk = last_chunk
-        if self.phase != "reconstruct":
-            self.phase = "query" if query else "prefill" if prefill else "decode"
         self.attn_rows = self.policy.wants_attention(self.phase, last_chunk)
         self.applying = self.policy.compresses(self.phase, last_chunk)  # the schedule: decisions take effect
         if self.policy.acts_before_step(self.steps, self.phase):
@@ -418,12 +414,12 @@ class PolicyCache(Cache):
 
     def compress(self) -> None:
         """After a reconstruction pass: one policy step per layer with the completed scores (no attention)."""
-        self.phase = "compress"
+        self.phase = Phase.COMPRESS
         self.applying = True
         for i in range(len(self.layers)):
             self.after_attention(i, None)
         self.end_step()
-        self.phase = "prefill"
+        self.phase = Phase.PREFILL
 
     def next_rotations(self, positions: torch.Tensor) -> torch.Tensor:
         """Positions to give the model for the next tokens (true `positions`, [1, q]) under this mode."""
@@ -441,7 +437,7 @@ class PolicyCache(Cache):
     def end_step(self) -> None:
         # at the end of the prompt, give back what prefill chunks reserved; later only clearly idle space,
         # so a cache whose size swings (freeze/thaw) does not reallocate every step
-        settle = self.prefill and self.last_chunk
+        settle = self.phase != Phase.DECODE and self.last_chunk
         for layer in self.layers:
             layer.compact(2 if settle else 4, settle)
         self.steps += 1
@@ -455,7 +451,7 @@ class PolicyCache(Cache):
         to pay for."""
         self.attended += 1
         layer = self.layers[layer_idx]
-        if layer.window is not None and self.phase != "reconstruct":
+        if layer.window is not None and self.phase != Phase.RECONSTRUCT:
             attn = layer.expire(attn)
         if self.policy.passive or not (self.applying or self.policy.observes):
             return

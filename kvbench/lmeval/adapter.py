@@ -28,6 +28,8 @@ from tqdm.auto import tqdm
 from kvbench.kv.cache import POSITION_MODES
 from kvbench.policy import KVPolicy, make_policy
 from kvbench.runtime import models
+from kvbench.runtime.batch import generate_batch
+from kvbench.runtime.chat import converse, merge_turns
 from kvbench.runtime.engine import QUERY_MODES, Engine, RunResult, Session
 
 log = logging.getLogger(__name__)
@@ -262,9 +264,9 @@ class KVBenchLM(TemplateLM):
         separator = gen_kwargs.get("turn_separator")
         if separator:
             turns = [t.strip() for t in contexts[0].split(separator) if t.strip()]
-            results = [Engine.merge_turns(self.engine.converse(turns, self.policy, max_new, until, self.positions))]
+            results = [merge_turns(converse(self.engine, turns, self.policy, max_new, until, self.positions))]
         elif len(contexts) > 1:
-            results = self.engine.generate_batch([self.tok_encode(c) for c in contexts], self.policy, max_new,
+            results = generate_batch(self.engine, [self.tok_encode(c) for c in contexts], self.policy, max_new,
                                                  until, ignore_eos, self.positions)
         else:
             results = [self.engine.generate(self.tok_encode(contexts[0]), self.policy, max_new, stop=until,

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from kvbench.runtime.architectures import UnsupportedModel
-from kvbench.runtime.batch import outside_few_row_linear
+from kvbench.runtime.few_rows import outside_few_row_linear
 
 ATTN_IMPLEMENTATION = "kvbench"
 CACHE_KWARG = "kvbench_cache"

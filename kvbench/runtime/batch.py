@@ -7,11 +7,22 @@ Prompts are prefilled one sequence at a time (prefill is compute-bound; batching
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import torch
-from torch.overrides import TorchFunctionMode
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvbench.kv.cache import PolicyCache
+from kvbench.policy import KVPolicy, Phase
+from kvbench.runtime.attention import CACHE_KWARG
+from kvbench.runtime.few_rows import FewRowLinear, outside_few_row_linear
+
+if TYPE_CHECKING:
+    from kvbench.runtime.engine import Engine, RunResult, Session
 
 
 class _BatchLayer(CacheLayerMixin):
@@ -43,34 +54,6 @@ class _BatchLayer(CacheLayerMixin):
         return -1
 
 
-class FewRowLinear(TorchFunctionMode):
-    """While active, `F.linear` on 2..16 rows on the CPU runs as W @ xᵀ: the same product, but MKL does
-    [N, K] × [K, B] about 3× faster than F.linear's [B, K] × [K, N] for a handful of rows (measured on this
-    2-core machine, 30 SmolLM2 layers at B = 4: 12.9 vs 38.2 ms), which is what a batched decode step is.
-    A torch-function mode, so the model code is untouched; rounding differs from F.linear like any change
-    of kernel (batch 1 already uses a different one, GEMV)."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.nn.functional.linear:
-            x, weight = args[0], args[1]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            rows = x.shape[:-1].numel()
-            if x.device.type == "cpu" and 1 < rows <= 16:
-                out = (weight @ x.reshape(rows, x.shape[-1]).T).T.contiguous()
-                if bias is not None:
-                    out += bias
-                return out.view(*x.shape[:-1], weight.shape[0])
-        return func(*args, **kwargs)
-
-
-def outside_few_row_linear() -> torch.DisableTorchFunction:
-    """For kvbench's own work inside a batched forward (cache appends, attention, policy steps): torch-function
-    modes off, so FewRowLinear's Python hook, meant for the model's products, does not run on each of the ~200
-    small ops per layer and sequence a policy like ASR-KF-EGR issues (its batch-4 step at 1k: 462 -> 334 ms)."""
-    return torch.DisableTorchFunction()
-
-
 class BatchCache(Cache):
     """The cache handed to the model for one batched decode step over `caches` (one per sequence)."""
 
@@ -83,8 +66,69 @@ class BatchCache(Cache):
     def begin_step(self, positions: torch.Tensor, rotations: torch.Tensor) -> None:
         """`positions` / `rotations`: [B, 1], each sequence's true position and the one it is rotated at."""
         for b, cache in enumerate(self.caches):
-            cache.begin_step(positions[b : b + 1], prefill=False, last_chunk=True, rotation_ids=rotations[b : b + 1])
+            cache.begin_step(positions[b : b + 1], Phase.DECODE, last_chunk=True, rotation_ids=rotations[b : b + 1])
 
     def end_step(self) -> None:
         for cache in self.caches:
             cache.end_step()
+
+
+@torch.inference_mode()
+def generate_batch(engine: Engine, prompts: Sequence[Sequence[int]], policy: KVPolicy, max_new_tokens: int = 32,
+                   stop: Sequence[str] = (), ignore_eos: bool = False,
+                   positions: str = "original") -> list[RunResult]:
+    """Several prompts, decoded together. Each sequence gets its own copy of `policy` and its own cache
+    (own length, evictions and positions); each decode step is one forward pass over the sequences
+    still running. A sequence's decode times are the batched steps it took part in."""
+    for ids in prompts:
+        if not ids:
+            raise ValueError("empty prompt")
+        engine.check_fits(len(ids), max_new_tokens)
+    if policy.rollback_reserve:
+        raise ValueError(f"method {policy.name!r} rolls back and regenerates tokens, which batched decoding "
+                         "cannot do; run it with batch size 1")
+    sessions, prefill_s, generated = [], [], []
+    for ids in prompts:
+        session = engine.session(copy.deepcopy(policy), positions)
+        logits, seconds = session.timed_feed(ids)
+        prefill_s.append(seconds)
+        sessions.append(session)
+        generated.append([int(logits.argmax())])
+    eos_ids = set() if ignore_eos else engine.eos_ids
+    decode_s: list[list[float]] = [[] for _ in prompts]
+    live = [i for i in range(len(prompts)) if not engine.finished(generated[i], max_new_tokens, stop, eos_ids)]
+    while live:
+        t = time.perf_counter()
+        logits = _step(engine, [sessions[i] for i in live], [generated[i][-1] for i in live])
+        tokens = logits.argmax(-1).tolist()
+        dt = time.perf_counter() - t
+        for i, token in zip(live, tokens, strict=True):
+            generated[i].append(token)
+            decode_s[i].append(dt)
+        live = [i for i in live if not engine.finished(generated[i], max_new_tokens, stop, eos_ids)]
+    results = []
+    for ids, session, gen, times, pre in zip(prompts, sessions, generated, decode_s, prefill_s, strict=True):
+        results.append(session.result(len(ids), pre, session.finish(gen, times, stop, eos_ids)))
+    return results
+
+
+def _step(engine: Engine, sessions: list[Session], tokens: list[int]) -> torch.Tensor:
+    """One decode step for several sequences: [B] next-token logits."""
+    dev = engine.device
+    ids = torch.tensor([[t] for t in tokens], device=dev)
+    pos = torch.tensor([[s.seen] for s in sessions], device=dev)
+    rot = torch.cat([s.cache.next_rotations(pos[b : b + 1]) for b, s in enumerate(sessions)])
+    batch = BatchCache([s.cache for s in sessions])
+    batch.begin_step(pos, rot)
+    with FewRowLinear() if dev.type == "cpu" else contextlib.nullcontext():
+        out = engine.model(input_ids=ids, position_ids=rot, use_cache=True, logits_to_keep=1,
+                         **{engine.cache_arg: batch, CACHE_KWARG: batch})
+    for s in sessions:
+        s.check_attended()
+    batch.end_step()
+    logits = out.logits[:, -1]
+    for b, s in enumerate(sessions):
+        s.after_forward(1, logits[b])
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return logits

@@ -7,9 +7,7 @@ each prefill chunk and each decode step, so the active KV never exceeds budget +
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import dataclasses
 import inspect
 import time
 from collections.abc import Callable, Sequence
@@ -21,10 +19,9 @@ import torch
 from kvbench.kv.accounting import CacheStats
 from kvbench.kv.cache import PolicyCache
 from kvbench.kv.rope import Rope
-from kvbench.policy import KVPolicy
+from kvbench.policy import KVPolicy, Phase
 from kvbench.runtime import architectures
 from kvbench.runtime.attention import ATTN_IMPLEMENTATION, CACHE_KWARG, backend_for
-from kvbench.runtime.batch import BatchCache, FewRowLinear
 
 
 class PromptTooLong(ValueError):
@@ -98,19 +95,6 @@ class Engine:
                 f"model's context window of {self.max_positions} positions"
             )
 
-    def encode_chat(self, user: str, assistant_prefix: str = "") -> list[int]:
-        """The model's chat format for one user turn, plus an optional answer prefix. A base model without a chat
-        template gets the plain text with its tokenizer's own special tokens (Gemma's BOS), as transformers and
-        lm-eval encode it; a rendered template carries its own, as in `apply_chat_template(tokenize=True)`."""
-        template = bool(self.tokenizer.chat_template)
-        if template:
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
-            )
-        else:
-            text = user + "\n"
-        return self.tokenizer(text + assistant_prefix, add_special_tokens=not template)["input_ids"]
-
     @torch.inference_mode()
     def compressed_context(self, context: Sequence[int], policy: KVPolicy,
                            positions: str = "original") -> tuple[Session, float]:
@@ -156,111 +140,6 @@ class Engine:
             return True
         return bool(stop) and _hit_stop(self.tokenizer.decode(generated, skip_special_tokens=True), stop)
 
-    @torch.inference_mode()
-    def generate_batch(self, prompts: Sequence[Sequence[int]], policy: KVPolicy, max_new_tokens: int = 32,
-                       stop: Sequence[str] = (), ignore_eos: bool = False,
-                       positions: str = "original") -> list[RunResult]:
-        """Several prompts, decoded together. Each sequence gets its own copy of `policy` and its own cache
-        (own length, evictions and positions); each decode step is one forward pass over the sequences
-        still running. A sequence's decode times are the batched steps it took part in."""
-        for ids in prompts:
-            if not ids:
-                raise ValueError("empty prompt")
-            self.check_fits(len(ids), max_new_tokens)
-        if policy.rollback_reserve:
-            raise ValueError(f"method {policy.name!r} rolls back and regenerates tokens, which batched decoding "
-                             "cannot do; run it with batch size 1")
-        sessions, prefill_s, generated = [], [], []
-        for ids in prompts:
-            session = self.session(copy.deepcopy(policy), positions)
-            logits, seconds = session.timed_feed(ids)
-            prefill_s.append(seconds)
-            sessions.append(session)
-            generated.append([int(logits.argmax())])
-        eos_ids = set() if ignore_eos else self.eos_ids
-        decode_s: list[list[float]] = [[] for _ in prompts]
-        live = [i for i in range(len(prompts)) if not self.finished(generated[i], max_new_tokens, stop, eos_ids)]
-        while live:
-            t = time.perf_counter()
-            logits = self._batch_step([sessions[i] for i in live], [generated[i][-1] for i in live])
-            tokens = logits.argmax(-1).tolist()
-            dt = time.perf_counter() - t
-            for i, token in zip(live, tokens, strict=True):
-                generated[i].append(token)
-                decode_s[i].append(dt)
-            live = [i for i in live if not self.finished(generated[i], max_new_tokens, stop, eos_ids)]
-        results = []
-        for ids, session, gen, times, pre in zip(prompts, sessions, generated, decode_s, prefill_s, strict=True):
-            results.append(session.result(len(ids), pre, session.finish(gen, times, stop, eos_ids)))
-        return results
-
-    def _batch_step(self, sessions: list[Session], tokens: list[int]) -> torch.Tensor:
-        """One decode step for several sequences: [B] next-token logits."""
-        dev = self.device
-        ids = torch.tensor([[t] for t in tokens], device=dev)
-        pos = torch.tensor([[s.seen] for s in sessions], device=dev)
-        rot = torch.cat([s.cache.next_rotations(pos[b : b + 1]) for b, s in enumerate(sessions)])
-        batch = BatchCache([s.cache for s in sessions])
-        batch.begin_step(pos, rot)
-        with FewRowLinear() if dev.type == "cpu" else contextlib.nullcontext():
-            out = self.model(input_ids=ids, position_ids=rot, use_cache=True, logits_to_keep=1,
-                             **{self.cache_arg: batch, CACHE_KWARG: batch})
-        for s in sessions:
-            s.check_attended()
-        batch.end_step()
-        logits = out.logits[:, -1]
-        for b, s in enumerate(sessions):
-            s.after_forward(1, logits[b])
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        return logits
-
-    @torch.inference_mode()
-    def converse(self, turns: Sequence[str], policy: KVPolicy, max_new_tokens: int = 32, stop: Sequence[str] = (),
-                 positions: str = "original") -> list[RunResult]:
-        """A multi-turn conversation on one cache: each user turn is fed through the policy, then answered.
-        Positions may run past the model's trained window (that is what such probes measure)."""
-        session = self.session(policy, positions)
-        messages: list[dict[str, str]] = []
-        results = []
-        for turn in turns:
-            ids = session.pending + self._turn_ids(messages, turn, session.pending)
-            messages.append({"role": "user", "content": turn})
-            logits, prefill_s = session.timed_feed(ids)
-            reply = session.reply(logits, max_new_tokens, stop)
-            messages.append({"role": "assistant", "content": reply.text})
-            results.append(session.result(len(ids), prefill_s, reply))
-        return results
-
-    @staticmethod
-    def merge_turns(results: Sequence[RunResult]) -> RunResult:
-        """One RunResult for a whole conversation: replies joined by '|', times and tokens pooled."""
-        return dataclasses.replace(
-            results[-1],
-            prompt_tokens=sum(r.prompt_tokens for r in results),
-            tokens=[t for r in results for t in r.tokens],
-            text="|".join(r.text.replace("|", " ") for r in results),
-            prefill_s=sum(r.prefill_s for r in results),
-            decode_s=[d for r in results for d in r.decode_s],
-            memory_peak_bytes=max(r.memory_peak_bytes for r in results),
-        )
-
-    def _turn_ids(self, messages: list[dict[str, str]], turn: str, pending: list[int]) -> list[int]:
-        """Tokens that take a transcript (whose last reply is fed up to `pending`) to the next user turn."""
-        if not messages:
-            return self.encode_chat(turn)
-        render = self.tokenizer.apply_chat_template
-        before = render(messages, tokenize=False)
-        after = render([*messages, {"role": "user", "content": turn}], tokenize=False, add_generation_prompt=True)
-        if not after.startswith(before):
-            raise ValueError("this model's chat template rewrites earlier turns; multi-turn needs a prefix-stable one")
-        reply = messages[-1]["content"]
-        tail = before[before.rindex(reply) + len(reply):] if reply else before[len(before.rstrip()):]
-        fed = self.tokenizer.decode(pending[-1:]) if pending and pending[-1] in self.eos_ids else ""
-        tail = tail[len(fed):] if fed and tail.startswith(fed) else tail
-        return self.tokenizer(tail + after[len(before):], add_special_tokens=False)["input_ids"]
-
-
 @dataclass
 class Reply:
     tokens: list[int]
@@ -298,12 +177,11 @@ class Session:
     def memory_peak(self) -> int:
         return int(torch.cuda.max_memory_allocated(self.engine.device) if self.cuda else self._rss_peak)
 
-    def _forward(self, ids: torch.Tensor, prefill: bool, last: bool, all_logits: bool = False,
-                 query: bool = False) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, phase: Phase, last: bool, all_logits: bool = False) -> torch.Tensor:
         engine, cache, q = self.engine, self.cache, ids.shape[1]
         pos = torch.arange(self.seen, self.seen + q, device=engine.device)[None]
         rot = cache.next_rotations(pos)
-        cache.begin_step(pos, prefill=prefill, last_chunk=last, rotation_ids=rot, query=query)
+        cache.begin_step(pos, phase, last_chunk=last, rotation_ids=rot)
         out = engine.model(input_ids=ids, position_ids=rot, use_cache=True, logits_to_keep=0 if all_logits else 1,
                            **{engine.cache_arg: cache, CACHE_KWARG: cache})
         self.check_attended()
@@ -352,7 +230,7 @@ class Session:
         n, chunk = ids.shape[1], self.engine.prefill_chunk
         for start in range(0, n, chunk):
             end = min(n, start + chunk)
-            logits = self._forward(ids[:, start:end], prefill=True, last=end == n, query=query)
+            logits = self._forward(ids[:, start:end], Phase.QUERY if query else Phase.PREFILL, last=end == n)
         if self.policy.reconstruction_prompt is not None and not query:
             self._reconstruct(list(input_ids))
         self.pending = []
@@ -366,11 +244,9 @@ class Session:
         end, chunk = self.seen, self.engine.prefill_chunk
         for lo in range(0, len(context), span):
             scratch = torch.tensor([prompt + context[lo : lo + span]], device=self.engine.device)
-            self.cache.phase = "reconstruct"
             for start in range(0, scratch.shape[1], chunk):
-                self._forward(scratch[:, start : start + chunk], prefill=True, last=False)
+                self._forward(scratch[:, start : start + chunk], Phase.RECONSTRUCT, last=False)
             self.seen = end
-            self.cache.phase = "prefill"
             self.cache.drop_from(end)
         self.cache.compress()
 
@@ -405,7 +281,8 @@ class Session:
         chunk = self.engine.prefill_chunk
         for start in range(0, len(cont) - 1, chunk):
             piece = cont[start : min(start + chunk, len(cont) - 1)]
-            step_logits.append(self._forward(piece[None], prefill=True, last=True, all_logits=True, query=query))
+            step_logits.append(self._forward(piece[None], Phase.QUERY if query else Phase.PREFILL, last=True,
+                                             all_logits=True))
         logp = torch.cat(step_logits).float().log_softmax(-1)
         total = float(logp.gather(-1, cont[:, None]).sum())
         greedy = bool((logp.argmax(-1) == cont).all())
@@ -443,7 +320,7 @@ class Session:
     def decode_step(self, token: int) -> tuple[int, torch.Tensor, float]:
         """Feed one generated token: the greedy next token, its logits and the seconds the step took."""
         t = time.perf_counter()
-        logits = self._forward(torch.tensor([[token]], device=self.engine.device), prefill=False, last=True)
+        logits = self._forward(torch.tensor([[token]], device=self.engine.device), Phase.DECODE, last=True)
         token = int(logits.argmax())
         self.sync()
         return token, logits, time.perf_counter() - t
@@ -460,7 +337,7 @@ class Session:
         return Reply(generated, text, "stop" if hit else reason, decode_s, logits or [])
 
 
-def _signals(names: Sequence[str], logits: torch.Tensor, step: int, phase: str) -> dict:
+def _signals(names: Sequence[str], logits: torch.Tensor, step: int, phase: Phase) -> dict:
     out: dict = {"step": step, "phase": phase}
     if "entropy" in names:
         logp = logits.float().log_softmax(-1)

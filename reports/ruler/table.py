@@ -1,9 +1,11 @@
-"""The tables of README.md from this folder's results.json (kvbench results schema 1):
+"""The tables of README.md from this folder's results files (kvbench results schema 1: results.json, the first run,
+and 075/results.json, the second budget of the methods the first run did not reach):
 1. the full cache per (task, context length) in both query modes, with n, and whether the cell counts;
 2. every method row side by side in both query modes: the suite average over counted cells (95% bootstrap
    interval), the change from in-prompt to after, and the mean KV compression;
 3. per counted cell, each row's in-prompt and after scores.
     .venv/bin/python reports/ruler/table.py
+A method's rows (its budgets, its variants) are listed together, in the order the method first appears.
 """
 
 from __future__ import annotations
@@ -29,8 +31,12 @@ def pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.0f}%"
 
 
-def main(path: Path) -> None:
-    records = results.load(path, "table.py")["records"]
+def main(paths: list[Path]) -> None:
+    records = [r for path in paths for r in results.load(path, "table.py")["records"]]
+    first = {}
+    for i, r in enumerate(records):
+        first.setdefault(r["method"], i)
+    records.sort(key=lambda r: first[r["method"]])  # stable: within a method, the files' order
     counted, left_out = counted_cells(records)
     cells = sorted(set(counted) | set(left_out))
     fulls = {r["query"]: cell_scores(r) for r in records if r["method"] == "full"}
@@ -78,4 +84,5 @@ def main(path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "results.json")
+    here = Path(__file__).parent
+    main([Path(a) for a in sys.argv[1:]] or [here / "results.json", here / "075" / "results.json"])
