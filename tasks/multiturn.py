@@ -12,18 +12,11 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
-from pydoc_data.topics import topics
 
 from kvbench.tasks.base import Sample
+from kvbench.tasks.prose import passages
 
 QUESTION = "What is the code of this passage? Answer with the number only."
-
-
-def passages(words_per_passage: int) -> list[str]:
-    """Plain-prose chunks of the pydoc topics, in a fixed order."""
-    words = [w for key in sorted(topics) for w in topics[key].split() if not any(c in w for c in "{}<>|`*=+-")]
-    starts = range(0, len(words) - words_per_passage, words_per_passage)
-    return [" ".join(words[i : i + words_per_passage]) for i in starts]
 
 
 def conversations(count: int, turns: int, words_per_turn: int, seed: int) -> list[tuple[list[str], list[str]]]:

@@ -61,7 +61,7 @@ def haystack(tokenizer, lengths: tuple[int, ...], depths: tuple[float, ...], see
     """The user message of every (filler, length, depth) cell and its key, sized so the whole prompt
     (`prompt_tokens` counts it, chat template included) is about `length` tokens. "simple" repeats
     one filler paragraph; "varied" is real prose (CPython's pydoc topics)."""
-    from kvbench.tasks.multiturn import passages
+    from kvbench.tasks.prose import passages
 
     rng = random.Random(seed)
     frame = prompt_tokens(INTRO + NEEDLE.format(key="00000") + QUESTION)

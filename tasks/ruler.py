@@ -40,8 +40,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from kvbench.tasks.multiturn import passages
 from kvbench.tasks.needle import FILLER
+from kvbench.tasks.prose import passages
 
 
 @functools.cache

@@ -19,7 +19,7 @@ def gemma():
 
 
 def prose_ids(tokenizer, n: int) -> list[int]:
-    from kvbench.tasks.multiturn import passages
+    from kvbench.tasks.prose import passages
 
     return tokenizer(passages(2 * n)[0])["input_ids"][:n]
 

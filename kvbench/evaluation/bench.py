@@ -25,7 +25,7 @@ from kvbench.policy import Budget, make_policy, policy_class
 from kvbench.runtime import models
 from kvbench.runtime.batch import generate_batch
 from kvbench.runtime.engine import Engine, RunResult
-from kvbench.tasks.multiturn import passages
+from kvbench.tasks.prose import passages
 
 
 @dataclass

@@ -54,11 +54,12 @@ row "--methods \"\"" o "$K" compare --methods "" --tasks needle-1k --out o
 row "--tasks \"\"" o "$K" compare --methods full --tasks "" --out o
 row "--device cuda without CUDA" o "$K" compare --device cuda --methods full --tasks needle-1k --limit 1 --out o
 row "kvbench methods / head -0" - bash -c "set -o pipefail; '$K' methods | head -0"
-row "lm-eval model arg sinks=2.5" - "$(dirname "$K")/lm_eval" --model kvbench-hf --model_args pretrained=smollm2-135m,method=streamingllm,budget=64,sinks=2.5 --tasks kvbench_needle --limit 1
+row "lm-eval model arg sinks=2.5" - "$(dirname "$K")/lm_eval" --model kvbench-hf --model_args pretrained=smollm2-135m,method=streamingllm,budget=64,sinks=2.5 --tasks kvbench_needle --device cpu --limit 1
 echo '{"header": {}, "records": [' > broken.json
 row "--check on a corrupt results file" o "$K" leaderboard --config "$REPO/leaderboard/sweep.toml" --slice ci --check broken.json --out o --cells c
 mkdir -p outside && row "leaderboard outside the repository" o bash -c "cd outside && '$K' leaderboard --out ../o --cells ../c"
 row "kvbench --version" - "$K" --version
+row "--check on a bench.json" o "$K" leaderboard --config "$REPO/leaderboard/sweep.toml" --slice ci --check "$REPO/reports/bench/bench.json" --out o --cells c
 # Ctrl-C: SIGINT to a run started with the default SIGINT handling (a background job of a script ignores SIGINT)
 "$PY" - "$K" > int.txt <<'PYTHON'
 import signal

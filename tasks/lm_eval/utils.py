@@ -56,7 +56,7 @@ def needle(**meta) -> dict[str, datasets.Dataset]:
 
 def ppl(**meta) -> dict[str, datasets.Dataset]:
     """Documents of real English (CPython's pydoc topics, shipped with Python), `words` words each."""
-    from kvbench.tasks.multiturn import passages
+    from kvbench.tasks.prose import passages
 
     docs = passages(int(meta.get("words", 1200)))[: int(meta.get("documents", 8))]
     return {"test": datasets.Dataset.from_list([{"text": d} for d in docs])}
@@ -103,7 +103,7 @@ def window_probe(**meta) -> dict[str, datasets.Dataset]:
     """Real prose (pydoc topics): `continuation_tokens` to score right after the first `window_end` tokens,
     preceded by `context_tokens` of them. Run with context 8192 (continuation past the 8k window) and 7168
     (inside it): the same continuation, the same text before it, only the positions differ."""
-    from kvbench.tasks.multiturn import passages
+    from kvbench.tasks.prose import passages
 
     tokenizer = _tokenizer(meta)
     end, context, scored = (int(meta.get(k, d)) for k, d in
