@@ -105,9 +105,9 @@ def _round(engine: Engine, prompts: list[list[int]], variants: list[tuple[str, d
     budgets = [_budget(name, spec) for name, _ in variants]
     policies = [make_policy(name, budget, **params) for (name, params), budget in zip(variants, budgets, strict=True)]
     if len(prompts) > 1:
-        results = []
+        outcomes = []
         for policy in policies:
-            results.append(generate_batch(engine, prompts, policy, spec.new_tokens, ignore_eos=True))
+            outcomes.append(generate_batch(engine, prompts, policy, spec.new_tokens, ignore_eos=True))
             bar.update()
     else:
         runs = []
@@ -120,10 +120,10 @@ def _round(engine: Engine, prompts: list[list[int]], variants: list[tuple[str, d
                 token, _, seconds = session.decode_step(generated[-1])
                 generated.append(token)
                 times.append(seconds)
-        results = [[session.result(len(prompts[0]), prefill_s, session.finish(generated, times, (), set()))]
+        outcomes = [[session.result(len(prompts[0]), prefill_s, session.finish(generated, times, (), set()))]
                    for session, prefill_s, generated, times in runs]
         bar.update(len(runs))
-    return [_figures(r, budget, spec) for r, budget in zip(results, budgets, strict=True)]
+    return [_figures(r, budget, spec) for r, budget in zip(outcomes, budgets, strict=True)]
 
 
 def _budget(name: str, spec: BenchSpec) -> Budget | None:

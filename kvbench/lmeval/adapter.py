@@ -66,8 +66,10 @@ class KVBenchLM(TemplateLM):
         try:
             self._build(pretrained, method, budget, positions, query, prefill_chunk, device, dtype, device_map,
                         batch_size, policy_args)
+        except ModelArgsError:
+            raise
         except (ValueError, FileNotFoundError) as err:
-            raise err if isinstance(err, ModelArgsError) else ModelArgsError(str(err)) from err
+            raise ModelArgsError(str(err)) from err
 
     def _build(self, pretrained: str, method: str | None, budget: Any, positions: str, query: str,
                prefill_chunk: int, device: str, dtype: str, device_map: str | None, batch_size: int | str,

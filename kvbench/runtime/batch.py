@@ -122,7 +122,7 @@ def _step(engine: Engine, sessions: list[Session], tokens: list[int]) -> torch.T
     batch.begin_step(pos, rot)
     with FewRowLinear() if dev.type == "cpu" else contextlib.nullcontext():
         out = engine.model(input_ids=ids, position_ids=rot, use_cache=True, logits_to_keep=1,
-                         **{engine.cache_arg: batch, CACHE_KWARG: batch})
+                           **{engine.cache_arg: batch, CACHE_KWARG: batch})
     for s in sessions:
         s.check_attended()
     batch.end_step()
