@@ -15,6 +15,7 @@ from kvbench.runtime import architectures
 from kvbench.runtime.architectures import UnsupportedModel
 from kvbench.runtime.batch import generate_batch
 from kvbench.runtime.engine import Engine
+from kvbench.runtime.runspec import RunSpec
 
 ARCHS = sorted(tiny.CONFIGS)
 PROMPT, NEW, CHUNK = 50, 10, 16  # the prompt spans three windows and four prefill chunks
@@ -77,7 +78,7 @@ def test_lm_eval_loglikelihood_of_full_is_transformers_one_pass_score(arch, toke
     model = tiny.build(arch, tiny.reference_attention(arch))
     ref = tiny.build(arch, tiny.reference_attention(arch))
     context, continuation = prompt(4, 45), prompt(5, 20)
-    lm = KVBenchLM.from_engine(Engine(model, tokenizer, prefill_chunk=CHUNK), make_policy("full"), progress=False)
+    lm = KVBenchLM.from_engine(Engine(model, tokenizer, prefill_chunk=CHUNK), RunSpec.build("full"), progress=False)
     (score, greedy), = lm._loglikelihood_tokens([(("", ""), context, continuation)])
     with torch.no_grad():
         logits = ref(torch.tensor([context + continuation])).logits[0].float()

@@ -94,7 +94,8 @@ def test_method_args_sweep_expands_into_rows():
     assert expand_sweep({"tau": "0.25|0.5", "k": "1"}) == [{"tau": "0.25", "k": "1"}, {"tau": "0.5", "k": "1"}]
     spec = CompareSpec(methods=["full", "asrkf", "h2o"], budgets=[Budget(tokens=64), Budget(tokens=128)],
                        tasks=["needle"], method_args={"asrkf": {"tau": "0.25|0.5|1"}})
-    rows = [(p.name, str(p.budget) if p.budget else None, getattr(p, "tau", None)) for p, _, _ in plan(spec)]
+    policies = [run.policy for run in plan(spec)]
+    rows = [(p.name, str(p.budget) if p.budget else None, getattr(p, "tau", None)) for p in policies]
     assert rows == [("full", None, None), ("asrkf", None, 0.25), ("asrkf", None, 0.5), ("asrkf", None, 1.0),
                     ("h2o", "64", None), ("h2o", "128", None)]
 

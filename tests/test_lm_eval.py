@@ -82,7 +82,8 @@ def test_batched_generation_gives_the_answers_of_batch_size_one():
 
 @pytest.mark.parametrize("args,message", [
     ("method=nope", "unknown method 'nope'; known methods:"),
-    ("method=h2o", "needs budget="),
+    ("method=h2o", "method 'h2o' needs a budget: .* budget= in lm-eval's --model_args"),
+    ("method=asrkf,budget=256", "method 'asrkf' takes no budget"),
     ("method=h2o,budget=64,heavy=0.3", "has no parameter heavy"),
     ("method=full,batch_size=0", "use a whole number >= 1"),
     ("method=full,positions=sideways", "allowed: original, rerotate, naive"),
@@ -213,10 +214,10 @@ def test_tasks_speak_the_evaluated_models_dialect():
 
 def test_apply_chat_template_uses_the_models_template_and_is_refused_for_kvbench_tasks():
     from kvbench.lmeval.adapter import KVBenchLM
-    from kvbench.policy import make_policy
     from kvbench.runtime.engine import Engine
+    from kvbench.runtime.runspec import RunSpec
 
-    ours = KVBenchLM.from_engine(Engine(*_smollm2()), make_policy("full"), progress=False)
+    ours = KVBenchLM.from_engine(Engine(*_smollm2()), RunSpec.build("full"), progress=False)
     rendered = ours.apply_chat_template([{"role": "user", "content": "Hi"}])
     assert rendered.startswith("<|im_start|>") and rendered.rstrip().endswith("<|im_start|>assistant")
     with pytest.raises(ValueError, match="kvbench_needle: .* run them without --apply_chat_template"):

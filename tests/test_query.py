@@ -11,6 +11,7 @@ import tiny
 from kvbench.lmeval.adapter import KVBenchLM
 from kvbench.policy import make_policy
 from kvbench.runtime.engine import Engine
+from kvbench.runtime.runspec import RunSpec
 
 CONTEXT = "Archive notes. " + " ".join(f"Box {i} holds item {i * 7 % 23}." for i in range(40))
 QUESTIONS = ["\n\nWhich item is in box 3?", "\n\nWhich item is in box 17?", "\n\nHow many boxes are there?"]
@@ -33,7 +34,7 @@ def requests(questions=QUESTIONS, kind: str = "generate_until", field: str = "qu
 
 
 def adapter(engine, method: str, budget, query: str, **params) -> KVBenchLM:
-    return KVBenchLM.from_engine(engine, make_policy(method, budget, **params), progress=False, query=query)
+    return KVBenchLM.from_engine(engine, RunSpec.build(method, budget, params, query=query), progress=False)
 
 
 def test_full_gives_the_same_answers_and_scores_in_every_mode(engine):

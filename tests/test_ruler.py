@@ -8,9 +8,9 @@ from lm_eval.api.instance import Instance
 
 import tiny
 from kvbench.lmeval.adapter import KVBenchLM
-from kvbench.policy import make_policy
 from kvbench.runtime import models
 from kvbench.runtime.engine import Engine
+from kvbench.runtime.runspec import RunSpec
 from kvbench.tasks import ruler
 from kvbench.tasks.lm_eval.utils import ruler as ruler_docs
 
@@ -60,7 +60,7 @@ def test_string_match_is_rulers():
 @pytest.mark.parametrize("query", ["in-prompt", "after", "reuse"])
 def test_every_task_runs_in_every_query_mode(query, docs):
     engine = Engine(tiny.build("llama", "sdpa"), models.load_tokenizer(), prefill_chunk=256)
-    lm = KVBenchLM.from_engine(engine, make_policy("snapkv", 128), progress=False, query=query)
+    lm = KVBenchLM.from_engine(engine, RunSpec.build("snapkv", 128, query=query), progress=False)
     requests = [Instance("generate_until", r, (r["prompt"], {"until": [], "max_gen_toks": 3}), i,
                          (f"kvbench_ruler_{t}", i, 1))
                 for t in TASKS for i, r in enumerate(docs[t])
@@ -82,8 +82,8 @@ def test_niah_reuse_asks_each_key_of_one_context_and_reuse_compresses_it_once(do
     engine = Engine(tiny.build("llama", "sdpa"), models.load_tokenizer(), prefill_chunk=256)
     requests = [Instance("generate_until", r, (r["prompt"], {"until": [], "max_gen_toks": 3}), i,
                          ("kvbench_ruler_niah_reuse", i, 1)) for i, r in enumerate(rows)]
-    reuse = KVBenchLM.from_engine(engine, make_policy("snapkv", 128), progress=False, query="reuse")
-    after = KVBenchLM.from_engine(engine, make_policy("snapkv", 128), progress=False, query="after")
+    reuse = KVBenchLM.from_engine(engine, RunSpec.build("snapkv", 128, query="reuse"), progress=False)
+    after = KVBenchLM.from_engine(engine, RunSpec.build("snapkv", 128, query="after"), progress=False)
     assert reuse.generate_until(requests) == after.generate_until(requests)
     assert sorted(m.result.context_compressions for m in reuse.measured) == [0, 0, 0, 1]
     assert [m.result.context_compressions for m in after.measured] == [1, 1, 1, 1]

@@ -37,7 +37,7 @@ def write(tmp_path: Path, text: str) -> Path:
     ('tasks = ["needle-1k"]\nbogus = 1\n[[rows]]\nmethods = ["full"]', "unknown key bogus; allowed:"),
     ('tasks = ["needle-1k"]\n[[rows]]\nmethods = ["full"]\nbudget = [64]', "unknown key budget; allowed: budgets"),
     ('tasks = ["needle-1k"]\n[[rows]]\nmethods = ["h2oo"]\nbudgets = [64]', "unknown method 'h2oo'"),
-    ('tasks = ["needle-1k"]\n[[rows]]\nmethods = ["h2o"]', "method 'h2o' needs --budget"),
+    ('tasks = ["needle-1k"]\n[[rows]]\nmethods = ["h2o"]', "method 'h2o' needs a budget: .* a sweep row's budgets"),
     ('tasks = []\n[[rows]]\nmethods = ["full"]', "no tasks to run"),
     ('tasks = ["needle-1k"]\n[[rows]]\nmethods = ["full"]\npositions = ["sideways"]', "not a position mode"),
     ("tasks = [", "not valid TOML"),

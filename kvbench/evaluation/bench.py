@@ -21,10 +21,11 @@ from tqdm.auto import tqdm
 from kvbench.evaluation import results
 from kvbench.evaluation.compare import expand_sweep
 from kvbench.evaluation.records import MIB, versions, write_atomic
-from kvbench.policy import Budget, make_policy, policy_class
+from kvbench.policy import Budget, make_policy
 from kvbench.runtime import models
 from kvbench.runtime.batch import generate_batch
 from kvbench.runtime.engine import Engine, RunResult
+from kvbench.runtime.runspec import RunSpec
 from kvbench.tasks.prose import passages
 
 
@@ -70,7 +71,7 @@ def run(spec: BenchSpec, out_dir: Path | None = None, progress: bool = True) -> 
     if stray:
         raise ValueError(f"--method-args names {', '.join(stray)}, which is not among --methods")
     for name, params in variants:
-        make_policy(name, _budget(name, spec), **params)  # fail before loading
+        _run(name, params, spec)  # fail before loading
     lm, tok = models.load(spec.model, device=spec.device, dtype=models.parse_dtype(spec.dtype))
     engine = Engine(lm, tok, prefill_chunk=spec.prefill_chunk)
     for n in spec.contexts:
@@ -102,8 +103,7 @@ def _round(engine: Engine, prompts: list[list[int]], variants: list[tuple[str, d
     """One run of every variant. At batch 1 the prompts are prefilled one method after another, then all methods
     decode in lockstep (step i of each before step i + 1 of any), so a slow spell of the machine lands on every
     method alike instead of on whichever ran then. Batch > 1 runs one method after another."""
-    budgets = [_budget(name, spec) for name, _ in variants]
-    policies = [make_policy(name, budget, **params) for (name, params), budget in zip(variants, budgets, strict=True)]
+    policies = [_run(name, params, spec).policy for name, params in variants]
     if len(prompts) > 1:
         outcomes = []
         for policy in policies:
@@ -123,11 +123,12 @@ def _round(engine: Engine, prompts: list[list[int]], variants: list[tuple[str, d
         outcomes = [[session.result(len(prompts[0]), prefill_s, session.finish(generated, times, (), set()))]
                    for session, prefill_s, generated, times in runs]
         bar.update(len(runs))
-    return [_figures(r, budget, spec) for r, budget in zip(outcomes, budgets, strict=True)]
+    return [_figures(r, policy.budget, spec) for r, policy in zip(outcomes, policies, strict=True)]
 
 
-def _budget(name: str, spec: BenchSpec) -> Budget | None:
-    return Budget.parse(spec.budget) if policy_class(name).uses_budget else None
+def _run(name: str, params: dict[str, str], spec: BenchSpec) -> RunSpec:
+    """A method's run in the bench: the bench's budget where the method takes one."""
+    return RunSpec.build(name, spec.budget if RunSpec.takes_budget(name) else None, params)
 
 
 def _figures(batch: list[RunResult], budget: Budget | None, spec: BenchSpec) -> dict[str, Any]:

@@ -13,11 +13,11 @@ from tqdm.auto import tqdm
 from kvbench.evaluation import lmeval_tasks, results
 from kvbench.evaluation.leaderboard import markdown
 from kvbench.evaluation.records import sample_record, summarize, versions, write_atomic
-from kvbench.kv.cache import POSITION_MODES
-from kvbench.policy import SCHEDULES, Budget, KVPolicy, available, make_policy, policy_class
+from kvbench.policy import SCHEDULES, Budget, available, make_policy, policy_class
 from kvbench.runtime import models
 from kvbench.runtime.chat import converse, encode_chat, merge_turns
-from kvbench.runtime.engine import QUERY_MODES, Engine, RunResult
+from kvbench.runtime.engine import Engine, RunResult
+from kvbench.runtime.runspec import RunSpec
 from kvbench.tasks import TASKS, Task, make_task
 
 
@@ -63,8 +63,9 @@ def parse_method_args(items: list[str]) -> dict[str, dict[str, str]]:
     return out
 
 
-def plan(spec: CompareSpec) -> list[tuple[KVPolicy, str, str]]:
-    """Every (policy, position mode, query mode) to run, validated before anything expensive happens."""
+def plan(spec: CompareSpec) -> list[RunSpec]:
+    """Every run (method, budget, parameters, position mode, query mode), each checked before anything expensive
+    happens. A budget list applies to the methods that take a budget; position modes to the methods that evict."""
     if not spec.methods:
         raise ValueError(f"--methods names no method; known methods: {', '.join(available())}")
     if not spec.tasks:
@@ -72,33 +73,23 @@ def plan(spec: CompareSpec) -> list[tuple[KVPolicy, str, str]]:
     stray = sorted(set(spec.method_args) - set(spec.methods))
     if stray:
         raise ValueError(f"--method-args names {', '.join(stray)}, which is not among --methods")
-    bad = [p for p in spec.positions if p not in POSITION_MODES]
-    if bad or not spec.positions:
-        raise ValueError(f"--positions {','.join(bad)!r} is not a position mode; allowed: {', '.join(POSITION_MODES)}")
+    if not spec.positions or not spec.queries:
+        raise ValueError("--positions and --query each need at least one mode")
     bad = [s for s in spec.schedules if s not in SCHEDULES]
     if bad:
         raise ValueError(f"--schedule {','.join(bad)!r} is not a schedule; allowed: {', '.join(SCHEDULES)}")
-    bad = [q for q in spec.queries if q not in QUERY_MODES]
-    if bad or not spec.queries:
-        raise ValueError(f"--query {','.join(bad)!r} is not a query mode; allowed: {', '.join(QUERY_MODES)}")
     if spec.limit is not None and spec.limit <= 0:
         raise ValueError(f"--limit must be a positive number of samples, got {spec.limit}")
-    policies = []
+    runs = []
     for name in dict.fromkeys(spec.methods):
-        budgets: list[Budget | None] = [None]
-        if policy_class(name).uses_budget:
-            if not spec.budgets:
-                raise ValueError(f"method {name!r} needs --budget")
-            budgets = list(spec.budgets)
-        cls = policy_class(name)
-        modes = ["original"] if not cls.evicts else spec.positions
-        if "rerotate" in modes and not cls.uniform_layers:
-            raise ValueError(f"--positions rerotate needs the same token count in every layer; {name!r} keeps "
-                             "per-layer sets of different sizes (use original or naive)")
+        budgets: list[Budget | None] = (spec.budgets or [None]) if RunSpec.takes_budget(name) else [None]
         for params in expand_sweep(method_params(spec, name)):
-            policies.extend((make_policy(name, b, **params), m, q) for b in budgets for m in modes
-                            for q in dict.fromkeys(spec.queries))
-    return policies
+            built = {}  # a method that never evicts runs once whatever position modes were asked for
+            for b, m, q in itertools.product(budgets, dict.fromkeys(spec.positions), dict.fromkeys(spec.queries)):
+                run = RunSpec.build(name, b, params, m, q)
+                built.setdefault((b, run.positions, q), run)
+            runs.extend(built.values())
+    return runs
 
 
 def method_params(spec: CompareSpec, name: str) -> dict[str, str]:
@@ -159,25 +150,25 @@ class Runner:
                        "prefill_chunk": spec.prefill_chunk, "limit": spec.limit}
         self.versions = versions()
 
-    def cell_config(self, policy: KVPolicy, mode: str, task: str, query: str = "in-prompt") -> dict[str, Any]:
+    def cell_config(self, run: RunSpec, task: str) -> dict[str, Any]:
         """Everything that determines a cell's deterministic results (the sweep's cache key)."""
-        return {**self.config, "policy": {"name": policy.name, **policy.config()}, "positions": mode,
-                "query": query, "task": task,
+        return {**self.config, "policy": {"name": run.method, **run.policy.config()}, "positions": run.positions,
+                "query": run.query, "task": task,
                 "task_metadata": self.spec.task_metadata.get(task),
                 "context_lengths": self.spec.context_lengths if task in self.builtin else None}
 
-    def cell(self, policy: KVPolicy, mode: str, task: str, query: str = "in-prompt") -> Cell:
+    def cell(self, run: RunSpec, task: str) -> Cell:
         if task in self.builtin:
             t = self.builtin[task]
             return Cell(task, [sample_record(task, s, r, t.score(r.text, s)) for s in self.samples[task]
-                               for r in [run_sample(self.engine, t, s, policy, mode)]])
-        got = lmeval_tasks.evaluate(self.engine, self.spec.model, policy, mode, task, self.spec.limit,
-                                   self.spec.task_metadata.get(task), query)
+                               for r in [run_sample(self.engine, t, s, run)]])
+        got = lmeval_tasks.evaluate(self.engine, self.spec.model, run, task, self.spec.limit,
+                                   self.spec.task_metadata.get(task))
         return Cell(task, got.samples, got.scores, got.metrics)
 
-    def record(self, policy: KVPolicy, mode: str, cells: list[Cell], explicit: set[str],
-               query: str = "in-prompt") -> dict[str, Any]:
-        """One leaderboard row: the policy's cells on every task, summarized."""
+    def record(self, run: RunSpec, cells: list[Cell], explicit: set[str]) -> dict[str, Any]:
+        """One leaderboard row: the run's cells on every task, summarized."""
+        policy, mode, query = run.policy, run.positions, run.query
         config_now = policy.config()
         samples = [s for c in cells for s in c.samples]
         return {
@@ -197,30 +188,35 @@ class Runner:
 
 
 def run(spec: CompareSpec, out_dir: Path | None = None, progress: bool = True) -> list[dict[str, Any]]:
-    policies = plan(spec)
+    runs = plan(spec)
     runner = Runner(spec)
     records = []
-    bar = tqdm(total=len(policies) * len(runner.task_names), disable=not progress, desc="compare", unit="cell")
-    for policy, mode, query in policies:
-        bar.set_postfix_str(f"{policy.name} {policy.budget or ''} {mode} {query}")
+    bar = tqdm(total=len(runs) * len(runner.task_names), disable=not progress, desc="compare", unit="cell")
+    for run_ in runs:
+        bar.set_postfix_str(describe(run_))
         cells = []
         for task in runner.task_names:
-            cells.append(runner.cell(policy, mode, task, query))
+            cells.append(runner.cell(run_, task))
             bar.update()
-        records.append(runner.record(policy, mode, cells, set(method_params(spec, policy.name)), query))
+        records.append(runner.record(run_, cells, set(method_params(spec, run_.method))))
     bar.close()
     if out_dir is not None:
         write_outputs(spec, records, out_dir)
     return records
 
 
-def run_sample(engine: Engine, task: Task, sample, policy: KVPolicy, mode: str) -> RunResult:
+def describe(run: RunSpec) -> str:
+    """A run in a progress bar's postfix."""
+    return f"{run.method} {run.policy.budget or ''} {run.positions} {run.query}"
+
+
+def run_sample(engine: Engine, task: Task, sample, run: RunSpec) -> RunResult:
     """One sample: a prompt and its answer, or a whole conversation on one cache (turns in meta)."""
     turns = sample.meta.get("turns")
     if not turns:
-        return engine.generate(sample.prompt_ids, policy, task.max_new_tokens, task.stop,
-                               ignore_eos=task.ignore_eos, positions=mode)
-    return merge_turns(converse(engine, turns, policy, task.max_new_tokens, task.stop, positions=mode))
+        return engine.generate(sample.prompt_ids, run.policy, task.max_new_tokens, task.stop,
+                               ignore_eos=task.ignore_eos, positions=run.positions)
+    return merge_turns(converse(engine, turns, run.policy, task.max_new_tokens, task.stop, positions=run.positions))
 
 
 def write_outputs(spec: CompareSpec, records: list[dict[str, Any]], out_dir: Path) -> None:

@@ -18,8 +18,8 @@ from typing import Any
 
 from kvbench.evaluation.records import sample_record
 from kvbench.lmeval.tasks import TASK_DIR
-from kvbench.policy import KVPolicy
 from kvbench.runtime.engine import Engine
+from kvbench.runtime.runspec import RunSpec
 from kvbench.tasks import Sample
 
 MAX_META_CHARS = 200  # doc fields longer than this (prompts, documents) stay out of the records
@@ -63,15 +63,15 @@ def quiet_lm_eval() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def evaluate(engine: Engine, model: str, policy: KVPolicy, positions: str, task: str, limit: int | None = None,
-             metadata: dict[str, Any] | None = None, query: str = "in-prompt") -> TaskScores:
-    """One lm-eval task (or group) for one policy on `engine`'s model (`model`: its --model name, from which the
+def evaluate(engine: Engine, model: str, run: RunSpec, task: str, limit: int | None = None,
+             metadata: dict[str, Any] | None = None) -> TaskScores:
+    """One lm-eval task (or group) for one run on `engine`'s model (`model`: its --model name, from which the
     tasks take the tokenizer and chat template); `metadata` overrides the YAML's."""
     import lm_eval
 
     from kvbench.lmeval.adapter import KVBenchLM
 
-    lm = KVBenchLM.from_engine(engine, policy, positions, progress=False, query=query)
+    lm = KVBenchLM.from_engine(engine, run, progress=False)
     manager = _manager(json.dumps({**(metadata or {}), "pretrained": model}, sort_keys=True))
     with quiet_lm_eval():
         out = lm_eval.simple_evaluate(model=lm, tasks=[task], limit=limit, task_manager=manager, log_samples=True,

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from kvbench.evaluation import results
 from kvbench.evaluation.cells import CellStore
-from kvbench.evaluation.compare import CompareSpec, Runner, method_params, plan
+from kvbench.evaluation.compare import CompareSpec, Runner, describe, method_params, plan
 from kvbench.evaluation.leaderboard import markdown
 from kvbench.evaluation.records import cpu_model, write_atomic
 from kvbench.lmeval.tasks import check_metadata
@@ -192,11 +192,11 @@ def run(sweep: Sweep, out_dir: Path, cells_dir: Path, plots_dir: Path | None = N
     commit = _commit()  # the code the cells are computed with, not what is checked out when they finish
     runner = Runner(CompareSpec(**{**asdict(sweep.spec), "methods": ["full"]}))
     code = source_hash()
-    plan_rows = [(row, policy, mode, query) for row in sweep.rows for policy, mode, query in plan(row)]
-    row_keys = [[cell_key({**runner.cell_config(policy, mode, task, query), "source": code}) for task in row.tasks]
-                for row, policy, mode, query in plan_rows]
-    todo = {key: (policy, mode, task, query)
-            for (row, policy, mode, query), keys in zip(plan_rows, row_keys, strict=True)
+    plan_rows = [(row, run_) for row in sweep.rows for run_ in plan(row)]
+    row_keys = [[cell_key({**runner.cell_config(run_, task), "source": code}) for task in row.tasks]
+                for row, run_ in plan_rows]
+    todo = {key: (run_, task)
+            for (row, run_), keys in zip(plan_rows, row_keys, strict=True)
             for task, key in zip(row.tasks, keys, strict=True)}
     outcome = Outcome([], [], [])
     store = CellStore(cells_dir)
@@ -205,16 +205,16 @@ def run(sweep: Sweep, out_dir: Path, cells_dir: Path, plots_dir: Path | None = N
     try:
         while len(done) < len(todo):
             waiting = False
-            for key, (policy, mode, task, query) in todo.items():
+            for key, (run_, task) in todo.items():
                 if key in done:
                     continue
-                bar.set_postfix_str(f"{policy.name} {policy.budget or ''} {mode} {task}")
+                bar.set_postfix_str(f"{describe(run_)} {task}")
                 stored = store.get(key)
                 if stored is None and store.claim(key):
                     try:
                         stored = store.get(key)  # finished by another sweep between the read and the claim
                         if stored is None:
-                            done[key] = runner.cell(policy, mode, task, query)
+                            done[key] = runner.cell(run_, task)
                             store.put(key, done[key])
                             outcome.ran.append(key)
                     finally:
@@ -231,9 +231,9 @@ def run(sweep: Sweep, out_dir: Path, cells_dir: Path, plots_dir: Path | None = N
     finally:
         store.release_all()  # Ctrl-C or an error: no claim outlives this process
         bar.close()
-    for (row, policy, mode, query), keys in zip(plan_rows, row_keys, strict=True):
+    for (row, run_), keys in zip(plan_rows, row_keys, strict=True):
         cells = [done[key] for key in keys]
-        outcome.records.append(runner.record(policy, mode, cells, set(method_params(row, policy.name)), query))
+        outcome.records.append(runner.record(run_, cells, set(method_params(row, run_.method))))
     header = _header(sweep, code, commit, outcome)
     if committed is not None:
         outcome.mismatches = compare_deterministic(outcome.records, committed)

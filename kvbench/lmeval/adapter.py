@@ -25,12 +25,11 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
-from kvbench.kv.cache import POSITION_MODES
-from kvbench.policy import KVPolicy, make_policy
 from kvbench.runtime import models
 from kvbench.runtime.batch import generate_batch
 from kvbench.runtime.chat import converse, merge_turns
-from kvbench.runtime.engine import QUERY_MODES, Engine, RunResult, Session
+from kvbench.runtime.engine import Engine, RunResult, Session
+from kvbench.runtime.runspec import RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -78,31 +77,22 @@ class KVBenchLM(TemplateLM):
         if not str(batch).isdigit() or int(batch) < 1:
             raise ValueError(f"batch_size={batch_size!r}: use a whole number >= 1 (or auto, which means 1)")
         dtype = models.parse_dtype(str(dtype))
-        method = method or self.default_method
-        policy = make_policy(method, budget, **policy_args)  # validates name and parameters
-        if policy.uses_budget and policy.budget is None:
-            raise ValueError(f"method {method!r} needs budget= in --model_args (tokens, or a ratio like 0.25)")
-        _check_positions(positions)
-        _check_query(query)
+        run = RunSpec.build(method or self.default_method, budget, policy_args, positions, query)
         lm, tokenizer = models.load(str(pretrained), device=device, dtype=dtype, device_map=device_map)
-        self._setup(Engine(lm, tokenizer, prefill_chunk=int(prefill_chunk)), policy, positions, query=query)
+        self._setup(Engine(lm, tokenizer, prefill_chunk=int(prefill_chunk)), run)
         self.batch_size = int(batch)
 
     @classmethod
-    def from_engine(cls, engine: Engine, policy: KVPolicy, positions: str = "original",
-                    progress: bool = True, query: str = "in-prompt") -> KVBenchLM:
+    def from_engine(cls, engine: Engine, run: RunSpec, progress: bool = True) -> KVBenchLM:
         """An adapter around an already loaded model (kvbench compare runs many policies on one)."""
-        _check_positions(positions)
-        _check_query(query)
         lm = cls.__new__(cls)
-        lm._setup(engine, policy, positions, progress, query)
+        lm._setup(engine, run, progress)
         return lm
 
-    def _setup(self, engine: Engine, policy: KVPolicy, positions: str, progress: bool = True,
-               query: str = "in-prompt") -> None:
+    def _setup(self, engine: Engine, run: RunSpec, progress: bool = True) -> None:
         TemplateLM.__init__(self)
         self.engine, self.tokenizer = engine, engine.tokenizer
-        self.policy, self.method, self.positions, self.query = policy, policy.name, positions, query
+        self.run = run
         self.measured: list[Measured] = []
         self._last: list[RunResult] = []
         self._warned = False
@@ -155,7 +145,7 @@ class KVBenchLM(TemplateLM):
         return self.tokenizer.decode(tokens)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        if self.query != "in-prompt":
+        if self.run.query != "in-prompt":
             return self._measure(requests, lambda: self._after(requests, score=True))
         return self._measure(requests, lambda: super(KVBenchLM, self).loglikelihood(requests, disable_tqdm))
 
@@ -168,7 +158,7 @@ class KVBenchLM(TemplateLM):
                 self._warned = True
                 log.warning("kvbench: scoring %d tokens, past the model's %d-position window: positions continue "
                             "as they are (no truncation)", len(context) + len(continuation), self.engine.max_positions)
-            session = self.engine.session(self.policy, self.positions)
+            session = self.engine.session(self.run.policy, self.run.positions)
             t0 = time.perf_counter()
             out.append(session.score(session.feed(context), continuation))
             session.sync()
@@ -182,7 +172,7 @@ class KVBenchLM(TemplateLM):
             [(("", text), ctx, cont) for text, (ctx, cont) in zip(texts, tokens, strict=True)], disable_tqdm)])
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        if self.query != "in-prompt":
+        if self.run.query != "in-prompt":
             return self._measure(requests, lambda: self._after(requests, score=False))
         return self._measure(requests, lambda: self._generate_all([req.args for req in requests], disable_tqdm))
 
@@ -193,8 +183,9 @@ class KVBenchLM(TemplateLM):
         reads it). A token straddling the boundary goes with the question."""
         question = doc.get(QUESTION_FIELD) if isinstance(doc, dict) else None
         if not question:
-            raise ValueError(f"{task}: query={self.query} needs the question marked (a doc field {QUESTION_FIELD!r} "
-                             "holding the text where it starts in the prompt); this task has none, use query=in-prompt")
+            raise ValueError(f"{task}: query={self.run.query} needs the question marked (a doc field "
+                             f"{QUESTION_FIELD!r} holding the text where it starts in the prompt); this task has none, "
+                             "use query=in-prompt")
         at = context.rfind(question)
         if at < 0:
             raise ValueError(f"{task}: the doc's {QUESTION_FIELD!r} text does not occur in its prompt")
@@ -215,13 +206,13 @@ class KVBenchLM(TemplateLM):
                 self.engine.check_fits(len(ids), int(req.args[1].get("max_gen_toks", 256)))
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, (ids, first) in enumerate(split):
-            key = tuple(ids[:first]) if self.query == "reuse" else (i, *ids[:first])
+            key = tuple(ids[:first]) if self.run.query == "reuse" else (i, *ids[:first])
             groups.setdefault(key, []).append(i)
         out: list = [None] * len(requests)
         results: list[RunResult | None] = [None] * len(requests)
-        for members in tqdm(groups.values(), disable=not self.progress, desc=f"kvbench query={self.query}"):
+        for members in tqdm(groups.values(), disable=not self.progress, desc=f"kvbench query={self.run.query}"):
             ids, first = split[members[0]]
-            base, context_s = self.engine.compressed_context(ids[:first], self.policy, self.positions)
+            base, context_s = self.engine.compressed_context(ids[:first], self.run.policy, self.run.positions)
             for n, i in enumerate(members):
                 session = base if n == len(members) - 1 else base.fork()
                 out[i], results[i] = self._question(session, split[i], requests[i].args, score)
@@ -266,13 +257,14 @@ class KVBenchLM(TemplateLM):
         separator = gen_kwargs.get("turn_separator")
         if separator:
             turns = [t.strip() for t in contexts[0].split(separator) if t.strip()]
-            results = [merge_turns(converse(self.engine, turns, self.policy, max_new, until, self.positions))]
+            run = self.run
+            results = [merge_turns(converse(self.engine, turns, run.policy, max_new, until, run.positions))]
         elif len(contexts) > 1:
-            results = generate_batch(self.engine, [self.tok_encode(c) for c in contexts], self.policy, max_new,
-                                                 until, ignore_eos, self.positions)
+            results = generate_batch(self.engine, [self.tok_encode(c) for c in contexts], self.run.policy, max_new,
+                                                 until, ignore_eos, self.run.positions)
         else:
-            results = [self.engine.generate(self.tok_encode(contexts[0]), self.policy, max_new, stop=until,
-                                            positions=self.positions, ignore_eos=ignore_eos,
+            results = [self.engine.generate(self.tok_encode(contexts[0]), self.run.policy, max_new, stop=until,
+                                            positions=self.run.positions, ignore_eos=ignore_eos,
                                             past_window=bool(gen_kwargs.get("past_window")))]
         self._last += results
         return [r.text for r in results]
@@ -308,12 +300,3 @@ class ModelArgsError(ValueError):
 
 QUESTION_FIELD = "question"  # the doc field that marks where a task's question starts in its prompt
 
-
-def _check_query(query: str) -> None:
-    if query not in QUERY_MODES:
-        raise ValueError(f"query={query!r} is not a query mode; allowed: {', '.join(QUERY_MODES)}")
-
-
-def _check_positions(positions: str) -> None:
-    if positions not in POSITION_MODES:
-        raise ValueError(f"positions={positions!r} is not a position mode; allowed: {', '.join(POSITION_MODES)}")

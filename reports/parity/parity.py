@@ -28,6 +28,7 @@ from kvbench.lmeval.tasks import TASK_DIR
 from kvbench.policy import Budget, make_policy
 from kvbench.runtime import models
 from kvbench.runtime.engine import Engine
+from kvbench.runtime.runspec import RunSpec
 from kvbench.tasks import ruler
 
 HERE = Path(__file__).parent
@@ -49,7 +50,7 @@ def prompts(engine: Engine, per_task: int, length: int) -> list[dict]:
     spec = importlib.util.spec_from_file_location("kvbench_task_utils", TASK_DIR / "utils.py")
     utils = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(utils)
-    splitter = KVBenchLM.from_engine(engine, make_policy("full"), progress=False, query="after")
+    splitter = KVBenchLM.from_engine(engine, RunSpec.build("full", query="after"), progress=False)
     out = []
     for task in TASKS:
         rows = utils.ruler(task, context_lengths=[length], samples=per_task)["test"]
