@@ -34,5 +34,6 @@ leaderboard-check: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# one worker per core (at most 4), a test file's tests on one worker (they share its module-scoped models)
 test: lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --maxprocesses 4 --dist loadfile

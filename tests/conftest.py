@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from kvbench.kv.cache import PolicyCache
 from kvbench.policy import KVPolicy, Phase
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """`make test` runs one pytest-xdist worker per core: each worker's torch takes its share of the cores (two
+    workers of two threads each on two cores run slower than one)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 def assert_valid_results(document: dict) -> None:
