@@ -5,7 +5,7 @@ is imported at interpreter start by `kvbench-lm-eval.pth` and costs one entry in
 nothing of kvbench, torch or lm-eval is imported until a program imports lm-eval's model table. At
 that moment the two model types are registered as lazy placeholders (`module:Class` strings,
 imported on first use), and when lm-eval's task package loads, kvbench's task folder is added to
-its default task paths. The `lm_eval` command's entry point reports kvbench's refusals of
+its default task paths. The `lm_eval` command (and `python -m lm_eval`) reports kvbench's refusals of
 --model_args in one line with exit code 2.
 """
 
@@ -17,7 +17,7 @@ MODELS = {"kvbench-hf": "kvbench.lmeval.adapter:KVBenchLM", "asrkf-hf": "kvbench
 # lm_eval.models fills the registry from its static table; get_model() imports it when the registry
 # is empty, so kvbench registers right after it, never before (that would hide the built-in models)
 WATCHED = {"lm_eval.models": "_register_models", "lm_eval.tasks": "_register_tasks",
-           "lm_eval.__main__": "_one_line_refusals"}
+           "lm_eval._cli.harness": "_one_line_refusals"}
 
 
 def _register_models(module) -> None:
@@ -35,24 +35,26 @@ def _register_tasks(module) -> None:
 
 
 def _one_line_refusals(module) -> None:
-    """`lm_eval --model kvbench-hf` with bad --model_args ends as `kvbench` does: one line on stderr, exit 2.
+    """`lm_eval --model kvbench-hf` (the command, or `python -m lm_eval`) with bad --model_args ends as `kvbench`
+    does: one line on stderr, exit 2.
 
     lm-eval prints a traceback for any exception from a model's constructor; only kvbench's own refusal
-    (ModelArgsError) is shortened here, every other exception propagates unchanged."""
-    evaluate = module.cli_evaluate
+    (ModelArgsError) is shortened here, every other exception propagates unchanged. Both launchers run
+    `HarnessCLI.execute`, so that is what is wrapped."""
+    execute = module.HarnessCLI.execute
 
-    def cli_evaluate() -> int | None:
+    def execute_refusing_in_one_line(self, args) -> None:
         try:
-            return evaluate()
+            execute(self, args)
         except ValueError as err:
             adapter = sys.modules.get("kvbench.lmeval.adapter")
             if adapter is None or not isinstance(err, adapter.ModelArgsError):
                 raise
             print(f"lm_eval: kvbench: error: {err}", file=sys.stderr)
-            return 2
+            raise SystemExit(2) from None
 
-    cli_evaluate.__doc__ = evaluate.__doc__
-    module.cli_evaluate = cli_evaluate
+    execute_refusing_in_one_line.__doc__ = execute.__doc__
+    module.HarnessCLI.execute = execute_refusing_in_one_line
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):

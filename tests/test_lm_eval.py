@@ -95,15 +95,18 @@ def test_bad_model_args_are_refused_with_what_is_allowed(args, message):
         KVBenchLM.create_from_arg_string(f"pretrained=smollm2-135m,{args}")
 
 
-@pytest.mark.parametrize("model,args,message", [
-    ("kvbench-hf", "method=streamingllm,budget=64,sinks=2.5", "parameter sinks=2.5 is not a valid int"),
-    ("kvbench-hf", "pretrained=/no/such/model", "/no/such/model"),
-    ("asrkf-hf", "method=h2o", "asrkf-hf always runs ASR-KF-EGR"),
+@pytest.mark.parametrize("launcher,model,args,message", [
+    ("command", "kvbench-hf", "method=streamingllm,budget=64,sinks=2.5", "parameter sinks=2.5 is not a valid int"),
+    ("command", "kvbench-hf", "pretrained=/no/such/model", "/no/such/model"),
+    ("command", "asrkf-hf", "method=h2o", "asrkf-hf always runs ASR-KF-EGR"),
+    ("module", "kvbench-hf", "method=asrkf,budget=256", "method 'asrkf' takes no budget"),
 ])
-def test_stock_lm_eval_cli_refuses_bad_model_args_in_one_line_with_exit_2(model, args, message):
-    """The `lm_eval` command (lm-eval's own process) ends a kvbench refusal as `kvbench` does: no traceback."""
-    lm_eval = Path(sys.executable).parent / "lm_eval"
-    done = subprocess.run([str(lm_eval), "--model", model, "--model_args", args, "--tasks", "kvbench_needle",
+def test_stock_lm_eval_cli_refuses_bad_model_args_in_one_line_with_exit_2(launcher, model, args, message):
+    """lm-eval's own process (the `lm_eval` command or `python -m lm_eval`) ends a kvbench refusal as `kvbench`
+    does: no traceback."""
+    command = [str(Path(sys.executable).parent / "lm_eval")] if launcher == "command" else [sys.executable, "-m",
+                                                                                              "lm_eval"]
+    done = subprocess.run([*command, "--model", model, "--model_args", args, "--tasks", "kvbench_needle",
                            "--device", "cpu", "--limit", "1"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
@@ -231,3 +234,4 @@ def _smollm2():
     from kvbench.runtime import models
 
     return models.load(models.DEFAULT_MODEL)
+
