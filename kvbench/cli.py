@@ -34,9 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--budget", type=_csv, default="256",
                    help="KV budget per layer: tokens (256) or a ratio of tokens seen (0.25); comma-separated sweep")
     c.add_argument("--tasks", type=_csv, default="needle",
-                   help="comma-separated tasks: built-in ones and kvbench's lm-eval tasks (see README, Tasks)")
+                   help="comma-separated kvbench tasks, each an lm-eval YAML in tasks/lm_eval (see README, Tasks)")
     c.add_argument("--context-lengths", type=_csv, default=None,
-                   help="needle context lengths in tokens, comma-separated (default: the task's own)")
+                   help="context lengths in tokens for the tasks that take them (needle, RULER-style), comma-separated "
+                        "(default: each task's own)")
     c.add_argument("--limit", type=int, default=None, help="at most N samples per task")
     c.add_argument("--model", default=models.DEFAULT_MODEL,
                    help=f"bundled alias ({', '.join(models.BUNDLED)}), a .gguf file, a local HF model directory, "

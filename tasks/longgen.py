@@ -1,4 +1,4 @@
-"""Long free generation from short prompts: the paper's memory test for ASR-KF-EGR (500 new tokens).
+"""Long free generation from short prompts: the paper's memory test for ASR-KF-EGR (tasks/lm_eval/longgen.yaml).
 
 There is no gold answer. The score is the share of distinct word 4-grams in the continuation, a
 degeneration check: a cache policy that breaks the model shows up as loops and repetition.
@@ -6,33 +6,12 @@ degeneration check: a cache policy that breaks the model shows up as loops and r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from kvbench.runtime.chat import encode_chat
-from kvbench.tasks.base import Sample
-
 PROMPTS = (
     "Write a long story about a dragon who learns to bake bread in a small village.",
     "Explain in detail how a steam engine works, from the fire to the wheels.",
     "Describe a day in the life of a lighthouse keeper on a stormy island.",
     "Write a long letter from a sailor to his family about a voyage around the world.",
 )
-
-
-@dataclass
-class LongGenTask:
-    name: str = "longgen"
-    max_new_tokens: int = 500
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = True
-
-    def samples(self, engine, limit: int | None = None) -> list[Sample]:
-        out = [Sample(f"longgen-{i}", tuple(encode_chat(engine.tokenizer, p)), "", {"prompt": p})
-               for i, p in enumerate(PROMPTS)]
-        return out[:limit] if limit else out
-
-    def score(self, prediction: str, sample: Sample) -> float:
-        return distinct_ngrams(prediction)
 
 
 def distinct_ngrams(text: str, n: int = 4) -> float:

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
 
-from kvbench.tasks.base import Sample
 from kvbench.tasks.prose import passages
 
 QUESTION = "What is the code of this passage? Answer with the number only."
@@ -41,27 +39,3 @@ def score_turn(prediction: str, answer: str) -> float:
     """1 when the first number in the reply is the passage's code."""
     found = re.search(r"\d+", prediction)
     return float(found is not None and found.group(0) == answer)
-
-
-@dataclass
-class MultiTurnTask:
-    turns: int = 24
-    words_per_turn: int = 260
-    conversations: int = 2
-    seed: int = 0
-    name: str = "multiturn"
-    max_new_tokens: int = 16
-    stop: tuple[str, ...] = ("\n",)
-    ignore_eos: bool = False
-
-    def samples(self, engine, limit: int | None = None) -> list[Sample]:
-        talks = conversations(self.conversations, self.turns, self.words_per_turn, self.seed)
-        out = [Sample(f"multiturn-{c}", (), "|".join(codes), {"turns": turns})
-               for c, (turns, codes) in enumerate(talks)]
-        return out[:limit] if limit else out
-
-    def score(self, prediction: str, sample: Sample) -> float:
-        """Mean over turns; `prediction` is the replies joined by '|'."""
-        pairs = zip(prediction.split("|"), sample.answer.split("|"), strict=True)
-        scores = [score_turn(p, a) for p, a in pairs]
-        return sum(scores) / len(scores)

@@ -2,18 +2,13 @@
 
 Seeded and offline: the same seed gives the same keys, depths and prompts. The answer prefix
 ("The pass key is:") is part of the prompt, so the model only has to copy the digits; a sample
-scores 1 when the first number it produces is the key.
+scores 1 when the first number it produces is the key (tasks/lm_eval/kvbench_needle.yaml).
 """
 
 from __future__ import annotations
 
 import random
-import re
 from collections.abc import Callable
-from dataclasses import dataclass
-
-from kvbench.runtime.chat import encode_chat
-from kvbench.tasks.base import Sample
 
 INTRO = (
     "There is an important piece of information hidden inside a lot of irrelevant text. "
@@ -23,37 +18,6 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "\n\nWhat is the pass key? Answer with the number only."
 ANSWER_PREFIX = "The pass key is:"
-
-
-@dataclass
-class NeedleTask:
-    context_lengths: tuple[int, ...] = (1024, 2048)
-    depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
-    seed: int = 0
-    name: str = "needle"
-    max_new_tokens: int = 8
-    stop: tuple[str, ...] = ("\n",)
-    ignore_eos: bool = False
-
-    def __post_init__(self) -> None:
-        bad = [d for d in self.depths if not 0.0 <= d <= 1.0]
-        if bad:
-            raise ValueError(f"needle depths must lie in [0, 1], got {bad}")
-        if any(c < 128 for c in self.context_lengths):
-            raise ValueError(f"needle context lengths must be at least 128 tokens, got {self.context_lengths}")
-
-    def samples(self, engine, limit: int | None = None) -> list[Sample]:
-        out = []
-        count = lambda user: len(encode_chat(engine.tokenizer, user, ANSWER_PREFIX))  # noqa: E731
-        for h in haystack(engine.tokenizer, self.context_lengths, self.depths, self.seed, ("simple",), count):
-            ids = encode_chat(engine.tokenizer, h["user"], ANSWER_PREFIX)
-            meta = {"context_length": h["context_length"], "depth": h["depth"], "prompt_tokens": len(ids)}
-            out.append(Sample(f"needle-{h['context_length']}-{h['depth']:.2f}", tuple(ids), h["answer"], meta))
-        return out[:limit] if limit else out
-
-    def score(self, prediction: str, sample: Sample) -> float:
-        found = re.search(r"\d+", prediction)
-        return float(found is not None and found.group(0) == sample.answer)
 
 
 def haystack(tokenizer, lengths: tuple[int, ...], depths: tuple[float, ...], seed: int,

@@ -8,7 +8,6 @@ from conftest import assert_valid_results
 from kvbench.cli import build_parser, main
 from kvbench.evaluation import leaderboard
 from kvbench.policy import available
-from kvbench.tasks import TASKS
 
 
 def run_cli(capsys, *args):
@@ -53,7 +52,9 @@ def test_compare_writes_results_and_prints_table(tmp_path, capsys):
     (["--methods", "full,snapkvv"], "unknown method 'snapkvv'; known methods: " + ", ".join(available())),
     (["--methods", "h2o", "--budget", "0"], "budget must be a positive token count, got 0"),
     (["--methods", "h2o", "--budget", "-3"], "budget must be a positive token count, got -3"),
-    (["--tasks", "mmlu"], "unknown task 'mmlu'; built-in tasks: " + ", ".join(sorted(TASKS))),
+    (["--tasks", "mmlu"], "unknown task 'mmlu'; kvbench's tasks: kvbench_multiturn, kvbench_needle, "),
+    (["--tasks", "kvbench_ppl", "--context-lengths", "512"], "--context-lengths: none of kvbench_ppl takes"),
+    (["--tasks", "needle-1k", "--context-lengths", "0"], "context_lengths = [0] is not a non-empty list"),
     (["--positions", "sideways"], "is not a position mode; allowed: original, rerotate, naive"),
     (["--methods", "pyramidkv", "--positions", "rerotate"], "rerotate needs the same token count in every layer"),
     (["--model", "/nonexistent/model.gguf"], "model file not found: /nonexistent/model.gguf"),

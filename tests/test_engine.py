@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from needles import MAX_NEW_TOKENS, STOP, needles, score
 
 from kvbench.policy import Phase, make_policy
 from kvbench.runtime.batch import generate_batch
 from kvbench.runtime.chat import encode_chat
 from kvbench.runtime.engine import PromptTooLong
-from kvbench.tasks import make_task
 
 pytestmark = pytest.mark.model
 
@@ -105,17 +105,15 @@ def test_prompt_longer_than_context_window_is_refused(engine):
 
 
 def test_full_cache_finds_the_needle_at_1k(engine):
-    task = make_task("needle-1k")
-    samples = task.samples(engine)
-    scores = [task.score(engine.generate(s.prompt_ids, make_policy("full"), task.max_new_tokens, task.stop).text, s)
-              for s in samples]
+    scores = [score(engine.generate(s.prompt_ids, make_policy("full"), MAX_NEW_TOKENS, STOP).text, s)
+              for s in needles(engine.tokenizer)]
     assert sum(scores) / len(scores) >= 0.9
 
 
 def test_needle_generator_is_deterministic(engine):
-    a = make_task("needle", seed=3).samples(engine)
-    b = make_task("needle", seed=3).samples(engine)
-    c = make_task("needle", seed=4).samples(engine)
+    a = needles(engine.tokenizer, (1024, 2048), seed=3)
+    b = needles(engine.tokenizer, (1024, 2048), seed=3)
+    c = needles(engine.tokenizer, (1024, 2048), seed=4)
     assert a == b
     assert [s.answer for s in a] != [s.answer for s in c]
     assert all(s.answer in engine.tokenizer.decode(s.prompt_ids) for s in a)
@@ -139,25 +137,23 @@ def test_asrkf_freezes_and_thaws_without_losing_a_token_on_the_real_model(engine
 
 def test_asrkf_retrieval_safe_setting_finds_the_needle_where_full_does(engine):
     """heads=max, tau=0.25 (see reports/asrkf): a token any head relies on is not frozen."""
-    task = make_task("needle-1k", depths=(0.1, 0.9))
     policies = {"full": lambda: make_policy("full"), "asrkf": lambda: make_policy("asrkf", heads="max", tau=0.25)}
-    for s in task.samples(engine):
-        answers = {m: engine.generate(s.prompt_ids, make(), task.max_new_tokens, task.stop).text
-                   for m, make in policies.items()}
-        assert task.score(answers["full"], s) == 1.0
-        assert task.score(answers["asrkf"], s) == 1.0
+    for s in needles(engine.tokenizer, depths=(0.1, 0.9)):
+        answers = {m: engine.generate(s.prompt_ids, make(), MAX_NEW_TOKENS, STOP).text for m, make in policies.items()}
+        assert score(answers["full"], s) == 1.0
+        assert score(answers["asrkf"], s) == 1.0
 
 
 @pytest.mark.parametrize("method,budget", [("full", None), ("streamingllm", 64), ("h2o", 64), ("asrkf", None)])
 def test_batched_decode_equals_one_sequence_at_a_time(engine, method, budget):
     """Prompts of different lengths decoded together: each sequence keeps its own cache, so tokens, kept
     sets and bytes are those of running it alone (per-sequence lengths, no padding)."""
-    task = make_task("needle", context_lengths=(300, 500), depths=(0.2, 0.8))
-    prompts = [list(s.prompt_ids) for s in task.samples(engine)] + [encode_chat(engine.tokenizer, "Tell a long story.")]
+    samples = needles(engine.tokenizer, (300, 500), depths=(0.2, 0.8))
+    prompts = [list(s.prompt_ids) for s in samples] + [encode_chat(engine.tokenizer, "Tell a long story.")]
     assert len({len(p) for p in prompts}) > 1
     policy = make_policy(method, budget)
-    alone = [engine.generate(p, policy, 10, task.stop) for p in prompts]
-    together = generate_batch(engine, prompts, policy, 10, task.stop)
+    alone = [engine.generate(p, policy, 10, STOP) for p in prompts]
+    together = generate_batch(engine, prompts, policy, 10, STOP)
     for a, b in zip(alone, together, strict=True):
         assert b.tokens == a.tokens and b.text == a.text and b.stop_reason == a.stop_reason
         assert b.cache.active_tokens == a.cache.active_tokens and b.cache.active_bytes == a.cache.active_bytes
@@ -261,11 +257,10 @@ def test_asrkf_needle_keys_are_frozen_every_other_answer_step_and_query_thaw_ans
     every 1k needle): with the defaults the key's tokens leave attention in most layers at every other
     answer step (thawed on time, re-detected with their stale low importance, frozen again) and the answer is
     wrong. Query-driven thaw gives them back to the queries that need them, and the answer is right."""
-    task = make_task("needle-1k", depths=(0.1, 0.3, 0.9))
     layers = len(engine.layout.windows)
-    for sample in task.samples(engine):
+    for sample in needles(engine.tokenizer, depths=(0.1, 0.3, 0.9)):
         text, counts = key_frozen_layers(engine, sample, make_policy("asrkf"))
-        assert task.score(text, sample) == 0.0
+        assert score(text, sample) == 0.0
         assert max(counts) > layers / 2 > min(counts)  # frozen in most layers at some answer steps, not at others
         text, counts = key_frozen_layers(engine, sample, make_policy("asrkf", query_thaw=0.02, thaw_on_prompt=True))
-        assert task.score(text, sample) == 1.0
+        assert score(text, sample) == 1.0

@@ -235,3 +235,21 @@ def _smollm2():
 
     return models.load(models.DEFAULT_MODEL)
 
+
+def test_the_short_task_names_are_lm_eval_tasks_defined_by_their_yaml():
+    """One task system: `needle-1k`, `multiturn`, `longgen` ... are YAMLs like every other task (what they change
+    of the task they include is their metadata), so compare and stock lm-eval run the same definition."""
+    from kvbench.evaluation.lmeval_tasks import task_names
+    from kvbench.lmeval.tasks import metadata_defaults
+    from kvbench.tasks.lm_eval import utils
+
+    assert {"needle", "needle-1k", "needle-2k", "multiturn", "longgen"} <= set(task_names())
+    needle = metadata_defaults("kvbench_needle")
+    assert metadata_defaults("needle-1k") == {**needle, "context_lengths": [1024], "varied_context_lengths": []}
+    assert metadata_defaults("multiturn") == metadata_defaults("kvbench_multiturn")
+    from kvbench.tasks.longgen import PROMPTS
+
+    docs = utils.longgen()["test"]  # each prompt in the bundled model's chat format
+    assert [d["prompt"] for d in docs] == [utils._chat(utils._tokenizer({}), p) for p in PROMPTS]
+    assert all(f"<|im_start|>user\n{p}<|im_end|>" in d["prompt"] for p, d in zip(PROMPTS, docs, strict=True))
+    assert utils.longgen_results({}, ["a b c d a b c d"]) == {"distinct_4grams": 4 / 5}  # abcd twice in 5 4-grams

@@ -61,8 +61,10 @@ def write(tmp_path: Path, text: str) -> Path:
      "documents = '4' is not a whole number >= 1"),
     ('tasks = ["kvbench_ppl"]\n[task_metadata.kvbench_needle]\ndepths = [0.5]\n[[rows]]\nmethods = ["full"]',
      "'kvbench_needle' is not among the sweep's tasks"),
-    ('tasks = ["needle-1k"]\n[task_metadata.needle-1k]\ndepths = [0.5]\n[[rows]]\nmethods = ["full"]',
+    ('tasks = ["mmlu"]\n[task_metadata.mmlu]\ndepths = [0.5]\n[[rows]]\nmethods = ["full"]',
      "is not one of kvbench's lm-eval tasks"),
+    ('tasks = ["needle-1k"]\n[task_metadata.needle-1k]\ndepth = [0.5]\n[[rows]]\nmethods = ["full"]',
+     "unknown setting depth; needle-1k takes: context_lengths, depths, seed, varied_context_lengths"),
 ])
 def test_bad_sweep_files_are_refused_before_anything_runs(tmp_path, text, message):
     with pytest.raises(ValueError, match=message):
@@ -212,6 +214,18 @@ def test_cells_the_full_cache_fails_are_marked_and_left_out_of_the_suite_average
     inside, after = text.split("### Question after its context was compressed (after)")
     assert "### Question inside the compressed prompt (in-prompt)" in inside  # one table per query mode
     assert "| full" in inside and "snapkv" not in inside and "| snapkv" in after and "| full" not in after
+
+
+def test_a_degeneration_measure_is_never_a_suite_average_cell():
+    """longgen's distinct 4-grams lie in [0, 1] but are not a success rate: the full cache's 0.38 there does not
+    make the cell 'failed', and no row's average includes it."""
+    from kvbench.evaluation.leaderboard import counted_cells, suite_average
+
+    full = synthetic_row("full", {("a", 1024): [1, 1], ("longgen", None): [0.38, 0.4]})
+    full["metrics"]["metric"]["longgen"] = "distinct_4grams"
+    counted, left = counted_cells([full])
+    assert counted == {("a", 1024): 1.0} and left == {}
+    assert suite_average(full, counted) == 1.0
 
 
 def test_intervals_are_seeded_percentile_bootstraps_of_the_mean():

@@ -12,13 +12,13 @@ from tqdm.auto import tqdm
 
 from kvbench.evaluation import lmeval_tasks, results
 from kvbench.evaluation.leaderboard import markdown
-from kvbench.evaluation.records import sample_record, summarize, versions, write_atomic
+from kvbench.evaluation.records import summarize, versions, write_atomic
+from kvbench.lmeval.tasks import check_metadata, metadata_defaults
 from kvbench.policy import SCHEDULES, Budget, available, make_policy, policy_class
 from kvbench.runtime import models
-from kvbench.runtime.chat import converse, encode_chat, merge_turns
-from kvbench.runtime.engine import Engine, RunResult
+from kvbench.runtime.chat import encode_chat
+from kvbench.runtime.engine import Engine
 from kvbench.runtime.runspec import RunSpec
-from kvbench.tasks import TASKS, Task, make_task
 
 
 @dataclass
@@ -113,36 +113,30 @@ class Cell:
 
     task: str
     samples: list[dict[str, Any]]
-    scores: dict[str, float] = field(default_factory=dict)  # lm-eval aggregates (built-in tasks: from samples)
+    scores: dict[str, float] = field(default_factory=dict)  # lm-eval's aggregates
     metrics: dict[str, str] = field(default_factory=dict)
 
 
 class Runner:
-    """Loads the model once, builds the tasks' samples once, then runs cells and folds them into records."""
+    """Loads the model once, then runs cells (a run on one task, through lm-eval) and folds them into records."""
 
     def __init__(self, spec: CompareSpec) -> None:
-        overrides = {"context_lengths": spec.context_lengths} if spec.context_lengths else {}
         names = list(dict.fromkeys(spec.tasks))
-        unknown = [t for t in names if t not in TASKS and t not in lmeval_tasks.task_names()]
+        unknown = [t for t in names if t not in lmeval_tasks.task_names()]
         if unknown:
-            raise ValueError(f"unknown task {', '.join(map(repr, unknown))}; built-in tasks: "
-                             f"{', '.join(sorted(TASKS))}; lm-eval tasks: {', '.join(lmeval_tasks.task_names())}")
+            raise ValueError(f"unknown task {', '.join(map(repr, unknown))}; kvbench's tasks: "
+                             f"{', '.join(lmeval_tasks.task_names())}")
         self.spec, self.task_names = spec, names
-        self.builtin: dict[str, Task] = {t: make_task(t, **overrides) for t in names if t in TASKS}
-        if self.builtin and set(spec.queries) != {"in-prompt"}:
-            raise ValueError(f"--query {','.join(spec.queries)}: built-in tasks ({', '.join(self.builtin)}) put the "
-                             "question inside the prompt only; the query modes run kvbench's lm-eval tasks, "
-                             "e.g. kvbench_needle")
+        self.metadata = {t: self._metadata(t) for t in names}
+        if spec.context_lengths and not any("context_lengths" in (metadata_defaults(t) or {}) for t in names):
+            raise ValueError(f"--context-lengths: none of {', '.join(names)} takes context lengths (the needle tasks "
+                             "and the RULER-style suite do)")
         models.parse_dtype(spec.dtype)
         if spec.device_map is None:
             models.check_device(spec.device)
         models.resolve(spec.model)  # fail fast on a missing model, before loading anything
         lm, tok = models.load(spec.model, device=spec.device, dtype=spec.dtype, device_map=spec.device_map)
         self.engine = Engine(lm, tok, prefill_chunk=spec.prefill_chunk)
-        self.samples = {name: task.samples(self.engine, spec.limit) for name, task in self.builtin.items()}
-        for name, task in self.builtin.items():
-            for s in self.samples[name]:
-                self.engine.check_fits(len(s.prompt_ids), task.max_new_tokens)
         warm_up = encode_chat(self.engine.tokenizer, "Hello")
         self.engine.generate(warm_up, make_policy("full"), max_new_tokens=4)
         self.config = {"model": spec.model, "device": spec.device, "dtype": str(lm.dtype).removeprefix("torch."),
@@ -150,20 +144,23 @@ class Runner:
                        "prefill_chunk": spec.prefill_chunk, "limit": spec.limit}
         self.versions = versions()
 
+    def _metadata(self, task: str) -> dict[str, Any] | None:
+        """The task's metadata overrides: the spec's for the task, `--context-lengths` where the task takes
+        context lengths (the needle tasks, the RULER-style suite)."""
+        meta = dict(self.spec.task_metadata.get(task) or {})
+        if self.spec.context_lengths and "context_lengths" in (metadata_defaults(task) or {}):
+            meta.setdefault("context_lengths", list(self.spec.context_lengths))
+        if meta:
+            check_metadata(task, meta, f"{task} (--context-lengths or task metadata)")
+        return meta or None
+
     def cell_config(self, run: RunSpec, task: str) -> dict[str, Any]:
         """Everything that determines a cell's deterministic results (the sweep's cache key)."""
         return {**self.config, "policy": {"name": run.method, **run.policy.config()}, "positions": run.positions,
-                "query": run.query, "task": task,
-                "task_metadata": self.spec.task_metadata.get(task),
-                "context_lengths": self.spec.context_lengths if task in self.builtin else None}
+                "query": run.query, "task": task, "task_metadata": self.metadata[task]}
 
     def cell(self, run: RunSpec, task: str) -> Cell:
-        if task in self.builtin:
-            t = self.builtin[task]
-            return Cell(task, [sample_record(task, s, r, t.score(r.text, s)) for s in self.samples[task]
-                               for r in [run_sample(self.engine, t, s, run)]])
-        got = lmeval_tasks.evaluate(self.engine, self.spec.model, run, task, self.spec.limit,
-                                   self.spec.task_metadata.get(task))
+        got = lmeval_tasks.evaluate(self.engine, self.spec.model, run, task, self.spec.limit, self.metadata[task])
         return Cell(task, got.samples, got.scores, got.metrics)
 
     def record(self, run: RunSpec, cells: list[Cell], explicit: set[str]) -> dict[str, Any]:
@@ -208,15 +205,6 @@ def run(spec: CompareSpec, out_dir: Path | None = None, progress: bool = True) -
 def describe(run: RunSpec) -> str:
     """A run in a progress bar's postfix."""
     return f"{run.method} {run.policy.budget or ''} {run.positions} {run.query}"
-
-
-def run_sample(engine: Engine, task: Task, sample, run: RunSpec) -> RunResult:
-    """One sample: a prompt and its answer, or a whole conversation on one cache (turns in meta)."""
-    turns = sample.meta.get("turns")
-    if not turns:
-        return engine.generate(sample.prompt_ids, run.policy, task.max_new_tokens, task.stop,
-                               ignore_eos=task.ignore_eos, positions=run.positions)
-    return merge_turns(converse(engine, turns, run.policy, task.max_new_tokens, task.stop, positions=run.positions))
 
 
 def write_outputs(spec: CompareSpec, records: list[dict[str, Any]], out_dir: Path) -> None:

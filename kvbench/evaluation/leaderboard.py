@@ -60,12 +60,18 @@ cell the model fails without compression measures the model, not the method."""
 Cell = tuple[str, int | None]  # (task, context length; None for a task without lengths)
 
 
+NOT_PASS_FAIL = ("distinct_4grams",)
+"""Metrics in [0, 1] that are not a success rate (longgen's degeneration measure): never a suite-average cell."""
+
+
 def cell_scores(record: dict[str, Any]) -> dict[Cell, list[float]]:
-    """A row's sample scores per (task, context length), for tasks scored per sample in [0, 1] (not perplexity)."""
+    """A row's sample scores per (task, context length), for tasks scored per sample as success in [0, 1] (not
+    perplexity, not a degeneration measure)."""
     out: dict[Cell, list[float]] = {}
     metric = record["metrics"].get("metric", {})
     for s in record["samples"]:
-        if _is_perplexity(metric.get(s["task"], "")) or not isinstance(s["score"], int | float):
+        name = metric.get(s["task"], "")
+        if _is_perplexity(name) or name in NOT_PASS_FAIL or not isinstance(s["score"], int | float):
             continue
         out.setdefault((s["task"], (s.get("meta") or {}).get("context_length")), []).append(float(s["score"]))
     return out

@@ -20,7 +20,6 @@ from kvbench.evaluation.records import sample_record
 from kvbench.lmeval.tasks import TASK_DIR
 from kvbench.runtime.engine import Engine
 from kvbench.runtime.runspec import RunSpec
-from kvbench.tasks import Sample
 
 MAX_META_CHARS = 200  # doc fields longer than this (prompts, documents) stay out of the records
 
@@ -90,9 +89,8 @@ def evaluate(engine: Engine, model: str, run: RunSpec, task: str, limit: int | N
         value = s.get(metrics[m.task])
         prediction = s["filtered_resps"][0] if isinstance(s["filtered_resps"][0], str) else ""
         meta = {k: v for k, v in s["doc"].items() if not (isinstance(v, str) and len(v) > MAX_META_CHARS)}
-        sample = Sample(f"{m.task}-{m.doc_id}", (), _short(str(s["target"])), meta)
-        samples.append({**sample_record(m.task, sample, m.result, value if isinstance(value, int | float) else None),
-                        "prediction": prediction})
+        samples.append(sample_record(m.task, f"{m.task}-{m.doc_id}", _short(str(s["target"])), meta, prediction,
+                                     m.result, value if isinstance(value, int | float) else None))
     return TaskScores(scores, metrics, better, samples)
 
 

@@ -47,15 +47,17 @@ def cpu_model() -> str:
     return f"{name} ({vector.removesuffix('f')})" if vector else name
 
 
-def sample_record(task: str, sample, result: RunResult, score: float) -> dict[str, Any]:
+def sample_record(task: str, sample_id: str, answer: str, meta: dict[str, Any], prediction: str, result: RunResult,
+                  score: float | None) -> dict[str, Any]:
+    """One sample as the records hold it: what was asked and answered, and what the engine measured."""
     c = result.cache
     return {
         "task": task,
-        "id": sample.id,
-        "answer": sample.answer,
-        "prediction": result.text,
+        "id": sample_id,
+        "answer": answer,
+        "prediction": prediction,
         "score": score,
-        "meta": sample.meta,
+        "meta": meta,
         "prompt_tokens": result.prompt_tokens,
         "new_tokens": len(result.tokens),
         "stop_reason": result.stop_reason,

@@ -14,15 +14,16 @@ from collections import defaultdict
 from tabulate import tabulate
 
 from kvbench.runtime import models
+from kvbench.runtime.chat import _turn_ids
 from kvbench.runtime.engine import Engine
-from kvbench.tasks import make_task
+from kvbench.tasks.multiturn import conversations, score_turn
 
 
 def turn_ends(engine: Engine, turns: list[str], replies: list[str]) -> list[int]:
     """Tokens seen when each turn's answer starts, for one conversation."""
     messages, ends, seen = [], [], 0
     for turn, reply in zip(turns, replies, strict=True):
-        seen += len(engine._turn_ids(messages, turn, []))
+        seen += len(_turn_ids(engine, messages, turn, []))
         ends.append(seen)
         seen += len(engine.tokenizer(reply)["input_ids"]) + 1
         messages += [{"role": "user", "content": turn}, {"role": "assistant", "content": reply}]
@@ -32,13 +33,11 @@ def turn_ends(engine: Engine, turns: list[str], replies: list[str]) -> list[int]
 def main(path: str) -> None:
     with open(path) as fh:
         records = json.load(fh)
-    task = make_task("multiturn")
     model, tok = models.load()
     engine = Engine(model, tok)
-    conversations = {s.id: s for s in task.samples(engine)}
+    talks = {f"multiturn-{c}": turns for c, (turns, _) in enumerate(conversations(2, 24, 260, 0))}  # the run's task
     full = next(r for r in records if r["method"] == "full")
-    ends = {s["id"]: turn_ends(engine, conversations[s["id"]].meta["turns"], s["prediction"].split("|"))
-            for s in full["samples"]}
+    ends = {s["id"]: turn_ends(engine, talks[s["id"]], s["prediction"].split("|")) for s in full["samples"]}
     buckets = [(0, 2048), (2048, 4096), (4096, 6144), (6144, 8192), (8192, 10**9)]
     headers = ["method", "budget", "positions", *(f"{a // 1024}k–{b // 1024}k" if b < 10**9 else f">{a // 1024}k"
                                                  for a, b in buckets), "all turns"]
@@ -48,7 +47,7 @@ def main(path: str) -> None:
         for s in r["samples"]:
             for pred, gold, end in zip(s["prediction"].split("|"), s["answer"].split("|"), ends[s["id"]], strict=True):
                 b = next(i for i, (lo, hi) in enumerate(buckets) if lo <= end < hi)
-                hits[b].append(task.score_turn(pred, gold))
+                hits[b].append(score_turn(pred, gold))
         cells = [f"{100 * sum(hits[i]) / len(hits[i]):.0f}% ({len(hits[i])})" if hits[i] else "–"
                  for i in range(len(buckets))]
         overall = [x for v in hits.values() for x in v]

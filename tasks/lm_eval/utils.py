@@ -74,6 +74,20 @@ def rope(**meta) -> dict[str, datasets.Dataset]:
     return {"test": datasets.Dataset.from_list(rows)}
 
 
+def longgen(**meta) -> dict[str, datasets.Dataset]:
+    """The long-generation prompts, each in the model's chat format."""
+    from kvbench.tasks.longgen import PROMPTS
+
+    tokenizer = _tokenizer(meta)
+    return {"test": datasets.Dataset.from_list([{"prompt": _chat(tokenizer, p)} for p in PROMPTS])}
+
+
+def longgen_results(doc: dict, results: list[str]) -> dict[str, float]:
+    from kvbench.tasks.longgen import distinct_ngrams
+
+    return {"distinct_4grams": distinct_ngrams(results[0])}
+
+
 TURN_SEPARATOR = "\n<|kvbench-turn|>\n"  # kvbench_multiturn.yaml passes it as generation_kwargs.turn_separator
 
 
