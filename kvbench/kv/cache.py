@@ -13,13 +13,15 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvbench.kv.accounting import CacheStats, Ledger
+from kvbench.kv.positions import PositionMode
 from kvbench.kv.rope import Rope
-from kvbench.kv.rows import ROT, SLOT, RowData, Rows, gather, new_meta
+from kvbench.kv.rows import RowData, Rows, gather, new_meta
 from kvbench.kv.store import FrozenStore
 from kvbench.policy import Decision, KVPolicy, LayerView, Phase
 
@@ -46,24 +48,37 @@ def _index(mask: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
     return full.nonzero()[:, 2].view(shape[0], shape[1], k)  # row-major: each row's indices, ascending
 
 
+@dataclass(frozen=True)
+class LayerHandle:
+    """All a layer takes from its cache, fixed when the cache is built: the layer never reaches back into it (what
+    changes per step, the step and its phase, comes with each `view` call)."""
+
+    ledger: Ledger  # what the layer's changes are reported to
+    token_state: tuple[str, ...]  # the policy's per-token state fields
+    pin_memory: bool  # frozen rows in pinned host memory (CUDA)
+    rollback_reserve: int  # positions a sliding layer keeps beyond its window for a rollback
+    position_mode: PositionMode
+    num_layers: int
+    new_meta: Callable[[tuple[int, int, int], torch.device], torch.Tensor]  # this step's new rows' meta
+
+
 class PolicyLayer(CacheLayerMixin):
     """One layer: active rows on the compute device, frozen rows in host memory. `update` only appends;
     the policy runs after attention (`PolicyCache.after_attention`) and its decision is applied here.
     A sliding layer (`window` w) drops the tokens no later query can see, keeping the last w - 1
     positions as transformers' `DynamicSlidingWindowLayer` does (`expire`)."""
 
-    def __init__(self, owner: PolicyCache, layer_idx: int, window: int | None = None) -> None:
+    def __init__(self, handle: LayerHandle, layer_idx: int, window: int | None = None) -> None:
         super().__init__()
-        self.owner = owner
-        self.ledger = owner.ledger  # what the layer's changes are reported to
+        self.handle = handle
+        self.ledger = handle.ledger
         self.layer_idx = layer_idx
         self.window = window
         self.is_sliding = window is not None
         self.expired = 0
         self.expired_below = 0  # positions below this may have left the window (gone, not evicted)
-        names = owner.policy.token_state
-        self.active = Rows(names, torch.device("cpu"))
-        self.frozen = FrozenStore(names, pin=owner.pin_memory)
+        self.active = Rows(handle.token_state, torch.device("cpu"))
+        self.frozen = FrozenStore(handle.token_state, pin=handle.pin_memory)
         self._handed: dict[str, torch.Tensor] = {}  # the active state views handed to the policy
         self.seen = 0
         self.evicted = 0
@@ -81,7 +96,7 @@ class PolicyLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         b, h, q, _ = key_states.shape
         before = self._sizes()
-        self.active.append((key_states, value_states, self.owner.new_meta((b, h, q), self.device)))
+        self.active.append((key_states, value_states, self.handle.new_meta((b, h, q), self.device)))
         self.seen += q
         self.new_tokens = q
         self._refresh(before)
@@ -113,7 +128,7 @@ class PolicyLayer(CacheLayerMixin):
         return `attn` with its columns following the rows that stay. When heads hold different tokens after
         per-head evictions, each head drops as many of its oldest as the head with fewest outside the window;
         the rest stay active (counted) and masked by the attention function until the policy drops them."""
-        start = self.seen - self.window + 1 - self.owner.rollback_reserve  # the oldest a later query can see
+        start = self.seen - self.window + 1 - self.handle.rollback_reserve  # the oldest a later query can see
         before = self._sizes()
         f, dropped = self.frozen, 0
         if f.n:
@@ -162,13 +177,13 @@ class PolicyLayer(CacheLayerMixin):
         self.seen -= undone
         self._refresh(before)
 
-    def view(self, attn: torch.Tensor | None) -> LayerView:
+    def view(self, attn: torch.Tensor | None, step: int, phase: Phase) -> LayerView:
         f = self.frozen
         frozen_positions, frozen_state = f.view() if f.n else (None, {})
         self._handed = self.active.state_view()
         return LayerView(
             layer_idx=self.layer_idx,
-            num_layers=len(self.owner.layers),
+            num_layers=self.handle.num_layers,
             window=self.window,
             full_tokens=self.full_tokens(),
             keys=self.keys,
@@ -180,8 +195,8 @@ class PolicyLayer(CacheLayerMixin):
             state=dict(self._handed),
             frozen_positions=frozen_positions,
             frozen_state=dict(frozen_state),
-            step=self.owner.steps,
-            phase=self.owner.phase,
+            step=step,
+            phase=phase,
         )
 
     def store_state(self, view: LayerView) -> None:
@@ -238,20 +253,8 @@ class PolicyLayer(CacheLayerMixin):
         self.active.swap(drop_idx, thawed)
         self.heads_aligned &= drop_idx.dim() == 1
         self.evicted += drop_idx.shape[-1] - frozen
-        if self.owner.positions == "rerotate":
-            self._rerotate()
+        self.handle.position_mode.settle(self.active)
         self._refresh(before)
-
-    def _rerotate(self) -> None:
-        """Turn every active key to its rank among the layer's true positions (contiguous in-cache positions)."""
-        rows = self.active
-        target = rows.positions().argsort(-1).argsort(-1)
-        delta = target - rows.rotations()
-        if bool(delta.any()):
-            rows.k[:, :, : rows.n] = self.owner.rope.rotate(rows.keys(), delta)
-            rows.meta[:, :, : rows.n, ROT] = target.float()
-            turned = (delta != 0).any(dim=1, keepdim=True).expand_as(delta)
-            rows.meta[:, :, : rows.n, SLOT].masked_fill_(turned, -1)  # their host copies are stale now
 
     def _shared_index(self, mask: torch.Tensor, n: int, what: str) -> torch.Tensor:
         """1-D indices of a freeze or thaw mask. The frozen store keeps one slot per token for all KV
@@ -298,9 +301,6 @@ def _follow(attn: torch.Tensor, before: torch.Tensor, after: torch.Tensor) -> to
     return attn.gather(-1, cols[:, :, None, None, :].expand(b, k, g, w, cols.shape[-1]))
 
 
-POSITION_MODES = ("original", "rerotate", "naive")
-
-
 class PolicyCache(Cache):
     """The cache the engine hands to the model: one PolicyLayer per decoder layer, one policy for all."""
 
@@ -308,19 +308,16 @@ class PolicyCache(Cache):
                  positions: str = "original", rope: Rope | None = None,
                  windows: tuple[int | None, ...] | None = None) -> None:
         """`windows`: each layer's sliding window (None: full attention), from `architectures.layout`."""
-        if positions not in POSITION_MODES:
-            raise ValueError(f"unknown positions mode {positions!r}; allowed: {', '.join(POSITION_MODES)}")
-        if positions == "rerotate" and rope is None:
-            raise ValueError("positions=rerotate needs the model's RoPE parameters")
+        self.position_mode = PositionMode(positions, rope)
         windows = windows or (None,) * num_layers
         if len(windows) != num_layers:
             raise ValueError(f"{len(windows)} sliding windows given for {num_layers} layers")
         self.policy = policy
-        self.positions = positions
-        self.rope = rope
         self.pin_memory = torch.device(device).type == "cuda"
         self.ledger = Ledger()
-        super().__init__(layers=[PolicyLayer(self, i, w) for i, w in enumerate(windows)])
+        handle = LayerHandle(self.ledger, tuple(policy.token_state), self.pin_memory, policy.rollback_reserve,
+                             self.position_mode, num_layers, self.new_meta)
+        super().__init__(layers=[PolicyLayer(handle, i, w) for i, w in enumerate(windows)])
         self.attended = 0  # layers whose attention ran in this step (the engine checks every layer did)
         self.pending_positions = torch.zeros((1, 0), dtype=torch.long)
         self.pending_rotations = self.pending_positions
@@ -361,7 +358,7 @@ class PolicyCache(Cache):
         if not layer.frozen.n:
             return False
         with self.ledger.policy_time(self.phase):
-            view = layer.view(None)
+            view = layer.view(None, self.steps, self.phase)
             self.ledger.frozen_scored += layer.frozen.n
             view.frozen_attn = score(layer.frozen.keys().to(layer.device), view.frozen_positions.to(layer.device))
             return self._decide(layer, view, self.policy.on_queries) is not None
@@ -371,7 +368,7 @@ class PolicyCache(Cache):
         with self.ledger.policy_time(self.phase):
             for layer in self.layers:
                 if layer.is_initialized:
-                    self._decide(layer, layer.view(None), self.policy.before_step)
+                    self._decide(layer, layer.view(None, self.steps, self.phase), self.policy.before_step)
 
     def _decide(self, layer: PolicyLayer, view: LayerView, decide: Callable[[LayerView], Decision | None],
                 apply: bool = True) -> Decision | None:
@@ -422,17 +419,9 @@ class PolicyCache(Cache):
         self.phase = Phase.PREFILL
 
     def next_rotations(self, positions: torch.Tensor) -> torch.Tensor:
-        """Positions to give the model for the next tokens (true `positions`, [1, q]) under this mode."""
-        if self.positions == "original":
-            return positions
-        counts = {layer.active.n for layer in self.layers}
-        if self.positions == "rerotate" and len(counts) > 1:
-            raise ValueError(
-                f"positions=rerotate needs every layer to hold the same number of tokens, but method "
-                f"{self.policy.name!r} keeps {min(counts)}..{max(counts)}; use original or naive"
-            )
-        n = self.layers[0].active.n  # naive: the shrunk length of layer 0, as get_seq_length() would say
-        return torch.arange(n, n + positions.shape[-1], device=positions.device)[None]
+        """Positions to give the model for the next tokens (true `positions`, [1, q]) under the position mode."""
+        return self.position_mode.next_rotations(positions, [layer.active.n for layer in self.layers],
+                                                 self.policy.name)
 
     def end_step(self) -> None:
         # at the end of the prompt, give back what prefill chunks reserved; later only clearly idle space,
@@ -456,7 +445,7 @@ class PolicyCache(Cache):
         if self.policy.passive or not (self.applying or self.policy.observes):
             return
         with self.ledger.policy_time(self.phase):
-            self._decide(layer, layer.view(attn), self.policy.step, self.applying)
+            self._decide(layer, layer.view(attn, self.steps, self.phase), self.policy.step, self.applying)
 
     # -- accounting (kvbench/kv/accounting.py) ---------------------------------------------------
     def full_bytes(self) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kvbench.kv.cache import POSITION_MODES
+from kvbench.kv.positions import POSITION_MODES
 from kvbench.policy import Budget, KVPolicy, make_policy, policy_class
 from kvbench.runtime.engine import QUERY_MODES
 
