@@ -3,10 +3,10 @@ tokens kvbench's lm-eval model types feed, and their scorer (the YAML's: the fir
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from kvbench.tasks.lm_eval.utils import needle
+from kvbench.tasks.multiturn import score_turn
 
 STOP = ("\n",)
 MAX_NEW_TOKENS = 8  # the YAML's max_gen_toks
@@ -27,5 +27,4 @@ def needles(tokenizer, context_lengths: tuple[int, ...] = (1024,),
 
 
 def score(prediction: str, sample: Needle) -> float:
-    found = re.search(r"\d+", prediction)
-    return float(found is not None and found.group(0) == sample.answer)
+    return score_turn(prediction, sample.answer)  # the same rule: the first number in the reply is the key

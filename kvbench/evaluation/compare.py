@@ -127,10 +127,11 @@ class Runner:
             raise ValueError(f"unknown task {', '.join(map(repr, unknown))}; kvbench's tasks: "
                              f"{', '.join(lmeval_tasks.task_names())}")
         self.spec, self.task_names = spec, names
-        self.metadata = {t: self._metadata(t) for t in names}
-        if spec.context_lengths and not any("context_lengths" in (metadata_defaults(t) or {}) for t in names):
+        with_lengths = {t for t in names if "context_lengths" in (metadata_defaults(t) or {})}
+        if spec.context_lengths and not with_lengths:
             raise ValueError(f"--context-lengths: none of {', '.join(names)} takes context lengths (the needle tasks "
                              "and the RULER-style suite do)")
+        self.metadata = {t: self._metadata(t, t in with_lengths) for t in names}
         models.parse_dtype(spec.dtype)
         if spec.device_map is None:
             models.check_device(spec.device)
@@ -144,11 +145,11 @@ class Runner:
                        "prefill_chunk": spec.prefill_chunk, "limit": spec.limit}
         self.versions = versions()
 
-    def _metadata(self, task: str) -> dict[str, Any] | None:
+    def _metadata(self, task: str, takes_lengths: bool) -> dict[str, Any] | None:
         """The task's metadata overrides: the spec's for the task, `--context-lengths` where the task takes
         context lengths (the needle tasks, the RULER-style suite)."""
         meta = dict(self.spec.task_metadata.get(task) or {})
-        if self.spec.context_lengths and "context_lengths" in (metadata_defaults(task) or {}):
+        if self.spec.context_lengths and takes_lengths:
             meta.setdefault("context_lengths", list(self.spec.context_lengths))
         if meta:
             check_metadata(task, meta, f"{task} (--context-lengths or task metadata)")

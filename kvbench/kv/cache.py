@@ -313,9 +313,9 @@ class PolicyCache(Cache):
         if len(windows) != num_layers:
             raise ValueError(f"{len(windows)} sliding windows given for {num_layers} layers")
         self.policy = policy
-        self.pin_memory = torch.device(device).type == "cuda"
         self.ledger = Ledger()
-        handle = LayerHandle(self.ledger, tuple(policy.token_state), self.pin_memory, policy.rollback_reserve,
+        pin = torch.device(device).type == "cuda"  # frozen rows in pinned host memory
+        handle = LayerHandle(self.ledger, tuple(policy.token_state), pin, policy.rollback_reserve,
                              self.position_mode, num_layers, self.new_meta)
         super().__init__(layers=[PolicyLayer(handle, i, w) for i, w in enumerate(windows)])
         self.attended = 0  # layers whose attention ran in this step (the engine checks every layer did)
@@ -328,7 +328,6 @@ class PolicyCache(Cache):
         self.applying = True
         self.steps = 0
         self.reads_queries = policy.reads_queries  # the attention function asks `thaw_on_demand` first
-        self.rollback_reserve = policy.rollback_reserve  # sliding layers keep this many more positions
 
     # -- called by the engine around each forward ---------------------------------------------
     def begin_step(self, position_ids: torch.Tensor, phase: Phase, last_chunk: bool = True,

@@ -257,8 +257,8 @@ class KVBenchLM(TemplateLM):
         separator = gen_kwargs.get("turn_separator")
         if separator:
             turns = [t.strip() for t in contexts[0].split(separator) if t.strip()]
-            run = self.run
-            results = [merge_turns(converse(self.engine, turns, run.policy, max_new, until, run.positions))]
+            results = [merge_turns(converse(self.engine, turns, self.run.policy, max_new, until,
+                                            self.run.positions))]
         elif len(contexts) > 1:
             results = generate_batch(self.engine, [self.tok_encode(c) for c in contexts], self.run.policy, max_new,
                                                  until, ignore_eos, self.run.positions)
