@@ -15,6 +15,7 @@ import pytest
 from conftest import assert_valid_results
 from kvbench.evaluation import sweep
 from kvbench.evaluation.cells import CellStore, read_cell
+from kvbench.evaluation.compare import plan
 
 SMALL = """
 tasks = ["needle-1k"]
@@ -77,6 +78,16 @@ def test_slices_select_methods_and_refuse_unknown_names(tmp_path):
     assert [r.methods for r in sweep.load(path, "quick").rows] == [["streamingllm"]]
     with pytest.raises(ValueError, match="has no slice 'ci'; slices: quick"):
         sweep.load(path, "ci")
+
+
+def test_a_slice_keeps_only_its_budgets_and_never_drops_a_row_without_one(tmp_path):
+    text = ('tasks = ["needle-1k"]\n[[rows]]\nmethods = ["full", "h2o"]\nbudgets = [64, 128]\n'
+            '[[rows]]\nmethods = ["h2o"]\nbudgets = [128]\n[slices.small]\nbudgets = [64]\n')
+    rows = sweep.load(write(tmp_path, text), "small").rows
+    assert [(r.methods, [b.tokens for b in r.budgets]) for r in rows] == [(["full", "h2o"], [64])]
+    assert [len(plan(r)) for r in rows] == [2]  # full once, h2o at 64 only
+    with pytest.raises(ValueError, match=r"\[slices.small\] budgets: budget must be a positive token count, got 0"):
+        sweep.load(write(tmp_path, text.replace("budgets = [64]\n", "budgets = [0]\n")), "small")
 
 
 def test_a_row_runs_only_its_own_tasks_which_must_be_the_sweeps(tmp_path):

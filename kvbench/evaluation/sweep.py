@@ -38,7 +38,7 @@ from kvbench.runtime import models
 
 SWEEP_KEYS = {"model", "device", "dtype", "prefill_chunk", "limit", "tasks", "task_metadata", "rows", "slices"}
 ROW_KEYS = {"methods", "tasks", "budgets", "positions", "queries", "schedules", "method_args"}
-SLICE_KEYS = {"methods", "tasks"}
+SLICE_KEYS = {"methods", "tasks", "budgets"}
 
 
 @dataclass
@@ -90,8 +90,8 @@ def _only(table: dict[str, Any], allowed: set[str], where: str) -> None:
 
 
 def load(path: Path, slice_name: str | None = None, dtype: str | None = None) -> Sweep:
-    """Parse and validate a sweep file; `slice_name` keeps only that slice's methods and tasks, `dtype` replaces
-    the file's model dtype."""
+    """Parse and validate a sweep file; `slice_name` keeps only that slice's methods, tasks and budgets, `dtype`
+    replaces the file's model dtype."""
     if not path.is_file():
         raise FileNotFoundError(f"sweep config not found: {path} (the published sweep is leaderboard/sweep.toml in "
                                 "the kvbench repository: run from a checkout or pass --config)")
@@ -106,6 +106,11 @@ def load(path: Path, slice_name: str | None = None, dtype: str | None = None) ->
         _only(sl, SLICE_KEYS, f"{path} [slices.{name}]")
         for key, value in sl.items():
             _strings(value, f"{path} [slices.{name}] {key}")
+        for budget in sl.get("budgets", []):
+            try:
+                Budget.parse(budget)
+            except ValueError as err:
+                raise ValueError(f"{path} [slices.{name}] budgets: {err}") from None
     if slice_name is not None and slice_name not in slices:
         raise ValueError(f"{path} has no slice {slice_name!r}; slices: {', '.join(slices) or 'none'}")
     chosen = slices.get(slice_name, {})
@@ -142,10 +147,15 @@ def load(path: Path, slice_name: str | None = None, dtype: str | None = None) ->
         row_tasks = [t for t in tasks if t in row_tasks]  # the sweep's order, within the slice
         if not methods or not row_tasks:
             continue
+        budgets = [Budget.parse(b) for b in _strings(group.get("budgets", []), where)]
+        if budgets and "budgets" in chosen:  # a row without budgets (full, asrkf) is not a budget's row
+            budgets = [b for b in budgets if b in [Budget.parse(c) for c in chosen["budgets"]]]
+            if not budgets:
+                continue
         args = {m: {k: str(v) for k, v in kv.items()} for m, kv in group.get("method_args", {}).items()
                 if m in methods}
         rows.append(CompareSpec(**{**asdict(spec), "methods": methods, "tasks": row_tasks,
-                                   "budgets": [Budget.parse(b) for b in _strings(group.get("budgets", []), where)],
+                                   "budgets": budgets,
                                    "positions": _strings(group.get("positions", ["original"]), where),
                                    "queries": _strings(group.get("queries", ["in-prompt"]), where),
                                    "schedules": _strings(group.get("schedules", []), where),
