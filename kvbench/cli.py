@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from kvbench.evaluation.compare import CompareSpec, default_out_dir, parse_method_args, run
+    from kvbench.evaluation.compare import CompareSpec, default_out_dir, parse_method_args, run_compare
     from kvbench.evaluation.leaderboard import markdown
     from kvbench.evaluation.records import check_outputs
     from kvbench.policy import Budget
@@ -129,14 +129,14 @@ def _compare(args: argparse.Namespace) -> int:
         raise ValueError(f"--prefill-chunk must be positive, got {args.prefill_chunk}")
     out = args.out or default_out_dir(spec.methods)
     check_outputs(out, ["results.json", "leaderboard.md"], args.overwrite)
-    records = run(spec, out, progress=not args.no_progress)
+    records = run_compare(spec, out, progress=not args.no_progress)
     print(markdown(records))
     print(f"wrote {out / 'results.json'} and {out / 'leaderboard.md'}")
     return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from kvbench.evaluation.bench import BenchSpec, run
+    from kvbench.evaluation.bench import BenchSpec, run_bench
     from kvbench.evaluation.compare import default_out_dir, parse_method_args
     from kvbench.evaluation.records import check_outputs
 
@@ -147,7 +147,7 @@ def _bench(args: argparse.Namespace) -> int:
                      batch=tuple(_int(b, "--batch") for b in args.batch), repeats=args.repeats)
     out = args.out or default_out_dir(spec.methods, "bench-")
     check_outputs(out, ["bench.md", "bench.json"], args.overwrite)
-    run(spec, out, progress=not args.no_progress)
+    run_bench(spec, out, progress=not args.no_progress)
     print((out / "bench.md").read_text())
     print(f"wrote {out / 'bench.md'} and {out / 'bench.json'}")
     return 0
@@ -162,7 +162,7 @@ def _leaderboard(args: argparse.Namespace) -> int:
     check_outputs(args.out, ["LEADERBOARD.md", "results.json"], overwrite=True)  # the sweep's job is to replace them
     check_outputs(args.plots, [], flag="--plots")
     check_outputs(cells, [], flag="--cells")
-    outcome = sweep.run(plan, args.out, cells, args.plots, args.check, progress=not args.no_progress)
+    outcome = sweep.run_sweep(plan, args.out, cells, args.plots, args.check, progress=not args.no_progress)
     print((args.out / "LEADERBOARD.md").read_text())
     print(f"wrote {args.out / 'LEADERBOARD.md'} and {args.out / 'results.json'}: {len(outcome.ran)} cells run, "
           f"{len(outcome.cached)} from {cells}")

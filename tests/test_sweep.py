@@ -157,7 +157,7 @@ def test_killed_sweep_resumes_with_only_the_unfinished_cells(tmp_path):
     assert not (out / "results.json").exists()
     assert not list(out.glob("*.tmp")) and not list(cells.glob("*.tmp"))
 
-    outcome = sweep.run(sweep.load(config), out, cells, tmp_path / "plots", progress=False)
+    outcome = sweep.run_sweep(sweep.load(config), out, cells, tmp_path / "plots", progress=False)
     assert set(outcome.cached) == done_before
     assert len(outcome.ran) == 3 - len(done_before) and not set(outcome.ran) & done_before
     results = json.loads((out / "results.json").read_text())
@@ -167,12 +167,12 @@ def test_killed_sweep_resumes_with_only_the_unfinished_cells(tmp_path):
     board = (out / "LEADERBOARD.md").read_text()
     assert "| streamingllm" in board and "keep the timings of the run that made them" in board
 
-    again = sweep.run(sweep.load(config), out, cells, None, check=out / "results.json", progress=False)
+    again = sweep.run_sweep(sweep.load(config), out, cells, None, check=out / "results.json", progress=False)
     assert again.ran == [] and len(again.cached) == 3 and again.mismatches == []
 
     broken = cells / f"{again.cached[1]}.json"  # a cell cut short (a full disk, a copy interrupted)
     broken.write_text(broken.read_text()[:100])
-    healed = sweep.run(sweep.load(config), out, cells, None, check=out / "results.json", progress=False)
+    healed = sweep.run_sweep(sweep.load(config), out, cells, None, check=out / "results.json", progress=False)
     assert healed.ran == [again.cached[1]] and healed.mismatches == []  # recomputed, the same numbers
     assert json.loads(broken.read_text())["samples"]
 

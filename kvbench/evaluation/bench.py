@@ -54,7 +54,7 @@ def prompt(engine: Engine, length: int, index: int = 0) -> list[int]:
     return ids[start : start + length]
 
 
-def run(spec: BenchSpec, out_dir: Path | None = None, progress: bool = True) -> list[dict[str, Any]]:
+def run_bench(spec: BenchSpec, out_dir: Path | None = None, progress: bool = True) -> list[dict[str, Any]]:
     if any(b < 1 for b in spec.batch):
         raise ValueError(f"batch sizes must be >= 1, got {list(spec.batch)}")
     if spec.repeats < 1:

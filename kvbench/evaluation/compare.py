@@ -185,7 +185,7 @@ class Runner:
         }
 
 
-def run(spec: CompareSpec, out_dir: Path | None = None, progress: bool = True) -> list[dict[str, Any]]:
+def run_compare(spec: CompareSpec, out_dir: Path | None = None, progress: bool = True) -> list[dict[str, Any]]:
     runs = plan(spec)
     runner = Runner(spec)
     records = []

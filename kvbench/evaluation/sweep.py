@@ -196,7 +196,7 @@ class Outcome:
     mismatches: list[str] = field(default_factory=list)
 
 
-def run(sweep: Sweep, out_dir: Path, cells_dir: Path, plots_dir: Path | None = None,
+def run_sweep(sweep: Sweep, out_dir: Path, cells_dir: Path, plots_dir: Path | None = None,
         check: Path | None = None, progress: bool = True) -> Outcome:
     committed = _committed(check) if check else None  # read (and fail) before hours of work
     commit = _commit()  # the code the cells are computed with, not what is checked out when they finish
