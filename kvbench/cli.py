@@ -10,6 +10,8 @@ from pathlib import Path
 
 from kvbench.runtime import models
 
+NO_PROGRESS = "no progress bars: kvbench's, lm-eval's or transformers' (loading a model)"
+
 
 def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
@@ -60,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accelerate device map for a model larger than one device (e.g. auto); replaces --device")
     c.add_argument("--out", type=Path, default=None, help="output folder (default: a new folder in reports/runs/)")
     c.add_argument("--overwrite", action="store_true", help="replace results already in --out")
-    c.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    c.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
 
     b = sub.add_parser("bench", help="decode/prefill time and peak KV of each method vs full, per context length",
                        **shown)
@@ -84,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder (default: a new folder in reports/runs/; the committed reports/bench/ only "
                         "when named)")
     b.add_argument("--overwrite", action="store_true", help="replace bench.md and bench.json already in --out")
-    b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    b.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
 
     lb = sub.add_parser("leaderboard", help="run the published sweep (resumable) and write leaderboard/", **shown)
     lb.add_argument("--config", type=Path, default=Path("leaderboard") / "sweep.toml", help="sweep definition (TOML)")
@@ -96,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="finished-cell store (default: the kvbench cache dir, ~/.cache/kvbench/cells)")
     lb.add_argument("--check", type=Path, default=None,
                     help="committed results.json: exit 1 if a deterministic column of any cell run differs")
-    lb.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    lb.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
 
     sub.add_parser("methods", help="list the registered methods and their parameters")
     return p
@@ -203,6 +205,10 @@ INTERRUPTED = {  # what a Ctrl-C leaves behind, per command
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "no_progress", False):  # no bar at all: transformers' (loading, GGUF conversion) too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         if args.command == "compare":
             return _compare(args)

@@ -19,9 +19,10 @@ def run_cli(capsys, *args):
 @pytest.mark.model
 def test_compare_writes_results_and_prints_table(tmp_path, capsys):
     out = tmp_path / "run"
-    code, stdout, _ = run_cli(capsys, "--methods", "full,streamingllm", "--budget", "64", "--tasks", "needle-1k",
-                              "--limit", "2", "--out", str(out))
+    code, stdout, stderr = run_cli(capsys, "--methods", "full,streamingllm", "--budget", "64", "--tasks", "needle-1k",
+                                   "--limit", "2", "--out", str(out))
     assert code == 0
+    assert "it/s]" not in stderr  # --no-progress: no bar at all, lm-eval's over the documents included
     results = json.loads((out / "results.json").read_text())
     assert_valid_results(results)
     assert results["kind"] == "compare" and results["run"]["budgets"] == [{"tokens": 64}]

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+from unittest import mock
 
 from kvbench.evaluation.records import sample_record
 from kvbench.lmeval.tasks import TASK_DIR
@@ -50,14 +51,19 @@ def _manager(metadata: str = "{}"):
 
 @contextlib.contextmanager
 def quiet_lm_eval() -> Iterator[None]:
-    """lm-eval's INFO lines (one per task and request type) would break kvbench's progress bar: errors only while
-    kvbench runs a task, and the caller's level back afterwards (a process that also runs lm-eval itself keeps
-    its logging)."""
+    """lm-eval's INFO lines (one per task and request type) and its bar over the documents as it builds requests
+    (which takes no argument to turn it off) would break kvbench's progress bar: errors only and no bar while
+    kvbench runs a task, and the caller's logging level and lm-eval's bar back afterwards (a process that also runs
+    lm-eval itself keeps both)."""
+    import lm_eval.api.task
+    from tqdm import tqdm
+
     logger = logging.getLogger("lm_eval")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        yield
+        with mock.patch.object(lm_eval.api.task, "tqdm", functools.partial(tqdm, disable=True)):
+            yield
     finally:
         logger.setLevel(level)
 
