@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_valid_results
-from kvbench.evaluation import sweep
+from kvbench.evaluation import leaderboard, sweep
 from kvbench.evaluation.cells import CellStore, read_cell
 from kvbench.evaluation.compare import plan
 
@@ -175,6 +175,20 @@ def test_killed_sweep_resumes_with_only_the_unfinished_cells(tmp_path):
     healed = sweep.run_sweep(sweep.load(config), out, cells, None, check=out / "results.json", progress=False)
     assert healed.ran == [again.cached[1]] and healed.mismatches == []  # recomputed, the same numbers
     assert json.loads(broken.read_text())["samples"]
+
+    moved = cells / f"{again.cached[1]}.json"  # streamingllm's cell, as if a sweep on another machine made it
+    moved.write_text(json.dumps({**json.loads(moved.read_text()), "host": "cuda, another machine, 8 threads"}))
+    mixed = sweep.run_sweep(sweep.load(config), out, cells, None, progress=False)
+    results = json.loads((out / "results.json").read_text())
+    assert_valid_results(results)
+    hosts = results["run"]["hosts"]  # the killed subprocess and this test may run torch on different thread counts
+    assert hosts["cuda, another machine, 8 threads"] == 1 and sum(hosts.values()) == 3
+    assert results["records"][1]["hosts"] == ["cuda, another machine, 8 threads"]
+    assert f"Timings come from {len(hosts)} machines" in (out / "LEADERBOARD.md").read_text()
+    headers, table = leaderboard.rows(mixed.records)
+    ratio = [row[headers.index("decode × full")] for row in table]
+    assert ratio[0] == "1.00" and ratio[1] == "–"  # never a ratio across two machines
+    assert (ratio[2] == "–") == (mixed.records[2]["hosts"] != mixed.records[0]["hosts"])
 
 
 def test_plots_are_drawn_from_records(tmp_path):

@@ -30,7 +30,7 @@ def read_cell(path: Path) -> Cell | None:
         cell = Cell(**data)
         if not (isinstance(cell.task, str) and isinstance(cell.samples, list) and cell.samples
                 and all(isinstance(s, dict) and "score" in s for s in cell.samples)
-                and isinstance(cell.scores, dict) and isinstance(cell.metrics, dict)):
+                and isinstance(cell.scores, dict) and isinstance(cell.metrics, dict) and isinstance(cell.host, str)):
             raise ValueError("not a finished cell")
     except (OSError, UnicodeDecodeError, ValueError, TypeError) as err:
         print(f"kvbench: ignoring the unreadable cell {path} ({type(err).__name__}: {err}); computing it again",

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from kvbench.evaluation import lmeval_tasks, results
 from kvbench.evaluation.leaderboard import markdown
-from kvbench.evaluation.records import summarize, versions, write_atomic
+from kvbench.evaluation.records import host, summarize, versions, write_atomic
 from kvbench.lmeval.tasks import check_metadata, metadata_defaults
 from kvbench.policy import SCHEDULES, Budget, available, make_policy, policy_class
 from kvbench.runtime import models
@@ -115,6 +115,7 @@ class Cell:
     samples: list[dict[str, Any]]
     scores: dict[str, float] = field(default_factory=dict)  # lm-eval's aggregates
     metrics: dict[str, str] = field(default_factory=dict)
+    host: str = ""  # where its timings were measured (device, CPU, threads); "" in a cell stored without one
 
 
 class Runner:
@@ -144,6 +145,7 @@ class Runner:
                        "attention": self.engine.attention_backend,
                        "prefill_chunk": spec.prefill_chunk, "limit": spec.limit}
         self.versions = versions()
+        self.host = host(self.versions)
 
     def _metadata(self, task: str, takes_lengths: bool) -> dict[str, Any] | None:
         """The task's metadata overrides: the spec's for the task, `--context-lengths` where the task takes
@@ -162,7 +164,7 @@ class Runner:
 
     def cell(self, run: RunSpec, task: str) -> Cell:
         got = lmeval_tasks.evaluate(self.engine, self.spec.model, run, task, self.spec.limit, self.metadata[task])
-        return Cell(task, got.samples, got.scores, got.metrics)
+        return Cell(task, got.samples, got.scores, got.metrics, self.host)
 
     def record(self, run: RunSpec, cells: list[Cell], explicit: set[str]) -> dict[str, Any]:
         """One leaderboard row: the run's cells on every task, summarized."""
@@ -179,6 +181,7 @@ class Runner:
             "config": {**self.config, "positions": mode, "query": query, "policy": config_now,
                        "task_metadata": {t: m for t, m in self.spec.task_metadata.items() if t in self.task_names}},
             "versions": self.versions,
+            "hosts": sorted({c.host or "unknown" for c in cells}),  # a resumed sweep's cells may come from several
             "metrics": summarize(samples, {k: v for c in cells for k, v in c.scores.items()},
                                  {k: v for c in cells for k, v in c.metrics.items()}),
             "samples": samples,

@@ -109,8 +109,8 @@ def rows(records: list[dict[str, Any]],
     """The table's headers and cells; `split` (counted and left-out cells) defaults to the one these rows give."""
     tasks = sorted({t for r in records for t in r["metrics"]["accuracy"]})
     metric = {t: name for r in records for t, name in r["metrics"].get("metric", {}).items()}
-    full = next((r["metrics"] for r in records if r["method"] == "full"), None)
-    base = full["decode_ms_p50"] if full else None
+    full = next((r for r in records if r["method"] == "full"), None)
+    base = full["metrics"]["decode_ms_p50"] if full else None
     per_task = len(tasks) > 1
     labels = {t: "ppl" if _is_perplexity(metric.get(t, "")) else "acc" for t in tasks}
     per_sample = [task_samples(r) for r in records]
@@ -131,7 +131,8 @@ def rows(records: list[dict[str, Any]],
     table = []
     for r, samples in zip(records, per_sample, strict=True):
         m = r["metrics"]
-        ratio = m["decode_ms_p50"] / base if base and m["decode_ms_p50"] else None
+        same_host = full is not None and r.get("hosts") == full.get("hosts") and len(r.get("hosts") or [""]) == 1
+        ratio = m["decode_ms_p50"] / base if base and m["decode_ms_p50"] and same_host else None
         cells = cell_scores(r)
         table.append([
             f"{r['method']} {r['variant']}".strip(), Budget.label(r["budget"]), r.get("positions", "original"),
@@ -189,7 +190,8 @@ def markdown(records: list[dict[str, Any]], title: str | None = None) -> str:
         "Schedule = when the method's decisions apply: once after the prompt (prompt), after every prefill chunk "
         "(chunk), or also at every decode step (decode). "
         "KV compression = 1 − active/full KV bytes at the end of each sample (mean); peak KV = high-water "
-        "mark of active KV over the run (max); decode × full = decode ms p50 over the `full` row's, same run; "
+        "mark of active KV over the run (max); decode × full = decode ms p50 over the `full` row's, same run and "
+        "machine (– where a row's timings come from another machine than the `full` row's); "
         "policy ms/step = mean host time per decode step the method spends deciding and moving rows after attention "
         "(part of decode ms: what its smaller attention has to pay for).",
     ]

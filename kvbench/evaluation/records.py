@@ -30,6 +30,11 @@ def versions() -> dict[str, str]:
     return out
 
 
+def host(v: dict[str, str]) -> str:
+    """The machine a timing was measured on, from `versions()`: timings of two hosts do not compare."""
+    return f"{v['device']}, {v['cpu']}, {v['torch_threads']} threads"
+
+
 def cpu_model() -> str:
     """The CPU's model name and widest vector unit: CPU timings and batch scaling differ by far between hosts of
     the same core count (seen here: `full` batch 4 at 3.3x batch 1 on an AVX-512 host, 1.8x on an AVX2 EPYC)."""

@@ -21,6 +21,7 @@ import os
 import subprocess
 import time
 import tomllib
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -244,7 +245,7 @@ def run_sweep(sweep: Sweep, out_dir: Path, cells_dir: Path, plots_dir: Path | No
     for (row, run_), keys in zip(plan_rows, row_keys, strict=True):
         cells = [done[key] for key in keys]
         outcome.records.append(runner.record(run_, cells, set(method_params(row, run_.method))))
-    header = _header(sweep, code, commit, outcome)
+    header = _header(sweep, code, commit, outcome, Counter(c.host or "unknown" for c in done.values()))
     if committed is not None:
         outcome.mismatches = compare_deterministic(outcome.records, committed)
     plots = {}
@@ -270,14 +271,23 @@ def _commit() -> str:
     return commit + ("+dirty" if dirty else "")
 
 
-def _header(sweep: Sweep, code: str, commit: str, outcome: Outcome) -> dict[str, Any]:
+def _header(sweep: Sweep, code: str, commit: str, outcome: Outcome, hosts: Counter[str]) -> dict[str, Any]:
     source = models.resolve(sweep.spec.model)
     return {"sweep": sweep.source, "slice": sweep.slice, "model": sweep.spec.model,
             "model_file": source.gguf_file or str(source.directory), "commit": commit,
             "source_hash": code, "machine": cpu_model(),
             "versions": outcome.records[0]["versions"] if outcome.records else {},
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "cells_run": len(outcome.ran), "cells_cached": len(outcome.cached)}
+            "cells_run": len(outcome.ran), "cells_cached": len(outcome.cached), "hosts": dict(hosts.most_common())}
+
+
+def _timings_note(hosts: dict[str, int]) -> str:
+    """Where the timings come from: one machine, or (a sweep resumed elsewhere) several, which do not compare."""
+    if len(hosts) <= 1:
+        return "Timings are from this machine and are not compared."
+    where = "; ".join(f"{host}: {n} cells" for host, n in hosts.items())
+    return (f"Timings come from {len(hosts)} machines ({where}) and do not compare across them: decode × full is "
+            "shown only for a row measured on the machine of the `full` row. They are not compared.")
 
 
 def _markdown(header: dict[str, Any], records: list[dict[str, Any]], plots: dict[str, str]) -> str:
@@ -294,7 +304,7 @@ def _markdown(header: dict[str, Any], records: list[dict[str, Any]], plots: dict
         + (" (they keep the timings of the run that made them, so decode × full may compare two runs). "
            if header["cells_cached"] else ". ")
         + "Regenerate with `kvbench leaderboard`; CI reruns a slice and fails if a deterministic column "
-        "(task scores, KV compression, KV bytes) moves. Timings are from this machine and are not compared.",
+        "(task scores, KV compression, KV bytes) moves. " + _timings_note(header.get("hosts", {})),
         "",
     ]
     body = markdown(records).split("\n", 2)[2]  # the table and its notes, without markdown()'s model line
