@@ -10,10 +10,11 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from kvbench.evaluation.records import write_atomic
+from kvbench.files import write_atomic
 
 
 def disk_full(*args, **kwargs):
@@ -27,14 +28,13 @@ def test_a_full_disk_keeps_the_last_complete_file_and_leaves_no_temporary(tmp_pa
     if where == "rename":
         monkeypatch.setattr(os, "replace", disk_full)
     else:
-        real = os.fdopen
+        real = Path.write_text
 
-        def fdopen(fd, *args, **kwargs):
-            handle = real(fd, *args, **kwargs)
-            handle.write = disk_full
-            return handle
+        def half_then_full(self, text, *args, **kwargs):  # part of the text reaches the disk, then it is full
+            real(self, text[:3], *args, **kwargs)
+            disk_full()
 
-        monkeypatch.setattr(os, "fdopen", fdopen)
+        monkeypatch.setattr(Path, "write_text", half_then_full)
     with pytest.raises(OSError, match="No space left"):
         write_atomic(target, "new results")
     assert target.read_text() == "the last complete results"
@@ -91,3 +91,21 @@ def test_two_sweeps_sharing_a_cell_store_compute_each_cell_once_and_finish_with_
     # each cell computed by one sweep and taken from the store by the other (their claims)
     assert [r["run"]["cells_run"] + r["run"]["cells_cached"] for r in results] == [3, 3]
     assert sum(r["run"]["cells_run"] for r in results) == 3
+
+
+def test_a_folder_written_whole_keeps_what_another_process_finished_first_and_leaves_no_scratch(tmp_path):
+    from kvbench.files import atomic
+
+    target = tmp_path / "model"
+    with atomic(target, keep_existing=True) as scratch:
+        scratch.mkdir()
+        (scratch / "weights").write_text("first")
+        assert not target.exists()  # nothing at the target until the block ends
+    with atomic(target, keep_existing=True) as scratch:  # a second process converting the same model
+        scratch.mkdir()
+        (scratch / "weights").write_text("second")
+    assert (target / "weights").read_text() == "first"
+    with pytest.raises(RuntimeError), atomic(tmp_path / "plot.png") as scratch:
+        scratch.write_text("half a plot")
+        raise RuntimeError("savefig failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

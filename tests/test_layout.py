@@ -6,7 +6,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).parent.parent
 # lowest first; a module may import its own layer and the layers below it
-LAYERS = [("kvbench.policy", "kvbench.selection"), ("kvbench.methods",), ("kvbench.kv",), ("kvbench.runtime",),
+LAYERS = [("kvbench.policy", "kvbench.selection", "kvbench.files"), ("kvbench.methods",), ("kvbench.kv",),
+          ("kvbench.runtime",),
           ("kvbench.tasks",), ("kvbench.lmeval",), ("kvbench.evaluation",), ("kvbench.cli", "kvbench.__main__")]
 # the registry finds the methods by importing them: the one import allowed to run up
 REGISTRY = ("kvbench.policy", "kvbench.methods")

@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from kvbench.evaluation import results
 from kvbench.evaluation.compare import expand_sweep
-from kvbench.evaluation.records import MIB, versions, write_atomic
+from kvbench.evaluation.records import MIB, versions
+from kvbench.files import write_atomic
 from kvbench.policy import Budget, make_policy
 from kvbench.runtime import models
 from kvbench.runtime.batch import generate_batch

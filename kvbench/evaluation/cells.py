@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from kvbench.evaluation.compare import Cell
-from kvbench.evaluation.records import write_atomic
+from kvbench.files import write_atomic
 
 UNREADABLE_CLAIM_S = 10.0  # a claim file still empty after this long was left by a killed process
 

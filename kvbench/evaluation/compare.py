@@ -12,7 +12,8 @@ from tqdm.auto import tqdm
 
 from kvbench.evaluation import lmeval_tasks, results
 from kvbench.evaluation.leaderboard import markdown
-from kvbench.evaluation.records import host, summarize, versions, write_atomic
+from kvbench.evaluation.records import host, summarize, versions
+from kvbench.files import write_atomic
 from kvbench.lmeval.tasks import check_metadata, metadata_defaults
 from kvbench.policy import SCHEDULES, Budget, available, make_policy, policy_class
 from kvbench.runtime import models

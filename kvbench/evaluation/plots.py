@@ -4,9 +4,7 @@ mode, decode time versus context."""
 from __future__ import annotations
 
 import math
-import os
 import statistics
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from kvbench.evaluation.leaderboard import counted_cells, suite_average  # noqa: E402
 from kvbench.evaluation.records import MIB  # noqa: E402
+from kvbench.files import atomic  # noqa: E402
 from kvbench.policy import Budget  # noqa: E402
 
 CONTEXT_BINS = (1024, 2048, 4096, 6144, 8192)
@@ -32,17 +31,12 @@ def label(record: dict[str, Any]) -> str:
 
 
 def _save(fig, path: Path) -> Path:
-    """Write the PNG whole or not at all (temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".png", dir=path.parent)
-    os.close(fd)
+    """Write the PNG whole or not at all."""
     try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        with atomic(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
     return path
 
 

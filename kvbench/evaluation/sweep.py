@@ -32,7 +32,8 @@ from kvbench.evaluation import results
 from kvbench.evaluation.cells import CellStore
 from kvbench.evaluation.compare import CompareSpec, Runner, describe, method_params, plan
 from kvbench.evaluation.leaderboard import markdown
-from kvbench.evaluation.records import cpu_model, write_atomic
+from kvbench.evaluation.records import cpu_model
+from kvbench.files import write_atomic
 from kvbench.lmeval.tasks import check_metadata
 from kvbench.policy import Budget
 from kvbench.runtime import models

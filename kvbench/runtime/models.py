@@ -15,8 +15,6 @@ import hashlib
 import importlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +23,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from kvbench.files import atomic  # noqa: E402
 from kvbench.runtime import architectures  # noqa: E402
 
 BUNDLED = {
@@ -109,14 +108,8 @@ def _assembled(alias: str, package: str) -> ModelSource:
     parts = importlib.import_module(package)
     target = cache_dir() / "gguf" / parts.MODEL_NAME
     if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".assemble.", dir=target.parent)) / parts.MODEL_NAME
-        try:
+        with atomic(target, keep_existing=True) as tmp:
             parts.assemble(tmp)
-            if not target.is_file():
-                tmp.rename(target)
-        finally:
-            shutil.rmtree(tmp.parent, ignore_errors=True)
     _KNOWN_DIGESTS[str(target.resolve())] = parts.EXPECTED_SHA256  # checked by `assemble` when it wrote the file
     return ModelSource(alias, target.parent, target.name)
 
@@ -247,15 +240,6 @@ def _dequantize(src: ModelSource, target: Path) -> None:
     lm.hf_quantizer = None  # the weights are plain fp32 now; save_pretrained refuses otherwise
     if hasattr(lm.config, "quantization_config"):
         del lm.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
+    with atomic(target, keep_existing=True) as tmp:  # another process may finish first: its copy is kept
         lm.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if target.exists():  # another process finished first
-            shutil.rmtree(tmp)
-        else:
-            tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
