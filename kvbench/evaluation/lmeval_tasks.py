@@ -29,7 +29,6 @@ MAX_META_CHARS = 200  # doc fields longer than this (prompts, documents) stay ou
 class TaskScores:
     scores: dict[str, float]  # task (or subtask) -> its primary metric, lm-eval's aggregate
     metrics: dict[str, str]  # task -> primary metric name, e.g. exact_match, word_perplexity
-    higher_is_better: dict[str, bool]
     samples: list[dict[str, Any]]  # one kvbench sample record per lm-eval request
 
 
@@ -81,13 +80,12 @@ def evaluate(engine: Engine, model: str, run: RunSpec, task: str, limit: int | N
     with quiet_lm_eval():
         out = lm_eval.simple_evaluate(model=lm, tasks=[task], limit=limit, task_manager=manager, log_samples=True,
                                       bootstrap_iters=0)
-    scores, metrics, better = {}, {}, {}
+    scores, metrics = {}, {}
     for name, values in out["results"].items():
         key = next((k for k in values if "," in k and "_stderr" not in k), None)
         if key is None:  # a group without an aggregate
             continue
         scores[name], metrics[name] = float(values[key]), key.split(",")[0]
-        better[name] = bool(out["higher_is_better"].get(name, {}).get(metrics[name], True))
     logged = {(name, s["doc_id"]): s for name, rows in out["samples"].items() for s in rows}
     samples = []
     for m in lm.measured:
@@ -97,7 +95,7 @@ def evaluate(engine: Engine, model: str, run: RunSpec, task: str, limit: int | N
         meta = {k: v for k, v in s["doc"].items() if not (isinstance(v, str) and len(v) > MAX_META_CHARS)}
         samples.append(sample_record(m.task, f"{m.task}-{m.doc_id}", _short(str(s["target"])), meta, prediction,
                                      m.result, value if isinstance(value, int | float) else None))
-    return TaskScores(scores, metrics, better, samples)
+    return TaskScores(scores, metrics, samples)
 
 
 def _short(text: str) -> str:
