@@ -116,7 +116,7 @@ class Cell:
     samples: list[dict[str, Any]]
     scores: dict[str, float] = field(default_factory=dict)  # lm-eval's aggregates
     metrics: dict[str, str] = field(default_factory=dict)
-    host: str = ""  # where its timings were measured (device, CPU, threads); "" in a cell stored without one
+    host: str = "unknown"  # where its timings were measured (device, CPU, threads); a cell stored before had none
 
 
 class Runner:
@@ -182,7 +182,7 @@ class Runner:
             "config": {**self.config, "positions": mode, "query": query, "policy": config_now,
                        "task_metadata": {t: m for t, m in self.spec.task_metadata.items() if t in self.task_names}},
             "versions": self.versions,
-            "hosts": sorted({c.host or "unknown" for c in cells}),  # a resumed sweep's cells may come from several
+            "hosts": sorted({c.host for c in cells}),  # a resumed sweep's cells may come from several
             "metrics": summarize(samples, {k: v for c in cells for k, v in c.scores.items()},
                                  {k: v for c in cells for k, v in c.metrics.items()}),
             "samples": samples,

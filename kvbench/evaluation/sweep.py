@@ -104,15 +104,15 @@ def load(path: Path, slice_name: str | None = None, dtype: str | None = None) ->
     _only(raw, SWEEP_KEYS, str(path))
     _check_types(raw, path)
     slices = raw.get("slices", {})
+    slice_budgets: dict[str, set[Budget]] = {}
     for name, sl in slices.items():
         _only(sl, SLICE_KEYS, f"{path} [slices.{name}]")
         for key, value in sl.items():
             _strings(value, f"{path} [slices.{name}] {key}")
-        for budget in sl.get("budgets", []):
-            try:
-                Budget.parse(budget)
-            except ValueError as err:
-                raise ValueError(f"{path} [slices.{name}] budgets: {err}") from None
+        try:
+            slice_budgets[name] = {Budget.parse(b) for b in sl.get("budgets", [])}
+        except ValueError as err:
+            raise ValueError(f"{path} [slices.{name}] budgets: {err}") from None
     if slice_name is not None and slice_name not in slices:
         raise ValueError(f"{path} has no slice {slice_name!r}; slices: {', '.join(slices) or 'none'}")
     chosen = slices.get(slice_name, {})
@@ -151,7 +151,7 @@ def load(path: Path, slice_name: str | None = None, dtype: str | None = None) ->
             continue
         budgets = [Budget.parse(b) for b in _strings(group.get("budgets", []), where)]
         if budgets and "budgets" in chosen:  # a row without budgets (full, asrkf) is not a budget's row
-            budgets = [b for b in budgets if b in [Budget.parse(c) for c in chosen["budgets"]]]
+            budgets = [b for b in budgets if b in slice_budgets[slice_name]]
             if not budgets:
                 continue
         args = {m: {k: str(v) for k, v in kv.items()} for m, kv in group.get("method_args", {}).items()
@@ -246,7 +246,7 @@ def run_sweep(sweep: Sweep, out_dir: Path, cells_dir: Path, plots_dir: Path | No
     for (row, run_), keys in zip(plan_rows, row_keys, strict=True):
         cells = [done[key] for key in keys]
         outcome.records.append(runner.record(run_, cells, set(method_params(row, run_.method))))
-    header = _header(sweep, code, commit, outcome, Counter(c.host or "unknown" for c in done.values()))
+    header = _header(sweep, code, commit, outcome, Counter(c.host for c in done.values()))
     if committed is not None:
         outcome.mismatches = compare_deterministic(outcome.records, committed)
     plots = {}
