@@ -6,7 +6,7 @@ nothing of kvbench, torch or lm-eval is imported until a program imports lm-eval
 that moment the two model types are registered as lazy placeholders (`module:Class` strings,
 imported on first use), and when lm-eval's task package loads, kvbench's task folder is added to
 its default task paths. The `lm_eval` command (and `python -m lm_eval`) reports kvbench's refusals of
---model_args in one line with exit code 2.
+--model_args and of task settings (a context length past the model's window) in one line with exit code 2.
 """
 
 import importlib.abc
@@ -35,20 +35,21 @@ def _register_tasks(module) -> None:
 
 
 def _one_line_refusals(module) -> None:
-    """`lm_eval --model kvbench-hf` (the command, or `python -m lm_eval`) with bad --model_args ends as `kvbench`
-    does: one line on stderr, exit 2.
+    """`lm_eval --model kvbench-hf` (the command, or `python -m lm_eval`) with bad --model_args, or any model on a
+    kvbench task with a setting the model cannot take, ends as `kvbench` does: one line on stderr, exit 2.
 
-    lm-eval prints a traceback for any exception from a model's constructor; only kvbench's own refusal
-    (ModelArgsError) is shortened here, every other exception propagates unchanged. Both launchers run
-    `HarnessCLI.execute`, so that is what is wrapped."""
+    lm-eval prints a traceback for any exception from a model's constructor or a task's data; only kvbench's own
+    refusals (ModelArgsError, TaskSettingsError) are shortened here, every other exception propagates unchanged.
+    Both launchers run `HarnessCLI.execute`, so that is what is wrapped."""
     execute = module.HarnessCLI.execute
 
     def execute_refusing_in_one_line(self, args) -> None:
         try:
             execute(self, args)
         except ValueError as err:
-            adapter = sys.modules.get("kvbench.lmeval.adapter")
-            if adapter is None or not isinstance(err, adapter.ModelArgsError):
+            adapter, tasks = sys.modules.get("kvbench.lmeval.adapter"), sys.modules.get("kvbench.tasks")
+            refusals = ((adapter.ModelArgsError,) if adapter else ()) + ((tasks.TaskSettingsError,) if tasks else ())
+            if not isinstance(err, refusals):
                 raise
             print(f"lm_eval: kvbench: error: {err}", file=sys.stderr)
             raise SystemExit(2) from None

@@ -2,3 +2,23 @@
 `tasks/lm_eval/` (which prompts, which metric, generation limits); the modules here only generate its data:
 `needle` (passkey haystacks), `rope` (copying at controlled distances), `multiturn` (conversations with a code per
 turn), `longgen` (long-generation prompts), `ruler` (the RULER-style suite), `prose` (the pydoc prose they use)."""
+
+from collections.abc import Iterable
+
+ANSWER_ROOM = 128
+"""Positions of the model's window a task's context length must leave free for its answer: the most any kvbench
+task generates (RULER's common-words list, 120 tokens), rounded up."""
+
+
+class TaskSettingsError(ValueError):
+    """A task setting the evaluated model cannot take (the `lm_eval` command reports it in one line, exit 2)."""
+
+
+def check_window(task: str, lengths: Iterable[int], window: int | None, model: str) -> None:
+    """Refuse context lengths whose prompt and answer would not fit the model's window (`window`: its
+    max_position_embeddings; None or 0 when it states none), naming the longest length that fits."""
+    past = sorted({int(n) for n in lengths if window and int(n) + ANSWER_ROOM > window})
+    if past:
+        raise TaskSettingsError(f"{task}: context length {', '.join(map(str, past))} does not fit {model}'s window of "
+                         f"{window} positions with room for the answer ({ANSWER_ROOM} tokens); lengths up to "
+                         f"{window - ANSWER_ROOM} fit")

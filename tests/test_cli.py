@@ -81,12 +81,31 @@ def test_bad_input_is_refused_and_nothing_is_written(tmp_path, capsys, args, mes
 
 
 @pytest.mark.model
-def test_prompt_beyond_context_window_is_refused_before_running(tmp_path, capsys):
+@pytest.mark.parametrize("task,lengths", [("needle", "9000"), ("kvbench_needle", "1024,8192"),
+                                          ("kvbench_ruler_niah_single_1,kvbench_ruler_fwe", "8100")])
+def test_context_length_past_the_window_is_refused_before_any_cell_runs(tmp_path, capsys, task, lengths):
+    """A length whose prompt and answer cannot fit the model's 8,192 positions is refused up front, with the longest
+    that fits, whichever task takes it (a sweep would otherwise fail when it reaches the task, hours in)."""
     out = tmp_path / "run"
-    code, _, err = run_cli(capsys, "--methods", "full", "--context-lengths", "9000", "--out", str(out))
+    code, _, err = run_cli(capsys, "--methods", "full", "--tasks", task, "--context-lengths", lengths,
+                           "--out", str(out))
     assert code == 2
-    assert "exceeds the model's context window of 8192 positions" in err
+    past = lengths.split(",")[-1]
+    assert f"context length {past} does not fit smollm2-135m's window of 8192 positions" in err
+    assert "lengths up to 8064 fit" in err
     assert not out.exists()
+
+
+@pytest.mark.model
+def test_the_longest_length_that_fits_is_taken():
+    """8,064 tokens leave the 128 positions the check asks for: the RULER-style data builds, and its prompts stay
+    within the length (so every sample's prompt and answer fit the window)."""
+    from kvbench.runtime.models import load_tokenizer
+    from kvbench.tasks.lm_eval.utils import ruler
+
+    docs = ruler("niah_single_1", context_lengths=[8064], samples=1)["test"]
+    tokens = len(load_tokenizer("smollm2-135m")(docs[0]["prompt"])["input_ids"])
+    assert 8064 - 200 < tokens <= 8064
 
 
 def test_method_args_sweep_expands_into_rows():

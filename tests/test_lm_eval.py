@@ -100,13 +100,17 @@ def test_bad_model_args_are_refused_with_what_is_allowed(args, message):
     ("command", "kvbench-hf", "pretrained=/no/such/model", "/no/such/model"),
     ("command", "asrkf-hf", "method=h2o", "asrkf-hf always runs ASR-KF-EGR"),
     ("module", "kvbench-hf", "method=asrkf,budget=256", "method 'asrkf' takes no budget"),
+    ("command", "kvbench-hf", "method=full --metadata {\"context_lengths\":[8192]}",
+     "kvbench_needle: context length 8192 does not fit smollm2-135m's window of 8192 positions"),
 ])
 def test_stock_lm_eval_cli_refuses_bad_model_args_in_one_line_with_exit_2(launcher, model, args, message):
-    """lm-eval's own process (the `lm_eval` command or `python -m lm_eval`) ends a kvbench refusal as `kvbench`
-    does: no traceback."""
+    """lm-eval's own process (the `lm_eval` command or `python -m lm_eval`) ends a kvbench refusal (model args, or a
+    task setting the model cannot take) as `kvbench` does: no traceback."""
     command = [str(Path(sys.executable).parent / "lm_eval")] if launcher == "command" else [sys.executable, "-m",
                                                                                               "lm_eval"]
-    done = subprocess.run([*command, "--model", model, "--model_args", args, "--tasks", "kvbench_needle",
+    args, *more = args.split(" --metadata ")
+    more = ["--metadata", *more] if more else []
+    done = subprocess.run([*command, "--model", model, "--model_args", args, *more, "--tasks", "kvbench_needle",
                            "--device", "cpu", "--limit", "1"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "Traceback" not in done.stderr

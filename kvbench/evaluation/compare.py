@@ -20,6 +20,7 @@ from kvbench.runtime import models
 from kvbench.runtime.chat import encode_chat
 from kvbench.runtime.engine import Engine
 from kvbench.runtime.runspec import RunSpec
+from kvbench.tasks import check_window
 
 
 @dataclass
@@ -140,6 +141,10 @@ class Runner:
         models.resolve(spec.model)  # fail fast on a missing model, before loading anything
         lm, tok = models.load(spec.model, device=spec.device, dtype=spec.dtype, device_map=spec.device_map)
         self.engine = Engine(lm, tok, prefill_chunk=spec.prefill_chunk)
+        for task in with_lengths:  # before any cell runs, not when a sweep reaches the task hours later
+            meta = {**(metadata_defaults(task) or {}), **(self.metadata[task] or {})}
+            check_window(task, [*meta.get("context_lengths", []), *meta.get("varied_context_lengths", [])],
+                         self.engine.max_positions, spec.model)
         warm_up = encode_chat(self.engine.tokenizer, "Hello")
         self.engine.generate(warm_up, make_policy("full"), max_new_tokens=4)
         self.config = {"model": spec.model, "device": spec.device, "dtype": str(lm.dtype).removeprefix("torch."),

@@ -13,6 +13,7 @@ from pathlib import Path
 import datasets
 
 from kvbench.runtime import models
+from kvbench.tasks import check_window
 from kvbench.tasks.needle import ANSWER_PREFIX, QUESTION, haystack
 
 
@@ -24,6 +25,13 @@ def _model(meta: dict) -> str:
 
 def _tokenizer(meta: dict):
     return models.load_tokenizer(_model(meta))
+
+
+def _window(meta: dict) -> int | None:
+    """The evaluated model's window (max_position_embeddings), None when its config states none."""
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(models.local_dir(_model(meta))), "max_position_embeddings", None)
 
 
 def _chat(tokenizer, user: str, prefix: str = "") -> str:
@@ -46,6 +54,7 @@ def needle(**meta) -> dict[str, datasets.Dataset]:
     seed = int(meta.get("seed", 0))
     cells = [("simple", tuple(meta.get("context_lengths", (1024, 2048, 4096)))),
              ("varied", tuple(meta.get("varied_context_lengths", (1024,))))]
+    check_window("kvbench_needle", [n for _, lengths in cells for n in lengths], _window(meta), _model(meta))
     for i, (filler, lengths) in enumerate(cells):
         for sample in haystack(tokenizer, lengths, depths, seed + i, (filler,), count):
             rows.append({"prompt": _chat(tokenizer, sample["user"], ANSWER_PREFIX), "answer": sample["answer"],
@@ -139,17 +148,15 @@ def window_probe_results(doc: dict, results: list[tuple[float, bool]]) -> dict[s
 
 
 def ruler(ruler_task: str, **meta) -> dict[str, datasets.Dataset]:
-    """One task of the RULER-style suite (kvbench/tasks/ruler.py) at each of `context_lengths` that fits the
-    evaluated model's window with its answer, `samples` per length, sized in that model's tokens. The doc's
+    """One task of the RULER-style suite (kvbench/tasks/ruler.py) at each of `context_lengths` (each must fit the
+    evaluated model's window with its answer), `samples` per length, sized in that model's tokens. The doc's
     `question` field marks where the question starts (for `query=after|reuse`); a task with several questions
     per context (niah_reuse) gives one doc per question, the same context in each."""
-    from transformers import AutoConfig
-
     from kvbench.tasks import ruler as suite
 
     tokenizer = _tokenizer(meta)
-    window = getattr(AutoConfig.from_pretrained(models.local_dir(_model(meta))), "max_position_embeddings", None)
-    room = int(meta.get("max_gen_toks", 128))
+    lengths = [int(n) for n in meta.get("context_lengths", (1024, 2048, 4096))]
+    check_window(f"kvbench_ruler_{ruler_task}", lengths, _window(meta), _model(meta))
 
     def prompts(item) -> list[tuple[str, str, list[str]]]:
         """(prompt, question, answers) of each of the item's questions."""
@@ -160,10 +167,8 @@ def ruler(ruler_task: str, **meta) -> dict[str, datasets.Dataset]:
         return max(len(tokenizer(prompt)["input_ids"]) for prompt, _, _ in prompts(item))
 
     rows = []
-    for length in meta.get("context_lengths", (1024, 2048, 4096)):
-        if window and int(length) + room > window:
-            continue  # past the model's window: not a cell this model can be scored on
-        for i, item in enumerate(suite.generate(ruler_task, int(length), int(meta.get("samples", 4)),
+    for length in lengths:
+        for i, item in enumerate(suite.generate(ruler_task, length, int(meta.get("samples", 4)),
                                                 int(meta.get("seed", 0)), count)):
             for j, (prompt, question, answers) in enumerate(prompts(item)):
                 rows.append({"prompt": prompt, "question": question, "answers": answers, "task": ruler_task,
