@@ -1,10 +1,12 @@
 """The tables of README.md from this folder's results files (kvbench results schema 1: results.json, the first run,
-and 075/results.json, the second budget of the methods the first run did not reach):
+and 075/results.json, the second budget of the methods the first run did not reach; or the files named, e.g.
+4k/results.json):
 1. the full cache per (task, context length) in both query modes, with n, and whether the cell counts;
 2. every method row side by side in both query modes: the suite average over counted cells (95% bootstrap
    interval), the change from in-prompt to after, and the mean KV compression;
 3. per counted cell, each row's in-prompt and after scores.
-    .venv/bin/python reports/ruler/table.py
+    .venv/bin/python reports/ruler/table.py > reports/ruler/tables.md
+    .venv/bin/python reports/ruler/table.py reports/ruler/4k/results.json > reports/ruler/tables-4k.md
 A method's rows (its budgets, its variants) are listed together, in the order the method first appears.
 """
 
@@ -42,7 +44,8 @@ def main(paths: list[Path]) -> None:
     fulls = {r["query"]: cell_scores(r) for r in records if r["method"] == "full"}
     print("### The full cache\n")
     print(tabulate([[t.removeprefix("kvbench_ruler_"), n,
-                     *(f"{pct(statistics.fmean(fulls[q][(t, n)]))} (n={len(fulls[q][(t, n)])})" for q in QUERIES),
+                     *(f"{pct(statistics.fmean(fulls[q][(t, n)]))} (n={len(fulls[q][(t, n)])})"
+                       if (t, n) in fulls.get(q, {}) else "–" for q in QUERIES),
                      "yes" if (t, n) in counted else "no"] for t, n in cells],
                    headers=["task", "tokens", *QUERIES, "counts"], tablefmt="github"))
 
