@@ -72,11 +72,6 @@ class CellStore:
             return True
         return False
 
-    def claimed(self, key: str) -> bool:
-        """Another live sweep is computing `key` now."""
-        path = self.root / f"{key}.claim"
-        return path.exists() and not self._stale(path)
-
     def release(self, key: str) -> None:
         (self.root / f"{key}.claim").unlink(missing_ok=True)
         self.held.discard(key)
