@@ -17,8 +17,10 @@ class TaskSettingsError(ValueError):
 def check_window(task: str, lengths: Iterable[int], window: int | None, model: str) -> None:
     """Refuse context lengths whose prompt and answer would not fit the model's window (`window`: its
     max_position_embeddings; None or 0 when it states none), naming the longest length that fits."""
-    past = sorted({int(n) for n in lengths if window and int(n) + ANSWER_ROOM > window})
+    if not window:
+        return
+    past = sorted({int(n) for n in lengths if int(n) + ANSWER_ROOM > window})
     if past:
-        raise TaskSettingsError(f"{task}: context length {', '.join(map(str, past))} does not fit {model}'s window of "
-                         f"{window} positions with room for the answer ({ANSWER_ROOM} tokens); lengths up to "
-                         f"{window - ANSWER_ROOM} fit")
+        raise TaskSettingsError(f"{task}: context length {', '.join(map(str, past))} does not fit {model}'s window "
+                                f"of {window} positions with room for the answer ({ANSWER_ROOM} tokens); lengths up "
+                                f"to {window - ANSWER_ROOM} fit")
