@@ -180,11 +180,12 @@ def _leaderboard(args: argparse.Namespace) -> int:
 def _methods() -> int:
     import dataclasses
 
-    from kvbench.policy import available, parameters, policy_class
+    from kvbench.policy import available, parameter_range, parameters, policy_class
 
     for name in available():
         cls = policy_class(name)
-        params = [f"{f.name}={f.default}" for f in parameters(name).values()
+        params = [f"{f.name}={f.default}" + (f" ({parameter_range(f)})" if parameter_range(f) else "")
+                  for f in parameters(name).values()
                   if f.name not in ("budget", "schedule") and f.default is not dataclasses.MISSING]
         if cls.evicts:
             params.insert(0, f"schedule={cls.default_schedule}" + (

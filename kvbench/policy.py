@@ -7,6 +7,7 @@ it returns boolean masks over the active (and frozen) tokens, and `PolicyCache` 
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,50 @@ much as the scoring rule does, so it is a recorded parameter of every run (`sche
 
 
 @dataclass(frozen=True)
+class Range:
+    """The values a method parameter admits: a closed or open interval of finite numbers, or a set of names.
+    Declared with the parameter (`param`) and checked whenever a policy is built, so a value out of range is refused
+    by name before any model loads, whichever front end it came through."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple[str, ...] = ()
+
+    def admits(self, value: Any) -> bool:
+        if self.choices:
+            return value in self.choices
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"{'<' if self.high_open else '<='} {self.high:g}" if self.high is not None else "any finite number"
+
+
+def param(default: Any, *, low: float | None = None, high: float | None = None, low_open: bool = False,
+          high_open: bool = False, choices: tuple[str, ...] = ()) -> Any:
+    """A method parameter with the values it admits (a dataclass field): `sinks: int = param(4, low=0)`."""
+    return field(default=default, metadata={"range": Range(low, high, low_open, high_open, choices)})
+
+
+def parameter_range(f: dataclasses.Field) -> Range | None:
+    """The declared range of a method parameter; None for a boolean (its type is its range) or an undeclared one."""
+    return f.metadata.get("range")
+
+
+@dataclass(frozen=True)
 class Budget:
     """How many active tokens a layer may hold: a token count, or a ratio of the tokens seen."""
 
@@ -39,7 +84,8 @@ class Budget:
         if self.tokens is not None and self.tokens <= 0:
             raise ValueError(f"budget must be a positive token count, got {self.tokens}")
         if self.ratio is not None and not 0.0 < self.ratio <= 1.0:
-            raise ValueError(f"a budget ratio must lie in (0, 1], got {self.ratio}")
+            hint = f" (for {self.ratio:.0f} tokens write {self.ratio:.0f})" if float(self.ratio).is_integer() else ""
+            raise ValueError(f"a budget ratio must lie in (0, 1], got {self.ratio}{hint}")
 
     @classmethod
     def parse(cls, text: str | int | float) -> Budget:
@@ -179,6 +225,11 @@ class KVPolicy:
     def __post_init__(self) -> None:
         if self.budget is not None and not isinstance(self.budget, Budget):
             self.budget = Budget.parse(self.budget)
+        for f in dataclasses.fields(self):
+            allowed = parameter_range(f) if f.init else None
+            value = getattr(self, f.name)
+            if allowed is not None and not allowed.admits(value):
+                raise ValueError(f"method {self.name!r}: {f.name}={value!r} is out of range: it must be {allowed}")
         self.schedule = self.schedule or self.default_schedule
         if self.schedule not in self.schedules:
             raise ValueError(

@@ -48,7 +48,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from kvbench.policy import Decision, KVPolicy, LayerView, register
+from kvbench.policy import Decision, KVPolicy, LayerView, param, register
 from kvbench.selection import recent, sinks
 
 LEVELS = ("soft", "window", "full", "regenerate")
@@ -63,21 +63,21 @@ class ASRKF(KVPolicy):
     uniform_layers: ClassVar[bool] = False
     observes: ClassVar[bool] = True
     schedules: ClassVar[tuple[str, ...]] = ("decode",)  # freezes and thaws are timed in steps
-    window: int = 32
-    tau: float = 0.5
-    k: float = 1.0
-    sinks: int = 4
+    window: int = param(32, low=1)
+    tau: float = param(0.5, low=0, low_open=True)
+    k: float = param(1.0, low=0, low_open=True)
+    sinks: int = param(4, low=0)
     recovery: bool = True
-    entropy_history: int = 32
-    sigma: float = 2.0
-    escalation_gap: int = 8
-    heads: str = "mean"
-    min_history: int = 8
-    regenerate: int = 0
-    entropy_floor: float = 0.0
+    entropy_history: int = param(32, low=2)
+    sigma: float = param(2.0, low=0)
+    escalation_gap: int = param(8, low=0)
+    heads: str = param("mean", choices=("mean", "max"))
+    min_history: int = param(8, low=2)
+    regenerate: int = param(0, low=0)
+    entropy_floor: float = param(0.0, low=0)
     early_thaw: bool = False
     prefill_freeze: bool = True
-    query_thaw: float = 0.0
+    query_thaw: float = param(0.0, low=0, high=1, high_open=True)
     thaw_on_prompt: bool = False
     _entropies: deque = field(default_factory=deque, init=False, repr=False)
     _level: int = field(default=0, init=False, repr=False)
@@ -88,14 +88,9 @@ class ASRKF(KVPolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.window < 1 or self.tau <= 0 or self.k <= 0:
-            raise ValueError(f"asrkf: window >= 1, tau > 0 and k > 0 required, got {self.window}, {self.tau}, {self.k}")
-        if self.heads not in ("mean", "max"):
-            raise ValueError(f"asrkf: heads must be 'mean' or 'max', got {self.heads!r}")
-        if self.min_history < 2 or self.regenerate < 0 or self.entropy_floor < 0 or not 0 <= self.query_thaw < 1:
-            raise ValueError(f"asrkf: min_history >= 2, regenerate >= 0, entropy_floor >= 0 and 0 <= query_thaw < 1 "
-                             f"required, got {self.min_history}, {self.regenerate}, {self.entropy_floor}, "
-                             f"{self.query_thaw}")
+        if self.min_history > self.entropy_history:  # a spike would never have enough history to be seen
+            raise ValueError(f"method 'asrkf': min_history={self.min_history} exceeds entropy_history="
+                             f"{self.entropy_history}, the history it is taken from")
         self.reset()
 
     def reset(self) -> None:

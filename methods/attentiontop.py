@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from kvbench.policy import ALL_ROWS, Decision, KVPolicy, LayerView, register
+from kvbench.policy import ALL_ROWS, Decision, KVPolicy, LayerView, param, register
 from kvbench.selection import accumulate, per_layer, top_k
 
 
@@ -22,12 +22,7 @@ class AttentionTop(KVPolicy):
     observes: ClassVar[bool] = True
     schedules: ClassVar[tuple[str, ...]] = ("decode",)  # shrinks by 1% per step: defined only as a running rule
     bounded: ClassVar[bool] = False  # the same: the budget is where it shrinks towards, not a cap
-    r: float = 0.99
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0.0 < self.r <= 1.0:
-            raise ValueError(f"attentiontop: r must lie in (0, 1], got {self.r}")
+    r: float = param(0.99, low=0, high=1, low_open=True)
 
     def step(self, view: LayerView) -> Decision | None:
         score = accumulate(view, "score", per_layer(view.attn))

@@ -8,10 +8,10 @@ No reference implementation in reach (not in kvpress); built from the paper's te
 from dataclasses import dataclass
 
 from kvbench.methods.streamingllm import StreamingLLM
-from kvbench.policy import register
+from kvbench.policy import param, register
 
 
 @register("gist")
 @dataclass
 class Gist(StreamingLLM):
-    sinks: int = 64
+    sinks: int = param(64, low=0)

@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import torch
 
-from kvbench.policy import ALL_ROWS, LayerView, ScorerPolicy, register
+from kvbench.policy import ALL_ROWS, LayerView, ScorerPolicy, param, register
 from kvbench.selection import accumulate, per_kv_head, recent
 
 
@@ -25,7 +25,7 @@ class H2O(ScorerPolicy):
     attn_rows: ClassVar[int] = ALL_ROWS
     token_state: ClassVar[tuple[str, ...]] = ("score",)
     observes: ClassVar[bool] = True  # scores accumulate over every query, whatever the schedule
-    heavy_ratio: float = 0.5
+    heavy_ratio: float = param(0.5, low=0, high=1)  # share of the budget kept by score
 
     def score(self, view: LayerView) -> torch.Tensor:
         return accumulate(view, "score", per_kv_head(view.attn))

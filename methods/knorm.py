@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import torch
 
-from kvbench.policy import LayerView, ScorerPolicy, register
+from kvbench.policy import LayerView, ScorerPolicy, param, register
 from kvbench.selection import top_k
 
 
@@ -22,7 +22,7 @@ from kvbench.selection import top_k
 @dataclass
 class Knorm(ScorerPolicy):
     default_schedule: ClassVar[str] = "prompt"
-    recent: int = 8
+    recent: int = param(8, low=0)
 
     def score(self, view: LayerView) -> torch.Tensor:
         return -view.keys.float().norm(dim=-1)  # low norm kept

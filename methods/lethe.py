@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from kvbench.policy import ALL_ROWS, Decision, KVPolicy, LayerView, register
+from kvbench.policy import ALL_ROWS, Decision, KVPolicy, LayerView, param, register
 from kvbench.selection import accumulate, per_layer, recent, sinks
 
 
@@ -41,11 +41,11 @@ class Lethe(KVPolicy):
     observes: ClassVar[bool] = True
     schedules: ClassVar[tuple[str, ...]] = ("decode",)  # its thresholds adapt step by step
     bounded: ClassVar[bool] = False  # a flat layer doubles its threshold: the budget is where thresholds start
-    gamma: float = 0.9
-    mass: float = 0.9
-    dropoff: float = 0.5
-    sinks: int = 4
-    recent: float = 0.3
+    gamma: float = param(0.9, low=0, high=1, low_open=True)
+    mass: float = param(0.9, low=0, high=1, low_open=True)
+    dropoff: float = param(0.5, low=0, high=1, low_open=True)
+    sinks: int = param(4, low=0)
+    recent: float = param(0.3, low=0, high=1)
     _threshold: dict[int, int] = field(default_factory=dict, init=False, repr=False)
     _sparsity: dict[int, list[float]] = field(default_factory=dict, init=False, repr=False)
     _doublings: int = field(default=0, init=False, repr=False)

@@ -25,7 +25,7 @@ score); kvbench keeps the newest.
 from dataclasses import dataclass
 from typing import ClassVar
 
-from kvbench.policy import Decision, KVPolicy, LayerView, register
+from kvbench.policy import Decision, KVPolicy, LayerView, param, register
 from kvbench.selection import in_position_order, per_kv_head, pool, recent, top_k
 
 
@@ -34,17 +34,15 @@ from kvbench.selection import in_position_order, per_kv_head, pool, recent, top_
 class SnapKV(KVPolicy):
     schedules: ClassVar[tuple[str, ...]] = ("prompt", "chunk")  # its votes are prompt queries
     default_schedule: ClassVar[str] = "prompt"
-    window: int = 32
-    kernel: int = 7
-    pooling: str = "max"
+    window: int = param(32, low=1)
+    kernel: int = param(7, low=1)
+    pooling: str = param("max", choices=("max", "avg"))
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.pooling not in ("max", "avg"):
-            raise ValueError(f"{self.name}: pooling must be 'max' or 'avg', got {self.pooling!r}")
-        if self.window < 1 or self.kernel < 1 or self.kernel % 2 == 0:
-            raise ValueError(f"{self.name}: window >= 1 and an odd kernel >= 1 required, got {self.window}, "
-                             f"{self.kernel}")
+        if self.kernel % 2 == 0:
+            raise ValueError(f"method {self.name!r}: kernel={self.kernel} must be odd (a pooling window centred on "
+                             "its token)")
 
     def wants_attention(self, phase: str, last_chunk: bool) -> int:
         return self.window if phase == "prefill" and self.compresses(phase, last_chunk) else 0
@@ -69,7 +67,7 @@ class SnapKV(KVPolicy):
 @dataclass
 class PyramidKV(SnapKV):
     uniform_layers: ClassVar[bool] = False
-    beta: float = 20.0
+    beta: float = param(20.0, low=1)  # the first layer keeps 2 - 1/beta times the mean, the last 1/beta
 
     def layer_capacity(self, view: LayerView) -> int:
         mean = self.capacity(view.full_tokens)

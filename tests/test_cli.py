@@ -80,6 +80,41 @@ def test_bad_input_is_refused_and_nothing_is_written(tmp_path, capsys, args, mes
     assert not out.exists()
 
 
+@pytest.mark.parametrize("arg,message", [
+    ("h2o:heavy_ratio=5", "method 'h2o': heavy_ratio=5.0 is out of range: it must be in [0, 1]"),
+    ("h2o:heavy_ratio=-1", "heavy_ratio=-1.0 is out of range"),
+    ("h2o:heavy_ratio=inf", "heavy_ratio=inf is out of range"),
+    ("h2o:heavy_ratio=nan", "heavy_ratio=nan is out of range"),
+    ("streamingllm:sinks=-5", "method 'streamingllm': sinks=-5 is out of range: it must be >= 0"),
+])
+def test_a_parameter_out_of_range_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch, arg, message):
+    """Through each front end (the CLI, a sweep file, lm-eval's model args), before any model is loaded."""
+    from kvbench.evaluation import sweep
+    from kvbench.lmeval.adapter import KVBenchLM, ModelArgsError
+    from kvbench.runtime import models
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the parameter was checked")
+
+    monkeypatch.setattr(models, "load", no_load)
+    method, _, kv = arg.partition(":")
+    code, _, err = run_cli(capsys, "--methods", method, "--method-args", arg, "--out", str(tmp_path / "run"))
+    assert code == 2 and message in err and not (tmp_path / "run").exists()
+    key, _, value = kv.partition("=")
+    config = tmp_path / "sweep.toml"
+    config.write_text(f'tasks = ["needle-1k"]\n[[rows]]\nmethods = ["{method}"]\nbudgets = [256]\n'
+                      f'method_args = {{ {method} = {{ {key} = "{value}" }} }}\n')
+    with pytest.raises(ValueError, match=message.split(": ", 1)[-1].replace("[", r"\[").replace("]", r"\]")):
+        sweep.load(config)
+    with pytest.raises(ModelArgsError, match=r" is out of range"):
+        KVBenchLM(method=method, budget=256, **{key: float(value) if "." in value or value.isalpha() else int(value)})
+
+
+def test_a_token_budget_written_as_a_decimal_gets_a_hint(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "--methods", "h2o", "--budget", "256.0", "--out", str(tmp_path / "run"))
+    assert code == 2 and "a budget ratio must lie in (0, 1], got 256.0 (for 256 tokens write 256)" in err
+
+
 @pytest.mark.model
 @pytest.mark.parametrize("task,lengths", [("needle", "9000"), ("kvbench_needle", "1024,8192"),
                                           ("kvbench_ruler_niah_single_1,kvbench_ruler_fwe", "8100")])

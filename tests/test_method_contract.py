@@ -5,10 +5,12 @@ tokens appended since), and two runs with the same input keep the same tokens an
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 import tiny
-from kvbench.policy import available, make_policy, policy_class
+from kvbench.policy import Range, available, make_policy, parameter_range, parameters, policy_class
 from kvbench.runtime.chat import encode_chat
 from kvbench.runtime.engine import Engine
 
@@ -55,3 +57,33 @@ def test_every_method_loses_no_token_keeps_its_budget_and_is_deterministic(engin
         else:  # per-layer budgets that average the budget (PyramidKV)
             assert sum(counts) / len(counts) <= BUDGET + slack + 1
     assert run(engine, name) == (tokens, kept)
+
+
+def out_of_range(allowed: Range) -> list[object]:
+    """Values a declared range must refuse: past each end (or on an open end), the non-finite, an unknown name."""
+    if allowed.choices:
+        return ["no-such-choice"]
+    bad: list[object] = [float("nan"), float("inf"), float("-inf")]
+    if allowed.low is not None:
+        bad.append(allowed.low if allowed.low_open else allowed.low - 1)
+    if allowed.high is not None:
+        bad.append(allowed.high if allowed.high_open else allowed.high + 1)
+    return bad
+
+
+@pytest.mark.parametrize("name", available())
+def test_every_parameter_declares_its_range_and_values_outside_it_are_refused(name):
+    """A value outside a parameter's range is refused when the policy is built (what every front end does before a
+    model loads); the default is inside. Only booleans go without a declared range: their type is their range."""
+    budget = BUDGET if policy_class(name).uses_budget else None
+    for key, f in parameters(name).items():
+        if key in ("budget", "schedule") or f.type in ("bool", bool):
+            continue
+        allowed = parameter_range(f)
+        assert allowed is not None, f"{name}.{key} declares no range (use param(default, low=..., high=...))"
+        assert allowed.admits(f.default), f"{name}.{key}'s default {f.default!r} is outside {allowed}"
+        for value in out_of_range(allowed):
+            nonfinite = isinstance(value, float) and not math.isfinite(value)  # an int refuses it by type
+            refusal = "(is out of range|is not a valid int)" if nonfinite else "is out of range: it must be "
+            with pytest.raises(ValueError, match=rf"{key}=\S+ {refusal}"):
+                make_policy(name, budget, **{key: str(value)})
