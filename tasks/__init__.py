@@ -3,11 +3,22 @@
 `needle` (passkey haystacks), `rope` (copying at controlled distances), `multiturn` (conversations with a code per
 turn), `longgen` (long-generation prompts), `ruler` (the RULER-style suite), `prose` (the pydoc prose they use)."""
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+F = TypeVar("F", bound=Callable)
 
 ANSWER_ROOM = 128
 """Positions of the model's window a task's context length must leave free for its answer: the most any kvbench
 task generates (RULER's common-words list, 120 tokens), rounded up."""
+
+
+def marks_question(data: F) -> F:
+    """Declares that a task data function's docs mark where their question starts (a `question` field holding its
+    exact text in the prompt), so the task can be run with the question after its compressed context
+    (`query=after|reuse`). A task without it runs in-prompt only, and the other modes are refused before any work."""
+    data.marks_question = True
+    return data
 
 
 class TaskSettingsError(ValueError):

@@ -113,3 +113,50 @@ def test_needle_questions_are_marked_for_lm_eval_and_stock_prompts_are_unchanged
         got[q] = out["results"]["kvbench_needle"]["exact_match,first-number"]
     # SnapKV at 64 tokens keeps the key when it can see the question, and cannot pick it out before
     assert got["in-prompt"] > got["after"]
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("query", ["after", "reuse"])
+def test_every_task_in_every_query_mode_is_computed_as_labelled_or_refused_before_work(tmp_path, monkeypatch, query):
+    """A mode a task declares (`query_modes`) is one its docs can run in: each doc's question occurs in its prompt,
+    ending it but for the answer prefix. Any other mode is refused by `kvbench compare` before the model loads,
+    never run in-prompt under the mode's label (a rolling-loglikelihood task once was)."""
+    from kvbench.cli import main
+    from kvbench.evaluation.lmeval_tasks import task_names
+    from kvbench.lmeval.tasks import _yaml, query_modes
+    from kvbench.runtime import models
+    from kvbench.tasks.lm_eval import utils
+
+    load = models.load
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("the model was loaded before the refusal"))
+    checked = set()
+    for task in task_names():
+        if query in query_modes(task):
+            config = _yaml(task)
+            if "group" in config:
+                continue  # its members are checked one by one
+            meta = {**_yaml(config.get("include", "")).get("dataset_kwargs", {}), **config.get("dataset_kwargs", {})}
+            data = utils.needle(context_lengths=[300], depths=[0.5], varied_context_lengths=[]) if "needle" in task \
+                else utils.ruler(meta["ruler_task"], context_lengths=[600], samples=1)
+            for doc in data["test"]:
+                assert doc["question"] and doc["question"] in doc["prompt"], task
+            checked.add(task)
+        else:
+            out = tmp_path / task
+            assert main(["compare", "--methods", "full", "--tasks", task, "--query", query, "--out", str(out),
+                         "--no-progress"]) == 2
+            assert not out.exists()
+    monkeypatch.setattr(models, "load", load)
+    assert {"needle-1k", "kvbench_ruler_niah_single_1"} <= checked
+    assert "kvbench_ppl" not in checked and "kvbench_multiturn" not in checked
+
+
+def test_a_rolling_loglikelihood_task_is_refused_in_the_query_modes(engine):
+    """Through lm-eval directly (no compare in front): the whole text is scored, so there is no question to move."""
+    from kvbench.lmeval.adapter import ModelArgsError
+
+    rolling = [Instance("loglikelihood_rolling", {}, ("Some text to score.",), 0, ("kvbench_ppl", 0, 1))]
+    for query in ("after", "reuse"):
+        with pytest.raises(ModelArgsError, match=f"query={query}: kvbench_ppl scores whole texts"):
+            adapter(engine, "streamingllm", 24, query).loglikelihood_rolling(rolling)
+    assert len(adapter(engine, "streamingllm", 24, "in-prompt").loglikelihood_rolling(rolling)) == 1

@@ -14,11 +14,11 @@ from kvbench.evaluation import lmeval_tasks, results
 from kvbench.evaluation.leaderboard import markdown
 from kvbench.evaluation.records import host, summarize, versions
 from kvbench.files import write_atomic
-from kvbench.lmeval.tasks import check_metadata, metadata_defaults
+from kvbench.lmeval.tasks import check_metadata, metadata_defaults, query_modes
 from kvbench.policy import SCHEDULES, Budget, available, make_policy, policy_class
 from kvbench.runtime import models
 from kvbench.runtime.chat import encode_chat
-from kvbench.runtime.engine import Engine
+from kvbench.runtime.engine import QUERY_MODES, Engine
 from kvbench.runtime.runspec import RunSpec
 from kvbench.tasks import check_window
 
@@ -82,6 +82,12 @@ def plan(spec: CompareSpec) -> list[RunSpec]:
         raise ValueError(f"--schedule {','.join(bad)!r} is not a schedule; allowed: {', '.join(SCHEDULES)}")
     if spec.limit is not None and spec.limit <= 0:
         raise ValueError(f"--limit must be a positive number of samples, got {spec.limit}")
+    for task in spec.tasks:  # a mode a task cannot be computed in is refused, never run in-prompt under its label
+        modes = query_modes(task)
+        wrong = [q for q in dict.fromkeys(spec.queries) if q in QUERY_MODES and modes is not None and q not in modes]
+        if wrong:
+            raise ValueError(f"--query {','.join(wrong)}: {task} does not mark its question (a question after the "
+                             f"compressed context needs one); it runs with: {', '.join(modes)}")
     runs = []
     for name in dict.fromkeys(spec.methods):
         budgets: list[Budget | None] = (spec.budgets or [None]) if RunSpec.takes_budget(name) else [None]

@@ -166,6 +166,10 @@ class KVBenchLM(TemplateLM):
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        if self.run.query != "in-prompt":  # a whole text is scored: no question to move after its context
+            tasks = ", ".join(sorted({str(req.task_name) for req in requests}))
+            raise ModelArgsError(f"query={self.run.query}: {tasks} scores whole texts (loglikelihood_rolling) and "
+                                 "has no question to put after the compressed context; use query=in-prompt")
         texts = [req.args[0] for req in requests]
         tokens = [([self.prefix_token_id], self.tok_encode(text)) for text in texts]
         return self._measure(requests, lambda: [ll for ll, _ in self._loglikelihood_tokens(
@@ -183,7 +187,7 @@ class KVBenchLM(TemplateLM):
         reads it). A token straddling the boundary goes with the question."""
         question = doc.get(QUESTION_FIELD) if isinstance(doc, dict) else None
         if not question:
-            raise ValueError(f"{task}: query={self.run.query} needs the question marked (a doc field "
+            raise ModelArgsError(f"{task}: query={self.run.query} needs the question marked (a doc field "
                              f"{QUESTION_FIELD!r} holding the text where it starts in the prompt); this task has none, "
                              "use query=in-prompt")
         at = context.rfind(question)

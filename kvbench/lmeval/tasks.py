@@ -64,6 +64,25 @@ def metadata_defaults(task: str) -> dict[str, Any] | None:
     return meta
 
 
+def query_modes(task: str) -> tuple[str, ...] | None:
+    """The query placements a kvbench task (or group: all its members) can be computed in: every mode when its data
+    function marks the question (`kvbench.tasks.marks_question`), else in-prompt alone (a rolling-loglikelihood task
+    scores a whole text: there is no question to move); None for a name that is not one of kvbench's tasks."""
+    from kvbench.runtime.engine import QUERY_MODES
+    from kvbench.tasks.lm_eval import utils
+
+    config = _yaml(task)
+    if not config:
+        return None
+    if "group" in config:
+        members = [query_modes(m) or () for m in config.get("task", [])]
+        return tuple(q for q in QUERY_MODES if all(q in m for m in members))
+    merged = {**(_yaml(config["include"]) if "include" in config else {}), **config}
+    data = getattr(utils, str(merged.get("custom_dataset", "")).removeprefix("utils."), None)
+    marked = getattr(data, "marks_question", False) and merged.get("output_type") != "loglikelihood_rolling"
+    return QUERY_MODES if marked else ("in-prompt",)
+
+
 def check_metadata(task: str, meta: Any, where: str) -> None:
     """Refuse, naming what is allowed, task metadata a task does not take or cannot use: an unknown key, a value of
     another type than the YAML's default, a length, count or distance below 1, a depth outside [0, 1]."""

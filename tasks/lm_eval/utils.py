@@ -13,7 +13,7 @@ from pathlib import Path
 import datasets
 
 from kvbench.runtime import models
-from kvbench.tasks import check_window
+from kvbench.tasks import check_window, marks_question
 from kvbench.tasks.needle import ANSWER_PREFIX, QUESTION, haystack
 
 
@@ -41,6 +41,7 @@ def _chat(tokenizer, user: str, prefix: str = "") -> str:
     return user + "\n" + prefix
 
 
+@marks_question
 def needle(**meta) -> dict[str, datasets.Dataset]:
     """Simple filler at ~1k/2k/4k and varied prose at ~1k, x depth 0.1..0.9; seeded. Varied prose stops at
     1k by default: with the full cache the 135M model then finds only late needles (2k: 1/5, 4k: 2/5)."""
@@ -147,6 +148,7 @@ def window_probe_results(doc: dict, results: list[tuple[float, bool]]) -> dict[s
     return {"word_perplexity": (loglikelihood, len(doc["continuation"].split()))}
 
 
+@marks_question
 def ruler(ruler_task: str, **meta) -> dict[str, datasets.Dataset]:
     """One task of the RULER-style suite (kvbench/tasks/ruler.py) at each of `context_lengths` (each must fit the
     evaluated model's window with its answer), `samples` per length, sized in that model's tokens. The doc's
