@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from importlib.metadata import version
 from pathlib import Path
 
@@ -161,6 +163,9 @@ def _leaderboard(args: argparse.Namespace) -> int:
 
     plan = sweep.load(args.config, args.slice, args.dtype)
     cells = args.cells or models.cache_dir() / "cells"
+    if args.check is not None and (args.out / "results.json").resolve() == args.check.resolve():
+        raise ValueError(f"--check {args.check} is the results file this run writes (--out {args.out}): a failed check "
+                         "would replace the reference it failed against; give --out another folder")
     check_outputs(args.out, ["LEADERBOARD.md", "results.json"], overwrite=True)  # the sweep's job is to replace them
     check_outputs(args.plots, [], flag="--plots")
     check_outputs(cells, [], flag="--cells")
@@ -195,7 +200,16 @@ def _methods() -> int:
     return 0
 
 
-INTERRUPTED = {  # what a Ctrl-C leaves behind, per command
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cancelled CI job, `timeout`, a cluster's preemption), handled as Ctrl-C is: claims released, nothing
+    half-written, one line saying what was kept."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
+INTERRUPTED = {  # what a Ctrl-C or SIGTERM leaves behind, per command
     "compare": "nothing was written (results are written once every cell is done; a leaderboard sweep resumes "
                "from its finished cells)",
     "bench": "nothing was written",
@@ -206,6 +220,16 @@ INTERRUPTED = {  # what a Ctrl-C leaves behind, per command
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is not threading.main_thread():
+        return _run(args)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
     if getattr(args, "no_progress", False):  # no bar at all: transformers' (loading, GGUF conversion) too
         from transformers.utils import logging as hf_logging
 
@@ -225,9 +249,10 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         print("kvbench: error: the output pipe was closed before everything was written", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"kvbench: interrupted; {INTERRUPTED.get(args.command, 'nothing was written')}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        how = "terminated" if isinstance(stop, Terminated) else "interrupted"
+        print(f"kvbench: {how}; {INTERRUPTED.get(args.command, 'nothing was written')}", file=sys.stderr)
+        return 128 + int(signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
     except OSError as err:  # the machine, not the input: a full disk, a folder that vanished
         print(f"kvbench: error: {err}", file=sys.stderr)
         return 2

@@ -83,7 +83,7 @@ def test_two_sweeps_sharing_a_cell_store_compute_each_cell_once_and_finish_with_
     for proc in procs:
         assert proc.wait() == 0, proc.stderr.read().decode()[-2000:]
     stored = sorted(cells.iterdir())
-    assert len(stored) == 3 and all(json.loads(p.read_text())["samples"] for p in stored)  # whole cells, no temp
+    assert len(stored) == 3 and all(json.loads(p.read_text())["cell"]["samples"] for p in stored)  # whole, no temp
     results = [json.loads((tmp_path / f"out{i}" / "results.json").read_text()) for i in range(2)]
     from kvbench.evaluation.sweep import compare_deterministic
 

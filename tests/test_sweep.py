@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_valid_results
+from kvbench.evaluation import cells as cellstore
 from kvbench.evaluation import leaderboard, sweep
-from kvbench.evaluation.cells import CellStore, read_cell
-from kvbench.evaluation.compare import plan
+from kvbench.evaluation.cells import CellStore, cell_key, read_cell, sample_fields
+from kvbench.evaluation.compare import Cell, plan
 
 SMALL = """
 tasks = ["needle-1k"]
@@ -174,10 +175,10 @@ def test_killed_sweep_resumes_with_only_the_unfinished_cells(tmp_path):
     broken.write_text(broken.read_text()[:100])
     healed = sweep.run_sweep(sweep.load(config), out, cells, None, check=out / "results.json", progress=False)
     assert healed.ran == [again.cached[1]] and healed.mismatches == []  # recomputed, the same numbers
-    assert json.loads(broken.read_text())["samples"]
+    assert json.loads(broken.read_text())["cell"]["samples"]
 
-    moved = cells / f"{again.cached[1]}.json"  # streamingllm's cell, as if a sweep on another machine made it
-    moved.write_text(json.dumps({**json.loads(moved.read_text()), "host": "cuda, another machine, 8 threads"}))
+    moved = json.loads((cells / f"{again.cached[1]}.json").read_text())  # streamingllm's, made on another machine
+    CellStore(cells).put(moved["config"], Cell(**{**moved["cell"], "host": "cuda, another machine, 8 threads"}))
     mixed = sweep.run_sweep(sweep.load(config), out, cells, None, progress=False)
     results = json.loads((out / "results.json").read_text())
     assert_valid_results(results)
@@ -263,36 +264,93 @@ def test_intervals_are_seeded_percentile_bootstraps_of_the_mean():
     assert bootstrap_halfwidth([[0.0, 1.0] * 50, [1.0] * 100]) == pytest.approx(half / 2, rel=0.25)
 
 
+CONFIG = {"model": "m", "model_sha256": "0" * 64, "policy": {"name": "full"}, "task": "t", "source": "abc"}
+
+
+def finished_cell(score: float = 1.0) -> Cell:
+    sample = {**dict.fromkeys(sample_fields(), 0), "task": "t", "score": score}
+    return Cell("t", [sample], {"t": score}, {"t": "exact_match"}, "cpu x2, test, 1 threads")
+
+
 @pytest.mark.parametrize("content", ['{"task": "kvbench_needle", "samples": [{"sco', "{}", "[]", "null",
                                      '{"task": "t", "samples": "none"}', '{"task": "t", "samples": []}', "\udcff"])
 def test_an_unreadable_cell_is_reported_by_name_and_never_used(tmp_path, capsys, content):
-    path = tmp_path / "0123abcd.json"
-    path.write_bytes(content.encode("utf-8", "surrogateescape"))
-    assert read_cell(path) is None
+    store = CellStore(tmp_path)
+    key = cell_key(CONFIG)
+    store.path(key).write_bytes(content.encode("utf-8", "surrogateescape"))
+    assert store.get(key) is None and store.get(key) is None
     err = capsys.readouterr().err
-    assert f"ignoring the unreadable cell {path}" in err and "computing it again" in err
-    path.write_text(json.dumps({"task": "t", "samples": [{"score": 1.0}], "scores": {}, "metrics": {}}))
-    assert read_cell(path).samples == [{"score": 1.0}]
+    assert err.count(f"ignoring the cell {store.path(key)}") == 1 and "computing it again" in err  # named once
+    assert store.put(CONFIG, finished_cell()) == key
+    assert store.get(key) == finished_cell()
 
 
-def test_a_cell_claimed_by_a_live_sweep_is_left_to_it_and_a_dead_sweeps_claim_is_taken_over(tmp_path):
+def test_a_cell_is_used_only_if_its_configuration_is_its_key_and_its_content_its_checksum(tmp_path, capsys):
+    """An edited score, another cell's file copied under this name, a half cell: each named and never used."""
+    store = CellStore(tmp_path)
+    key = store.put(CONFIG, finished_cell(0.0))
+    stored = json.loads(store.path(key).read_text())
+    assert stored["config"] == CONFIG and stored["key"] == key
+    edited = json.loads(json.dumps(stored))
+    edited["cell"]["samples"][0]["score"] = edited["cell"]["scores"]["t"] = 1.0
+    store.path(key).write_text(json.dumps(edited))
+    assert read_cell(store.path(key), key) is None
+    assert "its content does not match its checksum (edited or damaged)" in capsys.readouterr().err
+    other = store.put({**CONFIG, "policy": {"name": "h2o"}}, finished_cell(1.0))
+    store.path(key).write_bytes(store.path(other).read_bytes())  # another cell's file under this key
+    assert read_cell(store.path(key), key) is None
+    assert "its configuration is not the one its name stands for" in capsys.readouterr().err
+    half = finished_cell()
+    half.samples = [{"score": 1.0}]
+    store.put(CONFIG, half)
+    assert read_cell(store.path(key), key) is None
+    assert "a sample lacks task, id, answer, prediction ..." in capsys.readouterr().err
+
+
+def test_a_cell_claimed_by_a_live_sweep_is_left_to_it_and_a_stopped_sweeps_claim_is_taken_over(tmp_path, capsys):
     ours, theirs = CellStore(tmp_path), CellStore(tmp_path)
     assert ours.claim("k") and (tmp_path / "k.claim").exists()
-    assert not theirs.claim("k")  # this process is alive: the claim holds
+    assert not theirs.claim("k")  # this process is alive and beats: the claim holds
+    assert theirs.owner("k").startswith(f"pid {os.getpid()} on {socket.gethostname()}")
     ours.release("k")
     assert not (tmp_path / "k.claim").exists() and theirs.claim("k")
     theirs.release_all()
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (tmp_path / "d.claim").write_text(json.dumps({"pid": int(gone.stdout), "host": socket.gethostname()}))
     assert ours.claim("d")  # its process has ended (a SIGKILLed sweep)
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"]) as other:
+        # a live process under the claim's PID, started at another time: the PID was reused (after a restart)
+        (tmp_path / "r.claim").write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(),
+                                                      "pid_started": 1000.0}))
+        assert ours.claim("r")
+        other.kill()
     (tmp_path / "e.claim").write_text("")  # being written now: not taken
     assert not ours.claim("e")
     os.utime(tmp_path / "e.claim", (time.time() - 60, time.time() - 60))  # still empty a minute on: left behind
     assert ours.claim("e")
     (tmp_path / "f.claim").write_text(json.dumps({"pid": 1, "host": "another-host"}))  # a shared folder
     assert not ours.claim("f")
+    stopped = time.time() - cellstore.LEASE_S - 1  # no heartbeat for a lease: its owner stopped, whoever it was
+    (tmp_path / "g.claim").write_text(json.dumps({"pid": 1, "host": "another-host"}))
+    (tmp_path / "h.claim").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    for name in ("g", "h"):
+        os.utime(tmp_path / f"{name}.claim", (stopped, stopped))
+        assert ours.claim(name)
+    assert capsys.readouterr().err.count("its claim was left by a sweep that stopped") == 5
     ours.release_all()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.claim"]
+
+
+def test_a_held_claim_is_kept_alive_by_its_heartbeat(tmp_path, monkeypatch):
+    monkeypatch.setattr(cellstore, "HEARTBEAT_S", 0.05)
+    store = CellStore(tmp_path)
+    assert store.claim("k")
+    long_ago = time.time() - 1000
+    os.utime(tmp_path / "k.claim", (long_ago, long_ago))
+    time.sleep(0.5)
+    assert (tmp_path / "k.claim").stat().st_mtime > long_ago + 900  # touched again
+    store.release_all()
+    assert not (tmp_path / "k.claim").exists()
 
 
 def test_records_carry_each_scores_sample_count_and_standard_error():
@@ -310,3 +368,69 @@ def test_records_carry_each_scores_sample_count_and_standard_error():
     assert m["accuracy"] == {"a": 0.5, "b": 1.0} and m["accuracy_n"] == {"a": 4, "b": 1}
     assert m["accuracy_stderr"]["a"] == pytest.approx((1 / 3) ** 0.5 / 2)  # sample sd sqrt(1/3), over sqrt(4)
     assert m["accuracy_stderr"]["b"] is None  # one sample has no spread to estimate
+
+
+@pytest.mark.model
+def test_cells_follow_the_weights_not_the_path(tmp_path):
+    """A cell is keyed by the model's content: new weights under the same folder are computed again, and the first
+    weights put back find their cell (a tiny random Llama: mechanics, never reported)."""
+    import tiny
+    from kvbench.runtime import models
+
+    folder = tmp_path / "mymodel"
+    tiny.build("llama", "sdpa", seed=0).save_pretrained(folder)
+    models.load_tokenizer().save_pretrained(folder)
+    config = write(tmp_path, f'model = "{folder}"\ntasks = ["needle-1k"]\nlimit = 1\n[[rows]]\nmethods = ["full"]\n')
+    cells = tmp_path / "cells"
+
+    def run(out: str) -> sweep.Outcome:
+        return sweep.run_sweep(sweep.load(config), tmp_path / out, cells, None, progress=False)
+
+    first = run("first")
+    tiny.build("llama", "sdpa", seed=1).save_pretrained(folder)  # same path, other weights
+    second = run("second")
+    assert len(second.ran) == 1 and second.ran != first.ran and second.cached == []
+    sha = [r["config"]["model_sha256"] for o in (first, second) for r in o.records]
+    assert sha[0] != sha[1] and all(len(s) == 64 for s in sha)
+    tiny.build("llama", "sdpa", seed=0).save_pretrained(folder)
+    assert run("third").cached == first.ran
+
+
+def test_check_never_replaces_the_reference_it_checks_against(tmp_path, capsys, monkeypatch):
+    from kvbench.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "leaderboard").mkdir()
+    reference = tmp_path / "leaderboard" / "results.json"
+    reference.write_text("the committed reference\n")
+    code = main(["leaderboard", "--config", str(write(tmp_path, SMALL)), "--check", "leaderboard/results.json",
+                 "--cells", "cells", "--plots", "plots", "--no-progress"])  # --out: leaderboard, the default
+    assert code == 2 and "is the results file this run writes (--out leaderboard)" in capsys.readouterr().err
+    assert reference.read_text() == "the committed reference\n" and not (tmp_path / "cells").exists()
+
+
+def test_check_refuses_a_reference_without_samples_before_any_work(tmp_path):
+    from kvbench.evaluation import results
+
+    record = {"method": "full", "variant": "", "budget": None, "positions": "original", "query": "in-prompt",
+              "metrics": {"accuracy": {"t": 1.0}}}
+    reference = tmp_path / "results.json"
+    reference.write_text(results.dumps("leaderboard", {}, [record]))
+    with pytest.raises(ValueError, match=f"--check {reference}: its records do not hold what the check compares"):
+        sweep._committed(reference)
+
+
+@pytest.mark.model
+def test_sigterm_stops_a_sweep_as_ctrl_c_does_and_releases_its_claims(tmp_path):
+    config, out, cells = write(tmp_path, SMALL), tmp_path / "out", tmp_path / "cells"
+    cmd = [sys.executable, "-m", "kvbench", "leaderboard", "--config", str(config), "--out", str(out),
+           "--cells", str(cells), "--plots", str(tmp_path / "plots"), "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while not list(cells.glob("*.claim")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.terminate()  # while it computes a cell it claimed
+    err = proc.communicate(timeout=120)[1].decode()
+    assert proc.returncode == 143
+    assert "kvbench: terminated; the finished cells are in the cell store" in err and "Traceback" not in err
+    assert not list(cells.glob("*.claim")) and not out.exists()

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from kvbench.evaluation import lmeval_tasks, results
 from kvbench.evaluation.leaderboard import markdown
-from kvbench.evaluation.records import host, summarize, versions
+from kvbench.evaluation.records import host, numeric_versions, source_hash, summarize, versions
 from kvbench.files import write_atomic
 from kvbench.lmeval.tasks import check_metadata, metadata_defaults, query_modes
 from kvbench.policy import SCHEDULES, Budget, available, make_policy, policy_class
@@ -153,8 +153,8 @@ class Runner:
                          self.engine.max_positions, spec.model)
         warm_up = encode_chat(self.engine.tokenizer, "Hello")
         self.engine.generate(warm_up, make_policy("full"), max_new_tokens=4)
-        self.config = {"model": spec.model, "device": spec.device, "dtype": str(lm.dtype).removeprefix("torch."),
-                       "attention": self.engine.attention_backend,
+        self.config = {"model": spec.model, "model_sha256": models.content_digest(spec.model), "device": spec.device,
+                       "dtype": str(lm.dtype).removeprefix("torch."), "attention": self.engine.attention_backend,
                        "prefill_chunk": spec.prefill_chunk, "limit": spec.limit}
         self.versions = versions()
         self.host = host(self.versions)
@@ -170,9 +170,12 @@ class Runner:
         return meta or None
 
     def cell_config(self, run: RunSpec, task: str) -> dict[str, Any]:
-        """Everything that determines a cell's deterministic results (the sweep's cache key)."""
+        """Everything that determines a cell's results, by content: the model's (not its name), the run, the task
+        and its settings (its data is generated from them, by code in the source hash, with the model's tokenizer),
+        the library releases that change numbers and kvbench's source. The cell store's key is its hash."""
         return {**self.config, "policy": {"name": run.method, **run.policy.config()}, "positions": run.positions,
-                "query": run.query, "task": task, "task_metadata": self.metadata[task]}
+                "query": run.query, "task": task, "task_metadata": self.metadata[task],
+                "versions": numeric_versions(), "source": source_hash()}
 
     def cell(self, run: RunSpec, task: str) -> Cell:
         got = lmeval_tasks.evaluate(self.engine, self.spec.model, run, task, self.spec.limit, self.metadata[task])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import platform
 import statistics
@@ -27,6 +29,38 @@ def versions() -> dict[str, str]:
     out["cpu"] = cpu_model()
     out["torch_threads"] = str(torch.get_num_threads())
     return out
+
+
+NUMERIC_PACKAGES = ("torch", "transformers", "tokenizers", "lm_eval", "datasets", "gguf")
+"""The libraries whose release can change a cell's numbers (kernels, model code, tokenization, task building,
+dequantization): a cell computed under other releases of them is another cell."""
+
+
+def numeric_versions() -> dict[str, str]:
+    out = {}
+    for pkg in NUMERIC_PACKAGES:
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
+
+
+@functools.cache
+def source_hash() -> str:
+    """Hash of kvbench's own files (core, methods, tasks: code, YAMLs, templates; bytecode left out): a change to any
+    of them is another cell."""
+    import kvbench
+    import kvbench.methods
+    import kvbench.tasks
+
+    digest = hashlib.sha256()
+    for pkg in (kvbench, kvbench.methods, kvbench.tasks):
+        root = Path(pkg.__file__).parent
+        for f in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+                        and p.suffix != ".pyc"):
+            digest.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def host(v: dict[str, str]) -> str:

@@ -1,10 +1,10 @@
 """`kvbench leaderboard`: the published sweep (methods × budgets × position modes × tasks), resumable.
 
 A sweep is a TOML file (leaderboard/sweep.toml). Each (policy, position mode, task) is a *cell*; a
-finished cell is stored under the hash of everything that determines its results (model, policy
-config, task and its metadata, limit, prefill chunk, and the kvbench source code), so an interrupted
-sweep resumes where it stopped and a code change reruns everything; two sweeps sharing a store never compute
-the same cell (`cells.py`). LEADERBOARD.md and results.json
+finished cell is stored under the hash of everything that determines its results, by content (`Runner.cell_config`:
+the model's weights, policy config, task and its metadata, limit, prefill chunk, the library releases that change
+numbers and the kvbench source), so an interrupted sweep resumes where it stopped and any change reruns what it
+touches; two sweeps sharing a store never compute the same cell (`cells.py`). LEADERBOARD.md and results.json
 are written only once every cell is done, each to a temporary file then renamed.
 
 `--check FILE` compares the deterministic columns (task scores, KV compression, KV bytes) of every
@@ -14,11 +14,10 @@ shown, never compared.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import subprocess
+import sys
 import time
 import tomllib
 from collections import Counter
@@ -29,10 +28,10 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from kvbench.evaluation import results
-from kvbench.evaluation.cells import CellStore
+from kvbench.evaluation.cells import LEASE_S, CellStore, cell_key
 from kvbench.evaluation.compare import CompareSpec, Runner, describe, method_params, plan
 from kvbench.evaluation.leaderboard import markdown
-from kvbench.evaluation.records import cpu_model
+from kvbench.evaluation.records import cpu_model, source_hash
 from kvbench.files import write_atomic
 from kvbench.lmeval.tasks import check_metadata
 from kvbench.policy import Budget
@@ -169,24 +168,6 @@ def load(path: Path, slice_name: str | None = None, dtype: str | None = None) ->
     return Sweep(spec, rows, str(path), slice_name, slices)
 
 
-def source_hash() -> str:
-    """Hash of kvbench's own code (core, methods, tasks): a code change invalidates every cached cell."""
-    import kvbench
-    import kvbench.methods
-    import kvbench.tasks
-
-    digest = hashlib.sha256()
-    for pkg in (kvbench, kvbench.methods, kvbench.tasks):
-        root = Path(pkg.__file__).parent
-        for f in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".yaml")):
-            digest.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def cell_key(config: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
 CLAIM_POLL_S = 2.0  # how often a sweep looks again at a cell another sweep is computing
 
 
@@ -205,14 +186,21 @@ def run_sweep(sweep: Sweep, out_dir: Path, cells_dir: Path, plots_dir: Path | No
     runner = Runner(CompareSpec(**{**asdict(sweep.spec), "methods": ["full"]}))
     code = source_hash()
     plan_rows = [(row, run_) for row in sweep.rows for run_ in plan(row)]
-    row_keys = [[cell_key({**runner.cell_config(run_, task), "source": code}) for task in row.tasks]
-                for row, run_ in plan_rows]
+    configs = {}
+    row_keys = []
+    for row, run_ in plan_rows:
+        row_keys.append([])
+        for task in row.tasks:
+            config = runner.cell_config(run_, task)
+            configs[cell_key(config)] = config
+            row_keys[-1].append(cell_key(config))
     todo = {key: (run_, task)
             for (row, run_), keys in zip(plan_rows, row_keys, strict=True)
             for task, key in zip(row.tasks, keys, strict=True)}
     outcome = Outcome([], [], [])
     store = CellStore(cells_dir)
     done = {}
+    waited: set[str] = set()
     bar = tqdm(total=len(todo), disable=not progress, desc="leaderboard", unit="cell")
     try:
         while len(done) < len(todo):
@@ -227,7 +215,7 @@ def run_sweep(sweep: Sweep, out_dir: Path, cells_dir: Path, plots_dir: Path | No
                         stored = store.get(key)  # finished by another sweep between the read and the claim
                         if stored is None:
                             done[key] = runner.cell(run_, task)
-                            store.put(key, done[key])
+                            store.put(configs[key], done[key])
                             outcome.ran.append(key)
                     finally:
                         store.release(key)
@@ -238,6 +226,11 @@ def run_sweep(sweep: Sweep, out_dir: Path, cells_dir: Path, plots_dir: Path | No
                     bar.update()
                 else:
                     waiting = True  # another sweep computes it: come back after the other cells
+                    if key not in waited:
+                        waited.add(key)
+                        owner = store.owner(key) or "another sweep"
+                        tqdm.write(f"kvbench: waiting for the cell {describe(run_)} {task}: {owner} computes it (a "
+                                   f"claim untouched for {LEASE_S:.0f} s is taken over)", file=sys.stderr)
             if waiting and len(done) < len(todo):
                 time.sleep(CLAIM_POLL_S)
     finally:
@@ -316,7 +309,14 @@ def _markdown(header: dict[str, Any], records: list[dict[str, Any]], plots: dict
 
 
 def _committed(path: Path) -> list[dict[str, Any]]:
-    return results.load(path, "--check")["records"]
+    """The committed records, refused before any work when their deterministic columns cannot be read."""
+    records = results.load(path, "--check")["records"]
+    try:
+        deterministic(records)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:
+        raise ValueError(f"--check {path}: its records do not hold what the check compares (every record's samples "
+                         f"with their scores, KV compression and bytes): {type(err).__name__}: {err}") from None
+    return records
 
 
 def row_key(record: dict[str, Any]) -> str:
