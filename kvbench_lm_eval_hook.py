@@ -7,11 +7,20 @@ that moment the two model types are registered as lazy placeholders (`module:Cla
 imported on first use), and when lm-eval's task package loads, kvbench's task folder is added to
 its default task paths. The `lm_eval` command (and `python -m lm_eval`) reports kvbench's refusals of
 --model_args and of task settings (a context length past the model's window) in one line with exit code 2.
+
+The hook never breaks lm-eval: a kvbench that cannot be imported (a broken install, a missing dependency) costs
+lm-eval users kvbench's model types and tasks, with a warning, not their working lm-eval; and the .pth line does
+nothing once kvbench is uninstalled (an editable install's .pth is added to kvbench's RECORD, so `pip uninstall`
+removes it too).
 """
 
 import importlib.abc
 import importlib.util
 import sys
+import warnings
+
+PTH = "kvbench-lm-eval.pth"
+PTH_LINE = 'import importlib.util as u; u.find_spec("kvbench_lm_eval_hook") and __import__("kvbench_lm_eval_hook")\n'
 
 MODELS = {"kvbench-hf": "kvbench.lmeval.adapter:KVBenchLM", "asrkf-hf": "kvbench.lmeval.adapter:ASRKFLM"}
 # lm_eval.models fills the registry from its static table; get_model() imports it when the registry
@@ -75,19 +84,29 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 
         def exec_then_register(module):
             exec_module(module)
-            hook(module)
+            try:
+                hook(module)
+            except Exception as err:  # whatever broke in kvbench, lm-eval itself must keep working
+                warnings.warn(f"kvbench's lm-eval hook failed ({type(err).__name__}: {err}); lm-eval runs without "
+                              "kvbench's model types and tasks", stacklevel=2)
 
         spec.loader.exec_module = exec_then_register
         return spec
 
 
 def install_pth() -> str:
-    """Write kvbench-lm-eval.pth into site-packages (a wheel install ships it; an editable one cannot)."""
+    """Write kvbench-lm-eval.pth into site-packages (a wheel install ships it; an editable one cannot) and list it in
+    kvbench's RECORD, so that `pip uninstall kvbench` removes it with the rest."""
     import sysconfig
     from pathlib import Path
 
-    target = Path(sysconfig.get_paths()["purelib"]) / "kvbench-lm-eval.pth"
-    target.write_text("import kvbench_lm_eval_hook\n")
+    site = Path(sysconfig.get_paths()["purelib"])
+    target = site / PTH
+    target.write_text(PTH_LINE)
+    for record in site.glob("kvbench-*.dist-info/RECORD"):
+        if f"\n{PTH}," not in f"\n{record.read_text()}":
+            with record.open("a") as fh:
+                fh.write(f"{PTH},,\n")
     return str(target)
 
 

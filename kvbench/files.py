@@ -37,3 +37,14 @@ def write_atomic(path: Path, text: str) -> None:
     """Write `text` to `path` whole or not at all."""
     with atomic(path) as tmp:
         tmp.write_text(text)
+
+
+def write_with_derived(primary: Path, text: str, derived: dict[Path, str]) -> None:
+    """A results file and the files made from it (its table): the old derived files are removed first, then the
+    primary is written, then the derived ones, each whole. Stopped anywhere, the folder holds no derived file next
+    to a primary it was not made from."""
+    for path in derived:
+        path.unlink(missing_ok=True)
+    write_atomic(primary, text)
+    for path, body in derived.items():
+        write_atomic(path, body)

@@ -7,8 +7,11 @@ scores 1 when the first number it produces is the key (tasks/lm_eval/kvbench_nee
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
+
+from kvbench.tasks import TaskSettingsError
 
 INTRO = (
     "There is an important piece of information hidden inside a lot of irrelevant text. "
@@ -40,6 +43,10 @@ def haystack(tokenizer, lengths: tuple[int, ...], depths: tuple[float, ...], see
             units = [p + ". " for p in " ".join(passages(400)).split(". ")]
             per_unit = len(tokenizer("".join(units[:200]), add_special_tokens=False)["input_ids"]) / 200
         for length in lengths:
+            if length < frame + per_unit:  # the frame alone, recorded as `length`, would be a wrong number
+                raise TaskSettingsError(f"needle: context length {length} is shorter than its prompt with one unit of "
+                                        f"{filler} filler ({math.ceil(frame + per_unit)} tokens in this model); the "
+                                        f"shortest length is {math.ceil(frame + per_unit)}")
             reps = max(1, int((length - frame) // per_unit))
             for depth in depths:
                 key = f"{rng.randrange(10000, 100000)}"

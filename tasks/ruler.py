@@ -40,6 +40,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from kvbench.tasks import TaskSettingsError
 from kvbench.tasks.needle import FILLER
 from kvbench.tasks.prose import passages
 
@@ -238,7 +239,8 @@ def generate(task: str, length: int, samples: int, seed: int, count: Callable[[I
             size = max(1, max(size + 1, guess) if n < length else min(size - 1, guess))
         fits = [(n, item) for n, item in tried.values() if n <= length]
         if not fits:
-            raise ValueError(f"{task}: cannot fit a sample into {length} tokens")
+            raise TaskSettingsError(f"{task}: cannot fit a sample into {length} tokens (the smallest sample tried "
+                                    f"takes {min(n for n, _ in tried.values())}); give a longer length")
         out.append(max(fits, key=lambda fit: fit[0])[1])
     return out
 

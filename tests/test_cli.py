@@ -132,6 +132,15 @@ def test_context_length_past_the_window_is_refused_before_any_cell_runs(tmp_path
 
 
 @pytest.mark.model
+def test_a_context_length_shorter_than_the_tasks_own_prompt_is_refused(tmp_path, capsys):
+    """It was accepted and recorded as asked (10) although the prompt was the task's frame, 129 tokens."""
+    code, _, err = run_cli(capsys, "--methods", "full", "--tasks", "needle-1k", "--context-lengths", "10",
+                           "--out", str(tmp_path / "run"))
+    assert code == 2 and "needle: context length 10 is shorter than its prompt with one unit of simple filler" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.model
 def test_the_longest_length_that_fits_is_taken():
     """8,064 tokens leave the 128 positions the check asks for: the RULER-style data builds, and its prompts stay
     within the length (so every sample's prompt and answer fit the window)."""

@@ -109,3 +109,26 @@ def test_a_folder_written_whole_keeps_what_another_process_finished_first_and_le
         scratch.write_text("half a plot")
         raise RuntimeError("savefig failed")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+@pytest.mark.parametrize("stopped_at", ["results.json", "leaderboard.md"])
+def test_a_results_file_and_its_table_are_never_left_as_a_mismatched_pair(tmp_path, monkeypatch, stopped_at):
+    """Stopped (Ctrl-C, a full disk) while writing either file, the folder holds no table beside results it was not
+    made from: the old table is gone before new results land."""
+    import kvbench.files
+
+    (tmp_path / "results.json").write_text("old results")
+    (tmp_path / "leaderboard.md").write_text("old table")
+    real = kvbench.files.write_atomic
+
+    def stop(path: Path, text: str) -> None:
+        if path.name == stopped_at:
+            raise KeyboardInterrupt
+        real(path, text)
+
+    monkeypatch.setattr(kvbench.files, "write_atomic", stop)
+    with pytest.raises(KeyboardInterrupt):
+        kvbench.files.write_with_derived(tmp_path / "results.json", "new results",
+                                         {tmp_path / "leaderboard.md": "new table"})
+    left = {p.name: p.read_text() for p in tmp_path.iterdir()}
+    assert left == {"results.json": "old results" if stopped_at == "results.json" else "new results"}

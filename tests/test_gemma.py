@@ -59,3 +59,21 @@ def test_lm_eval_perplexity_past_the_window_equals_stock_hf_and_compression_chan
     assert ours == pytest.approx(stock, rel=1e-3)
     compressed = bits_per_byte("kvbench-hf", f"pretrained={GEMMA},method=streamingllm,budget=64")
     assert compressed > ours * 1.01
+
+
+def test_rerotate_on_a_sliding_window_model_is_refused_before_its_weights_load(tmp_path, capsys, monkeypatch):
+    """From the config alone, through compare and a sweep file (it was refused only after the model loaded)."""
+    from kvbench.cli import main
+
+    models.local_dir(GEMMA)  # the dequantized copy exists (its config is what the check reads)
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("the weights were loaded before the refusal"))
+    code = main(["compare", "--model", GEMMA, "--methods", "streamingllm", "--positions", "rerotate",
+                 "--tasks", "needle-1k", "--out", str(tmp_path / "run"), "--no-progress"])
+    assert code == 2 and "positions=rerotate is not supported on Gemma 3 (text) models" in capsys.readouterr().err
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text(f'model = "{GEMMA}"\ntasks = ["needle-1k"]\n[[rows]]\nmethods = ["streamingllm"]\n'
+                     'budgets = [64]\npositions = ["rerotate"]\n')
+    code = main(["leaderboard", "--config", str(sweep), "--out", str(tmp_path / "lb"), "--cells",
+                 str(tmp_path / "cells"), "--plots", str(tmp_path / "plots"), "--no-progress"])
+    assert code == 2 and "positions=rerotate is not supported" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "lb").exists()

@@ -87,6 +87,8 @@ def test_batched_generation_gives_the_answers_of_batch_size_one():
     ("method=h2o,budget=64,heavy=0.3", "has no parameter heavy"),
     ("method=full,batch_size=0", "use a whole number >= 1"),
     ("method=full,positions=sideways", "allowed: original, rerotate, naive"),
+    ("method=full,prefill_chunk=abc", "prefill_chunk='abc': use a whole number of tokens >= 1"),
+    ("method=h2o,budget=64,heavy_ratio=5", r"heavy_ratio=5.0 is out of range: it must be in \[0, 1\]"),
 ])
 def test_bad_model_args_are_refused_with_what_is_allowed(args, message):
     from kvbench.lmeval.adapter import KVBenchLM
@@ -102,16 +104,19 @@ def test_bad_model_args_are_refused_with_what_is_allowed(args, message):
     ("module", "kvbench-hf", "method=asrkf,budget=256", "method 'asrkf' takes no budget"),
     ("command", "kvbench-hf", "method=full --metadata {\"context_lengths\":[8192]}",
      "kvbench_needle: context length 8192 does not fit smollm2-135m's window of 8192 positions"),
+    ("command", "kvbench-hf", "method=full --apply_chat_template", "run them without --apply_chat_template"),
+    ("command", "kvbench-hf", "method=streamingllm,budget=64,query=after --tasks kvbench_ppl",
+     "query=after: kvbench_ppl scores whole texts (loglikelihood_rolling)"),
 ])
 def test_stock_lm_eval_cli_refuses_bad_model_args_in_one_line_with_exit_2(launcher, model, args, message):
     """lm-eval's own process (the `lm_eval` command or `python -m lm_eval`) ends a kvbench refusal (model args, or a
     task setting the model cannot take) as `kvbench` does: no traceback."""
     command = [str(Path(sys.executable).parent / "lm_eval")] if launcher == "command" else [sys.executable, "-m",
                                                                                               "lm_eval"]
-    args, *more = args.split(" --metadata ")
-    more = ["--metadata", *more] if more else []
-    done = subprocess.run([*command, "--model", model, "--model_args", args, *more, "--tasks", "kvbench_needle",
-                           "--device", "cpu", "--limit", "1"], capture_output=True, text=True, timeout=300)
+    args, *more = args.split(" ")
+    tasks = [] if "--tasks" in more else ["--tasks", "kvbench_needle"]
+    done = subprocess.run([*command, "--model", model, "--model_args", args, *more, *tasks, "--device", "cpu",
+                           "--limit", "1"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     last = done.stderr.strip().splitlines()[-1]
@@ -257,3 +262,22 @@ def test_the_short_task_names_are_lm_eval_tasks_defined_by_their_yaml():
     assert [d["prompt"] for d in docs] == [utils._chat(utils._tokenizer({}), p) for p in PROMPTS]
     assert all(f"<|im_start|>user\n{p}<|im_end|>" in d["prompt"] for p, d in zip(PROMPTS, docs, strict=True))
     assert utils.longgen_results({}, ["a b c d a b c d"]) == {"distinct_4grams": 4 / 5}  # abcd twice in 5 4-grams
+
+
+def test_the_hook_never_breaks_lm_eval_and_leaves_nothing_behind_when_kvbench_is_gone(tmp_path):
+    """A broken kvbench costs lm-eval users kvbench's tasks (with a warning), not their lm-eval; the .pth line is
+    silent where the hook module cannot be found (kvbench uninstalled); an install lists the .pth in its RECORD."""
+    import kvbench_lm_eval_hook as hook
+
+    broken = ("import sys, warnings; sys.modules['kvbench.lmeval.tasks'] = None; import kvbench_lm_eval_hook; "
+              "warnings.simplefilter('always')\nwith warnings.catch_warnings(record=True) as seen:\n"
+              "    import lm_eval.tasks\nprint(hasattr(lm_eval.tasks, 'TaskManager'), [str(w.message) for w in seen])")
+    out = subprocess.run([sys.executable, "-c", broken], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("True ") and "kvbench's lm-eval hook failed (ModuleNotFoundError" in out
+    (tmp_path / hook.PTH).write_text(hook.PTH_LINE)
+    gone = subprocess.run([sys.executable, "-I", "-S", "-c", f"import site; site.addsitedir({str(tmp_path)!r}); "
+                           "import sys; print('kvbench_lm_eval_hook' in sys.modules)"], capture_output=True, text=True)
+    assert gone.returncode == 0 and gone.stdout.strip() == "False" and gone.stderr == ""
+    site = Path(hook.install_pth()).parent
+    records = [r.read_text().splitlines() for r in site.glob("kvbench-*.dist-info/RECORD")]
+    assert records and all(f"{hook.PTH},," in lines for lines in records)

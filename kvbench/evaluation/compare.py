@@ -13,12 +13,12 @@ from tqdm.auto import tqdm
 from kvbench.evaluation import lmeval_tasks, results
 from kvbench.evaluation.leaderboard import markdown
 from kvbench.evaluation.records import host, numeric_versions, source_hash, summarize, versions
-from kvbench.files import write_atomic
+from kvbench.files import write_with_derived
 from kvbench.lmeval.tasks import check_metadata, metadata_defaults, query_modes
 from kvbench.policy import SCHEDULES, Budget, available, make_policy, policy_class
 from kvbench.runtime import models
 from kvbench.runtime.chat import encode_chat
-from kvbench.runtime.engine import QUERY_MODES, Engine
+from kvbench.runtime.engine import QUERY_MODES, Engine, check_positions
 from kvbench.runtime.runspec import RunSpec
 from kvbench.tasks import check_window
 
@@ -145,6 +145,9 @@ class Runner:
         if spec.device_map is None:
             models.check_device(spec.device)
         models.resolve(spec.model)  # fail fast on a missing model, before loading anything
+        shape = models.layout(spec.model)  # an unsupported model, or a position mode it cannot take, before the weights
+        for run in plan(spec):
+            check_positions(shape, run.positions, run.policy)
         lm, tok = models.load(spec.model, device=spec.device, dtype=spec.dtype, device_map=spec.device_map)
         self.engine = Engine(lm, tok, prefill_chunk=spec.prefill_chunk)
         for task in with_lengths:  # before any cell runs, not when a sweep reaches the task hours later
@@ -227,9 +230,9 @@ def describe(run: RunSpec) -> str:
 
 
 def write_outputs(spec: CompareSpec, records: list[dict[str, Any]], out_dir: Path) -> None:
-    """results.json and leaderboard.md, each written whole or not at all."""
-    write_atomic(out_dir / "results.json", results.dumps("compare", spec.to_json(), records))
-    write_atomic(out_dir / "leaderboard.md", markdown(records, "kvbench compare"))
+    """results.json and leaderboard.md, each written whole or not at all, never a table beside other results."""
+    write_with_derived(out_dir / "results.json", results.dumps("compare", spec.to_json(), records),
+                       {out_dir / "leaderboard.md": markdown(records, "kvbench compare")})
 
 
 def default_out_dir(methods: list[str], what: str = "") -> Path:

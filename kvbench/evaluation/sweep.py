@@ -32,10 +32,11 @@ from kvbench.evaluation.cells import LEASE_S, CellStore, cell_key
 from kvbench.evaluation.compare import CompareSpec, Runner, describe, method_params, plan
 from kvbench.evaluation.leaderboard import markdown
 from kvbench.evaluation.records import cpu_model, source_hash
-from kvbench.files import write_atomic
+from kvbench.files import write_with_derived
 from kvbench.lmeval.tasks import check_metadata
 from kvbench.policy import Budget
 from kvbench.runtime import models
+from kvbench.runtime.engine import check_positions
 
 SWEEP_KEYS = {"model", "device", "dtype", "prefill_chunk", "limit", "tasks", "task_metadata", "rows", "slices"}
 ROW_KEYS = {"methods", "tasks", "budgets", "positions", "queries", "schedules", "method_args"}
@@ -183,9 +184,12 @@ def run_sweep(sweep: Sweep, out_dir: Path, cells_dir: Path, plots_dir: Path | No
         check: Path | None = None, progress: bool = True) -> Outcome:
     committed = _committed(check) if check else None  # read (and fail) before hours of work
     commit = _commit()  # the code the cells are computed with, not what is checked out when they finish
+    plan_rows = [(row, run_) for row in sweep.rows for run_ in plan(row)]
+    shape = models.layout(sweep.spec.model)  # a position mode the model cannot take, before its weights load
+    for _, run_ in plan_rows:
+        check_positions(shape, run_.positions, run_.policy)
     runner = Runner(CompareSpec(**{**asdict(sweep.spec), "methods": ["full"]}))
     code = source_hash()
-    plan_rows = [(row, run_) for row in sweep.rows for run_ in plan(row)]
     configs = {}
     row_keys = []
     for row, run_ in plan_rows:
@@ -247,8 +251,8 @@ def run_sweep(sweep: Sweep, out_dir: Path, cells_dir: Path, plots_dir: Path | No
         from kvbench.evaluation.plots import draw_all
 
         plots = {name: os.path.relpath(p, out_dir) for name, p in draw_all(outcome.records, plots_dir).items()}
-    write_atomic(out_dir / "results.json", results.dumps("leaderboard", header, outcome.records))
-    write_atomic(out_dir / "LEADERBOARD.md", _markdown(header, outcome.records, plots))
+    write_with_derived(out_dir / "results.json", results.dumps("leaderboard", header, outcome.records),
+                       {out_dir / "LEADERBOARD.md": _markdown(header, outcome.records, plots)})
     return outcome
 
 

@@ -30,6 +30,7 @@ from kvbench.runtime.batch import generate_batch
 from kvbench.runtime.chat import converse, merge_turns
 from kvbench.runtime.engine import Engine, RunResult, Session
 from kvbench.runtime.runspec import RunSpec
+from kvbench.tasks import TaskSettingsError
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +78,12 @@ class KVBenchLM(TemplateLM):
         if not str(batch).isdigit() or int(batch) < 1:
             raise ValueError(f"batch_size={batch_size!r}: use a whole number >= 1 (or auto, which means 1)")
         dtype = models.parse_dtype(str(dtype))
+        chunk = str(prefill_chunk)
+        if not chunk.isdigit() or int(chunk) < 1:
+            raise ValueError(f"prefill_chunk={prefill_chunk!r}: use a whole number of tokens >= 1")
         run = RunSpec.build(method or self.default_method, budget, policy_args, positions, query)
         lm, tokenizer = models.load(str(pretrained), device=device, dtype=dtype, device_map=device_map)
-        self._setup(Engine(lm, tokenizer, prefill_chunk=int(prefill_chunk)), run)
+        self._setup(Engine(lm, tokenizer, prefill_chunk=int(chunk)), run)
         self.batch_size = int(batch)
 
     @classmethod
@@ -277,8 +281,9 @@ class KVBenchLM(TemplateLM):
         """Run `evaluate` (one engine run per request, in order) and keep each run's measurements."""
         own = sorted({req.task_name for req in requests if str(req.task_name).startswith("kvbench_")})
         if self._chat_applied and own:
-            raise ValueError(f"{', '.join(own)}: kvbench's tasks already render their prompts in the evaluated model's "
-                             "chat format (plain text for a base model); run them without --apply_chat_template")
+            raise TaskSettingsError(f"{', '.join(own)}: kvbench's tasks already render their prompts in the evaluated "
+                                    "model's chat format (plain text for a base model); run them without "
+                                    "--apply_chat_template")
         self._last: list[RunResult] = []
         out = evaluate()
         self.measured += [Measured(req.task_name, req.doc_id, r) for req, r in zip(requests, self._last, strict=True)]

@@ -149,6 +149,14 @@ class Reply:
     logits: list[torch.Tensor]
 
 
+def check_positions(layout: architectures.Layout, positions: str, policy: KVPolicy) -> None:
+    """`rerotate` numbers every layer's kept tokens alike, which a model whose sliding layers hold other token sets
+    than its global ones cannot have: refused (from the config alone, so before the weights load)."""
+    if positions == "rerotate" and layout.sliding and policy.evicts:
+        raise ValueError(f"positions=rerotate is not supported on {layout.architecture} models with sliding-window "
+                         "layers (their layers hold different token sets); use original or naive")
+
+
 class Session:
     """One sequence on one PolicyCache: prompt chunks and decode steps can alternate (multi-turn)."""
 
@@ -157,9 +165,7 @@ class Session:
         self.engine, self.policy, self.on_step = engine, policy, on_step
         policy.reset()
         model, layout = engine.model, engine.layout
-        if positions == "rerotate" and layout.sliding and policy.evicts:
-            raise ValueError(f"positions=rerotate is not supported on {layout.architecture} models with sliding-window "
-                             "layers (their layers hold different token sets); use original or naive")
+        check_positions(layout, positions, policy)
         rope = Rope.from_model(model) if positions == "rerotate" else None
         self.cache = PolicyCache(policy, len(layout.windows), engine.device, positions, rope, layout.windows)
         self.seen = 0

@@ -137,9 +137,10 @@ def _hub_snapshot(model_id: str) -> Path:
         path = Path(snapshot_download(model_id, cache_dir=hub_cache_dir(), local_files_only=True))
     except (LocalEntryNotFoundError, HFValidationError, OSError) as err:
         raise ModelNotFound(
-            f"model id {model_id!r} is not in the local Hugging Face cache ({hub_cache_dir()}) and kvbench never "
-            f"downloads: fetch it there first (e.g. `hf download {model_id}` where a hub is reachable), or give "
-            f"a local directory or .gguf file ({type(err).__name__})") from None
+            f"model {model_id!r} not found: there is no file or folder {Path(model_id).absolute()}, and as a model id "
+            f"it is not in the local Hugging Face cache ({hub_cache_dir()}); kvbench never downloads: fetch it there "
+            f"first (e.g. `hf download {model_id}` where a hub is reachable), or give a local directory or .gguf "
+            f"file ({type(err).__name__})") from None
     if not (path / "config.json").is_file():
         raise ModelNotFound(f"the cached snapshot of {model_id!r} ({path}) holds no config.json")
     return path
@@ -189,6 +190,8 @@ def _copy_problem(folder: Path, source_sha256: str) -> str | None:
         return "has an unreadable manifest"
     if manifest.get("source_sha256") != source_sha256 or not files:
         return "was made from another file"
+    if manifest.get("made_with") != _converters():
+        return f"was made by other releases ({manifest.get('made_with')}; now {_converters()})"
     for name, expected in files.items():
         f = folder / name
         if not f.is_file():
@@ -221,19 +224,14 @@ def load(model: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype | s
     `dtype`: a torch dtype or 'auto' (the checkpoint's own); `device_map` (accelerate, e.g. 'auto') spreads
     a model larger than one device over several and replaces `device`."""
     from safetensors import SafetensorError
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     import kvbench.runtime.attention as attention
 
     if device_map is None:
         check_device(device)
     directory = local_dir(model)
-    try:
-        architectures.layout(AutoConfig.from_pretrained(directory, local_files_only=True))
-    except (OSError, ValueError, KeyError) as err:
-        if isinstance(err, architectures.UnsupportedModel):
-            raise
-        raise ModelNotFound(f"cannot read the model config in {directory}: {err}") from None
+    layout(model)
     tok = load_tokenizer(model)
     try:
         lm = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=parse_dtype(dtype),
@@ -248,6 +246,20 @@ def load(model: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype | s
         lm.to(device)
     lm.eval()
     return lm, tok
+
+
+def layout(model: str = DEFAULT_MODEL) -> architectures.Layout:
+    """The model's layer layout from its config alone (no weights read): `UnsupportedModel` names a feature the
+    engine cannot reproduce, `ModelNotFound` a config that cannot be read."""
+    from transformers import AutoConfig
+
+    directory = local_dir(model)
+    try:
+        return architectures.layout(AutoConfig.from_pretrained(directory, local_files_only=True))
+    except (OSError, ValueError, KeyError) as err:
+        if isinstance(err, architectures.UnsupportedModel):
+            raise
+        raise ModelNotFound(f"cannot read the model config in {directory}: {err}") from None
 
 
 def local_dir(model: str = DEFAULT_MODEL) -> Path:
@@ -265,6 +277,13 @@ def local_dir(model: str = DEFAULT_MODEL) -> Path:
             _discard(cached)
         _dequantize(src, cached, source)
     return cached
+
+
+def _converters() -> dict[str, str]:
+    """The releases that turn a GGUF into fp32 weights: another release may dequantize differently."""
+    from importlib.metadata import version
+
+    return {pkg: version(pkg) for pkg in ("transformers", "gguf")}
 
 
 def _discard(folder: Path) -> None:
@@ -307,4 +326,4 @@ def _dequantize(src: ModelSource, target: Path, source_sha256: str) -> None:
         tok.save_pretrained(tmp)
         files = {f.name: {"size": f.stat().st_size, "sha256": file_digest(f)} for f in sorted(tmp.iterdir())}
         (tmp / MANIFEST).write_text(json.dumps({"source": src.gguf_file, "source_sha256": source_sha256,
-                                                "files": files}, indent=1))
+                                                "made_with": _converters(), "files": files}, indent=1))
