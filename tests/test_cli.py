@@ -71,6 +71,7 @@ def test_compare_writes_results_and_prints_table(tmp_path, capsys):
     (["--device", "cuda:99"], "--device cuda:99: "),  # no CUDA here, or fewer than 100 devices
     (["--dtype", "float8"], "dtype 'float8' is not one of: auto, float32, bfloat16, float16"),
     (["--model", "kvbench-test/absent"], "is not in the local Hugging Face cache"),
+    (["--model", "models/absent"], "model 'models/absent' not found: there is no file or folder "),
 ])
 def test_bad_input_is_refused_and_nothing_is_written(tmp_path, capsys, args, message):
     out = tmp_path / "run"
