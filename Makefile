@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kvbench-installed
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: setup demo test lint leaderboard leaderboard-check
+.PHONY: setup demo test lint bench leaderboard leaderboard-check
 setup: $(STAMP)
 
 # torch==2.13.0 is the CPU wheel on this machine's disk (a looser spec pulls a multi-GB CUDA build);
@@ -30,6 +30,11 @@ leaderboard: $(STAMP)
 leaderboard-check: $(STAMP)
 	out=$$(mktemp -d) && $(VENV)/bin/kvbench leaderboard --slice ci --out $$out --plots $$out/plots \
 		--cells $$out/cells --check leaderboard/results.json --no-progress
+
+# the decode step's cost as ratios to transformers on the same weights (benchmarks/; KVBENCH_BENCH_SAVE=1 rewrites
+# the committed baseline.json); never part of `make test`: timings are measured, not asserted
+bench: $(STAMP)
+	$(PY) -m pytest benchmarks --benchmark-only -p no:cacheprovider -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

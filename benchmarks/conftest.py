@@ -1,0 +1,54 @@
+"""`make bench`: pytest-benchmark over the decode step. Every figure that matters is a ratio within one run (a row's
+median over the transformers row of the same group), printed at the end and saved with the run; absolute times move
+with the machine and are not compared."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REFERENCE = "transformers"  # the row of a group every other row of it is divided by
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One thread: the host-bound regime (a big model on a GPU, Python launching each layer's work), and figures
+    that do not depend on how many cores the machine lends."""
+    torch.set_num_threads(int(os.environ.get("KVBENCH_BENCH_THREADS", "1")))
+
+
+def ratios(benchmarks: list) -> dict[str, dict[str, float]]:
+    """{group: {row: median / the group's reference median}} for the groups that have a reference row."""
+    medians: dict[str, dict[str, float]] = {}
+    for bench in benchmarks:
+        medians.setdefault(bench.group or "", {})[bench.extra_info.get("row", bench.name)] = bench.stats.median
+    return {group: {row: m / rows[REFERENCE] for row, m in rows.items()}
+            for group, rows in medians.items() if REFERENCE in rows}
+
+
+BASELINE = Path(__file__).with_name("baseline.json")  # the committed ratios (`KVBENCH_BENCH_SAVE=1 make bench`)
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    """Each row's ratio now, beside the committed baseline's (ratios of one machine; compare them on the same one)."""
+    session = getattr(config, "_benchmarksession", None)
+    if session is None or not session.benchmarks:
+        return
+    found = ratios(session.benchmarks)
+    saved = json.loads(BASELINE.read_text()) if BASELINE.is_file() else {}
+    for group, rows in found.items():
+        base = saved.get("ratios", {}).get(group, {})
+        terminalreporter.write_sep("-", f"{group}: median × {REFERENCE} (same run, same weights)")
+        terminalreporter.write_line(f"  {'row':28s} {'now':>6s} {'baseline':>9s}   ({saved.get('machine', 'none')})")
+        for row, ratio in sorted(rows.items(), key=lambda kv: kv[1]):
+            was = f"{base[row]:9.2f}" if row in base else f"{'-':>9s}"
+            terminalreporter.write_line(f"  {row:28s} {ratio:6.2f} {was}")
+    if os.environ.get("KVBENCH_BENCH_SAVE"):
+        from kvbench.evaluation.records import cpu_model
+
+        machine = f"{cpu_model()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}"
+        BASELINE.write_text(json.dumps({"machine": machine, "ratios": found}, indent=1, sort_keys=True) + "\n")
+        terminalreporter.write_line(f"wrote {BASELINE}")
