@@ -264,3 +264,31 @@ def test_asrkf_needle_keys_are_frozen_every_other_answer_step_and_query_thaw_ans
         assert max(counts) > layers / 2 > min(counts)  # frozen in most layers at some answer steps, not at others
         text, counts = key_frozen_layers(engine, sample, make_policy("asrkf", query_thaw=0.02, thaw_on_prompt=True))
         assert score(text, sample) == 1.0
+
+
+@pytest.mark.model
+def test_the_stop_check_reads_a_bounded_tail_and_stops_where_the_whole_text_would():
+    """On random replies of the real tokenizer (ASCII, accents, CJK, newlines), the step at which a stop string is
+    first found is the same as when the whole reply is decoded at every step."""
+    import random
+
+    from kvbench.runtime import models
+    from kvbench.runtime.engine import Engine, _hit_stop
+
+    tok = models.load_tokenizer()
+    engine = Engine.__new__(Engine)
+    engine.tokenizer = tok
+    pool = [i for text in ("Question: what é is 東京\n\n Answer. The 42 key", " Answer:", "é", "東", "\n")
+            for i in tok(text, add_special_tokens=False)["input_ids"]]
+    rng = random.Random(0)
+    stops = [["\n\n"], ["Question:"], [" Answer"], ["é", "東京"], ["42 key"]]
+    found = 0
+    for trial in range(300):
+        stop = stops[trial % len(stops)]
+        reply = [rng.choice(pool) for _ in range(40)]
+        whole = next((n for n in range(1, 41) if _hit_stop(tok.decode(reply[:n], skip_special_tokens=True), stop)),
+                     None)
+        tail = next((n for n in range(1, 41) if engine.finished(reply[:n], 100, stop, set())), None)
+        assert tail == whole, (stop, reply)
+        found += whole is not None
+    assert found > 100  # the streams do hit their stop strings

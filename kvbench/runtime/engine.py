@@ -136,9 +136,16 @@ class Engine:
         return session.result(len(input_ids), prefill_s, reply)
 
     def finished(self, generated: list[int], max_new_tokens: int, stop: Sequence[str], eos_ids: set[int]) -> bool:
+        """After each step: the length reached, eos, or a stop string. A stop string first appears in the text of
+        the newest token, so it is looked for in the last tokens that can hold it (a character is at most 4 bytes,
+        a token at least one; 2 more so that a character split at the window's start cannot hide it): one bounded
+        decode per step, not one of the whole reply."""
         if len(generated) >= max_new_tokens or generated[-1] in eos_ids:
             return True
-        return bool(stop) and _hit_stop(self.tokenizer.decode(generated, skip_special_tokens=True), stop)
+        if not stop:
+            return False
+        window = 4 * max(map(len, stop)) + 2
+        return _hit_stop(self.tokenizer.decode(generated[-window:], skip_special_tokens=True), stop)
 
 @dataclass
 class Reply:
