@@ -173,6 +173,9 @@ def test_bench_reports_every_method_against_full_at_each_context(tmp_path, capsy
                  "--repeats", "2", "--no-progress"])
     assert code == 0
     doc = json.loads((tmp_path / "bench.json").read_text())
+    from kvbench.runtime.models import content_digest
+
+    assert doc["run"]["model_sha256"] == content_digest("smollm2-135m")  # the weights the timings came from
     assert_valid_results(doc)  # a versioned file of kind "bench", budgets typed
     assert doc["kind"] == "bench" and doc["run"]["budget"] == {"tokens": 64}
     assert {json.dumps(r["budget"]) for r in doc["records"]} == {"null", '{"tokens": 64}'}

@@ -165,6 +165,7 @@ def test_killed_sweep_resumes_with_only_the_unfinished_cells(tmp_path):
     assert_valid_results(results)
     assert [r["method"] for r in results["records"]] == ["full", "streamingllm", "h2o"]
     assert results["kind"] == "leaderboard" and results["run"]["cells_cached"] == len(done_before)
+    assert results["run"]["model_sha256"] == results["records"][0]["config"]["model_sha256"]
     board = (out / "LEADERBOARD.md").read_text()
     assert "| streamingllm" in board and "keep the timings of the run that made them" in board
 

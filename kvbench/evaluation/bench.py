@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from kvbench.evaluation import results
 from kvbench.evaluation.compare import expand_sweep
 from kvbench.evaluation.records import MIB, versions
-from kvbench.files import write_atomic
+from kvbench.files import write_with_derived
 from kvbench.policy import Budget, make_policy
 from kvbench.runtime import models
 from kvbench.runtime.batch import generate_batch
@@ -92,10 +92,10 @@ def run_bench(spec: BenchSpec, out_dir: Path | None = None, progress: bool = Tru
                       and b["variant"] == row["variant"] and b["batch"] == spec.batch[0])
         row["throughput_vs_first_batch"] = row["tokens_per_s"] / single["tokens_per_s"]
     run_ = {**vars(spec), "budget": Budget.parse(spec.budget).to_json(), "versions": versions(),
-            "attention": engine.attention_backend}
+            "attention": engine.attention_backend, "model_sha256": models.content_digest(spec.model)}
     if out_dir is not None:
-        write_atomic(out_dir / "bench.json", results.dumps("bench", run_, rows))
-        write_atomic(out_dir / "bench.md", markdown(run_, rows))
+        write_with_derived(out_dir / "bench.json", results.dumps("bench", run_, rows),
+                           {out_dir / "bench.md": markdown(run_, rows)})
     return rows
 
 

@@ -272,7 +272,8 @@ def _commit() -> str:
 def _header(sweep: Sweep, code: str, commit: str, outcome: Outcome, hosts: Counter[str]) -> dict[str, Any]:
     source = models.resolve(sweep.spec.model)
     return {"sweep": sweep.source, "slice": sweep.slice, "model": sweep.spec.model,
-            "model_file": source.gguf_file or str(source.directory), "commit": commit,
+            "model_file": source.gguf_file or str(source.directory),
+            "model_sha256": models.content_digest(sweep.spec.model), "commit": commit,
             "source_hash": code, "machine": cpu_model(),
             "versions": outcome.records[0]["versions"] if outcome.records else {},
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
