@@ -199,18 +199,20 @@ class KVPolicy:
     Class attributes declare what the policy needs, so the engine computes nothing else:
     `attn_rows` (attention rows of the last w queries; 0 = none, ALL_ROWS = every query),
     `token_state` (names of per-token float tensors the cache should keep for the policy),
-    `signals` (engine signals passed to `observe`, e.g. "entropy" of the next-token distribution)
     `uses_budget` (False for methods driven by thresholds rather than a token budget), `evicts` and
     `uniform_layers` (whether all layers hold equally many tokens: `rerotate` needs it), `schedules` (the
     SCHEDULES the method is defined for; `default_schedule` when the run names none), `observes` (True:
     `step` runs at every forward, so per-token scores accumulate, even where the schedule applies nothing) and
     `bounded` (False for a budgeted method that approaches its budget gradually; tests/test_method_contract.py).
+
+    That is all every method may use. What one method needs beyond it is an opt-in capability below (`Observes`,
+    `ActsBeforeStep`, `ReadsQueries`, `RollsBack`, `Reconstructs`): a class that does not inherit one is never asked
+    for it.
     """
 
     name: ClassVar[str] = ""
     attn_rows: ClassVar[int] = 0
     token_state: ClassVar[tuple[str, ...]] = ()
-    signals: ClassVar[tuple[str, ...]] = ()
     uses_budget: ClassVar[bool] = True
     evicts: ClassVar[bool] = True  # False: the cache never loses a token (full), position modes do not apply
     passive: ClassVar[bool] = False  # True: never changes the cache, so the engine does not even call `step`
@@ -250,8 +252,6 @@ class KVPolicy:
             raise ValueError(f"method {self.name!r} needs a budget (e.g. --budget 256)")
         return self.budget.capacity(seen)
 
-    reconstruction_prompt: ClassVar[str | None] = None  # set: the engine runs a context-reconstruction pass
-
     def wants_attention(self, phase: Phase, last_chunk: bool) -> int:
         """Query rows of attention this step needs (0 = none): none where `step` does not run."""
         return self.attn_rows if self.observes or self.compresses(phase, last_chunk) else 0
@@ -263,48 +263,88 @@ class KVPolicy:
     def reset(self) -> None:
         """Forget sequence-level state before a new sequence (per-token state lives in the cache)."""
 
-    def observe(self, signals: dict[str, Any]) -> None:
-        """Engine signals after each forward (those named in `signals`, plus "step": the next step's index)."""
-
     def report(self) -> dict[str, Any]:
         """Sequence-level counters to put in the run record (e.g. recovery events)."""
         return {}
-
-    def acts_before_step(self, step: int, phase: Phase) -> bool:
-        """Whether `before_step` has something to apply before forward `step` of `phase` (checked once per step)."""
-        return False
-
-    def before_step(self, view: LayerView) -> Decision | None:
-        """A decision applied to a layer before the next forward, so that forward already attends what it
-        changed (a recovery's thaws); `view.attn` is None. Called only when `acts_before_step()`."""
-        return None
-
-    reads_queries: ClassVar[bool] = False  # True: `on_queries` runs in every layer that has frozen tokens
-
-    def on_queries(self, view: LayerView) -> Decision | None:
-        """Before a layer's attention, with `view.frozen_attn` of the step's queries: a decision (thaws) applied
-        before they attend, so they see what it restores."""
-        return None
-
-    def take_rollback(self) -> int:
-        """After a decode step: how many of the last generated tokens the engine should undo and generate again
-        (`Session.rollback`; 0: none). Read once per step by the decode loop, so a request is consumed."""
-        return 0
-
-    def rolled_back(self, tokens: int) -> None:
-        """Sequence-level state after the engine undid the last `tokens` tokens (per-token state went with them;
-        the remaining tokens' state is left as it is)."""
-
-    @property
-    def rollback_reserve(self) -> int:
-        """Positions each sliding layer keeps beyond its window (masked, counted as active) so that a rollback of up
-        to this many tokens stays exact; 0 for a policy that never asks for one."""
-        return 0
 
     def config(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["budget"] = self.budget.to_json() if self.budget is not None else None
         return out
+
+
+class Observes:
+    """Capability: engine signals after each forward (ASR-KF-EGR's next-token entropy)."""
+
+    signals: ClassVar[tuple[str, ...]] = ()  # e.g. "entropy" of the next-token distribution
+
+    def observe(self, signals: dict[str, Any]) -> None:
+        """Those named in `signals`, plus "step" (the next step's index) and "phase"."""
+        raise NotImplementedError
+
+
+class ActsBeforeStep:
+    """Capability: decisions applied before a forward, so that forward already attends what they changed (a
+    recovery's thaws)."""
+
+    def acts_before_step(self, step: int, phase: Phase) -> bool:
+        """Whether `before_step` has something to apply before forward `step` of `phase` (asked once per step)."""
+        raise NotImplementedError
+
+    def before_step(self, view: LayerView) -> Decision | None:
+        """The decision for one layer; `view.attn` is None. Called only when `acts_before_step()`."""
+        raise NotImplementedError
+
+
+class ReadsQueries:
+    """Capability: before a layer's attention, the step's queries scored against the frozen keys (`view.frozen_attn`)
+    and a decision (thaws) applied before they attend, so they see what it restores."""
+
+    @property
+    def reads_queries(self) -> bool:
+        """Whether this instance uses it (a parameter may turn it off): `on_queries` then runs in every layer that
+        has frozen tokens."""
+        return True
+
+    def on_queries(self, view: LayerView) -> Decision | None:
+        raise NotImplementedError
+
+
+class RollsBack:
+    """Capability: undo the last generated tokens and generate them again (ASR-KF-EGR's level 4)."""
+
+    def take_rollback(self) -> int:
+        """After a decode step: how many of the last generated tokens to undo (`Session.rollback`; 0: none). Read
+        once per step by the decode loop, so a request is consumed."""
+        raise NotImplementedError
+
+    def rolled_back(self, tokens: int) -> None:
+        """Sequence-level state after the engine undid the last `tokens` tokens (per-token state went with them)."""
+        raise NotImplementedError
+
+    @property
+    def rollback_reserve(self) -> int:
+        """Positions each sliding layer keeps beyond its window (masked, counted as active) so that a rollback of up
+        to this many tokens stays exact."""
+        raise NotImplementedError
+
+
+class Reconstructs:
+    """Capability: after a prompt, a context-reconstruction pass whose attention scores the context (KVzip)."""
+
+    reconstruction_prompt: ClassVar[str]
+
+
+def signals_of(policy: KVPolicy) -> tuple[str, ...]:
+    return policy.signals if isinstance(policy, Observes) else ()
+
+
+def reads_queries(policy: KVPolicy) -> bool:
+    return isinstance(policy, ReadsQueries) and policy.reads_queries
+
+
+def rollback_reserve(policy: KVPolicy) -> int:
+    return policy.rollback_reserve if isinstance(policy, RollsBack) else 0
 
 
 class ScorerPolicy(KVPolicy):

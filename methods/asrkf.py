@@ -48,7 +48,17 @@ from typing import Any, ClassVar
 
 import torch
 
-from kvbench.policy import Decision, KVPolicy, LayerView, param, register
+from kvbench.policy import (
+    ActsBeforeStep,
+    Decision,
+    KVPolicy,
+    LayerView,
+    Observes,
+    ReadsQueries,
+    RollsBack,
+    param,
+    register,
+)
 from kvbench.selection import recent, sinks
 
 LEVELS = ("soft", "window", "full", "regenerate")
@@ -56,7 +66,7 @@ LEVELS = ("soft", "window", "full", "regenerate")
 
 @register("asrkf")
 @dataclass
-class ASRKF(KVPolicy):
+class ASRKF(KVPolicy, Observes, ActsBeforeStep, ReadsQueries, RollsBack):
     token_state: ClassVar[tuple[str, ...]] = ("importance", "count", "until")
     signals: ClassVar[tuple[str, ...]] = ("entropy",)
     uses_budget: ClassVar[bool] = False

@@ -19,12 +19,12 @@ from typing import ClassVar
 
 import torch
 
-from kvbench.policy import ALL_ROWS, LayerView, ScorerPolicy, register
+from kvbench.policy import ALL_ROWS, LayerView, Reconstructs, ScorerPolicy, register
 
 
 @register("kvzip")
 @dataclass
-class KVzip(ScorerPolicy):
+class KVzip(ScorerPolicy, Reconstructs):
     token_state: ClassVar[tuple[str, ...]] = ("score",)
     reconstruction_prompt: ClassVar[str] = "\n\nRepeat the previous context exactly.\n\n"
     observes: ClassVar[bool] = True  # scores come from the reconstruction pass, applied after it

@@ -65,3 +65,30 @@ def test_top_k_keeps_exactly_the_k_highest_outside_exclude(k):
     kept = top_k(scores, k, exclude)
     allowed = sorted(range(12), key=lambda i: -float(scores[0, 0, i]) if i != 10 else float("inf"))
     assert set(kept[0, 0].nonzero().flatten().tolist()) == set(allowed[:k])
+
+
+def test_the_method_base_holds_only_what_every_method_uses():
+    """The contract a method author reads (`KVPolicy`) names what every method may use; a hook one method needs is an
+    opt-in capability that the engine asks for only where a class inherits it, so adding one never grows the base."""
+    from kvbench.policy import (
+        ActsBeforeStep,
+        KVPolicy,
+        Observes,
+        ReadsQueries,
+        Reconstructs,
+        RollsBack,
+        policy_class,
+    )
+
+    assert {n for n in vars(KVPolicy) if not n.startswith("_")} == {
+        "name", "attn_rows", "token_state", "uses_budget", "evicts", "passive", "uniform_layers", "schedules",
+        "default_schedule", "observes", "bounded", "budget", "schedule", "compresses", "capacity", "wants_attention",
+        "step", "reset", "report", "config"}
+    capabilities = (Observes, ActsBeforeStep, ReadsQueries, RollsBack, Reconstructs)
+    for capability in capabilities:
+        hooks = {n for n in vars(capability) if not n.startswith("_")} | set(capability.__annotations__)
+        assert hooks and not hooks & set(dir(KVPolicy)), capability
+    opted = {name: {c.__name__ for c in capabilities if issubclass(policy_class(name), c)} for name in available()}
+    assert opted.pop("asrkf") == {"Observes", "ActsBeforeStep", "ReadsQueries", "RollsBack"}
+    assert opted.pop("kvzip") == {"Reconstructs"}
+    assert all(not used for used in opted.values()), opted  # every other method reads the base alone

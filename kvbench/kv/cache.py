@@ -23,7 +23,7 @@ from kvbench.kv.positions import PositionMode
 from kvbench.kv.rope import Rope
 from kvbench.kv.rows import RowData, Rows, gather, new_meta
 from kvbench.kv.store import FrozenStore
-from kvbench.policy import Decision, KVPolicy, LayerView, Phase
+from kvbench.policy import ActsBeforeStep, Decision, KVPolicy, LayerView, Phase, reads_queries, rollback_reserve
 
 RECENT_STEPS = 8  # steps over which an active buffer must stay mostly empty before it is shrunk (`compact`)
 
@@ -315,7 +315,7 @@ class PolicyCache(Cache):
         self.policy = policy
         self.ledger = Ledger()
         pin = torch.device(device).type == "cuda"  # frozen rows in pinned host memory
-        handle = LayerHandle(self.ledger, tuple(policy.token_state), pin, policy.rollback_reserve,
+        handle = LayerHandle(self.ledger, tuple(policy.token_state), pin, rollback_reserve(policy),
                              self.position_mode, num_layers, self.new_meta)
         super().__init__(layers=[PolicyLayer(handle, i, w) for i, w in enumerate(windows)])
         self.attended = 0  # layers whose attention ran in this step (the engine checks every layer did)
@@ -327,7 +327,7 @@ class PolicyCache(Cache):
         self.attn_rows = 0
         self.applying = True
         self.steps = 0
-        self.reads_queries = policy.reads_queries  # the attention function asks `thaw_on_demand` first
+        self.reads_queries = reads_queries(policy)  # the attention function asks `thaw_on_demand` first
 
     # -- called by the engine around each forward ---------------------------------------------
     def begin_step(self, position_ids: torch.Tensor, phase: Phase, last_chunk: bool = True,
@@ -344,12 +344,12 @@ class PolicyCache(Cache):
         self.last_chunk = last_chunk
         self.attn_rows = self.policy.wants_attention(self.phase, last_chunk)
         self.applying = self.policy.compresses(self.phase, last_chunk)  # the schedule: decisions take effect
-        if self.policy.acts_before_step(self.steps, self.phase):
+        if isinstance(self.policy, ActsBeforeStep) and self.policy.acts_before_step(self.steps, self.phase):
             self._before_step()
 
     def thaw_on_demand(self, layer_idx: int,
                        score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> bool:
-        """Before a layer's attention: let a policy that reads queries (`on_queries`) thaw frozen tokens for them.
+        """Before a layer's attention: let a policy that reads queries (`ReadsQueries`) thaw frozen tokens for them.
         `score(frozen_keys, frozen_positions)` gives the queries' probabilities over the frozen tokens (the
         attention function computes them). Whether the active rows changed. The reading is counted
         (`frozen_scored`: frozen keys read, per layer and step) and timed with the policy."""
@@ -404,7 +404,7 @@ class PolicyCache(Cache):
                 raise ValueError(
                     f"cannot roll back to position {first_position}: layer {layer.layer_idx}'s sliding window "
                     f"({layer.window}) already dropped positions below {layer.expired_below}, which re-fed tokens "
-                    f"would attend; a policy that rolls back must reserve rows for it (`KVPolicy.rollback_reserve`)")
+                    f"would attend; a policy that rolls back must reserve rows for it (`RollsBack.rollback_reserve`)")
         self.ledger.rolled_back(max(0, self.layers[0].seen - first_position))
         self.drop_from(first_position)
 

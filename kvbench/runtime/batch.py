@@ -17,7 +17,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvbench.kv.cache import PolicyCache
-from kvbench.policy import KVPolicy, Phase
+from kvbench.policy import KVPolicy, Phase, rollback_reserve
 from kvbench.runtime.attention import CACHE_KWARG
 from kvbench.runtime.few_rows import FewRowLinear, outside_few_row_linear
 
@@ -84,7 +84,7 @@ def generate_batch(engine: Engine, prompts: Sequence[Sequence[int]], policy: KVP
         if not ids:
             raise ValueError("empty prompt")
         engine.check_fits(len(ids), max_new_tokens)
-    if policy.rollback_reserve:
+    if rollback_reserve(policy):  # it will undo and regenerate tokens
         raise ValueError(f"method {policy.name!r} rolls back and regenerates tokens, which batched decoding "
                          "cannot do; run it with batch size 1")
     sessions, prefill_s, generated = [], [], []

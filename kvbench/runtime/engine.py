@@ -19,7 +19,7 @@ import torch
 from kvbench.kv.accounting import CacheStats
 from kvbench.kv.cache import PolicyCache
 from kvbench.kv.rope import Rope
-from kvbench.policy import KVPolicy, Phase
+from kvbench.policy import KVPolicy, Observes, Phase, Reconstructs, RollsBack
 from kvbench.runtime import architectures
 from kvbench.runtime.attention import ATTN_IMPLEMENTATION, CACHE_KWARG, backend_for
 
@@ -215,7 +215,7 @@ class Session:
     def after_forward(self, q: int, logits: torch.Tensor) -> None:
         """Bookkeeping after `q` tokens went through the model (alone or in a batch); `logits`: the last one's."""
         self.seen += q
-        if self.policy.signals:
+        if isinstance(self.policy, Observes):
             self.policy.observe(_signals(self.policy.signals, logits, self.cache.steps, self.cache.phase))
         if self.on_step is not None:
             self.on_step(self.cache)
@@ -244,7 +244,7 @@ class Session:
         for start in range(0, n, chunk):
             end = min(n, start + chunk)
             logits = self._forward(ids[:, start:end], Phase.QUERY if query else Phase.PREFILL, last=end == n)
-        if self.policy.reconstruction_prompt is not None and not query:
+        if isinstance(self.policy, Reconstructs) and not query:
             self._reconstruct(list(input_ids))
         self.pending = []
         return logits
@@ -273,7 +273,8 @@ class Session:
             raise ValueError(f"cannot roll back {tokens} tokens of a sequence of {self.seen}")
         self.cache.roll_back(self.seen - tokens)
         self.seen -= tokens
-        self.policy.rolled_back(tokens)
+        if isinstance(self.policy, RollsBack):
+            self.policy.rolled_back(tokens)
         self.pending = []
 
     def fork(self) -> Session:
@@ -316,7 +317,8 @@ class Session:
         while not self.engine.finished(generated, max_new_tokens, stop, eos_ids):
             token, logits, seconds = self.decode_step(token)
             decode_s.append(seconds)
-            back = min(self.policy.take_rollback(), len(generated), regenerable)  # fed tokens of this reply
+            asked = self.policy.take_rollback() if isinstance(self.policy, RollsBack) else 0
+            back = min(asked, len(generated), regenerable)  # fed tokens of this reply
             if back:
                 regenerable -= back
                 self.rollback(back)
