@@ -41,14 +41,18 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
     if session is None or not session.benchmarks:
         return
     found = ratios(session.benchmarks)
+    syncs = {b.extra_info.get("row", b.name): b.extra_info["host_syncs_per_step"] for b in session.benchmarks
+             if "host_syncs_per_step" in b.extra_info}
     saved = json.loads(BASELINE.read_text()) if BASELINE.is_file() else {}
     for group, rows in found.items():
         base = saved.get("ratios", {}).get(group, {})
         terminalreporter.write_sep("-", f"{group}: fastest round × {REFERENCE}'s (same run, same weights)")
-        terminalreporter.write_line(f"  {'row':28s} {'now':>6s} {'baseline':>9s}   ({saved.get('machine', 'none')})")
+        terminalreporter.write_line(f"  {'row':28s} {'now':>6s} {'baseline':>9s} {'host syncs/step':>16s}   "
+                                    f"({saved.get('machine', 'none')})")
         for row, ratio in sorted(rows.items(), key=lambda kv: kv[1]):
             was = f"{base[row]:9.2f}" if row in base else f"{'-':>9s}"
-            terminalreporter.write_line(f"  {row:28s} {ratio:6.2f} {was}")
+            count = f"{syncs[row]:16.1f}" if row in syncs else f"{'-':>16s}"
+            terminalreporter.write_line(f"  {row:28s} {ratio:6.2f} {was} {count}")
     if os.environ.get("KVBENCH_BENCH_SAVE"):
         from kvbench.evaluation.records import cpu_model
 

@@ -12,6 +12,7 @@ import transformers
 
 from kvbench.policy import available, make_policy, policy_class
 from kvbench.runtime.engine import Engine
+from kvbench.runtime.syncs import HostSyncs
 
 PROMPT, STEPS, BUDGET, VOCAB = 1024, 64, 256, 512
 CONFIG = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=30, num_attention_heads=3,
@@ -90,6 +91,10 @@ def test_kvbench(benchmark, engine, prompt, method):
         for _ in range(STEPS):
             token, _, _ = session.decode_step(token)
 
+    (session, token), _ = prefilled()
+    with HostSyncs() as syncs:
+        decode(session, token)
+    benchmark.extra_info["host_syncs_per_step"] = syncs.total / STEPS  # what each step would stall a GPU for
     benchmark.pedantic(decode, setup=prefilled, rounds=ROUNDS, warmup_rounds=1)
 
 

@@ -292,3 +292,27 @@ def test_the_stop_check_reads_a_bounded_tail_and_stops_where_the_whole_text_woul
         assert tail == whole, (stop, reply)
         found += whole is not None
     assert found > 100  # the streams do hit their stop strings
+
+
+def test_a_full_cache_decode_step_forces_one_host_synchronisation_the_greedy_token():
+    """On a GPU each host read of a tensor's value stalls the step: `full`'s step reads only its greedy token (the
+    same count on this CPU, where the calls are counted, not felt). A method's own reads show in `make bench`."""
+    import inspect
+
+    import tiny
+    from kvbench.runtime import models
+    from kvbench.runtime.engine import Engine, Session
+    from kvbench.runtime.syncs import HostSyncs
+
+    lines, first = inspect.getsourcelines(Session.decode_step)
+    greedy = first + next(i for i, line in enumerate(lines) if "int(logits.argmax())" in line)
+    engine = Engine(tiny.build("llama", "sdpa"), models.load_tokenizer(), prefill_chunk=32)
+    session = engine.session(make_policy("full"))
+    token = int(session.feed(list(range(100, 180))).argmax())
+    with HostSyncs() as syncs:
+        for _ in range(5):
+            token, _, _ = session.decode_step(token)
+    assert dict(syncs.sites) == {f"runtime/engine.py:{greedy}": 5}
+    with HostSyncs() as syncs:
+        bool(torch.tensor([1]).any())
+    assert syncs.total == 1  # the counter does see a read
