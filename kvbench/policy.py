@@ -335,10 +335,6 @@ class Reconstructs:
     reconstruction_prompt: ClassVar[str]
 
 
-def signals_of(policy: KVPolicy) -> tuple[str, ...]:
-    return policy.signals if isinstance(policy, Observes) else ()
-
-
 def reads_queries(policy: KVPolicy) -> bool:
     return isinstance(policy, ReadsQueries) and policy.reads_queries
 
