@@ -160,6 +160,7 @@ class Runner:
                        "dtype": str(lm.dtype).removeprefix("torch."), "attention": self.engine.attention_backend,
                        "prefill_chunk": spec.prefill_chunk, "limit": spec.limit}
         self.versions = versions()
+        self.numeric_versions = numeric_versions()  # part of every cell's identity
         self.host = host(self.versions)
 
     def _metadata(self, task: str, takes_lengths: bool) -> dict[str, Any] | None:
@@ -178,7 +179,7 @@ class Runner:
         the library releases that change numbers and kvbench's source. The cell store's key is its hash."""
         return {**self.config, "policy": {"name": run.method, **run.policy.config()}, "positions": run.positions,
                 "query": run.query, "task": task, "task_metadata": self.metadata[task],
-                "versions": numeric_versions(), "source": source_hash()}
+                "versions": self.numeric_versions, "source": source_hash()}
 
     def cell(self, run: RunSpec, task: str) -> Cell:
         got = lmeval_tasks.evaluate(self.engine, self.spec.model, run, task, self.spec.limit, self.metadata[task])

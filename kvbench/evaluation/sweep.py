@@ -196,8 +196,9 @@ def run_sweep(sweep: Sweep, out_dir: Path, cells_dir: Path, plots_dir: Path | No
         row_keys.append([])
         for task in row.tasks:
             config = runner.cell_config(run_, task)
-            configs[cell_key(config)] = config
-            row_keys[-1].append(cell_key(config))
+            key = cell_key(config)
+            configs[key] = config
+            row_keys[-1].append(key)
     todo = {key: (run_, task)
             for (row, run_), keys in zip(plan_rows, row_keys, strict=True)
             for task, key in zip(row.tasks, keys, strict=True)}
