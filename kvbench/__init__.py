@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "load": "kvbench.runtime.models", "load_tokenizer": "kvbench.runtime.models",
-    "Engine": "kvbench.runtime.engine", "RunResult": "kvbench.runtime.engine",
+    "Engine": "kvbench.runtime.engine", "RunResult": "kvbench.runtime.session",
     "encode_chat": "kvbench.runtime.chat", "generate_batch": "kvbench.runtime.batch",
     "make_policy": "kvbench.policy", "KVPolicy": "kvbench.policy", "ScorerPolicy": "kvbench.policy",
     "Budget": "kvbench.policy", "Decision": "kvbench.policy", "LayerView": "kvbench.policy",

@@ -123,7 +123,7 @@ class Budget:
 
 
 class Phase(StrEnum):
-    """What a forward does. The engine names it for each step (`PolicyCache.begin_step`); the cache hands it to
+    """What a forward does. The engine names it for each step (`SequenceStep.begin`); the driver hands it to
     the policy (`LayerView.phase`) and to its schedule. A StrEnum: a method may compare it with plain strings."""
 
     PREFILL = "prefill"  # prompt tokens, in chunks (and a continuation being scored)

@@ -9,6 +9,7 @@ import torch
 
 from kvbench.kv.cache import PolicyCache
 from kvbench.policy import KVPolicy, Phase
+from kvbench.runtime.step import SequenceStep
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -53,14 +54,26 @@ def feed(cache: PolicyCache, layer: int, start: int, q: int, heads: int = 2, dim
     """Append q synthetic tokens at positions start.. to one layer and run the policy, as attention would. The
     step's phase: `phase` if given, else a question (`query`), a prompt chunk (`prefill`) or a decode step."""
     phase = phase or (Phase.QUERY if query else Phase.PREFILL if prefill else Phase.DECODE)
-    cache.begin_step(torch.arange(start, start + q)[None], phase, last_chunk=last_chunk)
+    driver(cache).begin(torch.arange(start, start + q)[None], phase, last_chunk=last_chunk)
     k = torch.randn(1, heads, q, dim, generator=gen) if keys is None else keys
     v = torch.randn(1, heads, q, dim, generator=gen)
     cache.layers[layer].update(k, v)
-    cache.after_attention(layer, attn)
-    cache.end_step()
+    driver(cache).after_attention(layer, attn)
+    driver(cache).end()
     return k, v
 
 
-def make_cache(policy: KVPolicy, layers: int = 1) -> PolicyCache:
-    return PolicyCache(policy, layers)
+_drivers: dict[int, SequenceStep] = {}
+
+
+def make_cache(policy: KVPolicy, layers: int = 1, windows: tuple[int | None, ...] | None = None) -> PolicyCache:
+    """A cache for hand-fed steps; `driver(cache)` is the step driver that runs `policy` on it."""
+    cache = PolicyCache(policy, layers, windows=windows)
+    _drivers[id(cache)] = SequenceStep(policy, cache)
+    return cache
+
+
+def driver(cache: PolicyCache) -> SequenceStep:
+    step = _drivers[id(cache)]
+    assert step.cache is cache
+    return step

@@ -96,7 +96,8 @@ def test_compressing_methods_keep_their_invariants(arch, method, budget, params,
     engine = Engine(tiny.build(arch, "sdpa" if arch != "gemma2" else "eager"), tokenizer, prefill_chunk=CHUNK)
     steps = []
 
-    def check(cache):
+    def check(step):
+        cache = step.cache
         for layer in cache.layers:
             assert layer.active.n + layer.frozen.n + layer.evicted + layer.expired == layer.seen
             if budget is not None:
@@ -107,7 +108,7 @@ def test_compressing_methods_keep_their_invariants(arch, method, budget, params,
                 assert int(layer.positions.min()) >= layer.seen - layer.window + 1
                 if layer.frozen.n:
                     assert int(layer.frozen.positions().min()) >= layer.seen - layer.window + 1
-        steps.append(cache.steps)
+        steps.append(cache.ledger.steps)
 
     result = engine.generate(prompt(6), make_policy(method, budget, **params), NEW, ignore_eos=True, on_step=check)
     assert len(steps) == NEW - 1 + (PROMPT + CHUNK - 1) // CHUNK and len(result.tokens) == NEW

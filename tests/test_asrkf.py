@@ -4,19 +4,19 @@ import math
 
 import torch
 
-from conftest import make_cache
+from conftest import driver, make_cache
 from kvbench.policy import Phase, make_policy
 
 
 def step(cache, seen: int, attention_by_position: dict[int, float], default: float = 0.2, prefill: bool = False):
     """Append one token at position `seen`; the new query's attention is given per position."""
     layer = cache.layers[0]
-    cache.begin_step(torch.tensor([[seen]]), Phase.PREFILL if prefill else Phase.DECODE)
+    driver(cache).begin(torch.tensor([[seen]]), Phase.PREFILL if prefill else Phase.DECODE)
     layer.update(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4))
     order = layer.active.positions()[0, 0].tolist()
     attn = torch.tensor([attention_by_position.get(p, default) for p in order])[None, None, None, None, :]
-    cache.after_attention(0, attn)
-    cache.end_step()
+    driver(cache).after_attention(0, attn)
+    driver(cache).end()
 
 
 def frozen_positions(cache) -> set[int]:
@@ -67,10 +67,10 @@ def test_entropy_spikes_escalate_soft_window_full_and_full_reset_thaws_everythin
     low = {p: 0.0 for p in range(1, 12)}
     for pos in range(30):
         step(cache, pos, low)
-        policy.observe({"entropy": 1.0 + 0.01 * (pos % 3), "step": cache.steps, "phase": "decode"})
+        policy.observe({"entropy": 1.0 + 0.01 * (pos % 3), "step": driver(cache).steps, "phase": "decode"})
     assert frozen_positions(cache)
     for level in ("soft", "window", "full"):
-        policy.observe({"entropy": 50.0, "step": cache.steps, "phase": "decode"})
+        policy.observe({"entropy": 50.0, "step": driver(cache).steps, "phase": "decode"})
         assert policy.report()["recoveries"][level] == 1
         step(cache, cache.layers[0].seen, low)
     # the full reset thawed every frozen token and cleared detection counts, active and frozen
@@ -98,14 +98,14 @@ def frozen_at_spike(early_thaw: bool) -> tuple[set[int], set[int]]:
     low = {p: 0.0 for p in range(1, 12)}
     for pos in range(30):
         step(cache, pos, low)
-        policy.observe({"entropy": 1.0 + 0.01 * (pos % 3), "step": cache.steps, "phase": "decode"})
+        policy.observe({"entropy": 1.0 + 0.01 * (pos % 3), "step": driver(cache).steps, "phase": "decode"})
     for _ in range(3):  # soft, window, full
-        policy.observe({"entropy": 50.0, "step": cache.steps, "phase": "decode"})
+        policy.observe({"entropy": 50.0, "step": driver(cache).steps, "phase": "decode"})
         if policy.report()["recoveries"]["full"]:
             break
         step(cache, cache.layers[0].seen, low)
     before = frozen_positions(cache)
-    cache.begin_step(torch.tensor([[cache.layers[0].seen]]), Phase.DECODE)
+    driver(cache).begin(torch.tensor([[cache.layers[0].seen]]), Phase.DECODE)
     return before, frozen_positions(cache)
 
 

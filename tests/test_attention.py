@@ -66,7 +66,7 @@ def test_decode_output_and_rows_from_one_pass_match_the_reference():
     module = torch.nn.Module()
     module.layer_idx = 4
     wanted = RowsWanted(32)
-    out, _ = kvbench_attention(module, q, k, v, None, scaling=0.4, kvbench_cache=wanted)
+    out, _ = kvbench_attention(module, q, k, v, None, scaling=0.4, kvbench_step=wanted)
     ref, probs = reference(q, k, v, 0.4)
     torch.testing.assert_close(out, ref.transpose(1, 2), atol=1e-5, rtol=1e-5)
     (layer, attn), = wanted.handed

@@ -4,8 +4,9 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from conftest import feed, make_cache
-from kvbench.kv.cache import RECENT_STEPS, PolicyCache
+from conftest import driver, feed, make_cache
+from kvbench.kv.cache import PolicyCache
+from kvbench.kv.layer import RECENT_STEPS
 from kvbench.kv.rows import FEW_ROWS
 from kvbench.policy import Decision, KVPolicy, LayerView, Phase
 
@@ -263,7 +264,7 @@ def test_frozen_state_only_read_is_not_written_back():
         for step in range(3):
             feed(cache, 0, 3 + step, 1)
         assert store.n == 1 and writes.seen == []
-        cache.policy.how = "in place"  # the spy does see a write-back
+        driver(cache).policy.how = "in place"  # the spy does see a write-back
         feed(cache, 0, 6, 1)
         assert writes.seen == ["index_copy_"]
     assert store.state_view()["mark"][0, :, 0].tolist() == [1.0, 1.0]
@@ -282,7 +283,7 @@ class Spy(Scripted):
 
 
 def sliding_cache(policy: KVPolicy, window: int) -> PolicyCache:
-    return PolicyCache(policy, 1, windows=(window,))
+    return make_cache(policy, 1, windows=(window,))
 
 
 def by_position(positions: torch.Tensor, q: int = 1) -> torch.Tensor:
@@ -353,10 +354,11 @@ def test_heads_holding_different_tokens_expire_alike_and_the_rest_stays_masked()
     assert not layer.heads_aligned and layer.expired == 2 and layer.evicted == 1
     held = [sorted(layer.positions[0, h].tolist()) for h in range(2)]
     assert held == [[2, 3, 5, 6, 7], [3, 4, 5, 6, 7]]
-    cache.begin_step(torch.tensor([[8]]), Phase.DECODE)
+    driver(cache).begin(torch.tensor([[8]]), Phase.DECODE)
     layer.update(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4))
     module = torch.nn.Module()
     module.layer_idx = 0
-    visible = _visible(module, 1, layer.active.n, 6, cache, torch.device("cpu"))  # the stale position 2 is masked
+    # the stale position 2 is masked
+    visible = _visible(module, 1, layer.active.n, 6, driver(cache), torch.device("cpu"))
     assert [sorted(layer.positions[0, h][visible[0, h, 0]].tolist()) for h in range(2)] == [[3, 5, 6, 7, 8],
                                                                                             [3, 4, 5, 6, 7, 8]]

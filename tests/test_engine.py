@@ -36,7 +36,8 @@ def test_streamingllm_bounds_every_layer_and_keeps_sinks_plus_window(engine):
     ids = encode_chat(engine.tokenizer, LONG)
     seen_steps = []
 
-    def check(cache):
+    def check(step):
+        cache = step.cache
         for layer in cache.layers:
             assert layer.get_seq_length() <= budget
             pos = sorted(layer.positions[0, 0].tolist())
@@ -56,7 +57,8 @@ def test_active_plus_evicted_equals_seen_at_every_step(engine, method):
     ids = encode_chat(engine.tokenizer, LONG)
     steps = []
 
-    def check(cache):
+    def check(step):
+        cache = step.cache
         for layer in cache.layers:
             assert layer.get_seq_length() + layer.frozen.n + layer.evicted == layer.seen
         steps.append(cache.layers[0].seen)
@@ -81,7 +83,8 @@ def test_h2o_on_the_real_model_keeps_top_accumulated_scores_plus_recent_half(eng
     policy.step = spy
     checked = []
 
-    def check(cache):
+    def check(step):
+        cache = step.cache
         for layer in cache.layers:
             pos, score, seen = seen_by_policy[layer.layer_idx]
             if seen <= budget:
@@ -122,7 +125,8 @@ def test_needle_generator_is_deterministic(engine):
 def test_asrkf_freezes_and_thaws_without_losing_a_token_on_the_real_model(engine):
     frozen_seen = []
 
-    def check(cache):
+    def check(step):
+        cache = step.cache
         for layer in cache.layers:
             assert layer.evicted == 0
             assert layer.active.n + layer.frozen.n == layer.seen
@@ -171,8 +175,9 @@ def test_snapkv_chunk_schedule_bounds_prefill_peak_where_the_default_does_not(en
     assert len(ids) > 3 * chunk
     largest = []
 
-    def check(cache):
-        if cache.phase == Phase.PREFILL:  # after each prompt chunk (decode appends without eviction, as in the paper)
+    def check(step):
+        cache = step.cache
+        if step.phase == Phase.PREFILL:  # after each prompt chunk (decode appends without eviction, as in the paper)
             largest.append(max(layer.get_seq_length() for layer in cache.layers))
 
     bounded = engine.generate(ids, make_policy(method, budget, schedule="chunk"), 4, on_step=check)
@@ -244,8 +249,9 @@ def key_frozen_layers(engine, sample, policy) -> tuple[str, list[int]]:
     key = {i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < start + len(sample.answer) and b > start}
     counts = []
 
-    def watch(cache):
-        if cache.phase == Phase.DECODE or cache.last_chunk:
+    def watch(step):
+        cache = step.cache
+        if step.phase == Phase.DECODE or step.last_chunk:
             counts.append(sum(bool(layer.frozen.n and set(layer.frozen.positions()[0, 0].tolist()) & key)
                               for layer in cache.layers))
 
@@ -271,13 +277,22 @@ def test_the_stop_check_reads_a_bounded_tail_and_stops_where_the_whole_text_woul
     """On random replies of the real tokenizer (ASCII, accents, CJK, newlines), the step at which a stop string is
     first found is the same as when the whole reply is decoded at every step."""
     import random
+    from types import SimpleNamespace
 
     from kvbench.runtime import models
-    from kvbench.runtime.engine import Engine, _hit_stop
+    from kvbench.runtime.decode import Decoding
 
     tok = models.load_tokenizer()
-    engine = Engine.__new__(Engine)
-    engine.tokenizer = tok
+    session = SimpleNamespace(engine=SimpleNamespace(tokenizer=tok, eos_ids=set()), policy=make_policy("full"))
+
+    def stops_at(reply: list[int], stop: list[str]) -> int | None:
+        decoding = Decoding(session, torch.zeros(8), 100, stop)
+        for n in range(1, len(reply) + 1):
+            decoding.tokens = reply[:n]
+            if decoding.done:
+                return n
+        return None
+
     pool = [i for text in ("Question: what é is 東京\n\n Answer. The 42 key", " Answer:", "é", "東", "\n")
             for i in tok(text, add_special_tokens=False)["input_ids"]]
     rng = random.Random(0)
@@ -286,10 +301,9 @@ def test_the_stop_check_reads_a_bounded_tail_and_stops_where_the_whole_text_woul
     for trial in range(300):
         stop = stops[trial % len(stops)]
         reply = [rng.choice(pool) for _ in range(40)]
-        whole = next((n for n in range(1, 41) if _hit_stop(tok.decode(reply[:n], skip_special_tokens=True), stop)),
-                     None)
-        tail = next((n for n in range(1, 41) if engine.finished(reply[:n], 100, stop, set())), None)
-        assert tail == whole, (stop, reply)
+        whole = next((n for n in range(1, 41) if any(s in tok.decode(reply[:n], skip_special_tokens=True)
+                                                          for s in stop)), None)
+        assert stops_at(reply, stop) == whole, (stop, reply)
         found += whole is not None
     assert found > 100  # the streams do hit their stop strings
 
@@ -301,7 +315,8 @@ def test_a_full_cache_decode_step_forces_one_host_synchronisation_the_greedy_tok
 
     import tiny
     from kvbench.runtime import models
-    from kvbench.runtime.engine import Engine, Session
+    from kvbench.runtime.engine import Engine
+    from kvbench.runtime.session import Session
     from kvbench.runtime.syncs import HostSyncs
 
     lines, first = inspect.getsourcelines(Session.decode_step)
@@ -312,7 +327,7 @@ def test_a_full_cache_decode_step_forces_one_host_synchronisation_the_greedy_tok
     with HostSyncs() as syncs:
         for _ in range(5):
             token, _, _ = session.decode_step(token)
-    assert dict(syncs.sites) == {f"runtime/engine.py:{greedy}": 5}
+    assert dict(syncs.sites) == {f"runtime/session.py:{greedy}": 5}
     with HostSyncs() as syncs:
         bool(torch.tensor([1]).any())
     assert syncs.total == 1  # the counter does see a read

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import make_cache
+from conftest import driver, make_cache
 from kvbench.policy import Decision, KVPolicy, LayerView, Phase
 
 
@@ -44,13 +44,13 @@ def test_random_freeze_thaw_schedules_lose_nothing_and_restore_bit_exact(schedul
     ever_frozen: set[int] = set()
     seen = 0
     for _ in range(len(schedule) + 1):
-        cache.begin_step(torch.arange(seen, seen + chunk)[None], Phase.DECODE)
+        driver(cache).begin(torch.arange(seen, seen + chunk)[None], Phase.DECODE)
         k, v = torch.randn(1, 2, chunk, 4, generator=gen), torch.randn(1, 2, chunk, 4, generator=gen)
         for i in range(chunk):
             reference_k[seen + i], reference_v[seen + i] = k[0, :, i], v[0, :, i]
         layer.update(k, v)
-        cache.after_attention(0, None)
-        cache.end_step()
+        driver(cache).after_attention(0, None)
+        driver(cache).end()
         seen += chunk
 
         active = layer.active.positions()[0, 0].tolist()
@@ -86,13 +86,13 @@ def test_attention_after_thawing_everything_equals_a_cache_that_never_froze(sche
     layer = cache.layers[0]
     all_k, all_v = [], []
     for step in range(len(schedule)):
-        cache.begin_step(torch.arange(step * 3, step * 3 + 3)[None], Phase.DECODE)
+        driver(cache).begin(torch.arange(step * 3, step * 3 + 3)[None], Phase.DECODE)
         k, v = torch.randn(1, 2, 3, 4, generator=gen), torch.randn(1, 2, 3, 4, generator=gen)
         all_k.append(k)
         all_v.append(v)
         layer.update(k, v)
-        cache.after_attention(0, None)
-        cache.end_step()
+        driver(cache).after_attention(0, None)
+        driver(cache).end()
     layer.apply(Decision(thaw=torch.ones(layer.frozen.n, dtype=torch.bool)) if layer.frozen.n else Decision())
     order = layer.active.positions()[0, 0].argsort()
     restored_k, restored_v = layer.keys[:, :, order], layer.values[:, :, order]

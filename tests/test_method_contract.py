@@ -33,7 +33,8 @@ def run(engine: Engine, name: str) -> tuple[list[int], list[list[list[list[int]]
     policy = make_policy(name, BUDGET if policy_class(name).uses_budget else None)
     kept: list[list[list[list[int]]]] = []
 
-    def check(cache) -> None:
+    def check(step) -> None:
+        cache = step.cache
         for layer in cache.layers:
             assert layer.get_seq_length() + layer.frozen.n + layer.evicted == layer.seen, "a token was lost"
         kept.append([[sorted(row) for row in layer.positions[0].tolist()] for layer in cache.layers])

@@ -2,7 +2,7 @@
 
 import torch
 
-from conftest import feed, make_cache
+from conftest import driver, feed, make_cache
 from kvbench.policy import Phase, make_policy
 
 
@@ -159,7 +159,7 @@ def test_snapkv_avg_pooling_is_kvpress_zero_padded_mean():
 def test_snapkv_leaves_decode_alone():
     cache = make_cache(make_policy("snapkv", 4, window=2))
     feed(cache, 0, 0, 3)  # a decode-time step never asks for attention or evicts
-    assert cache.attn_rows == 0 and kept(cache) == [0, 1, 2]
+    assert driver(cache).attn_rows == 0 and kept(cache) == [0, 1, 2]
 
 
 def test_pyramidkv_budgets_shrink_linearly_with_depth_and_average_the_budget():
@@ -196,16 +196,16 @@ def test_lethe_keeps_everything_and_doubles_its_threshold_when_attention_is_flat
 def test_kvzip_keeps_the_context_tokens_the_repeat_queries_attend_to_most():
     cache = make_cache(make_policy("kvzip", 3))
     feed(cache, 0, 0, 6, prefill=True)  # the prompt: no scores yet, nothing evicted
-    assert kept(cache) == list(range(6)) and cache.attn_rows == 0
+    assert kept(cache) == list(range(6)) and driver(cache).attn_rows == 0
     # two scratch steps; per head, the max over repeat queries is what counts
     feed(cache, 0, 6, 1, phase=Phase.RECONSTRUCT, attn=attn_rows([[0.1, 0.5, 0.0, 0.1, 0.1, 0.0, 0.2],
                                                        [0.0, 0.0, 0.6, 0.0, 0.3, 0.0, 0.1]]))
-    assert cache.attn_rows > 0
+    assert driver(cache).attn_rows > 0
     feed(cache, 0, 7, 1, phase=Phase.RECONSTRUCT, attn=attn_rows([[0.0, 0.0, 0.0, 0.4, 0.0, 0.35, 0.1, 0.15],
                                                        [0.5, 0.0, 0.0, 0.0, 0.1, 0.0, 0.2, 0.2]]))
     cache.drop_from(6)
     layer = cache.layers[0]
     assert layer.seen == 6 and layer.active.n == 6  # scratch gone, not counted as evicted
-    cache.compress()
+    driver(cache).compress()
     assert kept(cache, 0) == [1, 3, 5] and kept(cache, 1) == [0, 2, 4]
     assert layer.evicted == 3

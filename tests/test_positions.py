@@ -34,7 +34,8 @@ def test_rerotate_keeps_keys_at_contiguous_in_cache_positions(engine):
     budget = 48
     checked = []
 
-    def check(cache):
+    def check(step):
+        cache = step.cache
         for layer in cache.layers:
             order = layer.active.positions()[0, 0].argsort()
             assert layer.active.rotations()[0, 0][order].tolist() == list(range(layer.active.n))
@@ -49,7 +50,8 @@ def test_naive_keeps_old_rotations_and_numbers_new_tokens_from_the_shrunk_length
     budget = 48
     gaps = []
 
-    def check(cache):
+    def check(step):
+        cache = step.cache
         layer = cache.layers[0]
         rot, pos = layer.active.rotations()[0, 0], layer.active.positions()[0, 0]
         newest = int(pos.argmax())
@@ -63,7 +65,8 @@ def test_naive_keeps_old_rotations_and_numbers_new_tokens_from_the_shrunk_length
 
 
 def test_original_positions_never_rotate_away_from_true_positions(engine):
-    def check(cache):
+    def check(step):
+        cache = step.cache
         for layer in cache.layers:
             assert torch.equal(layer.active.rotations(), layer.active.positions())
 

@@ -58,7 +58,8 @@ def test_after_compresses_the_context_before_the_question_and_not_again(engine):
     question = list(range(first, len(ids)))
     seen = []
 
-    def check(cache):
+    def check(step):
+        cache = step.cache
         seen.append([sorted(layer.positions[0, 0].tolist()) for layer in cache.layers])
 
     base, _ = engine.compressed_context(ids[:first], make_policy("snapkv", 24, window=8))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import tiny
-from conftest import make_cache
+from conftest import driver, make_cache
 from kvbench.policy import Phase, make_policy
 from kvbench.runtime.attention import Shape, attention_rows, frozen_attention
 from kvbench.runtime.chat import encode_chat
@@ -39,12 +39,12 @@ def test_a_sliding_window_hides_frozen_tokens_outside_it():
     cache = make_cache(make_policy("asrkf"), layers=1)
     cache.layers[0].window = 4
     layer = cache.layers[0]
-    cache.begin_step(torch.tensor([[9, 10, 11]]), Phase.PREFILL)
+    driver(cache).begin(torch.tensor([[9, 10, 11]]), Phase.PREFILL)
     layer.update(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8))  # active: positions 9, 10, 11
     cache.pending_positions = torch.tensor([[10, 11]])  # the queries: the last two
     frozen_positions = torch.tensor([[[6, 7, 8]]]).expand(1, 2, 3)
     probs = frozen_attention(torch.randn(1, 4, 2, 8), layer.keys, torch.randn(1, 2, 3, 8), frozen_positions,
-                             Shape(0.35, window=4), cache, 0)
+                             Shape(0.35, window=4), driver(cache), 0)
     # query 10 sees 7..10, query 11 sees 8..11: position 6 is hidden from both, 7 from the second
     assert bool((probs[..., 0, 0] == 0).all()) and bool((probs[..., 1, :2] == 0).all())
     assert bool((probs[..., 0, 1:] > 0).all()) and bool((probs[..., 1, 2] > 0).all())
@@ -79,5 +79,5 @@ def test_thaw_on_prompt_restores_every_frozen_token_before_a_prompt_chunk():
         for pos in range(20):
             step(cache, pos, {3: 0.0, 5: 0.0})
         assert frozen_positions(cache)
-        cache.begin_step(torch.tensor([[20]]), Phase.PREFILL)
+        driver(cache).begin(torch.tensor([[20]]), Phase.PREFILL)
         assert bool(frozen_positions(cache)) != thaw_on_prompt

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tiny
-from conftest import feed, make_cache
+from conftest import driver, feed, make_cache
 from kvbench.policy import SCHEDULES, Phase, available, make_policy, policy_class
 from kvbench.runtime.chat import encode_chat
 from kvbench.runtime.engine import Engine
@@ -39,12 +39,12 @@ def test_each_schedule_applies_decisions_exactly_where_it_says(schedule, sizes):
 
 def test_no_attention_is_computed_where_a_stateless_method_does_not_decide():
     cache = make_cache(make_policy("tova", 4, schedule="prompt"))
-    cache.begin_step(torch.arange(0, 8)[None], Phase.PREFILL, last_chunk=False)
-    assert cache.attn_rows == 0
-    cache.begin_step(torch.arange(8, 16)[None], Phase.PREFILL, last_chunk=True)
-    assert cache.attn_rows == 1
-    cache.begin_step(torch.arange(16, 17)[None], Phase.DECODE)
-    assert cache.attn_rows == 0
+    driver(cache).begin(torch.arange(0, 8)[None], Phase.PREFILL, last_chunk=False)
+    assert driver(cache).attn_rows == 0
+    driver(cache).begin(torch.arange(8, 16)[None], Phase.PREFILL, last_chunk=True)
+    assert driver(cache).attn_rows == 1
+    driver(cache).begin(torch.arange(16, 17)[None], Phase.DECODE)
+    assert driver(cache).attn_rows == 0
 
 
 def attn_rows(scores: list[float]) -> torch.Tensor:
@@ -93,8 +93,9 @@ def test_on_the_engine_one_shot_schedules_bound_the_prompt_and_let_decoding_appe
     for schedule in policy_class(method).schedules:
         sizes: list[tuple[bool, int]] = []
 
-        def record(cache, sizes=sizes):
-            sizes.append((cache.phase == Phase.PREFILL, max(layer.get_seq_length() for layer in cache.layers)))
+        def record(step, sizes=sizes):
+            cache = step.cache
+            sizes.append((step.phase == Phase.PREFILL, max(layer.get_seq_length() for layer in cache.layers)))
 
         engine.generate(ids, make_policy(method, budget, schedule=schedule, **params), 5, ignore_eos=True,
                         on_step=record)

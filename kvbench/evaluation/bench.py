@@ -25,8 +25,10 @@ from kvbench.files import write_with_derived
 from kvbench.policy import Budget, make_policy
 from kvbench.runtime import models
 from kvbench.runtime.batch import generate_batch
-from kvbench.runtime.engine import Engine, RunResult
+from kvbench.runtime.decode import Decoding, decode
+from kvbench.runtime.engine import Engine
 from kvbench.runtime.runspec import RunSpec
+from kvbench.runtime.session import RunResult
 from kvbench.tasks.prose import passages
 
 
@@ -115,14 +117,10 @@ def _round(engine: Engine, prompts: list[list[int]], variants: list[tuple[str, d
         for policy in policies:
             session = engine.session(policy)
             logits, prefill_s = session.timed_feed(prompts[0])
-            runs.append((session, prefill_s, [int(logits.argmax())], []))
-        for _ in range(spec.new_tokens - 1):
-            for session, _, generated, times in runs:
-                token, _, seconds = session.decode_step(generated[-1])
-                generated.append(token)
-                times.append(seconds)
-        outcomes = [[session.result(len(prompts[0]), prefill_s, session.finish(generated, times, (), set()))]
-                   for session, prefill_s, generated, times in runs]
+            runs.append((Decoding(session, logits, spec.new_tokens, ignore_eos=True), prefill_s))
+        replies = decode([d for d, _ in runs])
+        outcomes = [[d.session.result(len(prompts[0]), prefill_s, reply)]
+                    for (d, prefill_s), reply in zip(runs, replies, strict=True)]
         bar.update(len(runs))
     return [_figures(r, policy.budget, spec) for r, policy in zip(outcomes, policies, strict=True)]
 

@@ -18,8 +18,9 @@ from kvbench.lmeval.tasks import check_metadata, metadata_defaults, query_modes
 from kvbench.policy import SCHEDULES, Budget, available, make_policy, policy_class
 from kvbench.runtime import models
 from kvbench.runtime.chat import encode_chat
-from kvbench.runtime.engine import QUERY_MODES, Engine, check_positions
+from kvbench.runtime.engine import QUERY_MODES, Engine
 from kvbench.runtime.runspec import RunSpec
+from kvbench.runtime.session import check_positions
 from kvbench.tasks import check_window
 
 

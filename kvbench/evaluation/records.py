@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from kvbench.runtime.engine import RunResult
+from kvbench.runtime.session import RunResult
 
 MIB = 1024 * 1024
 

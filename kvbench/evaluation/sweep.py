@@ -36,7 +36,7 @@ from kvbench.files import write_with_derived
 from kvbench.lmeval.tasks import check_metadata
 from kvbench.policy import Budget
 from kvbench.runtime import models
-from kvbench.runtime.engine import check_positions
+from kvbench.runtime.session import check_positions
 
 SWEEP_KEYS = {"model", "device", "dtype", "prefill_chunk", "limit", "tasks", "task_metadata", "rows", "slices"}
 ROW_KEYS = {"methods", "tasks", "budgets", "positions", "queries", "schedules", "method_args"}

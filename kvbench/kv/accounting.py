@@ -41,12 +41,13 @@ class Ledger:
     thaws: int = 0
     rollbacks: int = 0  # `Session.rollback` calls
     rolled_back_tokens: int = 0
-    frozen_scored: int = 0  # frozen keys read to score them against new queries (`thaw_on_demand`)
+    frozen_scored: int = 0  # frozen keys read to score them against new queries (`SequenceStep.before_attention`)
     offload: Transfers = field(default_factory=Transfers)
     restore: Transfers = field(default_factory=Transfers)
     policy_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(map(str, Phase), 0.0))
     step_active_sum: int = 0  # active bytes at the end of each step, summed (mean compression)
     step_full_sum: int = 0  # what a full cache would have held at the same moments
+    steps: int = 0  # forwards counted so far (prefill chunks, decode steps, questions, reconstruction chunks)
 
     def resized(self, active: int, frozen: int, reserved: int) -> None:
         """A layer's bytes changed by these amounts."""
@@ -70,6 +71,7 @@ class Ledger:
         self.rolled_back_tokens += tokens
 
     def step_ended(self, full_bytes: int) -> None:
+        self.steps += 1
         self.step_active_sum += self.active_bytes
         self.step_full_sum += full_bytes
 
@@ -83,7 +85,7 @@ class Ledger:
         finally:
             self.policy_seconds[phase] += time.perf_counter() - t0
 
-    def figures(self, steps: int) -> dict[str, object]:
+    def figures(self) -> dict[str, object]:
         """The ledger's part of `CacheStats`, copied (later steps do not change it)."""
         return {"active_bytes": self.active_bytes, "frozen_bytes": self.frozen_bytes,
                 "peak_active_bytes": self.peak_active_bytes, "peak_frozen_bytes": self.peak_frozen_bytes,
@@ -91,8 +93,8 @@ class Ledger:
                 "rollbacks": self.rollbacks, "rolled_back_tokens": self.rolled_back_tokens,
                 "frozen_scored": self.frozen_scored, "offload": dataclasses.replace(self.offload),
                 "restore": dataclasses.replace(self.restore), "policy_seconds": dict(self.policy_seconds),
-                "step_active_bytes": self.step_active_sum / max(1, steps),
-                "step_full_bytes": self.step_full_sum / max(1, steps)}
+                "step_active_bytes": self.step_active_sum / max(1, self.steps),
+                "step_full_bytes": self.step_full_sum / max(1, self.steps)}
 
 
 @dataclass
@@ -116,7 +118,8 @@ class CacheStats:
     thaws: int
     rollbacks: int  # `Session.rollback` calls
     rolled_back_tokens: int  # tokens undone by them (fed again or regenerated afterwards)
-    frozen_scored: int  # frozen keys read to score them against new queries (`thaw_on_demand`), summed over layers
+    # frozen keys read to score them against new queries (`SequenceStep.before_attention`), summed over layers
+    frozen_scored: int
     offload: Transfers
     restore: Transfers
     policy_seconds: dict[str, float]  # host time deciding and applying decisions after attention, by phase

@@ -28,8 +28,9 @@ from tqdm.auto import tqdm
 from kvbench.runtime import models
 from kvbench.runtime.batch import generate_batch
 from kvbench.runtime.chat import converse, merge_turns
-from kvbench.runtime.engine import Engine, RunResult, Session
+from kvbench.runtime.engine import Engine
 from kvbench.runtime.runspec import RunSpec
+from kvbench.runtime.session import RunResult, Session
 from kvbench.tasks import TaskSettingsError
 
 log = logging.getLogger(__name__)

@@ -1,10 +1,10 @@
 """The `kvbench` attention function, registered through transformers' AttentionInterface.
 
 It computes the layer output with flash-attn on CUDA (when installed) or PyTorch SDPA, then, if the
-layer runs under a PolicyCache, recomputes softmax(q_w K^T / sqrt(d)) for only the last w query rows
-the policy asked for (O(w * n * d), never the n x n matrix) and hands them to the cache, which runs
-the policy for this layer. In an SDPA decode step (one query) of a policy that reads attention, the
-output is computed from those same probabilities (one pass over the keys instead of two). The model
+layer runs under a step driver (kvbench/runtime/step.py), recomputes softmax(q_w K^T / sqrt(d)) for only
+the last w query rows the policy asked for (O(w * n * d), never the n x n matrix) and hands them to the
+driver, which runs the policy for this layer. In an SDPA decode step (one query) of a policy that reads
+attention, the output is computed from those same probabilities (one pass over the keys instead of two). The model
 code is not touched: this is selected with `attn_implementation="kvbench"`.
 
 No mask function is registered for this name, so transformers passes `attention_mask=None` and the
@@ -28,9 +28,11 @@ from transformers import AttentionInterface
 
 from kvbench.runtime.architectures import UnsupportedModel
 from kvbench.runtime.few_rows import outside_few_row_linear
+from kvbench.runtime.step import BatchStep, SequenceStep
 
 ATTN_IMPLEMENTATION = "kvbench"
-CACHE_KWARG = "kvbench_cache"
+STEP_KWARG = "kvbench_step"
+"""The forward keyword that carries the step driver (`SequenceStep` or `BatchStep`) to every layer's attention."""
 
 
 @cache
@@ -126,15 +128,15 @@ def kvbench_attention(
         raise UnsupportedModel(f"kvbench cannot run this model's attention exactly: it uses {', '.join(refused)}")
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     shape = Shape(scaling, sliding_window, softcap)
-    policy_cache = kwargs.get(CACHE_KWARG)
-    if hasattr(policy_cache, "caches"):  # a BatchCache: each sequence attends over its own cache
+    step: SequenceStep | BatchStep | None = kwargs.get(STEP_KWARG)
+    if isinstance(step, BatchStep):  # each sequence attends over its own cache
         outs = []
         with outside_few_row_linear():
-            for b, cache in enumerate(policy_cache.caches):
-                layer = cache.layers[module.layer_idx]
-                outs.append(_attend(module, query[b : b + 1], layer.keys, layer.values, shape, cache))
+            for b, seq in enumerate(step.sequences):
+                layer = seq.cache.layers[module.layer_idx]
+                outs.append(_attend(module, query[b : b + 1], layer.keys, layer.values, shape, seq))
         return torch.cat(outs), None
-    return _attend(module, query, key, value, shape, policy_cache), None
+    return _attend(module, query, key, value, shape, step), None
 
 
 # keyword arguments some architectures pass that change the attention itself, and the feature each names
@@ -151,7 +153,7 @@ class Shape:
     softcap: float | None = None
 
 
-def _visible(module: torch.nn.Module, q: int, n: int, window: int | None, policy_cache,
+def _visible(module: torch.nn.Module, q: int, n: int, window: int | None, step: SequenceStep | None,
              device: torch.device, reordered: bool = False) -> torch.Tensor | None:
     """[B, K|1, q, n] keys each new query may see, by true positions (rows are not in position order after
     evictions); None when bottom-right causal is exact: no window and the new tokens are the last rows (not so
@@ -159,15 +161,15 @@ def _visible(module: torch.nn.Module, q: int, n: int, window: int | None, policy
     decode step after the cache dropped what left the window)."""
     if window is None and not (reordered and q > 1):
         return None
-    if policy_cache is None:
+    if step is None:
         keys, queries = torch.arange(n, device=device)[None, None], torch.arange(n - q, n, device=device)[None]
     else:
-        layer = policy_cache.layers[module.layer_idx]
+        layer = step.cache.layers[module.layer_idx]
         if window is not None and layer.window != window:
             raise UnsupportedModel(f"layer {module.layer_idx} attends with sliding window {window} but the model's "
                                    f"config gives it {layer.window}: kvbench cannot reproduce this layout")
         keys = layer.positions[:, :1] if layer.heads_aligned else layer.positions
-        queries = policy_cache.pending_positions.to(device)
+        queries = step.cache.pending_positions.to(device)
     if window is not None and int(keys.min()) > int(queries.max()) - window:
         return None
     return _by_position(keys, queries, window)
@@ -181,20 +183,20 @@ def _by_position(keys: torch.Tensor, queries: torch.Tensor, window: int | None) 
 
 
 def _attend(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, shape: Shape,
-            policy_cache) -> torch.Tensor:
+            step: SequenceStep | None) -> torch.Tensor:
     """One sequence's attention output, then its policy step for this layer (with the rows it asked for)."""
     q = query.shape[2]
-    rows = policy_cache.attn_rows if policy_cache is not None else 0
+    rows = step.attn_rows if step is not None else 0
     reordered = False
-    if policy_cache is not None and policy_cache.reads_queries:
+    if step is not None and step.reads_queries:
         def score(frozen_keys: torch.Tensor, frozen_positions: torch.Tensor) -> torch.Tensor:
-            return frozen_attention(query, key, frozen_keys, frozen_positions, shape, policy_cache, module.layer_idx)
+            return frozen_attention(query, key, frozen_keys, frozen_positions, shape, step, module.layer_idx)
 
-        reordered = policy_cache.thaw_on_demand(module.layer_idx, score)
+        reordered = step.before_attention(module.layer_idx, score)
         if reordered:
-            layer = policy_cache.layers[module.layer_idx]
+            layer = step.cache.layers[module.layer_idx]
             key, value = layer.keys, layer.values
-    mask = _visible(module, q, key.shape[2], shape.window, policy_cache, query.device, reordered)
+    mask = _visible(module, q, key.shape[2], shape.window, step, query.device, reordered)
     backend = backend_for(query.device, query.dtype)
     if shape.softcap is not None and (backend != "flash-attn" or mask is not None):
         # no fused SDPA kernel soft-caps logits: every query's probabilities, as eager attention computes them
@@ -212,23 +214,23 @@ def _attend(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, val
         else:
             out = _sdpa(query, key, value, shape.scaling, mask)
         attn = attention_rows(query, key, rows, shape.scaling, mask, shape.softcap) if rows else None
-    if policy_cache is not None:
-        policy_cache.after_attention(module.layer_idx, attn)
+    if step is not None:
+        step.after_attention(module.layer_idx, attn)
     return out
 
 
 def frozen_attention(query: torch.Tensor, key: torch.Tensor, frozen_keys: torch.Tensor, frozen_positions: torch.Tensor,
-                     shape: Shape, policy_cache, layer_idx: int) -> torch.Tensor:
+                     shape: Shape, step: SequenceStep, layer_idx: int) -> torch.Tensor:
     """[B, K, G, q, m]: what each of this step's queries would give each frozen token were it active, i.e. one
     softmax over frozen and active keys with the layer's scale, soft-cap and window (frozen tokens are older than
     every new query, so causality never hides them)."""
     m = frozen_keys.shape[2]
     mask = None
     if shape.window is not None:
-        layer = policy_cache.layers[layer_idx]
+        layer = step.cache.layers[layer_idx]
         active = layer.positions[:, :1] if layer.heads_aligned else layer.positions
         keys = torch.cat([frozen_positions[:, :1].expand(active.shape[0], active.shape[1], -1), active], dim=-1)
-        mask = _by_position(keys, policy_cache.pending_positions.to(keys.device), shape.window)
+        mask = _by_position(keys, step.cache.pending_positions.to(keys.device), shape.window)
     probs = attention_rows(query, torch.cat([frozen_keys.to(key.dtype), key], dim=2), query.shape[2], shape.scaling,
                            mask, shape.softcap)
     return probs[..., :m]

@@ -1,7 +1,7 @@
 """Batched decoding over per-sequence caches: B sequences share each forward pass (the weights are read
 once per step for all of them) while each keeps its own PolicyCache, its own length, its own evictions
 and its own positions. Nothing is padded: the attention function attends each sequence over its own
-rows (`kvbench_attention` sees `caches`), so no mask is needed and no pad token ever enters a cache.
+rows (`kvbench_attention` gets a `BatchStep`), so no mask is needed and no pad token ever enters a cache.
 Prompts are prefilled one sequence at a time (prefill is compute-bound; batching it buys little).
 """
 
@@ -17,12 +17,15 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvbench.kv.cache import PolicyCache
-from kvbench.policy import KVPolicy, Phase, rollback_reserve
-from kvbench.runtime.attention import CACHE_KWARG
+from kvbench.policy import KVPolicy, rollback_reserve
+from kvbench.runtime.attention import STEP_KWARG
+from kvbench.runtime.decode import Decoding, decode
 from kvbench.runtime.few_rows import FewRowLinear, outside_few_row_linear
+from kvbench.runtime.step import BatchStep
 
 if TYPE_CHECKING:
-    from kvbench.runtime.engine import Engine, RunResult, Session
+    from kvbench.runtime.engine import Engine
+    from kvbench.runtime.session import RunResult
 
 
 class _BatchLayer(CacheLayerMixin):
@@ -58,19 +61,8 @@ class BatchCache(Cache):
     """The cache handed to the model for one batched decode step over `caches` (one per sequence)."""
 
     def __init__(self, caches: list[PolicyCache]) -> None:
-        if not caches:
-            raise ValueError("a batch needs at least one sequence")
         self.caches = list(caches)
         super().__init__(layers=[_BatchLayer(self, i) for i in range(len(caches[0].layers))])
-
-    def begin_step(self, positions: torch.Tensor, rotations: torch.Tensor) -> None:
-        """`positions` / `rotations`: [B, 1], each sequence's true position and the one it is rotated at."""
-        for b, cache in enumerate(self.caches):
-            cache.begin_step(positions[b : b + 1], Phase.DECODE, last_chunk=True, rotation_ids=rotations[b : b + 1])
-
-    def end_step(self) -> None:
-        for cache in self.caches:
-            cache.end_step()
 
 
 @torch.inference_mode()
@@ -87,48 +79,37 @@ def generate_batch(engine: Engine, prompts: Sequence[Sequence[int]], policy: KVP
     if rollback_reserve(policy):  # it will undo and regenerate tokens
         raise ValueError(f"method {policy.name!r} rolls back and regenerates tokens, which batched decoding "
                          "cannot do; run it with batch size 1")
-    sessions, prefill_s, generated = [], [], []
+    replies, prefill_s = [], []
     for ids in prompts:
         session = engine.session(copy.deepcopy(policy), positions)
         logits, seconds = session.timed_feed(ids)
         prefill_s.append(seconds)
-        sessions.append(session)
-        generated.append([int(logits.argmax())])
-    eos_ids = set() if ignore_eos else engine.eos_ids
-    decode_s: list[list[float]] = [[] for _ in prompts]
-    live = [i for i in range(len(prompts)) if not engine.finished(generated[i], max_new_tokens, stop, eos_ids)]
-    while live:
-        t = time.perf_counter()
-        logits = _step(engine, [sessions[i] for i in live], [generated[i][-1] for i in live])
-        tokens = logits.argmax(-1).tolist()
-        dt = time.perf_counter() - t
-        for i, token in zip(live, tokens, strict=True):
-            generated[i].append(token)
-            decode_s[i].append(dt)
-        live = [i for i in live if not engine.finished(generated[i], max_new_tokens, stop, eos_ids)]
-    results = []
-    for ids, session, gen, times, pre in zip(prompts, sessions, generated, decode_s, prefill_s, strict=True):
-        results.append(session.result(len(ids), pre, session.finish(gen, times, stop, eos_ids)))
-    return results
+        replies.append(Decoding(session, logits, max_new_tokens, stop, ignore_eos))
+    done = decode(replies, lambda live: _step(engine, live))
+    return [d.session.result(len(ids), pre, reply)
+            for ids, d, reply, pre in zip(prompts, replies, done, prefill_s, strict=True)]
 
 
-def _step(engine: Engine, sessions: list[Session], tokens: list[int]) -> torch.Tensor:
-    """One decode step for several sequences: [B] next-token logits."""
+def _step(engine: Engine, live: list[Decoding]) -> None:
+    """One decode step for several sequences: one forward, each sequence over its own cache."""
+    t = time.perf_counter()
     dev = engine.device
-    ids = torch.tensor([[t] for t in tokens], device=dev)
+    sessions = [d.session for d in live]
+    ids = torch.tensor([[d.last] for d in live], device=dev)
     pos = torch.tensor([[s.seen] for s in sessions], device=dev)
     rot = torch.cat([s.cache.next_rotations(pos[b : b + 1]) for b, s in enumerate(sessions)])
-    batch = BatchCache([s.cache for s in sessions])
-    batch.begin_step(pos, rot)
+    step = BatchStep([s.step for s in sessions])
+    step.begin(pos, rot)
     with FewRowLinear() if dev.type == "cpu" else contextlib.nullcontext():
         out = engine.model(input_ids=ids, position_ids=rot, use_cache=True, logits_to_keep=1,
-                           **{engine.cache_arg: batch, CACHE_KWARG: batch})
-    for s in sessions:
-        s.check_attended()
-    batch.end_step()
+                           **{engine.cache_arg: BatchCache([s.cache for s in sessions]), STEP_KWARG: step})
+    step.end(engine.model.config._attn_implementation)
     logits = out.logits[:, -1]
     for b, s in enumerate(sessions):
         s.after_forward(1, logits[b])
+    tokens = logits.argmax(-1).tolist()
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-    return logits
+    seconds = time.perf_counter() - t
+    for b, d in enumerate(live):
+        d.advance(tokens[b], logits[b], seconds)

@@ -12,7 +12,8 @@ import torch
 from kvbench.policy import KVPolicy
 
 if TYPE_CHECKING:
-    from kvbench.runtime.engine import Engine, RunResult
+    from kvbench.runtime.engine import Engine
+    from kvbench.runtime.session import RunResult
 
 
 def encode_chat(tokenizer, user: str, assistant_prefix: str = "") -> list[int]:

@@ -1,0 +1,298 @@
+"""PolicyLayer: one decoder layer's tokens, active on the compute device or frozen in host memory, and the
+data movement that applies a policy's decision to them (kvbench/kv/cache.py holds the layers).
+
+`Rows` (kvbench/kv/rows.py) holds the active data: evicted rows are overwritten and sparse buffers are reallocated
+smaller, so dropped bytes are really released. `FrozenStore` (kvbench/kv/store.py) holds host copies, written once
+per token; a thaw copies a token back bit for bit, with its true position and its per-token policy state.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from kvbench.kv.accounting import Ledger
+from kvbench.kv.positions import PositionMode
+from kvbench.kv.rows import RowData, Rows, gather
+from kvbench.kv.store import FrozenStore
+from kvbench.policy import Decision, LayerView, Phase
+
+RECENT_STEPS = 8  # steps over which an active buffer must stay mostly empty before it is shrunk (`compact`)
+
+
+def _as3d(mask: torch.Tensor) -> torch.Tensor:
+    return mask.reshape((1,) * (3 - mask.dim()) + tuple(mask.shape))
+
+
+def _index(mask: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """Indices of the True entries along the last axis: 1-D when the same in every row (a per-head mask built
+    from positions, as StreamingLLM's, usually is), else [B, K, k]."""
+    mask = _as3d(mask)
+    if mask.shape[0] * mask.shape[1] > 1 and bool((mask == mask[:1, :1]).all()):
+        mask = mask[:1, :1]
+    if mask.shape[0] == 1 and mask.shape[1] == 1:
+        return mask[0, 0].expand(shape[2]).nonzero().squeeze(-1)
+    full = mask.expand(shape)
+    counts = full.sum(-1)
+    k = int(counts.flatten()[0])
+    if not bool((counts == k).all()):
+        raise ValueError("a decision must select the same number of tokens in every head and sequence")
+    return full.nonzero()[:, 2].view(shape[0], shape[1], k)  # row-major: each row's indices, ascending
+
+
+@dataclass(frozen=True)
+class LayerHandle:
+    """All a layer takes from its cache, fixed when the cache is built: the layer never reaches back into it (what
+    changes per step, the step and its phase, comes with each `view` call)."""
+
+    ledger: Ledger  # what the layer's changes are reported to
+    token_state: tuple[str, ...]  # the policy's per-token state fields
+    pin_memory: bool  # frozen rows in pinned host memory (CUDA)
+    rollback_reserve: int  # positions a sliding layer keeps beyond its window for a rollback
+    position_mode: PositionMode
+    num_layers: int
+    new_meta: Callable[[tuple[int, int, int], torch.device], torch.Tensor]  # this step's new rows' meta
+
+
+class PolicyLayer(CacheLayerMixin):
+    """One layer: active rows on the compute device, frozen rows in host memory. `update` only appends;
+    the policy runs after attention (`SequenceStep.after_attention`) and its decision is applied here (`apply`).
+    A sliding layer (`window` w) drops the tokens no later query can see, keeping the last w - 1
+    positions as transformers' `DynamicSlidingWindowLayer` does (`expire`)."""
+
+    def __init__(self, handle: LayerHandle, layer_idx: int, window: int | None = None) -> None:
+        super().__init__()
+        self.handle = handle
+        self.ledger = handle.ledger
+        self.layer_idx = layer_idx
+        self.window = window
+        self.is_sliding = window is not None
+        self.expired = 0
+        self.expired_below = 0  # positions below this may have left the window (gone, not evicted)
+        self.active = Rows(handle.token_state, torch.device("cpu"))
+        self.frozen = FrozenStore(handle.token_state, pin=handle.pin_memory)
+        self._handed: dict[str, torch.Tensor] = {}  # the active state views handed to the policy
+        self.seen = 0
+        self.evicted = 0
+        self.new_tokens = 0
+        self.heads_aligned = True  # every head holds the same token at each row (no per-head eviction yet)
+        self._recent: deque[int] = deque(maxlen=RECENT_STEPS)  # active rows at the end of recent steps
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.active.device = self.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        b, h, q, _ = key_states.shape
+        before = self._sizes()
+        self.active.append((key_states, value_states, self.handle.new_meta((b, h, q), self.device)))
+        self.seen += q
+        self.new_tokens = q
+        self._refresh(before)
+        return self.keys, self.values
+
+    def _sizes(self) -> tuple[int, int, int]:
+        return self.active.nbytes, self.frozen.nbytes, self.active.reserved_bytes
+
+    def _refresh(self, before: tuple[int, int, int]) -> None:
+        self.keys, self.values = self.active.keys(), self.active.values()
+        self.ledger.resized(*(after - prev for after, prev in zip(self._sizes(), before, strict=True)))
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self.active.positions()
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.active.n + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.active.n
+
+    def full_tokens(self) -> int:
+        """Tokens transformers' own cache would hold in this layer now: all seen, or a window's last w - 1."""
+        return self.seen if self.window is None else min(self.seen, self.window - 1)
+
+    def expire(self, attn: torch.Tensor | None) -> torch.Tensor | None:
+        """Drop active and frozen tokens that left the window (no later query can attend them again), and
+        return `attn` with its columns following the rows that stay. When heads hold different tokens after
+        per-head evictions, each head drops as many of its oldest as the head with fewest outside the window;
+        the rest stay active (counted) and masked by the attention function until the policy drops them."""
+        start = self.seen - self.window + 1 - self.handle.rollback_reserve  # the oldest a later query can see
+        before = self._sizes()
+        f, dropped = self.frozen, 0
+        if f.n:
+            gone = (f.positions()[0, 0] < start).nonzero().squeeze(-1)
+            f.discard(gone)
+            dropped = gone.numel()
+        positions = self.active.positions()
+        outside = positions < start
+        count = int(outside.sum(-1).min()) if self.active.n else 0
+        if count:
+            if self.heads_aligned:
+                idx = outside[0, 0].nonzero().squeeze(-1)
+            else:
+                idx = positions.topk(count, dim=-1, largest=False).indices.sort(-1).values
+            self.active.remove(idx)
+        if count + dropped:
+            self.expired += count + dropped
+            self.expired_below = start
+        self._refresh(before)
+        if attn is None or not count:
+            return attn
+        return _follow(attn, positions, self.active.positions())
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def drop_from(self, first: int) -> None:
+        """Remove the tokens at positions >= `first`, active or frozen, as if never fed (`seen` shrinks with
+        them). Those the policy had evicted are uncounted; earlier tokens it evicted stay evicted."""
+        before = self._sizes()
+        f = self.frozen
+        frozen = 0
+        if f.n:
+            gone = (f.positions()[0, 0] >= first).nonzero().squeeze(-1)
+            f.discard(gone)
+            frozen = gone.numel()
+        active = 0
+        if self.active.n:
+            later = self.active.positions() >= first
+            if bool(later.any()):
+                idx = _index(later, tuple(later.shape))
+                self.active.remove(idx)
+                active = idx.shape[-1]
+        undone = max(0, self.seen - first)
+        self.evicted -= undone - active - frozen
+        self.seen -= undone
+        self._refresh(before)
+
+    def view(self, attn: torch.Tensor | None, step: int, phase: Phase) -> LayerView:
+        f = self.frozen
+        frozen_positions, frozen_state = f.view() if f.n else (None, {})
+        self._handed = self.active.state_view()
+        return LayerView(
+            layer_idx=self.layer_idx,
+            num_layers=self.handle.num_layers,
+            window=self.window,
+            full_tokens=self.full_tokens(),
+            keys=self.keys,
+            values=self.values,
+            positions=self.active.positions(),
+            new_tokens=self.new_tokens,
+            seen=self.seen,
+            attn=attn,
+            state=dict(self._handed),
+            frozen_positions=frozen_positions,
+            frozen_state=dict(frozen_state),
+            step=step,
+            phase=phase,
+        )
+
+    def store_state(self, view: LayerView) -> None:
+        """Write back the per-token state the policy changed. Active state entries are views of the buffer
+        (in-place edits are already there); frozen ones are gathered copies, so edited ones go back too."""
+        replaced = {k: t for k, t in view.state.items() if t is not self._handed.get(k)}
+        if replaced:
+            self.active.set_state(replaced)
+        if view.frozen_positions is not None:
+            self.frozen.write_back(view.frozen_state)
+
+    def compact(self, slack: int, settle: bool) -> None:
+        """Return a mostly empty active buffer to the allocator: once over `slack` times the most rows it held at
+        the end of this step or of any of the RECENT_STEPS - 1 before it is reserved (`settle`: the end of a
+        prompt, judged on the rows held now). Judging on recent steps keeps a size that swings (ASR-KF-EGR's
+        freeze and thaw cohorts: ~100 <-> ~600 rows every other step at 1k) from reallocating and copying the
+        buffer twice a step."""
+        if settle:
+            self._recent.clear()
+        self._recent.append(self.active.n)
+        high = max(self._recent)
+        if self.active.cap - slack * high <= 64:
+            return
+        before = self._sizes()
+        self.active.shrink(high)
+        self._refresh(before)
+
+    # -- applying a decision ------------------------------------------------------------------
+    def apply(self, d: Decision) -> None:
+        b, h, n = self.keys.shape[:3]
+        shape = (b, h, n)
+        before = self._sizes()
+        keep = None if d.keep is None else _as3d(d.keep)
+        freeze = None if d.freeze is None else _as3d(d.freeze)
+        if keep is not None and freeze is not None and bool((keep & freeze).any()):
+            raise ValueError(f"layer {self.layer_idx}: a token cannot be both kept and frozen")
+        # validate both masks before anything moves, so a refused decision loses nothing
+        freeze_idx = self._shared_index(freeze, n, "freeze") if freeze is not None else None
+        thaw_idx = thawed = None
+        if d.thaw is not None and self.frozen.n:
+            thaw_idx = self._shared_index(d.thaw.cpu(), self.frozen.n, "thaw")
+        if thaw_idx is not None and thaw_idx.numel():
+            thawed = self._restore_rows(thaw_idx)
+        frozen = 0 if freeze_idx is None else freeze_idx.numel()
+        if frozen:
+            self._offload_rows(freeze_idx)
+        drop = None if keep is None else ~keep
+        if drop is None and freeze_idx is not None:  # keep=None: the frozen rows leave, nothing is evicted
+            drop_idx = freeze_idx
+        elif drop is not None and bool(drop.any()):
+            drop_idx = _index(drop, shape)
+        else:
+            drop_idx = torch.empty(0, dtype=torch.long, device=self.device)
+        self.active.swap(drop_idx, thawed)
+        self.heads_aligned &= drop_idx.dim() == 1
+        self.evicted += drop_idx.shape[-1] - frozen
+        self.handle.position_mode.settle(self.active)
+        self._refresh(before)
+
+    def _shared_index(self, mask: torch.Tensor, n: int, what: str) -> torch.Tensor:
+        """1-D indices of a freeze or thaw mask. The frozen store keeps one slot per token for all KV
+        heads, so these masks must agree across heads, over rows that hold the same token in every head."""
+        mask = _as3d(mask)
+        if mask.shape[0] * mask.shape[1] > 1 and not bool((mask == mask[:1, :1]).all()):
+            raise ValueError(f"layer {self.layer_idx}: {what} decisions must be the same for every KV head "
+                             "(the frozen store keeps one copy per token); use a [n] or [B, 1, n] mask")
+        idx = mask[0, 0].expand(n).nonzero().squeeze(-1)
+        if what == "freeze" and idx.numel() and not self.heads_aligned:
+            raise ValueError(f"layer {self.layer_idx}: cannot freeze after per-head evictions (the heads hold "
+                             "different tokens at the same rows)")
+        return idx
+
+    def _offload_rows(self, idx: torch.Tensor) -> None:
+        """Freeze active rows `idx`: host copies of those without one, the policy state of all of them."""
+        t0 = time.perf_counter()
+        rows = self.active
+        meta = gather(rows.meta, idx).cpu()
+
+        def fetch(new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            sel = idx[new.to(idx.device)]
+            return gather(rows.k, sel), gather(rows.v, sel)
+
+        copied = self.frozen.put(meta, fetch)
+        self.ledger.froze(idx.numel(), copied, time.perf_counter() - t0)
+
+    def _restore_rows(self, idx: torch.Tensor) -> RowData:
+        """Device copies of frozen tokens `idx`, bound for the active rows."""
+        t0 = time.perf_counter()
+        k, v, meta = self.frozen.take(idx)
+        dev = self.device
+        rows = (k.to(dev, non_blocking=True), v.to(dev, non_blocking=True), meta.to(dev))
+        self.ledger.thawed(meta.shape[2], k.nbytes + v.nbytes, time.perf_counter() - t0)
+        return rows
+
+
+def _follow(attn: torch.Tensor, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """Attention columns [B, K, G, w, n] of rows with positions `before` ([B, K, n]), picked and reordered for
+    the rows now holding positions `after` ([B, K, m]; a head holds each position at most once)."""
+    order = before.argsort(-1)
+    cols = order.gather(-1, torch.searchsorted(before.gather(-1, order), after))
+    b, k, g, w, _ = attn.shape
+    return attn.gather(-1, cols[:, :, None, None, :].expand(b, k, g, w, cols.shape[-1]))
