@@ -362,3 +362,25 @@ def test_heads_holding_different_tokens_expire_alike_and_the_rest_stays_masked()
     visible = _visible(module, 1, layer.active.n, 6, driver(cache), torch.device("cpu"))
     assert [sorted(layer.positions[0, h][visible[0, h, 0]].tolist()) for h in range(2)] == [[3, 5, 6, 7, 8],
                                                                                             [3, 4, 5, 6, 7, 8]]
+
+
+def test_a_decisions_index_is_the_same_whether_grouped_on_the_host_or_on_the_device():
+    """A decode step's few dropped rows are grouped by head on the host (`_index`), a prompt's many on the device
+    (`_index_rows`): both give the same indices, and both refuse heads selecting different counts."""
+    from kvbench.kv.layer import _index, _index_rows
+
+    gen = torch.Generator().manual_seed(0)
+    shape = (1, 3, 12)
+    same = (torch.rand(1, 1, 12, generator=gen) < 0.3).expand(shape)
+    per_head = torch.zeros(shape, dtype=torch.bool)
+    for h in range(3):
+        per_head[0, h, torch.randperm(12, generator=gen)[:4]] = True
+    for mask in (same, per_head, same[:, :1], torch.zeros(shape, dtype=torch.bool)):
+        host, device = _index(mask, shape), _index_rows(mask.expand(shape), shape)
+        assert host.shape == device.shape and torch.equal(host, device)
+    assert _index(per_head, shape).dim() == 3 and _index(same, shape).dim() == 1
+    uneven = per_head.clone()
+    uneven[0, 0] = True
+    for index in (_index, _index_rows):
+        with pytest.raises(ValueError, match="same number of tokens"):
+            index(uneven, shape)

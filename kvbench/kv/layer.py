@@ -29,14 +29,35 @@ def _as3d(mask: torch.Tensor) -> torch.Tensor:
     return mask.reshape((1,) * (3 - mask.dim()) + tuple(mask.shape))
 
 
+FEW_ENTRIES = 256  # a mask with at most this many selected (row, token) entries is indexed on the host (`_index`)
+
+
 def _index(mask: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
     """Indices of the True entries along the last axis: 1-D when the same in every row (a per-head mask built
-    from positions, as StreamingLLM's, usually is), else [B, K, k]."""
+    from positions, as StreamingLLM's, usually is), else [B, K, k]. The mask is read once (`nonzero`); a decode
+    step's few entries are then grouped by row on the host instead of by a further device pass per check."""
     mask = _as3d(mask)
-    if mask.shape[0] * mask.shape[1] > 1 and bool((mask == mask[:1, :1]).all()):
-        mask = mask[:1, :1]
-    if mask.shape[0] == 1 and mask.shape[1] == 1:
-        return mask[0, 0].expand(shape[2]).nonzero().squeeze(-1)
+    b, h = mask.shape[:2]
+    mask = mask.expand(b, h, shape[2])
+    found = mask.nonzero()
+    if b * h == 1:
+        return found[:, 2]
+    if found.shape[0] > FEW_ENTRIES:
+        return _index_rows(mask, shape)
+    rows: list[list[int]] = [[] for _ in range(b * h)]
+    for bi, hi, i in found.tolist():
+        rows[bi * h + hi].append(i)
+    if all(row == rows[0] for row in rows):
+        return torch.tensor(rows[0], dtype=torch.long, device=mask.device)
+    if any(len(row) != len(rows[0]) for row in rows):
+        raise ValueError("a decision must select the same number of tokens in every head and sequence")
+    return torch.tensor(rows, dtype=torch.long, device=mask.device).view(b, h, -1).expand(shape[0], shape[1], -1)
+
+
+def _index_rows(mask: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """`_index` of a mask with many entries (a prompt's eviction), compared row against row on the device."""
+    if bool((mask == mask[:1, :1]).all()):
+        return mask[0, 0].nonzero().squeeze(-1)
     full = mask.expand(shape)
     counts = full.sum(-1)
     k = int(counts.flatten()[0])
@@ -165,10 +186,9 @@ class PolicyLayer(CacheLayerMixin):
         active = 0
         if self.active.n:
             later = self.active.positions() >= first
-            if bool(later.any()):
-                idx = _index(later, tuple(later.shape))
-                self.active.remove(idx)
-                active = idx.shape[-1]
+            idx = _index(later, tuple(later.shape))
+            self.active.remove(idx)
+            active = idx.shape[-1]
         undone = max(0, self.seen - first)
         self.evicted -= undone - active - frozen
         self.seen -= undone
@@ -243,7 +263,7 @@ class PolicyLayer(CacheLayerMixin):
         drop = None if keep is None else ~keep
         if drop is None and freeze_idx is not None:  # keep=None: the frozen rows leave, nothing is evicted
             drop_idx = freeze_idx
-        elif drop is not None and bool(drop.any()):
+        elif drop is not None:
             drop_idx = _index(drop, shape)
         else:
             drop_idx = torch.empty(0, dtype=torch.long, device=self.device)

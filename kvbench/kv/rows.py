@@ -67,9 +67,12 @@ class TokenRows:
     k: torch.Tensor | None
     v: torch.Tensor | None
     n: int
+    _row_bytes = 0  # fixed once the first buffers exist (batch, heads, head size and dtype never change)
 
     def row_bytes(self) -> int:
-        return row_bytes(self.k, self.v)
+        if not self._row_bytes:
+            self._row_bytes = row_bytes(self.k, self.v)
+        return self._row_bytes
 
     @property
     def nbytes(self) -> int:
