@@ -26,7 +26,7 @@ RECENT_STEPS = 8  # steps over which an active buffer must stay mostly empty bef
 
 
 def _as3d(mask: torch.Tensor) -> torch.Tensor:
-    return mask.reshape((1,) * (3 - mask.dim()) + tuple(mask.shape))
+    return mask if mask.dim() == 3 else mask.reshape((1,) * (3 - mask.dim()) + tuple(mask.shape))
 
 
 FEW_ENTRIES = 256  # a mask with at most this many selected (row, token) entries is indexed on the host (`_index`)
@@ -125,7 +125,8 @@ class PolicyLayer(CacheLayerMixin):
 
     def _refresh(self, before: tuple[int, int, int]) -> None:
         self.keys, self.values = self.active.keys(), self.active.values()
-        self.ledger.resized(*(after - prev for after, prev in zip(self._sizes(), before, strict=True)))
+        active, frozen, reserved = self._sizes()
+        self.ledger.resized(active - before[0], frozen - before[1], reserved - before[2])
 
     @property
     def positions(self) -> torch.Tensor:

@@ -182,14 +182,19 @@ class Rows(TokenRows):
 
     def _remove_few(self, idx: torch.Tensor) -> None:
         """`remove` of a few rows (a decode step's eviction) as plain row copies: each vectorised index op costs
-        ~10 us of fixed overhead on CPU, and the general paths take a dozen of them per layer and step."""
-        heads = [((slice(None), slice(None)), idx.tolist())] if idx.dim() == 1 else [
-            ((b, h), rows) for b, per_b in enumerate(idx.expand(*self.k.shape[:2], -1).tolist())
-            for h, rows in enumerate(per_b)]
-        for head, rows in heads:
-            for hole, row in _moves(rows, self.n):
+        ~10 us of fixed overhead on CPU, and the general paths take a dozen of them per layer and step. Rows that
+        differ per head move in one indexed copy per buffer for all heads."""
+        if idx.dim() == 1:
+            for hole, row in _moves(idx.tolist(), self.n):
                 for t in self._buffers():
-                    t[(*head, hole)] = t[(*head, row)]
+                    t[:, :, hole] = t[:, :, row]
+            return
+        moves = [(b, h, hole, row) for b, per_b in enumerate(idx.expand(*self.k.shape[:2], -1).tolist())
+                 for h, rows in enumerate(per_b) for hole, row in _moves(rows, self.n)]
+        if moves:
+            b, h, hole, row = torch.tensor(moves, device=idx.device).unbind(1)
+            for t in self._buffers():
+                t[b, h, hole] = t[b, h, row]
 
     def _remove_per_row(self, idx: torch.Tensor) -> None:
         """`remove` for a [B, K, k] index (k rows per head, different rows in each): as in the 1-D case, each
