@@ -48,7 +48,7 @@ def _index(mask: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
     for bi, hi, i in found.tolist():
         rows[bi * h + hi].append(i)
     if all(row == rows[0] for row in rows):
-        return torch.tensor(rows[0], dtype=torch.long, device=mask.device)
+        return found[: len(rows[0]), 2]  # row-major: the first row's entries come first
     if any(len(row) != len(rows[0]) for row in rows):
         raise ValueError("a decision must select the same number of tokens in every head and sequence")
     return torch.tensor(rows, dtype=torch.long, device=mask.device).view(b, h, -1).expand(shape[0], shape[1], -1)

@@ -187,7 +187,7 @@ class Rows(TokenRows):
         if idx.dim() == 1:
             for hole, row in _moves(idx.tolist(), self.n):
                 for t in self._buffers():
-                    t[:, :, hole] = t[:, :, row]
+                    t.select(2, hole).copy_(t.select(2, row))
             return
         moves = [(b, h, hole, row) for b, per_b in enumerate(idx.expand(*self.k.shape[:2], -1).tolist())
                  for h, rows in enumerate(per_b) for hole, row in _moves(rows, self.n)]
