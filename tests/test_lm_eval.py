@@ -2,6 +2,7 @@
 faithful with the full cache, and compression reaches both the generate and the loglikelihood path."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -281,3 +282,36 @@ def test_the_hook_never_breaks_lm_eval_and_leaves_nothing_behind_when_kvbench_is
     site = Path(hook.install_pth()).parent
     records = [r.read_text().splitlines() for r in site.glob("kvbench-*.dist-info/RECORD")]
     assert records and all(f"{hook.PTH},," in lines for lines in records)
+
+
+def _lm_eval_run(launcher: list[str], out: Path) -> tuple[dict, dict[str, list], str]:
+    """`lm_eval` under `launcher`: (results of rank 0, each task's samples in document order, stderr)."""
+    meta = {"words": 300, "documents": 4}  # short prose documents: kvbench_ppl's loglikelihood_rolling path
+    done = subprocess.run([*launcher, "-m", "lm_eval", "--model", "kvbench-hf", "--model_args",
+                           "pretrained=smollm2-135m,method=snapkv,budget=128", "--tasks", "kvbench_needle,kvbench_ppl",
+                           "--limit", "4", "--device", "cpu", "--metadata", json.dumps(meta), "--log_samples",
+                           "--output_path", str(out)], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(next(out.rglob("results_*.json")).read_text())["results"]
+    samples = {}
+    for task in ("kvbench_needle", "kvbench_ppl"):
+        lines = next(out.rglob(f"samples_{task}_*.jsonl")).read_text().splitlines()
+        samples[task] = sorted([s["doc_id"], s["filtered_resps"]] for s in map(json.loads, lines))
+    return results, samples, done.stderr
+
+
+def test_torchrun_ranks_share_the_documents_and_report_the_single_process_scores(tmp_path):
+    """`torchrun --nproc_per_node 2 -m lm_eval --model kvbench-hf` on CPU (two gloo ranks): each rank runs half of
+    each task's requests, and rank 0 reports the scores and per-document answers of one process."""
+    one, one_samples, _ = _lm_eval_run([sys.executable], tmp_path / "one")
+    two, two_samples, log = _lm_eval_run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                          "--nproc_per_node", "2"], tmp_path / "two")
+    assert two_samples == one_samples and len(one_samples["kvbench_needle"]) == 4
+    assert 0 < one["kvbench_needle"]["exact_match,first-number"] < 1  # answers that differ from document to document
+    for task in ("kvbench_needle", "kvbench_ppl"):  # the same per-document values, pooled in another order
+        assert two[task].keys() == one[task].keys()
+        numbers = {k: v for k, v in one[task].items() if isinstance(v, float)}
+        assert numbers and {k: two[task][k] for k in numbers} == pytest.approx(numbers, rel=1e-12)
+    ran = re.findall(r"rank (\d) of 2 ran (\d+) (\w+) requests", log)
+    assert sorted(ran) == [("0", "2", "generate_until"), ("0", "2", "loglikelihood_rolling"),
+                           ("1", "2", "generate_until"), ("1", "2", "loglikelihood_rolling")]

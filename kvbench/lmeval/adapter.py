@@ -9,6 +9,9 @@ Scoring requests longer than the model's window are scored as they are, position
 `hf` model would cut the context instead): that is what the kvbench_rope window probes measure.
 
     lm_eval --model kvbench-hf --model_args pretrained=smollm2-135m,method=h2o,budget=256 --tasks kvbench_needle
+
+Under `torchrun --nproc_per_node N -m lm_eval ...` (or `accelerate launch -m lm_eval ...`) each process evaluates
+its share of the documents and rank 0 reports the scores one process gives (kvbench/lmeval/ranks.py).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
+from kvbench.lmeval.ranks import Ranks
 from kvbench.runtime import models
 from kvbench.runtime.batch import generate_batch
 from kvbench.runtime.chat import converse, merge_turns
@@ -33,7 +37,7 @@ from kvbench.runtime.runspec import RunSpec
 from kvbench.runtime.session import RunResult, Session
 from kvbench.tasks import TaskSettingsError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("lm_eval.models.kvbench_hf")  # in lm-eval's tree: its --verbosity shows these lines
 
 
 @dataclass
@@ -83,9 +87,16 @@ class KVBenchLM(TemplateLM):
         if not chunk.isdigit() or int(chunk) < 1:
             raise ValueError(f"prefill_chunk={prefill_chunk!r}: use a whole number of tokens >= 1")
         run = RunSpec.build(method or self.default_method, budget, policy_args, positions, query)
+        ranks = Ranks.from_launcher(device)
+        if ranks.world_size > 1 and device_map is not None:
+            raise ValueError(f"device_map={device_map!r} with {ranks.world_size} processes: each would spread its "
+                             "model over every device; drop device_map (device=cuda gives each rank its own GPU)")
+        device = ranks.device(device)
         lm, tokenizer = models.load(str(pretrained), device=device, dtype=dtype, device_map=device_map)
         self._setup(Engine(lm, tokenizer, prefill_chunk=int(chunk)), run)
         self.batch_size = int(batch)
+        self.ranks, self._rank, self._world_size = ranks, ranks.rank, ranks.world_size
+        self._device = torch.device(device) if device_map is None else None
 
     @classmethod
     def from_engine(cls, engine: Engine, run: RunSpec, progress: bool = True) -> KVBenchLM:
@@ -104,6 +115,17 @@ class KVBenchLM(TemplateLM):
         self._chat_applied = False
         self.progress = progress
         self.batch_size = 1
+        self.ranks = Ranks()
+
+    # lm-eval's evaluator splits the documents over the ranks and gathers their metrics through these
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.ranks.all_gather(tensor)
+
+    def gather_object(self, obj: Any, dst: int = 0) -> list[Any] | None:
+        return self.ranks.gather_object(obj, dst)
+
+    def barrier(self) -> None:
+        self.ranks.barrier()
 
     @property
     def eot_token_id(self) -> int:
@@ -288,6 +310,9 @@ class KVBenchLM(TemplateLM):
         self._last: list[RunResult] = []
         out = evaluate()
         self.measured += [Measured(req.task_name, req.doc_id, r) for req, r in zip(requests, self._last, strict=True)]
+        if self.ranks.world_size > 1 and requests:
+            log.info("rank %d of %d ran %d %s requests", self.ranks.rank, self.ranks.world_size, len(requests),
+                     requests[0].request_type)
         return out
 
 
