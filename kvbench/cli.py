@@ -100,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="finished-cell store (default: the kvbench cache dir, ~/.cache/kvbench/cells)")
     lb.add_argument("--check", type=Path, default=None,
                     help="committed results.json: exit 1 if a deterministic column of any cell run differs")
+    lb.add_argument("--executor", choices=("local", "ray"), default="local",
+                    help="where cells run: here, one after another, or as Ray tasks (pip install 'kvbench[ray]')")
+    lb.add_argument("--address", default=None,
+                    help="with --executor ray: a running Ray cluster to join ('auto', ray://HOST:10001); without it "
+                         "a local Ray starts")
+    lb.add_argument("--workers", type=int, default=None,
+                    help="with --executor ray and no --address: cells at once (default: the CPUs / --threads)")
+    lb.add_argument("--threads", type=int, default=1, help="with --executor ray: torch threads (Ray CPUs) per cell")
     lb.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
 
     sub.add_parser("methods", help="list the registered methods and their parameters")
@@ -161,6 +169,7 @@ def _leaderboard(args: argparse.Namespace) -> int:
     from kvbench.evaluation import sweep
     from kvbench.evaluation.records import check_outputs
 
+    ray = _ray_options(args)
     plan = sweep.load(args.config, args.slice, args.dtype)
     cells = args.cells or models.cache_dir() / "cells"
     if args.check is not None and (args.out / "results.json").resolve() == args.check.resolve():
@@ -169,10 +178,19 @@ def _leaderboard(args: argparse.Namespace) -> int:
     check_outputs(args.out, ["LEADERBOARD.md", "results.json"], overwrite=True)  # the sweep's job is to replace them
     check_outputs(args.plots, [], flag="--plots")
     check_outputs(cells, [], flag="--cells")
-    outcome = sweep.run_sweep(plan, args.out, cells, args.plots, args.check, progress=not args.no_progress)
+    try:
+        outcome = sweep.run_sweep(plan, args.out, cells, args.plots, args.check, progress=not args.no_progress,
+                                  ray=ray)
+    except sweep.CellsFailed as err:
+        print(f"kvbench: error: {err}", file=sys.stderr)
+        return 1
     print((args.out / "LEADERBOARD.md").read_text())
     print(f"wrote {args.out / 'LEADERBOARD.md'} and {args.out / 'results.json'}: {len(outcome.ran)} cells run, "
           f"{len(outcome.cached)} from {cells}")
+    if outcome.model_loads:
+        each = ", ".join(f"{worker} {outcome.worker_cells.get(worker, 0)} cells / {loads} model loads"
+                         for worker, loads in sorted(outcome.model_loads.items()))
+        print(f"ray: {len(outcome.model_loads)} workers: {each}")
     if args.check is None:
         return 0
     if outcome.mismatches:
@@ -180,6 +198,27 @@ def _leaderboard(args: argparse.Namespace) -> int:
         return 1
     print(f"check: the deterministic columns of all {len(outcome.ran) + len(outcome.cached)} cells match {args.check}")
     return 0
+
+
+def _ray_options(args: argparse.Namespace):
+    """--executor ray's settings, checked; None for the local executor (which takes none of them)."""
+    from kvbench.evaluation.ray_cells import RayOptions, check_available
+
+    given = [flag for flag, value in (("--address", args.address), ("--workers", args.workers)) if value is not None]
+    if args.threads != 1:
+        given.append("--threads")
+    if args.executor == "local":
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply with --executor ray")
+        return None
+    if args.threads < 1 or (args.workers is not None and args.workers < 1):
+        raise ValueError(f"--workers {args.workers} --threads {args.threads}: each must be a whole number >= 1")
+    if args.address is not None and args.workers is not None:
+        raise ValueError("--workers sizes a local Ray; a cluster joined with --address runs as many cells as its CPUs "
+                         "allow (--threads each)")
+    check_available()
+    workers = args.workers or max(1, (os.cpu_count() or 1) // args.threads)
+    return RayOptions(address=args.address, workers=workers, threads=args.threads)
 
 
 def _methods() -> int:

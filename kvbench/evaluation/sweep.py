@@ -27,15 +27,17 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from kvbench.evaluation import results
+from kvbench.evaluation import ray_cells, results
 from kvbench.evaluation.cells import LEASE_S, CellStore, cell_key
-from kvbench.evaluation.compare import CompareSpec, Runner, describe, method_params, plan
+from kvbench.evaluation.compare import Cell, CompareSpec, Runner, describe, method_params, plan
 from kvbench.evaluation.leaderboard import markdown
+from kvbench.evaluation.ray_cells import RayOptions
 from kvbench.evaluation.records import cpu_model, source_hash
 from kvbench.files import write_with_derived
 from kvbench.lmeval.tasks import check_metadata
 from kvbench.policy import Budget
 from kvbench.runtime import models
+from kvbench.runtime.runspec import RunSpec
 from kvbench.runtime.session import check_positions
 
 SWEEP_KEYS = {"model", "device", "dtype", "prefill_chunk", "limit", "tasks", "task_metadata", "rows", "slices"}
@@ -178,10 +180,16 @@ class Outcome:
     ran: list[str]  # cell keys run now
     cached: list[str]  # cell keys taken from the cell store
     mismatches: list[str] = field(default_factory=list)
+    model_loads: dict[str, int] = field(default_factory=dict)  # on Ray: worker (host:pid) -> models it loaded
+    worker_cells: dict[str, int] = field(default_factory=dict)  # on Ray: worker (host:pid) -> cells it computed
 
 
 def run_sweep(sweep: Sweep, out_dir: Path, cells_dir: Path, plots_dir: Path | None = None,
-        check: Path | None = None, progress: bool = True) -> Outcome:
+        check: Path | None = None, progress: bool = True, ray: RayOptions | None = None) -> Outcome:
+    """Every cell of `sweep` from the store or computed (here, or on Ray with `ray`), then the leaderboard. A cell
+    that fails on Ray leaves the others stored and the leaderboard unwritten (`CellsFailed`)."""
+    if ray is not None:
+        ray_cells.check_available()
     committed = _committed(check) if check else None  # read (and fail) before hours of work
     commit = _commit()  # the code the cells are computed with, not what is checked out when they finish
     plan_rows = [(row, run_) for row in sweep.rows for run_ in plan(row)]
@@ -204,14 +212,17 @@ def run_sweep(sweep: Sweep, out_dir: Path, cells_dir: Path, plots_dir: Path | No
             for task, key in zip(row.tasks, keys, strict=True)}
     outcome = Outcome([], [], [])
     store = CellStore(cells_dir)
-    done = {}
+    done: dict[str, Cell] = {}
+    failed: dict[str, str] = {}
     waited: set[str] = set()
     bar = tqdm(total=len(todo), disable=not progress, desc="leaderboard", unit="cell")
     try:
-        while len(done) < len(todo):
+        if ray is not None:
+            _on_ray(runner.spec, todo, configs, store, ray, Progress(bar, done, failed, outcome))
+        while len(done) + len(failed) < len(todo):
             waiting = False
             for key, (run_, task) in todo.items():
-                if key in done:
+                if key in done or key in failed:
                     continue
                 bar.set_postfix_str(f"{describe(run_)} {task}")
                 stored = store.get(key)
@@ -241,6 +252,9 @@ def run_sweep(sweep: Sweep, out_dir: Path, cells_dir: Path, plots_dir: Path | No
     finally:
         store.release_all()  # Ctrl-C or an error: no claim outlives this process
         bar.close()
+    if failed:
+        raise CellsFailed(failed, {key: f"{describe(run_)} {task}" for key, (run_, task) in todo.items()},
+                          len(outcome.ran) + len(outcome.cached))
     for (row, run_), keys in zip(plan_rows, row_keys, strict=True):
         cells = [done[key] for key in keys]
         outcome.records.append(runner.record(run_, cells, set(method_params(row, run_.method))))
@@ -255,6 +269,59 @@ def run_sweep(sweep: Sweep, out_dir: Path, cells_dir: Path, plots_dir: Path | No
     write_with_derived(out_dir / "results.json", results.dumps("leaderboard", header, outcome.records),
                        {out_dir / "LEADERBOARD.md": _markdown(header, outcome.records, plots)})
     return outcome
+
+
+@dataclass
+class Progress:
+    """What the sweep has so far, shown on its one bar as done / running / cached / failed."""
+
+    bar: Any
+    done: dict[str, Cell]
+    failed: dict[str, str]
+    outcome: Outcome
+
+    def show(self, running: str) -> None:
+        self.bar.set_postfix_str(f"{len(self.outcome.ran)} run, {running}, {len(self.outcome.cached)} cached, "
+                                 f"{len(self.failed)} failed")
+
+
+def _on_ray(spec: CompareSpec, todo: dict[str, tuple[RunSpec, str]], configs: dict[str, dict[str, Any]],
+            store: CellStore, options: RayOptions, progress: Progress) -> None:
+    """The cells neither stored nor claimed by another sweep, computed on Ray: each claimed first (so a sweep
+    sharing the store leaves it alone), stored as it arrives, released when it fails."""
+    mine = {}
+    for key, item in todo.items():
+        stored = store.get(key)
+        if stored is not None:
+            progress.done[key] = stored
+            progress.outcome.cached.append(key)
+            progress.bar.update()
+        elif store.claim(key):
+            mine[key] = item
+
+    def arrived(key: str, cell: Cell | None, running: str) -> None:
+        if cell is not None:
+            store.put(configs[key], cell)
+            progress.done[key] = cell
+            progress.outcome.ran.append(key)
+        store.release(key)
+        progress.bar.update()
+        progress.show(running)
+
+    if mine:
+        got = ray_cells.run_cells(spec, mine, options, spec.device, arrived)
+        progress.failed.update(got.failed)
+        progress.outcome.model_loads, progress.outcome.worker_cells = dict(got.loads), dict(got.cells)
+
+
+class CellsFailed(RuntimeError):
+    """Cells that failed on every try: the others are stored (a rerun computes only these), no leaderboard."""
+
+    def __init__(self, failed: dict[str, str], names: dict[str, str], finished: int) -> None:
+        lines = [f"{names[key]}: {error}" for key, error in failed.items()]
+        super().__init__(f"{len(failed)} cell(s) failed after {1 + ray_cells.RETRIES} tries; {finished} others are in "
+                         "the cell store (a rerun computes only the failed ones) and no leaderboard was written:\n  "
+                         + "\n  ".join(lines))
 
 
 def _commit() -> str:

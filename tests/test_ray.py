@@ -1,0 +1,105 @@
+"""`kvbench leaderboard --executor ray` on a local Ray: the local executor's cells, a worker killed mid-cell replaced
+and its cell run again, a model loaded once per worker, a rerun from the store, refusals. A tiny random Llama: the
+mechanics of distribution, never a reported result."""
+
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from kvbench.cli import main
+from kvbench.evaluation import sweep
+from kvbench.evaluation.ray_cells import RayOptions
+
+SWEEP = """
+model = "{model}"
+tasks = ["needle-1k", "kvbench_ruler_niah_single_1"]
+limit = 2
+[task_metadata.kvbench_ruler_niah_single_1]
+context_lengths = [512]
+[[rows]]
+methods = ["full", "h2o"]
+budgets = [64]
+"""
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory) -> Path:
+    import tiny
+    from kvbench.runtime import models
+
+    root = tmp_path_factory.mktemp("ray")
+    tiny.build("llama", "sdpa", seed=0).save_pretrained(root / "model")
+    models.load_tokenizer().save_pretrained(root / "model")
+    path = root / "sweep.toml"
+    path.write_text(SWEEP.format(model=root / "model"))
+    return path
+
+
+def _kill_first_cell(killed: list[int], stop: threading.Event) -> None:
+    """SIGKILL the first Ray worker seen computing a cell (its process title is `ray::_cell` while it does)."""
+    while not stop.is_set() and not killed:
+        for proc in psutil.process_iter(["cmdline"]):
+            if (proc.info["cmdline"] or [""])[0].startswith("ray::_cell"):
+                os.kill(proc.pid, signal.SIGKILL)
+                killed.append(proc.pid)
+                return
+        time.sleep(0.02)
+
+
+def _predictions(out: Path) -> list[list[str]]:
+    return [[s["prediction"] for s in r["samples"]] for r in json.loads((out / "results.json").read_text())["records"]]
+
+
+def test_ray_gives_the_local_cells_survives_a_killed_worker_and_a_rerun_takes_every_cell_from_the_store(config):
+    root = config.parent
+    local = sweep.run_sweep(sweep.load(config), root / "local", root / "cells-local", None, progress=False)
+    assert len(local.ran) == 4 and local.model_loads == {}
+
+    killed: list[int] = []
+    stop = threading.Event()
+    killer = threading.Thread(target=_kill_first_cell, args=(killed, stop), daemon=True)
+    killer.start()
+    try:
+        ray = sweep.run_sweep(sweep.load(config), root / "ray", root / "cells-ray", None,
+                              check=root / "local" / "results.json", progress=False, ray=RayOptions(workers=2))
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, "a worker must be killed while it computes a cell"
+    assert len(ray.ran) == 4 and ray.mismatches == []  # every deterministic column: the local executor's
+    assert _predictions(root / "ray") == _predictions(root / "local")
+    workers = ray.model_loads
+    assert f"{socket.gethostname()}:{killed[0]}" not in ray.worker_cells  # its cell was finished by another worker
+    assert len(workers) >= 2 and set(workers.values()) == {1}  # each worker loaded the model once ...
+    assert sum(ray.worker_cells.values()) == 4 and max(ray.worker_cells.values()) >= 2  # ... for all its cells
+
+    again = sweep.run_sweep(sweep.load(config), root / "ray", root / "cells-ray", None, progress=False,
+                            ray=RayOptions(workers=2))
+    assert again.ran == [] and sorted(again.cached) == sorted(ray.ran) and again.model_loads == {}
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--workers", "2"], "--workers only apply with --executor ray"),
+    (["--executor", "ray", "--threads", "0"], "each must be a whole number >= 1"),
+    (["--executor", "ray", "--address", "auto", "--workers", "2"], "--workers sizes a local Ray"),
+])
+def test_executor_flags_are_checked_before_anything_runs(config, capsys, args, message):
+    assert main(["leaderboard", "--config", str(config), "--out", str(config.parent / "never"), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (config.parent / "never").exists()
+
+
+def test_executor_ray_without_ray_names_the_extra_to_install(config, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    out = config.parent / "no-ray"
+    assert main(["leaderboard", "--config", str(config), "--out", str(out), "--executor", "ray"]) == 2
+    assert "pip install 'kvbench[ray]'" in capsys.readouterr().err
+    assert not (out / "results.json").exists()
