@@ -14,9 +14,11 @@ from pathlib import Path
 import psutil
 import pytest
 
+from kvbench import policy
 from kvbench.cli import main
 from kvbench.evaluation import sweep
-from kvbench.evaluation.ray_cells import RayOptions
+from kvbench.evaluation.ray_cells import RETRIES, RayOptions
+from kvbench.methods.streamingllm import StreamingLLM
 
 SWEEP = """
 model = "{model}"
@@ -103,3 +105,30 @@ def test_executor_ray_without_ray_names_the_extra_to_install(config, capsys, mon
     assert main(["leaderboard", "--config", str(config), "--out", str(out), "--executor", "ray"]) == 2
     assert "pip install 'kvbench[ray]'" in capsys.readouterr().err
     assert not (out / "results.json").exists()
+
+
+class Failing(StreamingLLM):
+    """StreamingLLM whose every decision raises: a method with a bug, found hours into a sweep."""
+
+    name = "failing"
+
+    def step(self, view):
+        raise RuntimeError("this method fails at its first decision")
+
+
+def test_a_failing_cell_is_retried_then_reported_while_the_others_are_stored(config, monkeypatch):
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
+    monkeypatch.setitem(policy._REGISTRY, "failing", Failing)
+    root = config.parent / "failing"
+    root.mkdir()
+    path = root / "sweep.toml"
+    path.write_text(config.read_text().replace('methods = ["full", "h2o"]', 'methods = ["full", "failing"]'))
+    with pytest.raises(sweep.CellsFailed) as failed:
+        sweep.run_sweep(sweep.load(path), root / "out", root / "cells", None, progress=False, ray=RayOptions(workers=2))
+    report = str(failed.value)
+    assert f"2 cell(s) failed after {1 + RETRIES} tries; 2 others are in the cell store" in report
+    assert report.count("RuntimeError: this method fails at its first decision") == 2
+    assert report.count("failing 64 original in-prompt") == 2
+    assert len(list((root / "cells").glob("*.json"))) == 2 and not (root / "out" / "results.json").exists()

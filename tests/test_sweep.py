@@ -14,7 +14,7 @@ import pytest
 
 from conftest import assert_valid_results
 from kvbench.evaluation import cells as cellstore
-from kvbench.evaluation import leaderboard, sweep
+from kvbench.evaluation import check, leaderboard, sweep
 from kvbench.evaluation.cells import CellStore, cell_key, read_cell, sample_fields
 from kvbench.evaluation.compare import Cell, plan
 
@@ -67,6 +67,15 @@ def write(tmp_path: Path, text: str) -> Path:
      "is not one of kvbench's lm-eval tasks"),
     ('tasks = ["needle-1k"]\n[task_metadata.needle-1k]\ndepth = [0.5]\n[[rows]]\nmethods = ["full"]',
      "unknown setting depth; needle-1k takes: context_lengths, depths, seed, varied_context_lengths"),
+    ('model = "a"\nmodels = ["b"]\ntasks = ["needle-1k"]\n[[rows]]\nmethods = ["full"]', "model \\(one\\) or models"),
+    ('models = []\ntasks = ["needle-1k"]\n[[rows]]\nmethods = ["full"]', "models = \\[\\] is not a non-empty list"),
+    ('models = ["a", "a"]\ntasks = ["needle-1k"]\n[[rows]]\nmethods = ["full"]', "models lists a more than once"),
+    ('models = [{ name = "a", dtyp = "bfloat16" }]\ntasks = ["needle-1k"]\n[[rows]]\nmethods = ["full"]',
+     "unknown key dtyp; allowed: dtype, name"),
+    ('models = [{ name = "a", dtype = "fp7" }]\ntasks = ["needle-1k"]\n[[rows]]\nmethods = ["full"]',
+     "dtype 'fp7' is not one of"),
+    ('models = ["a"]\ntasks = ["needle-1k"]\n[slices.one]\nmodels = ["b"]\n[[rows]]\nmethods = ["full"]',
+     "names models not in the sweep: b"),
 ])
 def test_bad_sweep_files_are_refused_before_anything_runs(tmp_path, text, message):
     with pytest.raises(ValueError, match=message):
@@ -106,7 +115,7 @@ def test_check_names_the_file_and_the_flag_of_a_corrupt_results_file(tmp_path):
     broken = tmp_path / "results.json"
     broken.write_text('{"schema_version": 1, "records": [')
     with pytest.raises(ValueError, match=f"--check {broken}: not a readable results.json"):
-        sweep._committed(broken)
+        check.committed(broken)
 
 
 def test_the_committed_sweep_and_its_ci_slice_are_valid():
@@ -120,23 +129,26 @@ def test_the_committed_sweep_and_its_ci_slice_are_valid():
 def test_check_reports_every_moved_deterministic_column_beyond_cross_host_rounding():
     sample = {"task": "t", "kv_compression": 0.5, "active_kv_bytes": 100, "peak_kv_bytes": 200, "frozen_kv_bytes": 0}
     record = {"method": "h2o", "variant": "", "budget": {"tokens": 64}, "positions": "original", "query": "in-prompt",
-              "metrics": {"accuracy": {"t": 0.5}}, "samples": [sample]}
-    assert sweep.compare_deterministic([record], [record]) == []
+              "config": {"model": "m"}, "metrics": {"accuracy": {"t": 0.5}}, "samples": [sample]}
+    assert check.compare_deterministic([record], [record]) == []
     moved = json.loads(json.dumps(record))
     moved["samples"][0]["peak_kv_bytes"] = 208
     moved["metrics"]["accuracy"]["t"] = 0.75
-    problems = sweep.compare_deterministic([moved], [record])
+    problems = check.compare_deterministic([moved], [record])
     assert len(problems) == 2 and any("peak_kv_bytes" in p for p in problems) and any("score" in p for p in problems)
     big = json.loads(json.dumps(record))
     big["samples"][0]["active_kv_bytes"] = 31645696
     flipped = json.loads(json.dumps(big))
     flipped["samples"][0]["active_kv_bytes"] = 31645440  # one token-layer flipped on another CPU: tolerated
-    assert sweep.compare_deterministic([flipped], [big]) == []
+    assert check.compare_deterministic([flipped], [big]) == []
     flipped["samples"][0]["active_kv_bytes"] = 31645696 * 0.999  # 0.1%: a real change
-    assert len(sweep.compare_deterministic([flipped], [big])) == 1
+    assert len(check.compare_deterministic([flipped], [big])) == 1
     other = {**record, "budget": {"tokens": 128}}
-    missing = sweep.compare_deterministic([other], [record])
-    assert missing == ["h2o | 128 | original / t: not in the committed leaderboard"]
+    missing = check.compare_deterministic([other], [record])
+    assert missing == ["m | h2o | 128 | original / t: not in the committed leaderboard"]
+    elsewhere = {**record, "config": {"model": "another model"}}  # the same row of another model is another row
+    assert check.compare_deterministic([elsewhere], [record]) == [
+        "another model | h2o | 64 | original / t: not in the committed leaderboard"]
 
 
 @pytest.mark.model
@@ -418,7 +430,7 @@ def test_check_refuses_a_reference_without_samples_before_any_work(tmp_path):
     reference = tmp_path / "results.json"
     reference.write_text(results.dumps("leaderboard", {}, [record]))
     with pytest.raises(ValueError, match=f"--check {reference}: its records do not hold what the check compares"):
-        sweep._committed(reference)
+        check.committed(reference)
 
 
 @pytest.mark.model
@@ -435,3 +447,41 @@ def test_sigterm_stops_a_sweep_as_ctrl_c_does_and_releases_its_claims(tmp_path):
     assert proc.returncode == 143
     assert "kvbench: terminated; the finished cells are in the cell store" in err and "Traceback" not in err
     assert not list(cells.glob("*.claim")) and not out.exists()
+
+
+@pytest.mark.model
+def test_a_sweep_of_several_models_keys_each_cell_by_its_model_and_shows_a_table_per_model(tmp_path):
+    """Two models (tiny random Llamas with other weights, the second in bfloat16: mechanics, never reported): a table
+    per model, each row with its own model's full cache; a one-model sweep's cells are reused by the two-model one;
+    a slice may keep one model."""
+    import tiny
+    from kvbench.runtime import models
+
+    for seed, name in ((0, "one"), (1, "two")):
+        tiny.build("llama", "sdpa", seed=seed).save_pretrained(tmp_path / name)
+        models.load_tokenizer().save_pretrained(tmp_path / name)
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    rows = 'tasks = ["needle-1k"]\nlimit = 1\n[[rows]]\nmethods = ["full", "streamingllm"]\nbudgets = [64]\n'
+    cells = tmp_path / "cells"
+    single = sweep.run_sweep(sweep.load(write(tmp_path, f'model = "{one}"\n{rows}')), tmp_path / "a", cells, None,
+                             progress=False)
+    config = write(tmp_path, f'models = ["{one}", {{ name = "{two}", dtype = "bfloat16" }}]\n{rows}'
+                             f'[slices.first]\nmodels = ["{one}"]\n')
+    both = sweep.run_sweep(sweep.load(config), tmp_path / "b", cells, tmp_path / "b" / "plots", progress=False)
+    assert sorted(both.cached) == sorted(single.ran) and len(both.ran) == 2  # the second model's two cells
+    assert [(r["config"]["model"], r["config"]["dtype"], r["method"]) for r in both.records] == [
+        (one, "float32", "full"), (one, "float32", "streamingllm"),
+        (two, "bfloat16", "full"), (two, "bfloat16", "streamingllm")]
+    results = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert_valid_results(results)
+    assert [m["model"] for m in results["run"]["models"]] == [one, two] and "model" not in results["run"]
+    assert len({m["model_sha256"] for m in results["run"]["models"]}) == 2
+    board = (tmp_path / "b" / "LEADERBOARD.md").read_text()
+    assert board.index(f"## {one}") < board.index(f"## {two}")
+    mine, theirs = board.split(f"## {two}")
+    assert mine.count("| streamingllm") == theirs.count("| streamingllm") == 1
+    assert (tmp_path / "b" / "plots" / "one").is_dir() and (tmp_path / "b" / "plots" / "two").is_dir()
+
+    first = sweep.run_sweep(sweep.load(config, "first"), tmp_path / "c", cells, None, progress=False)
+    assert first.ran == [] and {r["config"]["model"] for r in first.records} == {one}
+    assert json.loads((tmp_path / "c" / "results.json").read_text())["run"]["model"] == one

@@ -3,7 +3,7 @@
 The driver plans the cells, takes finished ones from the cell store and claims the rest (kvbench/evaluation/sweep.py);
 this module hands those to Ray and stores each cell as it arrives. Ray does the scheduling: a cell is a task asking for
 `threads` CPUs (and one GPU on CUDA); the worker process that runs it keeps the model it loaded for its next cell
-(`_RUNNERS`), so a model is loaded once per worker, not per cell; a worker that dies mid-cell is replaced and the cell
+(`_LOADED`), so a model is loaded once per worker, not per cell; a worker that dies mid-cell is replaced and the cell
 runs again (`RETRIES`); a cell that raises is tried again, then reported with its error while the others go on.
 `--address` joins a running cluster (`ray start` on its nodes); without it a local Ray starts with `workers` slots.
 """
@@ -23,7 +23,7 @@ from kvbench.runtime.runspec import RunSpec
 
 RETRIES = 2  # further tries of a cell whose worker died or which raised
 
-_RUNNERS: dict[str, Runner] = {}  # per worker process: the loaded model of each sweep spec it has run cells for
+_LOADED: dict[str, Any] = {"key": None, "runner": None, "loads": 0}  # per worker process: the model it holds
 
 
 @dataclass(frozen=True)
@@ -55,30 +55,41 @@ def check_available() -> None:
 
 
 def _cell(spec: CompareSpec, run: RunSpec, task: str, threads: int) -> tuple[Cell, str, int]:
-    """One cell on a Ray worker: (the cell, the worker, models this worker has loaded so far)."""
+    """One cell on a Ray worker: (the cell, the worker, models this worker has loaded so far). A worker holds one
+    model: a cell of another model (a sweep of several) releases it before loading its own, so two large models
+    never share a worker's memory; the driver submits cells model by model, so a worker switches rarely."""
+    import gc
+
     import torch
 
     torch.set_num_threads(threads)
     key = json.dumps(asdict(spec), sort_keys=True, default=str)
-    if key not in _RUNNERS:
-        _RUNNERS[key] = Runner(spec)
-    return _RUNNERS[key].cell(run, task), f"{socket.gethostname()}:{os.getpid()}", len(_RUNNERS)
+    if _LOADED["key"] != key:
+        _LOADED.update(key=None, runner=None)
+        gc.collect()
+        _LOADED.update(key=key, runner=Runner(spec), loads=_LOADED["loads"] + 1)
+    return _LOADED["runner"].cell(run, task), f"{socket.gethostname()}:{os.getpid()}", _LOADED["loads"]
 
 
-def run_cells(spec: CompareSpec, cells: dict[str, tuple[RunSpec, str]], options: RayOptions, device: str,
+def run_cells(cells: dict[str, tuple[CompareSpec, RunSpec, str]], options: RayOptions,
               arrived: Callable[[str, Cell | None, str], None]) -> RayOutcome:
-    """Run `cells` (key -> (run, task)) on Ray; `arrived(key, cell, status)` as each finishes (cell None when it
-    failed), where the caller stores it and moves its progress bar."""
+    """Run `cells` (key -> (the sweep's spec for its model, run, task)) on Ray; `arrived(key, cell, status)` as each
+    finishes (cell None when it failed), where the caller stores it and moves its progress bar."""
     ray = _ray()
+    device = next(iter(cells.values()))[0].device
     started = not ray.is_initialized()
     if started:
         local: dict[str, Any] = {} if options.address else {"num_cpus": options.workers * options.threads}
-        ray.init(address=options.address, include_dashboard=False, log_to_driver=False, **local)
+        try:
+            ray.init(address=options.address, include_dashboard=False, log_to_driver=False, **local)
+        except (ConnectionError, RuntimeError) as err:
+            raise ValueError(f"--address {options.address}: cannot join a Ray cluster there ({err}); start one with "
+                             "`ray start --head` or leave --address out for a local Ray") from None
     outcome = RayOutcome()
     try:
         task = ray.remote(_cell).options(num_cpus=options.threads, num_gpus=1 if device.startswith("cuda") else 0,
                                          max_retries=RETRIES, retry_exceptions=True)
-        pending = {task.remote(spec, run, name, options.threads): key for key, (run, name) in cells.items()}
+        pending = {task.remote(spec, run, name, options.threads): key for key, (spec, run, name) in cells.items()}
         slots = int(ray.cluster_resources().get("GPU" if device.startswith("cuda") else "CPU", 1)
                     // (1 if device.startswith("cuda") else options.threads))
 

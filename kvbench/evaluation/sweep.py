@@ -1,27 +1,26 @@
-"""`kvbench leaderboard`: the published sweep (methods × budgets × position modes × tasks), resumable.
+"""`kvbench leaderboard`: the published sweep (models × methods × budgets × position modes × tasks), resumable.
 
-A sweep is a TOML file (leaderboard/sweep.toml). Each (policy, position mode, task) is a *cell*; a
+A sweep is a TOML file (leaderboard/sweep.toml): one `model` or several `models`, each loaded once, with a table
+per model in the leaderboard. Each (model, policy, position mode, task) is a *cell*; a
 finished cell is stored under the hash of everything that determines its results, by content (`Runner.cell_config`:
 the model's weights, policy config, task and its metadata, limit, prefill chunk, the library releases that change
 numbers and the kvbench source), so an interrupted sweep resumes where it stopped and any change reruns what it
 touches; two sweeps sharing a store never compute the same cell (`cells.py`). LEADERBOARD.md and results.json
 are written only once every cell is done, each to a temporary file then renamed.
 
-`--check FILE` compares the deterministic columns (task scores, KV compression, KV bytes) of every
-cell run against a committed results.json, within `CHECK_TOLERANCE` (cross-CPU rounding); timings are
-shown, never compared.
+`--check FILE` compares the deterministic columns of every cell run against a committed results.json (check.py).
+Cells run here one after another, or as Ray tasks (`--executor ray`, ray_cells.py).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
 import time
 import tomllib
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from tqdm.auto import tqdm
 
 from kvbench.evaluation import ray_cells, results
 from kvbench.evaluation.cells import LEASE_S, CellStore, cell_key
+from kvbench.evaluation.check import committed, compare_deterministic
 from kvbench.evaluation.compare import Cell, CompareSpec, Runner, describe, method_params, plan
 from kvbench.evaluation.leaderboard import markdown
 from kvbench.evaluation.ray_cells import RayOptions
@@ -40,18 +40,62 @@ from kvbench.runtime import models
 from kvbench.runtime.runspec import RunSpec
 from kvbench.runtime.session import check_positions
 
-SWEEP_KEYS = {"model", "device", "dtype", "prefill_chunk", "limit", "tasks", "task_metadata", "rows", "slices"}
+SWEEP_KEYS = {"model", "models", "device", "dtype", "prefill_chunk", "limit", "tasks", "task_metadata", "rows",
+              "slices"}
 ROW_KEYS = {"methods", "tasks", "budgets", "positions", "queries", "schedules", "method_args"}
-SLICE_KEYS = {"methods", "tasks", "budgets"}
+SLICE_KEYS = {"models", "methods", "tasks", "budgets"}
+MODEL_KEYS = {"name", "dtype"}
 
 
 @dataclass
 class Sweep:
-    spec: CompareSpec  # shared settings: model, tasks, their metadata, limit, chunk
-    rows: list[CompareSpec]  # each group of rows: methods × budgets × positions (× method_args sweeps) on its tasks
+    spec: CompareSpec  # shared settings: the first model, tasks, their metadata, limit, chunk
+    rows: list[CompareSpec]  # per model, each group of rows: methods × budgets × positions (× method_args) on its tasks
     source: str = ""
     slice: str | None = None
     slices: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    models: list[tuple[str, str]] = field(default_factory=list)  # (model, dtype), in the sweep file's order
+
+
+def _models(raw: dict[str, Any], path: Path, dtype: str | None) -> list[tuple[str, str]]:
+    """`model = "name"` or `models = ["a", { name = "b", dtype = "bfloat16" }]`: (model, dtype) pairs; `dtype` (the
+    command line's) replaces every model's."""
+    if "model" in raw and "models" in raw:
+        raise ValueError(f"{path}: give model (one) or models (several), not both")
+    default = str(raw.get("dtype", "float32"))
+    if "models" not in raw:
+        return [(str(raw.get("model", models.DEFAULT_MODEL)), dtype or default)]
+    entries = raw["models"]
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{path}: models = {entries!r} is not a non-empty list of names or {{ name, dtype }} tables")
+    out = []
+    for entry in entries:
+        if isinstance(entry, dict):
+            _only(entry, MODEL_KEYS, f"{path} models entry {entry!r}")
+            if not isinstance(entry.get("name"), str):
+                raise ValueError(f"{path}: models entry {entry!r} has no name")
+            out.append((entry["name"], dtype or str(entry.get("dtype", default))))
+        elif isinstance(entry, str):
+            out.append((entry, dtype or default))
+        else:
+            raise ValueError(f"{path}: models entry {entry!r} is not a name or a {{ name, dtype }} table")
+    repeated = sorted({m for m, _ in out if sum(1 for n, _ in out if n == m) > 1})
+    if repeated:
+        raise ValueError(f"{path}: models lists {', '.join(repeated)} more than once")
+    return out
+
+
+def by_model(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The records of each model, in the order the models first appear."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        out.setdefault(r["config"]["model"], []).append(r)
+    return out
+
+
+def _slug(model: str) -> str:
+    """A folder name for a model's plots."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(model).name or model)
 
 
 def _strings(value: Any, where: str) -> list[str]:
@@ -131,11 +175,18 @@ def load(path: Path, slice_name: str | None = None, dtype: str | None = None) ->
         if task not in raw.get("tasks", []):
             raise ValueError(f"{where}: {task!r} is not among the sweep's tasks ({', '.join(raw.get('tasks', []))})")
         check_metadata(task, meta, where)
-    spec = CompareSpec(methods=[], budgets=[], tasks=tasks, model=str(raw.get("model", models.DEFAULT_MODEL)),
-                       limit=raw.get("limit"), prefill_chunk=int(raw.get("prefill_chunk", 512)),
-                       device=str(raw.get("device", "cpu")), dtype=str(dtype or raw.get("dtype", "float32")),
-                       task_metadata=raw.get("task_metadata", {}))
-    models.parse_dtype(spec.dtype)
+    chosen_models = _models(raw, path, dtype)
+    for name, sl in slices.items():
+        stray = sorted(set(sl.get("models", [])) - {m for m, _ in chosen_models})
+        if stray:
+            raise ValueError(f"{path} [slices.{name}] names models not in the sweep: {', '.join(stray)}")
+    if "models" in chosen:
+        chosen_models = [(m, d) for m, d in chosen_models if m in chosen["models"]]
+    for _, model_dtype in chosen_models:
+        models.parse_dtype(model_dtype)
+    spec = CompareSpec(methods=[], budgets=[], tasks=tasks, model=chosen_models[0][0], limit=raw.get("limit"),
+                       prefill_chunk=int(raw.get("prefill_chunk", 512)), device=str(raw.get("device", "cpu")),
+                       dtype=chosen_models[0][1], task_metadata=raw.get("task_metadata", {}))
     rows = []
     for i, group in enumerate(raw.get("rows", [])):
         where = f"{path} [[rows]] #{i + 1}"
@@ -168,7 +219,8 @@ def load(path: Path, slice_name: str | None = None, dtype: str | None = None) ->
         raise ValueError(f"{path}: no rows to run" + (f" in slice {slice_name!r}" if slice_name else ""))
     for row in rows:
         plan(row)  # validates methods, parameters, budgets and position modes before anything runs
-    return Sweep(spec, rows, str(path), slice_name, slices)
+    rows = [replace(row, model=model, dtype=model_dtype) for model, model_dtype in chosen_models for row in rows]
+    return Sweep(spec, rows, str(path), slice_name, slices, chosen_models)
 
 
 CLAIM_POLL_S = 2.0  # how often a sweep looks again at a cell another sweep is computing
@@ -190,24 +242,25 @@ def run_sweep(sweep: Sweep, out_dir: Path, cells_dir: Path, plots_dir: Path | No
     that fails on Ray leaves the others stored and the leaderboard unwritten (`CellsFailed`)."""
     if ray is not None:
         ray_cells.check_available()
-    committed = _committed(check) if check else None  # read (and fail) before hours of work
+    reference = committed(check) if check else None  # read (and fail) before hours of work
     commit = _commit()  # the code the cells are computed with, not what is checked out when they finish
     plan_rows = [(row, run_) for row in sweep.rows for run_ in plan(row)]
-    shape = models.layout(sweep.spec.model)  # a position mode the model cannot take, before its weights load
-    for _, run_ in plan_rows:
-        check_positions(shape, run_.positions, run_.policy)
-    runner = Runner(CompareSpec(**{**asdict(sweep.spec), "methods": ["full"]}))
+    for row, run_ in plan_rows:  # a position mode a model cannot take, before any weights load
+        check_positions(models.layout(row.model), run_.positions, run_.policy)
+    runners: dict[tuple[str, str], Runner] = {}
+    for model, dtype in sweep.models:
+        runners[model, dtype] = Runner(replace(sweep.spec, model=model, dtype=dtype, methods=["full"]))
     code = source_hash()
     configs = {}
     row_keys = []
     for row, run_ in plan_rows:
         row_keys.append([])
         for task in row.tasks:
-            config = runner.cell_config(run_, task)
+            config = runners[row.model, row.dtype].cell_config(run_, task)
             key = cell_key(config)
             configs[key] = config
             row_keys[-1].append(key)
-    todo = {key: (run_, task)
+    todo = {key: (runners[row.model, row.dtype], run_, task)
             for (row, run_), keys in zip(plan_rows, row_keys, strict=True)
             for task, key in zip(row.tasks, keys, strict=True)}
     outcome = Outcome([], [], [])
@@ -218,10 +271,10 @@ def run_sweep(sweep: Sweep, out_dir: Path, cells_dir: Path, plots_dir: Path | No
     bar = tqdm(total=len(todo), disable=not progress, desc="leaderboard", unit="cell")
     try:
         if ray is not None:
-            _on_ray(runner.spec, todo, configs, store, ray, Progress(bar, done, failed, outcome))
+            _on_ray(todo, configs, store, ray, Progress(bar, done, failed, outcome))
         while len(done) + len(failed) < len(todo):
             waiting = False
-            for key, (run_, task) in todo.items():
+            for key, (runner, run_, task) in todo.items():
                 if key in done or key in failed:
                     continue
                 bar.set_postfix_str(f"{describe(run_)} {task}")
@@ -253,19 +306,22 @@ def run_sweep(sweep: Sweep, out_dir: Path, cells_dir: Path, plots_dir: Path | No
         store.release_all()  # Ctrl-C or an error: no claim outlives this process
         bar.close()
     if failed:
-        raise CellsFailed(failed, {key: f"{describe(run_)} {task}" for key, (run_, task) in todo.items()},
+        raise CellsFailed(failed, {key: f"{runner.spec.model} {describe(run_)} {task}"
+                                   for key, (runner, run_, task) in todo.items()},
                           len(outcome.ran) + len(outcome.cached))
     for (row, run_), keys in zip(plan_rows, row_keys, strict=True):
         cells = [done[key] for key in keys]
-        outcome.records.append(runner.record(run_, cells, set(method_params(row, run_.method))))
+        outcome.records.append(runners[row.model, row.dtype].record(run_, cells, set(method_params(row, run_.method))))
     header = _header(sweep, code, commit, outcome, Counter(c.host for c in done.values()))
-    if committed is not None:
-        outcome.mismatches = compare_deterministic(outcome.records, committed)
-    plots = {}
+    if reference is not None:
+        outcome.mismatches = compare_deterministic(outcome.records, reference)
+    plots: dict[str, dict[str, str]] = {}
     if plots_dir is not None:
         from kvbench.evaluation.plots import draw_all
 
-        plots = {name: os.path.relpath(p, out_dir) for name, p in draw_all(outcome.records, plots_dir).items()}
+        for model, records in by_model(outcome.records).items():
+            where = plots_dir if len(sweep.models) == 1 else plots_dir / _slug(model)
+            plots[model] = {name: os.path.relpath(p, out_dir) for name, p in draw_all(records, where).items()}
     write_with_derived(out_dir / "results.json", results.dumps("leaderboard", header, outcome.records),
                        {out_dir / "LEADERBOARD.md": _markdown(header, outcome.records, plots)})
     return outcome
@@ -285,19 +341,19 @@ class Progress:
                                  f"{len(self.failed)} failed")
 
 
-def _on_ray(spec: CompareSpec, todo: dict[str, tuple[RunSpec, str]], configs: dict[str, dict[str, Any]],
-            store: CellStore, options: RayOptions, progress: Progress) -> None:
+def _on_ray(todo: dict[str, tuple[Runner, RunSpec, str]], configs: dict[str, dict[str, Any]], store: CellStore,
+            options: RayOptions, progress: Progress) -> None:
     """The cells neither stored nor claimed by another sweep, computed on Ray: each claimed first (so a sweep
     sharing the store leaves it alone), stored as it arrives, released when it fails."""
     mine = {}
-    for key, item in todo.items():
+    for key, (runner, run_, task) in todo.items():
         stored = store.get(key)
         if stored is not None:
             progress.done[key] = stored
             progress.outcome.cached.append(key)
             progress.bar.update()
         elif store.claim(key):
-            mine[key] = item
+            mine[key] = (runner.spec, run_, task)
 
     def arrived(key: str, cell: Cell | None, running: str) -> None:
         if cell is not None:
@@ -309,7 +365,7 @@ def _on_ray(spec: CompareSpec, todo: dict[str, tuple[RunSpec, str]], configs: di
         progress.show(running)
 
     if mine:
-        got = ray_cells.run_cells(spec, mine, options, spec.device, arrived)
+        got = ray_cells.run_cells(mine, options, arrived)
         progress.failed.update(got.failed)
         progress.outcome.model_loads, progress.outcome.worker_cells = dict(got.loads), dict(got.cells)
 
@@ -338,10 +394,13 @@ def _commit() -> str:
 
 
 def _header(sweep: Sweep, code: str, commit: str, outcome: Outcome, hosts: Counter[str]) -> dict[str, Any]:
-    source = models.resolve(sweep.spec.model)
-    return {"sweep": sweep.source, "slice": sweep.slice, "model": sweep.spec.model,
-            "model_file": source.gguf_file or str(source.directory),
-            "model_sha256": models.content_digest(sweep.spec.model), "commit": commit,
+    each = []
+    for model, dtype in sweep.models:
+        source = models.resolve(model)
+        each.append({"model": model, "dtype": dtype, "model_file": source.gguf_file or str(source.directory),
+                     "model_sha256": models.content_digest(model)})
+    one = {k: v for k, v in each[0].items() if k != "dtype"} if len(each) == 1 else {}
+    return {"sweep": sweep.source, "slice": sweep.slice, **one, "models": each, "commit": commit,
             "source_hash": code, "machine": cpu_model(),
             "versions": outcome.records[0]["versions"] if outcome.records else {},
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -357,11 +416,12 @@ def _timings_note(hosts: dict[str, int]) -> str:
             "shown only for a row measured on the machine of the `full` row. They are not compared.")
 
 
-def _markdown(header: dict[str, Any], records: list[dict[str, Any]], plots: dict[str, str]) -> str:
+def _markdown(header: dict[str, Any], records: list[dict[str, Any]], plots: dict[str, dict[str, str]]) -> str:
     v = header["versions"]
+    named = ", ".join(f"**{m['model']}** (`{Path(m['model_file']).name}`)" for m in header["models"])
     lines = [
         "# kvbench leaderboard", "",
-        f"Model **{header['model']}** (`{Path(header['model_file']).name}`) · commit `{header['commit']}` · "
+        f"Model{'s' if len(header['models']) > 1 else ''} {named} · commit `{header['commit']}` · "
         f"{v.get('device')} ({header['machine']}, {v.get('torch_threads')} threads) · python {v.get('python')} · "
         f"torch {v.get('torch')} · transformers {v.get('transformers')} · lm-eval {v.get('lm_eval')} · "
         f"{header['date']}",
@@ -374,68 +434,13 @@ def _markdown(header: dict[str, Any], records: list[dict[str, Any]], plots: dict
         "(task scores, KV compression, KV bytes) moves. " + _timings_note(header.get("hosts", {})),
         "",
     ]
-    body = markdown(records).split("\n", 2)[2]  # the table and its notes, without markdown()'s model line
-    lines.append(body.rstrip())
-    if plots:
-        lines += ["", "## Plots", ""] + [f"- [{name}]({path})" for name, path in plots.items()]
-    return "\n".join(lines) + "\n"
-
-
-def _committed(path: Path) -> list[dict[str, Any]]:
-    """The committed records, refused before any work when their deterministic columns cannot be read."""
-    records = results.load(path, "--check")["records"]
-    try:
-        deterministic(records)
-    except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:
-        raise ValueError(f"--check {path}: its records do not hold what the check compares (every record's samples "
-                         f"with their scores, KV compression and bytes): {type(err).__name__}: {err}") from None
-    return records
-
-
-def row_key(record: dict[str, Any]) -> str:
-    key = f"{record['method']} {record['variant']}".strip()
-    key += f" | {Budget.label(record['budget'])} | {record['positions']}"
-    return key if record["query"] == "in-prompt" else f"{key} | query={record['query']}"
-
-
-# Relative tolerances of `--check`. The same code on another CPU (other MKL kernels, other rounding) can flip
-# a knife-edge decision: on one CI host ASR-KF-EGR froze one token-layer more in one needle sample (active KV
-# 31645696 -> 31645440 bytes, 8e-6 relative). A change to a method's rule moves far more than 1e-4.
-CHECK_TOLERANCE = {"score": 1e-3, "kv_compression": 1e-4, "active_kv_bytes": 1e-4, "peak_kv_bytes": 1e-4,
-                   "frozen_kv_bytes": 1e-4}
-
-
-def deterministic(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, float]]:
-    """Per (row, task): the columns that do not depend on timing — the same on every run of the same code, up to
-    cross-CPU rounding (`CHECK_TOLERANCE`)."""
-    out = {}
-    for r in records:
-        by_task: dict[str, list[dict[str, Any]]] = {}
-        for s in r["samples"]:
-            by_task.setdefault(s["task"], []).append(s)
-        for task, samples in by_task.items():
-            out[(row_key(r), task)] = {
-                "score": r["metrics"]["accuracy"].get(task, math.nan),
-                "kv_compression": sum(s["kv_compression"] for s in samples) / len(samples),
-                "active_kv_bytes": sum(s["active_kv_bytes"] for s in samples) / len(samples),
-                "peak_kv_bytes": max(s["peak_kv_bytes"] for s in samples),
-                "frozen_kv_bytes": sum(s["frozen_kv_bytes"] for s in samples) / len(samples),
-            }
-    return out
-
-
-def compare_deterministic(records: list[dict[str, Any]], committed: list[dict[str, Any]]) -> list[str]:
-    """Every cell run now must be in the committed leaderboard with the same deterministic values."""
-    now, then = deterministic(records), deterministic(committed)
-    problems = []
-    for key, values in now.items():
-        if key not in then:
-            problems.append(f"{key[0]} / {key[1]}: not in the committed leaderboard")
-            continue
-        for column, value in values.items():
-            old = then[key][column]
-            close = math.isclose(value, old, rel_tol=CHECK_TOLERANCE[column], abs_tol=1e-12) or (
-                math.isnan(value) and math.isnan(old))
-            if not close:
-                problems.append(f"{key[0]} / {key[1]} / {column}: committed {old!r}, now {value!r}")
-    return problems
+    groups = by_model(records)
+    for model, own in groups.items():
+        if len(groups) > 1:  # a table per model (and query mode): rows compare with their own model's full cache
+            lines += [f"## {model}", "", markdown(own).split("\n", 1)[0], ""]
+        lines.append(markdown(own).split("\n", 2)[2].rstrip())  # the tables and notes, without the model line
+        if plots.get(model):
+            lines += ["", "## Plots" if len(groups) == 1 else f"### Plots ({model})", ""]
+            lines += [f"- [{name}]({path})" for name, path in plots[model].items()]
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
