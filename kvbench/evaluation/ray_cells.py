@@ -35,7 +35,6 @@ class RayOptions:
 
 @dataclass
 class RayOutcome:
-    done: dict[str, Cell] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # cell key -> its last error
     loads: Counter[str] = field(default_factory=Counter)  # worker (host:pid) -> models it loaded
     cells: Counter[str] = field(default_factory=Counter)  # worker (host:pid) -> cells it computed
@@ -76,7 +75,7 @@ def run_cells(cells: dict[str, tuple[CompareSpec, RunSpec, str]], options: RayOp
     """Run `cells` (key -> (the sweep's spec for its model, run, task)) on Ray; `arrived(key, cell, status)` as each
     finishes (cell None when it failed), where the caller stores it and moves its progress bar."""
     ray = _ray()
-    device = next(iter(cells.values()))[0].device
+    gpu = next(iter(cells.values()))[0].device.startswith("cuda")
     started = not ray.is_initialized()
     if started:
         local: dict[str, Any] = {} if options.address else {"num_cpus": options.workers * options.threads}
@@ -87,11 +86,10 @@ def run_cells(cells: dict[str, tuple[CompareSpec, RunSpec, str]], options: RayOp
                              "`ray start --head` or leave --address out for a local Ray") from None
     outcome = RayOutcome()
     try:
-        task = ray.remote(_cell).options(num_cpus=options.threads, num_gpus=1 if device.startswith("cuda") else 0,
+        task = ray.remote(_cell).options(num_cpus=options.threads, num_gpus=int(gpu),
                                          max_retries=RETRIES, retry_exceptions=True)
         pending = {task.remote(spec, run, name, options.threads): key for key, (spec, run, name) in cells.items()}
-        slots = int(ray.cluster_resources().get("GPU" if device.startswith("cuda") else "CPU", 1)
-                    // (1 if device.startswith("cuda") else options.threads))
+        slots = int(ray.cluster_resources().get("GPU" if gpu else "CPU", 1) // (1 if gpu else options.threads))
 
         def status() -> str:
             return f"{min(len(pending), slots)} running, {max(0, len(pending) - slots)} queued"
@@ -105,7 +103,6 @@ def run_cells(cells: dict[str, tuple[CompareSpec, RunSpec, str]], options: RayOp
                 outcome.failed[key] = _reason(err)
                 arrived(key, None, status())
                 continue
-            outcome.done[key] = cell
             outcome.loads[worker] = max(outcome.loads[worker], loads)
             outcome.cells[worker] += 1
             arrived(key, cell, status())
