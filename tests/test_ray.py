@@ -1,6 +1,6 @@
-"""`kvbench leaderboard --executor ray` on a local Ray: the local executor's cells, a worker killed mid-cell replaced
-and its cell run again, a model loaded once per worker, a rerun from the store, refusals. A tiny random Llama: the
-mechanics of distribution, never a reported result."""
+"""`kvbench leaderboard --executor ray` on a local Ray: the local executor's cells (needle-1k's as two shards), a
+worker killed mid-cell replaced and its cell run again, a model loaded once per worker, a rerun from the store,
+refusals. A tiny random Llama: the mechanics of distribution, never a reported result."""
 
 import json
 import os
@@ -24,6 +24,7 @@ SWEEP = """
 model = "{model}"
 tasks = ["needle-1k", "kvbench_ruler_niah_single_1"]
 limit = 2
+shards = {{ "needle-1k" = 2 }}
 [task_metadata.kvbench_ruler_niah_single_1]
 context_lengths = [512]
 [[rows]]
@@ -63,7 +64,7 @@ def _predictions(out: Path) -> list[list[str]]:
 def test_ray_gives_the_local_cells_survives_a_killed_worker_and_a_rerun_takes_every_cell_from_the_store(config):
     root = config.parent
     local = sweep.run_sweep(sweep.load(config), root / "local", root / "cells-local", None, progress=False)
-    assert len(local.ran) == 4 and local.model_loads == {}
+    assert len(local.ran) == 6 and local.model_loads == {}  # needle-1k's cells as two shards each
 
     killed: list[int] = []
     stop = threading.Event()
@@ -76,12 +77,12 @@ def test_ray_gives_the_local_cells_survives_a_killed_worker_and_a_rerun_takes_ev
         stop.set()
         killer.join()
     assert killed, "a worker must be killed while it computes a cell"
-    assert len(ray.ran) == 4 and ray.mismatches == []  # every deterministic column: the local executor's
+    assert len(ray.ran) == 6 and ray.mismatches == []  # every deterministic column: the local executor's
     assert _predictions(root / "ray") == _predictions(root / "local")
     workers = ray.model_loads
     assert f"{socket.gethostname()}:{killed[0]}" not in ray.worker_cells  # its cell was finished by another worker
     assert len(workers) >= 2 and set(workers.values()) == {1}  # each worker loaded the model once ...
-    assert sum(ray.worker_cells.values()) == 4 and max(ray.worker_cells.values()) >= 2  # ... for all its cells
+    assert sum(ray.worker_cells.values()) == 6 and max(ray.worker_cells.values()) >= 2  # ... for all its cells
 
     again = sweep.run_sweep(sweep.load(config), root / "ray", root / "cells-ray", None, progress=False,
                             ray=RayOptions(workers=2))
@@ -128,7 +129,7 @@ def test_a_failing_cell_is_retried_then_reported_while_the_others_are_stored(con
     with pytest.raises(sweep.CellsFailed) as failed:
         sweep.run_sweep(sweep.load(path), root / "out", root / "cells", None, progress=False, ray=RayOptions(workers=2))
     report = str(failed.value)
-    assert f"2 cell(s) failed after {1 + RETRIES} tries; 2 others are in the cell store" in report
-    assert report.count("RuntimeError: this method fails at its first decision") == 2
-    assert report.count("failing 64 original in-prompt") == 2
-    assert len(list((root / "cells").glob("*.json"))) == 2 and not (root / "out" / "results.json").exists()
+    assert f"3 cell(s) failed after {1 + RETRIES} tries; 3 others are in the cell store" in report
+    assert report.count("RuntimeError: this method fails at its first decision") == 3
+    assert report.count("failing 64 original in-prompt") == 3 and "needle-1k [shard 2/2]" in report
+    assert len(list((root / "cells").glob("*.json"))) == 3 and not (root / "out" / "results.json").exists()

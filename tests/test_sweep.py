@@ -76,6 +76,11 @@ def write(tmp_path: Path, text: str) -> Path:
      "dtype 'fp7' is not one of"),
     ('models = ["a"]\ntasks = ["needle-1k"]\n[slices.one]\nmodels = ["b"]\n[[rows]]\nmethods = ["full"]',
      "names models not in the sweep: b"),
+    ('tasks = ["needle-1k"]\nshards = { kvbench_ppl = 2 }\n[[rows]]\nmethods = ["full"]',
+     "shards names 'kvbench_ppl', which is not among the sweep's tasks \\(needle-1k\\)"),
+    ('tasks = ["needle-1k"]\nshards = { "needle-1k" = 0 }\n[[rows]]\nmethods = ["full"]',
+     "shards.needle-1k = 0 is not a whole number of shards >= 1"),
+    ('tasks = ["needle-1k"]\nshards = 4\n[[rows]]\nmethods = ["full"]', "shards = 4 is not a table of task"),
 ])
 def test_bad_sweep_files_are_refused_before_anything_runs(tmp_path, text, message):
     with pytest.raises(ValueError, match=message):
@@ -485,3 +490,57 @@ def test_a_sweep_of_several_models_keys_each_cell_by_its_model_and_shows_a_table
     first = sweep.run_sweep(sweep.load(config, "first"), tmp_path / "c", cells, None, progress=False)
     assert first.ran == [] and {r["config"]["model"] for r in first.records} == {one}
     assert json.loads((tmp_path / "c" / "results.json").read_text())["run"]["model"] == one
+
+
+SHARDED = """
+model = "{model}"
+tasks = ["needle-1k", "kvbench_ppl", "kvbench_ruler", "kvbench_rope_inwindow"]
+limit = 3
+{shards}
+[task_metadata.kvbench_ppl]
+documents = 3
+[task_metadata.kvbench_ruler]
+context_lengths = [512]
+[task_metadata.kvbench_rope_inwindow]
+window_end = 640
+context_tokens = 256
+continuation_tokens = 64
+documents = 3
+[[rows]]
+methods = ["full", "h2o"]
+budgets = [64]
+"""
+
+
+def test_a_sharded_cell_gives_the_scores_and_samples_of_one_run(tmp_path):
+    """Cells split into shards of their documents (generation, rolling and pairwise log-likelihood, a group's
+    subtasks alike) merge into exactly what one run gives: every score (a group's mean over its subtasks, a weighted
+    perplexity), every sample in the same order with the same prediction and per-sample score. A tiny random Llama:
+    mechanics, never reported."""
+    import tiny
+    from kvbench.runtime import models
+
+    tiny.build("llama", "sdpa", seed=0).save_pretrained(tmp_path / "model")
+    models.load_tokenizer().save_pretrained(tmp_path / "model")
+    whole = tmp_path / "whole.toml"
+    whole.write_text(SHARDED.format(model=tmp_path / "model", shards=""))
+    split = tmp_path / "split.toml"
+    split.write_text(SHARDED.format(model=tmp_path / "model", shards='shards = { "needle-1k" = 2, kvbench_ppl = 2, '
+                                    'kvbench_ruler = 3, kvbench_rope_inwindow = 9 }'))
+    one = sweep.run_sweep(sweep.load(whole), tmp_path / "one", tmp_path / "cells", None, progress=False)
+    parts = sweep.run_sweep(sweep.load(split), tmp_path / "parts", tmp_path / "cells", None,
+                            check=tmp_path / "one" / "results.json", progress=False)
+    assert len(one.ran) == 8
+    assert len(parts.ran) == 2 * (2 + 2 + 3 + 3)  # the rope probe has 3 documents: 3 shards, not 9
+    assert parts.mismatches == []
+    for a, b in zip(one.records, parts.records, strict=True):
+        assert a["metrics"]["accuracy"] == b["metrics"]["accuracy"]
+        assert [(s["id"], s["prediction"], s["score"], s["prompt_tokens"], s["peak_kv_bytes"]) for s in a["samples"]] \
+            == [(s["id"], s["prediction"], s["score"], s["prompt_tokens"], s["peak_kv_bytes"]) for s in b["samples"]]
+    scores = one.records[0]["metrics"]["accuracy"]
+    assert {"kvbench_ruler", "kvbench_ruler_qa", "kvbench_ppl", "kvbench_rope_inwindow"} <= set(scores)
+    h2o = [s["id"] for s in parts.records[1]["samples"]]
+    assert len(h2o) == len(set(h2o)) == 3 + 3 + 11 * 3 + 3  # each document once
+
+    again = sweep.run_sweep(sweep.load(split), tmp_path / "again", tmp_path / "cells", None, progress=False)
+    assert again.ran == [] and sorted(again.cached) == sorted(parts.ran)  # a sweep resumes shard by shard

@@ -125,6 +125,7 @@ class Cell:
     scores: dict[str, float] = field(default_factory=dict)  # lm-eval's aggregates
     metrics: dict[str, str] = field(default_factory=dict)
     host: str = "unknown"  # where its timings were measured (device, CPU, threads); a cell stored before had none
+    responses: dict[str, list[list[Any]]] = field(default_factory=dict)  # a shard's lm-eval responses (shards.py)
 
 
 class Runner:
@@ -174,17 +175,21 @@ class Runner:
             check_metadata(task, meta, f"{task} (--context-lengths or task metadata)")
         return meta or None
 
-    def cell_config(self, run: RunSpec, task: str) -> dict[str, Any]:
+    def cell_config(self, run: RunSpec, task: str, documents: dict[str, list[int]] | None = None) -> dict[str, Any]:
         """Everything that determines a cell's results, by content: the model's (not its name), the run, the task
         and its settings (its data is generated from them, by code in the source hash, with the model's tokenizer),
-        the library releases that change numbers and kvbench's source. The cell store's key is its hash."""
+        the library releases that change numbers and kvbench's source; a shard's documents (shards.py). The cell
+        store's key is its hash."""
+        shard = {"documents": documents} if documents else {}
         return {**self.config, "policy": {"name": run.method, **run.policy.config()}, "positions": run.positions,
                 "query": run.query, "task": task, "task_metadata": self.metadata[task],
-                "versions": self.numeric_versions, "source": source_hash()}
+                "versions": self.numeric_versions, "source": source_hash(), **shard}
 
-    def cell(self, run: RunSpec, task: str) -> Cell:
-        got = lmeval_tasks.evaluate(self.engine, self.spec.model, run, task, self.spec.limit, self.metadata[task])
-        return Cell(task, got.samples, got.scores, got.metrics, self.host)
+    def cell(self, run: RunSpec, task: str, documents: dict[str, list[int]] | None = None) -> Cell:
+        """The run on `task`; with `documents`, a shard: only those, keeping lm-eval's responses for the merge."""
+        got = lmeval_tasks.evaluate(self.engine, self.spec.model, run, task, self.spec.limit, self.metadata[task],
+                                    documents)
+        return Cell(task, got.samples, got.scores, got.metrics, self.host, got.responses if documents else {})
 
     def record(self, run: RunSpec, cells: list[Cell], explicit: set[str]) -> dict[str, Any]:
         """One leaderboard row: the run's cells on every task, summarized."""

@@ -30,6 +30,7 @@ class TaskScores:
     scores: dict[str, float]  # task (or subtask) -> its primary metric, lm-eval's aggregate
     metrics: dict[str, str]  # task -> primary metric name, e.g. exact_match, word_perplexity
     samples: list[dict[str, Any]]  # one kvbench sample record per lm-eval request
+    responses: dict[str, list[list[Any]]]  # "task:document" -> lm-eval's responses to its requests (each repeat)
 
 
 @functools.cache
@@ -67,35 +68,58 @@ def quiet_lm_eval() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def evaluate(engine: Engine, model: str, run: RunSpec, task: str, limit: int | None = None,
-             metadata: dict[str, Any] | None = None) -> TaskScores:
-    """One lm-eval task (or group) for one run on `engine`'s model (`model`: its --model name, from which the
-    tasks take the tokenizer and chat template); `metadata` overrides the YAML's."""
+def run_lm_eval(lm: Any, model: str, task: str, limit: int | None, metadata: dict[str, Any] | None,
+                     samples: dict[str, list[int]] | None = None) -> dict[str, Any]:
+    """lm-eval on `task` with kvbench's task folder, per-document logs and no bootstrap; `samples` (each lm-eval task
+    under `task` -> the ascending indices of its documents to run) replaces `limit`."""
     import lm_eval
 
-    from kvbench.lmeval.adapter import KVBenchLM
-
-    lm = KVBenchLM.from_engine(engine, run, progress=False)
     manager = _manager(json.dumps({**(metadata or {}), "pretrained": model}, sort_keys=True))
     with quiet_lm_eval():
-        out = lm_eval.simple_evaluate(model=lm, tasks=[task], limit=limit, task_manager=manager, log_samples=True,
-                                      bootstrap_iters=0)
+        return lm_eval.simple_evaluate(model=lm, tasks=[task], limit=None if samples else limit, samples=samples,
+                                       task_manager=manager, log_samples=True, bootstrap_iters=0)
+
+
+def primary_scores(out: dict[str, Any]) -> tuple[dict[str, float], dict[str, str]]:
+    """Each task's (and group's) primary metric from lm-eval's results: value, and name."""
     scores, metrics = {}, {}
     for name, values in out["results"].items():
         key = next((k for k in values if "," in k and "_stderr" not in k), None)
         if key is None:  # a group without an aggregate
             continue
         scores[name], metrics[name] = float(values[key]), key.split(",")[0]
+    return scores, metrics
+
+
+def evaluate(engine: Engine, model: str, run: RunSpec, task: str, limit: int | None = None,
+             metadata: dict[str, Any] | None = None, samples: dict[str, list[int]] | None = None) -> TaskScores:
+    """One lm-eval task (or group) for one run on `engine`'s model (`model`: its --model name, from which the
+    tasks take the tokenizer and chat template); `metadata` overrides the YAML's; `samples` runs only those
+    documents (a shard of a cell, kvbench/evaluation/shards.py)."""
+    from kvbench.lmeval.adapter import KVBenchLM
+
+    lm = KVBenchLM.from_engine(engine, run, progress=False)
+    out = run_lm_eval(lm, model, task, limit, metadata, samples)
+    scores, metrics = primary_scores(out)
     logged = {(name, s["doc_id"]): s for name, rows in out["samples"].items() for s in rows}
-    samples = []
-    for m in lm.measured:
-        s = logged[(m.task, m.doc_id)]
+    records = []
+    for m in lm.measured:  # lm-eval numbers the documents of a `samples` run from 0, its logs by their index
+        s = logged[(m.task, samples[m.task][m.doc_id] if samples else m.doc_id)]
         value = s.get(metrics[m.task])
         prediction = s["filtered_resps"][0] if isinstance(s["filtered_resps"][0], str) else ""
         meta = {k: v for k, v in s["doc"].items() if not (isinstance(v, str) and len(v) > MAX_META_CHARS)}
-        samples.append(sample_record(m.task, f"{m.task}-{m.doc_id}", _short(str(s["target"])), meta, prediction,
+        records.append(sample_record(m.task, f"{m.task}-{s['doc_id']}", _short(str(s["target"])), meta, prediction,
                                      m.result, value if isinstance(value, int | float) else None))
-    return TaskScores(scores, metrics, samples)
+    responses = {f"{name}:{s['doc_id']}": s["resps"] for name, rows in out["samples"].items() for s in rows}
+    return TaskScores(scores, metrics, records, responses)
+
+
+def document_counts(model: str, task: str, limit: int | None, metadata: dict[str, Any] | None) -> dict[str, int]:
+    """Each lm-eval task under `task` (itself, or a group's subtasks) -> the documents a run with `limit` evaluates."""
+    manager = _manager(json.dumps({**(metadata or {}), "pretrained": model}, sort_keys=True))
+    with quiet_lm_eval():
+        loaded = manager.load([task])["tasks"]
+    return {name: min(len(t.eval_docs), limit or len(t.eval_docs)) for name, t in loaded.items()}
 
 
 def _short(text: str) -> str:

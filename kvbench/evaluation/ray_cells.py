@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from kvbench.evaluation.compare import Cell, CompareSpec, Runner
+from kvbench.evaluation.shards import Documents
 from kvbench.runtime.runspec import RunSpec
 
 RETRIES = 2  # further tries of a cell whose worker died or which raised
@@ -53,10 +54,12 @@ def check_available() -> None:
     _ray()
 
 
-def _cell(spec: CompareSpec, run: RunSpec, task: str, threads: int) -> tuple[Cell, str, int]:
-    """One cell on a Ray worker: (the cell, the worker, models this worker has loaded so far). A worker holds one
-    model: a cell of another model (a sweep of several) releases it before loading its own, so two large models
-    never share a worker's memory; the driver submits cells model by model, so a worker switches rarely."""
+def _cell(spec: CompareSpec, run: RunSpec, task: str, documents: Documents | None,
+          threads: int) -> tuple[Cell, str, int]:
+    """One cell (or a shard of one: `documents`) on a Ray worker: (the cell, the worker, models this worker has loaded
+    so far). A worker holds one model: a cell of another model (a sweep of several) releases it before loading its
+    own, so two large models never share a worker's memory; the driver submits cells model by model, so a worker
+    switches rarely."""
     import gc
 
     import torch
@@ -67,13 +70,14 @@ def _cell(spec: CompareSpec, run: RunSpec, task: str, threads: int) -> tuple[Cel
         _LOADED.update(key=None, runner=None)
         gc.collect()
         _LOADED.update(key=key, runner=Runner(spec), loads=_LOADED["loads"] + 1)
-    return _LOADED["runner"].cell(run, task), f"{socket.gethostname()}:{os.getpid()}", _LOADED["loads"]
+    return _LOADED["runner"].cell(run, task, documents), f"{socket.gethostname()}:{os.getpid()}", _LOADED["loads"]
 
 
-def run_cells(cells: dict[str, tuple[CompareSpec, RunSpec, str]], options: RayOptions,
+def run_cells(cells: dict[str, tuple[CompareSpec, RunSpec, str, Documents | None]], options: RayOptions,
               arrived: Callable[[str, Cell | None, str], None]) -> RayOutcome:
-    """Run `cells` (key -> (the sweep's spec for its model, run, task)) on Ray; `arrived(key, cell, status)` as each
-    finishes (cell None when it failed), where the caller stores it and moves its progress bar."""
+    """Run `cells` (key -> (the sweep's spec for its model, run, task, a shard's documents or None)) on Ray;
+    `arrived(key, cell, status)` as each finishes (cell None when it failed), where the caller stores it and moves its
+    progress bar."""
     ray = _ray()
     gpu = next(iter(cells.values()))[0].device.startswith("cuda")
     started = not ray.is_initialized()
@@ -88,7 +92,8 @@ def run_cells(cells: dict[str, tuple[CompareSpec, RunSpec, str]], options: RayOp
     try:
         task = ray.remote(_cell).options(num_cpus=options.threads, num_gpus=int(gpu),
                                          max_retries=RETRIES, retry_exceptions=True)
-        pending = {task.remote(spec, run, name, options.threads): key for key, (spec, run, name) in cells.items()}
+        pending = {task.remote(spec, run, name, documents, options.threads): key
+                   for key, (spec, run, name, documents) in cells.items()}
         slots = int(ray.cluster_resources().get("GPU" if gpu else "CPU", 1) // (1 if gpu else options.threads))
 
         def status() -> str:

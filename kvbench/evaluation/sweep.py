@@ -9,7 +9,8 @@ touches; two sweeps sharing a store never compute the same cell (`cells.py`). LE
 are written only once every cell is done, each to a temporary file then renamed.
 
 `--check FILE` compares the deterministic columns of every cell run against a committed results.json (check.py).
-Cells run here one after another, or as Ray tasks (`--executor ray`, ray_cells.py).
+Cells run here one after another, or as Ray tasks (`--executor ray`, ray_cells.py); a task's cells may run as shards of
+its documents (`shards = { TASK = N }`, shards.py).
 """
 
 from __future__ import annotations
@@ -26,13 +27,15 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from kvbench.evaluation import ray_cells, results
+from kvbench.evaluation import ray_cells, results, shards
 from kvbench.evaluation.cells import LEASE_S, CellStore, cell_key
 from kvbench.evaluation.check import committed, compare_deterministic
 from kvbench.evaluation.compare import Cell, CompareSpec, Runner, describe, method_params, plan
 from kvbench.evaluation.leaderboard import markdown
+from kvbench.evaluation.lmeval_tasks import document_counts
 from kvbench.evaluation.ray_cells import RayOptions
 from kvbench.evaluation.records import cpu_model, source_hash
+from kvbench.evaluation.shards import Documents
 from kvbench.files import write_with_derived
 from kvbench.lmeval.tasks import check_metadata
 from kvbench.policy import Budget
@@ -40,8 +43,8 @@ from kvbench.runtime import models
 from kvbench.runtime.runspec import RunSpec
 from kvbench.runtime.session import check_positions
 
-SWEEP_KEYS = {"model", "models", "device", "dtype", "prefill_chunk", "limit", "tasks", "task_metadata", "rows",
-              "slices"}
+SWEEP_KEYS = {"model", "models", "device", "dtype", "prefill_chunk", "limit", "tasks", "task_metadata", "shards",
+              "rows", "slices"}
 ROW_KEYS = {"methods", "tasks", "budgets", "positions", "queries", "schedules", "method_args"}
 SLICE_KEYS = {"models", "methods", "tasks", "budgets"}
 MODEL_KEYS = {"name", "dtype"}
@@ -55,6 +58,7 @@ class Sweep:
     slice: str | None = None
     slices: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     models: list[tuple[str, str]] = field(default_factory=list)  # (model, dtype), in the sweep file's order
+    shards: dict[str, int] = field(default_factory=dict)  # task -> shards each of its cells runs as (shards.py)
 
 
 def _models(raw: dict[str, Any], path: Path, dtype: str | None) -> list[tuple[str, str]]:
@@ -109,7 +113,8 @@ def _check_types(raw: dict[str, Any], path: Path) -> None:
     expected = {"model": (str, "a name"), "device": (str, "a name"), "dtype": (str, "a name"),
                 "prefill_chunk": (int, "a whole number >= 1"), "limit": (int, "a whole number >= 1"),
                 "tasks": (list, "a list of task names"), "task_metadata": (dict, "a table of tables, one per task"),
-                "rows": (list, "an array of [[rows]] tables"), "slices": (dict, "a table of [slices.NAME] tables")}
+                "rows": (list, "an array of [[rows]] tables"), "slices": (dict, "a table of [slices.NAME] tables"),
+                "shards": (dict, "a table of task = number of shards, e.g. { kvbench_ruler = 4 }")}
     for key, (kind, allowed) in expected.items():
         value = raw.get(key)
         if value is None:
@@ -119,6 +124,12 @@ def _check_types(raw: dict[str, Any], path: Path) -> None:
         bad = bad or (key in ("slices", "task_metadata") and not all(isinstance(v, dict) for v in value.values()))
         if bad:
             raise ValueError(f"{path}: {key} = {value!r} is not {allowed}")
+    for task, n in raw.get("shards", {}).items():
+        if task not in raw.get("tasks", []):
+            raise ValueError(f"{path}: shards names {task!r}, which is not among the sweep's tasks "
+                             f"({', '.join(raw.get('tasks', []))})")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"{path}: shards.{task} = {n!r} is not a whole number of shards >= 1")
     for i, group in enumerate(raw.get("rows", [])):
         args = group.get("method_args", {})
         if not (isinstance(args, dict) and all(isinstance(kv, dict) for kv in args.values())):
@@ -220,10 +231,24 @@ def load(path: Path, slice_name: str | None = None, dtype: str | None = None) ->
     for row in rows:
         plan(row)  # validates methods, parameters, budgets and position modes before anything runs
     rows = [replace(row, model=model, dtype=model_dtype) for model, model_dtype in chosen_models for row in rows]
-    return Sweep(spec, rows, str(path), slice_name, slices, chosen_models)
+    return Sweep(spec, rows, str(path), slice_name, slices, chosen_models, dict(raw.get("shards", {})))
 
 
 CLAIM_POLL_S = 2.0  # how often a sweep looks again at a cell another sweep is computing
+
+
+@dataclass(frozen=True)
+class Unit:
+    """What one computation makes: a cell, or (with `documents`) one shard of it."""
+
+    runner: Runner
+    run: RunSpec
+    task: str
+    documents: Documents | None = None
+    shard: str = ""  # " [shard k/N]" in messages
+
+    def name(self) -> str:
+        return f"{describe(self.run)} {self.task}{self.shard}"
 
 
 @dataclass
@@ -252,17 +277,25 @@ def run_sweep(sweep: Sweep, out_dir: Path, cells_dir: Path, plots_dir: Path | No
         runners[model, dtype] = Runner(replace(sweep.spec, model=model, dtype=dtype, methods=["full"]))
     code = source_hash()
     configs = {}
-    row_keys = []
+    todo: dict[str, Unit] = {}  # what is computed: a cell, or a shard of one
+    row_keys: list[list[list[str]]] = []  # per row, per task: the keys of its cell (one) or of its shards
+    split_as: dict[tuple[str, str, str], list[Documents | None]] = {}
     for row, run_ in plan_rows:
+        runner = runners[row.model, row.dtype]
         row_keys.append([])
         for task in row.tasks:
-            config = runners[row.model, row.dtype].cell_config(run_, task)
-            key = cell_key(config)
-            configs[key] = config
-            row_keys[-1].append(key)
-    todo = {key: (runners[row.model, row.dtype], run_, task)
-            for (row, run_), keys in zip(plan_rows, row_keys, strict=True)
-            for task, key in zip(row.tasks, keys, strict=True)}
+            n = 1 if run_.query == "reuse" else sweep.shards.get(task, 1)
+            if (row.model, row.dtype, task) not in split_as:
+                split_as[row.model, row.dtype, task] = [None] if n == 1 else shards.split(
+                    document_counts(row.model, task, row.limit, runner.metadata[task]), n)
+            parts = split_as[row.model, row.dtype, task] if n > 1 else [None]
+            row_keys[-1].append([])
+            for k, documents in enumerate(parts):
+                config = runner.cell_config(run_, task, documents)
+                key = cell_key(config)
+                configs[key] = config
+                todo[key] = Unit(runner, run_, task, documents, f" [shard {k + 1}/{len(parts)}]" if documents else "")
+                row_keys[-1][-1].append(key)
     outcome = Outcome([], [], [])
     store = CellStore(cells_dir)
     done: dict[str, Cell] = {}
@@ -274,16 +307,16 @@ def run_sweep(sweep: Sweep, out_dir: Path, cells_dir: Path, plots_dir: Path | No
             _on_ray(todo, configs, store, ray, Progress(bar, done, failed, outcome))
         while len(done) + len(failed) < len(todo):
             waiting = False
-            for key, (runner, run_, task) in todo.items():
+            for key, unit in todo.items():
                 if key in done or key in failed:
                     continue
-                bar.set_postfix_str(f"{describe(run_)} {task}")
+                bar.set_postfix_str(unit.name())
                 stored = store.get(key)
                 if stored is None and store.claim(key):
                     try:
                         stored = store.get(key)  # finished by another sweep between the read and the claim
                         if stored is None:
-                            done[key] = runner.cell(run_, task)
+                            done[key] = unit.runner.cell(unit.run, unit.task, unit.documents)
                             store.put(configs[key], done[key])
                             outcome.ran.append(key)
                     finally:
@@ -298,7 +331,7 @@ def run_sweep(sweep: Sweep, out_dir: Path, cells_dir: Path, plots_dir: Path | No
                     if key not in waited:
                         waited.add(key)
                         owner = store.owner(key) or "another sweep"
-                        tqdm.write(f"kvbench: waiting for the cell {describe(run_)} {task}: {owner} computes it (a "
+                        tqdm.write(f"kvbench: waiting for the cell {unit.name()}: {owner} computes it (a "
                                    f"claim untouched for {LEASE_S:.0f} s is taken over)", file=sys.stderr)
             if waiting and len(done) < len(todo):
                 time.sleep(CLAIM_POLL_S)
@@ -306,11 +339,13 @@ def run_sweep(sweep: Sweep, out_dir: Path, cells_dir: Path, plots_dir: Path | No
         store.release_all()  # Ctrl-C or an error: no claim outlives this process
         bar.close()
     if failed:
-        raise CellsFailed(failed, {key: f"{runner.spec.model} {describe(run_)} {task}"
-                                   for key, (runner, run_, task) in todo.items()},
+        raise CellsFailed(failed, {key: f"{unit.runner.spec.model} {unit.name()}" for key, unit in todo.items()},
                           len(outcome.ran) + len(outcome.cached))
     for (row, run_), keys in zip(plan_rows, row_keys, strict=True):
-        cells = [done[key] for key in keys]
+        runner = runners[row.model, row.dtype]
+        cells = [done[parts[0]] if todo[parts[0]].documents is None else
+                 shards.merge(row.model, task, row.limit, runner.metadata[task], [done[k] for k in parts])
+                 for task, parts in zip(row.tasks, keys, strict=True)]
         outcome.records.append(runners[row.model, row.dtype].record(run_, cells, set(method_params(row, run_.method))))
     header = _header(sweep, code, commit, outcome, Counter(c.host for c in done.values()))
     if reference is not None:
@@ -341,19 +376,19 @@ class Progress:
                                  f"{len(self.failed)} failed")
 
 
-def _on_ray(todo: dict[str, tuple[Runner, RunSpec, str]], configs: dict[str, dict[str, Any]], store: CellStore,
-            options: RayOptions, progress: Progress) -> None:
-    """The cells neither stored nor claimed by another sweep, computed on Ray: each claimed first (so a sweep
-    sharing the store leaves it alone), stored as it arrives, released when it fails."""
+def _on_ray(todo: dict[str, Unit], configs: dict[str, dict[str, Any]], store: CellStore, options: RayOptions,
+            progress: Progress) -> None:
+    """The cells (and shards) neither stored nor claimed by another sweep, computed on Ray: each claimed first (so a
+    sweep sharing the store leaves it alone), stored as it arrives, released when it fails."""
     mine = {}
-    for key, (runner, run_, task) in todo.items():
+    for key, unit in todo.items():
         stored = store.get(key)
         if stored is not None:
             progress.done[key] = stored
             progress.outcome.cached.append(key)
             progress.bar.update()
         elif store.claim(key):
-            mine[key] = (runner.spec, run_, task)
+            mine[key] = (unit.runner.spec, unit.run, unit.task, unit.documents)
 
     def arrived(key: str, cell: Cell | None, running: str) -> None:
         if cell is not None:
