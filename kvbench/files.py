@@ -34,9 +34,18 @@ def atomic(path: Path, keep_existing: bool = False) -> Iterator[Path]:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` whole or not at all."""
-    with atomic(path) as tmp:
-        tmp.write_text(text)
+    """Write `text` to `path` whole or not at all: a scratch file beside it, renamed onto it (nothing of the write
+    is left once the rename is done, so a process killed right after it leaves no scratch behind)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, scratch = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        Path(scratch).write_text(text)
+        os.chmod(scratch, 0o644)  # results are meant to be read and committed
+        os.replace(scratch, path)
+    except BaseException:
+        Path(scratch).unlink(missing_ok=True)
+        raise
 
 
 def write_with_derived(primary: Path, text: str, derived: dict[Path, str]) -> None:
