@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--schedule", type=_csv, default="",
                    help="when decisions apply: prompt (once after the prompt), chunk (after every prefill chunk), "
                         "decode (also while decoding); comma-separated sweep (default: each method's own)")
+    c.add_argument("--kv-quant", type=_csv, default="none",
+                   help="how K/V rows are stored: none (the model's dtype), int8, int4, int2 (per token, groups of 32 "
+                        "channels); comma-separated sweep")
     c.add_argument("--prefill-chunk", type=int, default=512, help="prefill chunk size in tokens")
     c.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     c.add_argument("--dtype", default="float32",
@@ -134,6 +137,7 @@ def _compare(args: argparse.Namespace) -> int:
         positions=args.positions,
         queries=args.query,
         schedules=args.schedule,
+        kv_quants=args.kv_quant,
         context_lengths=tuple(_int(x, "--context-lengths") for x in args.context_lengths)
         if args.context_lengths else None,
     )

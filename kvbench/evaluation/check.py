@@ -29,6 +29,7 @@ def committed(path: Path) -> list[dict[str, Any]]:
 def row_key(record: dict[str, Any]) -> str:
     key = f"{record['config']['model']} | {record['method']} {record['variant']}".strip()
     key += f" | {Budget.label(record['budget'])} | {record['positions']}"
+    key += f" | kv_quant={record['kv_quant']}" if record.get("kv_quant") else ""
     return key if record["query"] == "in-prompt" else f"{key} | query={record['query']}"
 
 

@@ -14,6 +14,7 @@ from kvbench.evaluation import lmeval_tasks, results
 from kvbench.evaluation.leaderboard import markdown
 from kvbench.evaluation.records import host, numeric_versions, source_hash, summarize, versions
 from kvbench.files import write_with_derived
+from kvbench.kv.quant import codec
 from kvbench.lmeval.tasks import check_metadata, metadata_defaults, query_modes
 from kvbench.policy import SCHEDULES, Budget, available, make_policy, policy_class
 from kvbench.runtime import models
@@ -40,6 +41,7 @@ class CompareSpec:
     positions: list[str] = field(default_factory=lambda: ["original"])
     queries: list[str] = field(default_factory=lambda: ["in-prompt"])  # where the question goes (QUERY_MODES)
     schedules: list[str] = field(default_factory=list)  # when decisions apply (SCHEDULES); empty: each method's own
+    kv_quants: list[str] = field(default_factory=lambda: ["none"])  # how K/V rows are stored (kvbench/kv/quant.py)
     task_metadata: dict[str, dict[str, Any]] = field(default_factory=dict)  # lm-eval tasks: metadata overrides
 
     def to_json(self) -> dict[str, Any]:
@@ -76,8 +78,10 @@ def plan(spec: CompareSpec) -> list[RunSpec]:
     stray = sorted(set(spec.method_args) - set(spec.methods))
     if stray:
         raise ValueError(f"--method-args names {', '.join(stray)}, which is not among --methods")
-    if not spec.positions or not spec.queries:
-        raise ValueError("--positions and --query each need at least one mode")
+    if not spec.positions or not spec.queries or not spec.kv_quants:
+        raise ValueError("--positions, --query and --kv-quant each need at least one value")
+    for scheme in spec.kv_quants:
+        codec(scheme)  # an unknown scheme, named with the allowed ones
     bad = [s for s in spec.schedules if s not in SCHEDULES]
     if bad:
         raise ValueError(f"--schedule {','.join(bad)!r} is not a schedule; allowed: {', '.join(SCHEDULES)}")
@@ -94,9 +98,12 @@ def plan(spec: CompareSpec) -> list[RunSpec]:
         budgets: list[Budget | None] = (spec.budgets or [None]) if RunSpec.takes_budget(name) else [None]
         for params in expand_sweep(method_params(spec, name)):
             built = {}  # a method that never evicts runs once whatever position modes were asked for
-            for b, m, q in itertools.product(budgets, dict.fromkeys(spec.positions), dict.fromkeys(spec.queries)):
-                run = RunSpec.build(name, b, params, m, q)
-                built.setdefault((b, run.positions, q), run)
+            for b, m, q, kq in itertools.product(budgets, dict.fromkeys(spec.positions), dict.fromkeys(spec.queries),
+                                                 dict.fromkeys(spec.kv_quants)):
+                if kq != "none" and m == "rerotate" and policy_class(name).evicts:
+                    continue  # a re-rotated key would be quantized again at each eviction: refused by RunSpec
+                run = RunSpec.build(name, b, params, m, q, kq)
+                built.setdefault((b, run.positions, q, run.kv_quant), run)
             runs.extend(built.values())
     return runs
 
@@ -181,9 +188,10 @@ class Runner:
         the library releases that change numbers and kvbench's source; a shard's documents (shards.py). The cell
         store's key is its hash."""
         shard = {"documents": documents} if documents else {}
+        quant = {"kv_quant": run.kv_quant} if run.kv_quant else {}  # absent for the model's dtype: older keys hold
         return {**self.config, "policy": {"name": run.method, **run.policy.config()}, "positions": run.positions,
                 "query": run.query, "task": task, "task_metadata": self.metadata[task],
-                "versions": self.numeric_versions, "source": source_hash(), **shard}
+                "versions": self.numeric_versions, "source": source_hash(), **quant, **shard}
 
     def cell(self, run: RunSpec, task: str, documents: dict[str, list[int]] | None = None) -> Cell:
         """The run on `task`; with `documents`, a shard: only those, keeping lm-eval's responses for the merge."""
@@ -196,6 +204,7 @@ class Runner:
         policy, mode, query = run.policy, run.positions, run.query
         config_now = policy.config()
         samples = [s for c in cells for s in c.samples]
+        quant = {"kv_quant": run.kv_quant} if run.kv_quant else {}
         return {
             "method": policy.name,
             "variant": ",".join(f"{k}={config_now[k]}" for k in sorted(explicit)),
@@ -203,7 +212,8 @@ class Runner:
             "positions": mode,
             "query": query,
             "schedule": policy.schedule if policy.evicts else None,
-            "config": {**self.config, "positions": mode, "query": query, "policy": config_now,
+            **quant,
+            "config": {**self.config, "positions": mode, "query": query, "policy": config_now, **quant,
                        "task_metadata": {t: m for t, m in self.spec.task_metadata.items() if t in self.task_names}},
             "versions": self.versions,
             "hosts": sorted({c.host for c in cells}),  # a resumed sweep's cells may come from several
@@ -233,7 +243,8 @@ def run_compare(spec: CompareSpec, out_dir: Path | None = None, progress: bool =
 
 def describe(run: RunSpec) -> str:
     """A run in a progress bar's postfix."""
-    return f"{run.method} {run.policy.budget or ''} {run.positions} {run.query}"
+    return f"{run.method} {run.policy.budget or ''} {run.positions} {run.query}" + (f" {run.kv_quant}"
+                                                                                    if run.kv_quant else "")
 
 
 def write_outputs(spec: CompareSpec, records: list[dict[str, Any]], out_dir: Path) -> None:

@@ -80,7 +80,7 @@ def cell_scores(record: dict[str, Any]) -> dict[Cell, list[float]]:
 def counted_cells(records: list[dict[str, Any]]) -> tuple[dict[Cell, float], dict[Cell, float]] | None:
     """The full cache's mean score per cell, split into the cells that count (>= COUNT_THRESHOLD) and those left
     out; None without a `full` row (its in-prompt row when several)."""
-    fulls = [r for r in records if r["method"] == "full"]
+    fulls = [r for r in records if r["method"] == "full" and not r.get("kv_quant")]
     if not fulls:
         return None
     full = next((r for r in fulls if r.get("query", "in-prompt") == "in-prompt"), fulls[0])
@@ -109,7 +109,7 @@ def rows(records: list[dict[str, Any]],
     """The table's headers and cells; `split` (counted and left-out cells) defaults to the one these rows give."""
     tasks = sorted({t for r in records for t in r["metrics"]["accuracy"]})
     metric = {t: name for r in records for t, name in r["metrics"].get("metric", {}).items()}
-    full = next((r for r in records if r["method"] == "full"), None)
+    full = next((r for r in records if r["method"] == "full" and not r.get("kv_quant")), None)  # the model's dtype
     base = full["metrics"]["decode_ms_p50"] if full else None
     per_task = len(tasks) > 1
     labels = {t: "ppl" if _is_perplexity(metric.get(t, "")) else "acc" for t in tasks}
@@ -118,10 +118,12 @@ def rows(records: list[dict[str, Any]],
     labels = {t: f"{label} (n={counts[t]}, ±95%)" if t in counts else label for t, label in labels.items()}
     task_cols = [f"{t} {what}" for t in tasks for what in ((labels[t], "KV comp.") if per_task else (labels[t],))]
     queries = any(r.get("query", "in-prompt") != "in-prompt" for r in records)
+    quantized = any(r.get("kv_quant") for r in records)
     split = split or counted_cells(records)
     shown = {task for samples in per_sample for task in samples}
     average = split is not None and len({task for task, _ in split[0]} & shown) > 1  # a suite: several that count
-    headers = ["method", "budget", "positions", "schedule", *(["query"] if queries else []), *task_cols,
+    headers = ["method", "budget", "positions", "schedule", *(["query"] if queries else []),
+               *(["KV quant"] if quantized else []), *task_cols,
                *(["suite avg"] if average else []), "KV compression",
                "active KV MiB", "peak KV MiB", "prefill ms", "decode ms p50", "decode ms p95", "tok/s", "decode × full",
                "policy ms/step"]
@@ -138,6 +140,7 @@ def rows(records: list[dict[str, Any]],
             f"{r['method']} {r['variant']}".strip(), Budget.label(r["budget"]), r.get("positions", "original"),
             r.get("schedule") or "–",
             *([r.get("query", "in-prompt")] if queries else []),
+            *([r.get("kv_quant") or "–"] if quantized else []),
             *(cell for t in tasks for cell in _task_cells(m, t, per_task, samples.get(t))),
             *([_with_ci(suite_average(r, split[0]), [cells[c] for c in split[0] if c in cells])] if average else []),
             _fmt(m["kv_compression"], 3), _fmt(m["active_kv_bytes"] / MIB, 2), _fmt(m["peak_kv_bytes"] / MIB, 2),

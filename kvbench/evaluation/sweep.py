@@ -45,7 +45,7 @@ from kvbench.runtime.session import check_positions
 
 SWEEP_KEYS = {"model", "models", "device", "dtype", "prefill_chunk", "limit", "tasks", "task_metadata", "shards",
               "rows", "slices"}
-ROW_KEYS = {"methods", "tasks", "budgets", "positions", "queries", "schedules", "method_args"}
+ROW_KEYS = {"methods", "tasks", "budgets", "positions", "queries", "schedules", "kv_quant", "method_args"}
 SLICE_KEYS = {"models", "methods", "tasks", "budgets"}
 MODEL_KEYS = {"name", "dtype"}
 
@@ -225,6 +225,7 @@ def load(path: Path, slice_name: str | None = None, dtype: str | None = None) ->
                                    "positions": _strings(group.get("positions", ["original"]), where),
                                    "queries": _strings(group.get("queries", ["in-prompt"]), where),
                                    "schedules": _strings(group.get("schedules", []), where),
+                                   "kv_quants": _strings(group.get("kv_quant", ["none"]), f"{where} kv_quant"),
                                    "method_args": args}))
     if not rows:
         raise ValueError(f"{path}: no rows to run" + (f" in slice {slice_name!r}" if slice_name else ""))

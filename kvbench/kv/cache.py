@@ -14,6 +14,7 @@ from transformers.cache_utils import Cache
 from kvbench.kv.accounting import CacheStats, Ledger
 from kvbench.kv.layer import LayerHandle, PolicyLayer
 from kvbench.kv.positions import PositionMode
+from kvbench.kv.quant import codec
 from kvbench.kv.rope import Rope
 from kvbench.kv.rows import new_meta
 from kvbench.policy import KVPolicy, rollback_reserve
@@ -25,8 +26,14 @@ class PolicyCache(Cache):
 
     def __init__(self, policy: KVPolicy, num_layers: int, device: torch.device | str = "cpu",
                  positions: str = "original", rope: Rope | None = None,
-                 windows: tuple[int | None, ...] | None = None) -> None:
-        """`windows`: each layer's sliding window (None: full attention), from `architectures.layout`."""
+                 windows: tuple[int | None, ...] | None = None, kv_quant: str | None = None) -> None:
+        """`windows`: each layer's sliding window (None: full attention), from `architectures.layout`; `kv_quant`:
+        the rows' quantization scheme (kvbench/kv/quant.py), None for the model's dtype."""
+        row_codec = codec(kv_quant)
+        if row_codec is not None and positions == "rerotate":
+            raise ValueError(f"positions=rerotate turns stored keys after each eviction, which would quantize them "
+                             f"again each time; with kv_quant={kv_quant} use original or naive")
+        self.kv_quant = kv_quant if row_codec is not None else None
         self.position_mode = PositionMode(positions, rope)
         windows = windows or (None,) * num_layers
         if len(windows) != num_layers:
@@ -36,7 +43,7 @@ class PolicyCache(Cache):
         self.ledger = Ledger()
         pin = torch.device(device).type == "cuda"  # frozen rows in pinned host memory
         handle = LayerHandle(self.ledger, tuple(policy.token_state), pin, rollback_reserve(policy),
-                             self.position_mode, num_layers, self.new_meta)
+                             self.position_mode, num_layers, self.new_meta, row_codec)
         super().__init__(layers=[PolicyLayer(handle, i, w) for i, w in enumerate(windows)])
         self.pending_positions = torch.zeros((1, 0), dtype=torch.long)
         self.pending_rotations = self.pending_positions
@@ -90,7 +97,7 @@ class PolicyCache(Cache):
     # -- accounting (kvbench/kv/accounting.py) ---------------------------------------------------
     def full_bytes(self) -> int:
         """K/V bytes transformers' own cache would hold now (a sliding layer: its window's last w - 1 tokens)."""
-        return sum(layer.full_tokens() * layer.active.row_bytes() for layer in self.layers)
+        return sum(layer.full_tokens() * layer.plain_row_bytes for layer in self.layers)
 
     def stats(self) -> CacheStats:
         layers = self.layers

@@ -18,6 +18,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from kvbench.kv.accounting import Ledger
 from kvbench.kv.positions import PositionMode
+from kvbench.kv.quant import RowCodec
 from kvbench.kv.rows import RowData, Rows, gather
 from kvbench.kv.store import FrozenStore
 from kvbench.policy import Decision, LayerView, Phase
@@ -78,6 +79,7 @@ class LayerHandle:
     position_mode: PositionMode
     num_layers: int
     new_meta: Callable[[tuple[int, int, int], torch.device], torch.Tensor]  # this step's new rows' meta
+    codec: RowCodec | None = None  # K/V stored quantized (kvbench/kv/quant.py), active and frozen alike
 
 
 class PolicyLayer(CacheLayerMixin):
@@ -97,6 +99,8 @@ class PolicyLayer(CacheLayerMixin):
         self.expired_below = 0  # positions below this may have left the window (gone, not evicted)
         self.active = Rows(handle.token_state, torch.device("cpu"))
         self.frozen = FrozenStore(handle.token_state, pin=handle.pin_memory)
+        self.codec: RowCodec | None = None  # handle.codec sized to this layer's heads, at the first update
+        self.plain_row_bytes = 0  # one token's K/V in the model's dtype (what transformers' own cache stores)
         self._handed: dict[str, torch.Tensor] = {}  # the active state views handed to the policy
         self.seen = 0
         self.evicted = 0
@@ -107,6 +111,12 @@ class PolicyLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         self.active.device = self.device
+        self.active.dtype = self.frozen.dtype = self.dtype
+        b, h, _, d = key_states.shape
+        if self.handle.codec is not None:
+            self.codec = self.handle.codec.sized(d, value_states.shape[-1])
+            self.active.codec = self.frozen.codec = self.codec
+        self.plain_row_bytes = b * h * (d + value_states.shape[-1]) * key_states.element_size()
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -114,6 +124,8 @@ class PolicyLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         b, h, q, _ = key_states.shape
         before = self._sizes()
+        if self.codec is not None:
+            key_states, value_states = self.codec.encode(key_states), self.codec.encode(value_states)
         self.active.append((key_states, value_states, self.handle.new_meta((b, h, q), self.device)))
         self.seen += q
         self.new_tokens = q

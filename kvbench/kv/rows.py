@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from kvbench.kv.quant import RowCodec
+
 RowData = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # K, V, meta
 
 
@@ -62,12 +64,18 @@ def _moves(drop: list[int], n: int) -> list[tuple[int, int]]:
 
 
 class TokenRows:
-    """What active rows and a frozen store share: `n` tokens held in K/V buffers `k`, `v` ([B, K, cap, d])."""
+    """What active rows and a frozen store share: `n` tokens held in K/V buffers `k`, `v` ([B, K, cap, d]), in the
+    model's dtype or, with a `codec` (kvbench/kv/quant.py), as quantized rows of bytes decoded to `dtype` on read."""
 
     k: torch.Tensor | None
     v: torch.Tensor | None
     n: int
+    codec: RowCodec | None = None
+    dtype: torch.dtype | None = None  # what a codec's rows decode to
     _row_bytes = 0  # fixed once the first buffers exist (batch, heads, head size and dtype never change)
+
+    def _decoded(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows if self.codec is None else self.codec.decode(rows, self.dtype)
 
     def row_bytes(self) -> int:
         if not self._row_bytes:
@@ -101,10 +109,10 @@ class Rows(TokenRows):
 
     # -- views of the valid rows -------------------------------------------------------------------
     def keys(self) -> torch.Tensor:
-        return self.k[:, :, : self.n]
+        return self._decoded(self.k[:, :, : self.n])
 
     def values(self) -> torch.Tensor:
-        return self.v[:, :, : self.n]
+        return self._decoded(self.v[:, :, : self.n])
 
     def positions(self) -> torch.Tensor:
         return self.meta[:, :, : self.n, POS].long()

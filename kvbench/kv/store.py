@@ -54,11 +54,11 @@ class FrozenStore(TokenRows):
 
     def keys(self) -> torch.Tensor:
         self._wait()
-        return gather(self.k, self.slots())
+        return self._decoded(gather(self.k, self.slots()))
 
     def values(self) -> torch.Tensor:
         self._wait()
-        return gather(self.v, self.slots())
+        return self._decoded(gather(self.v, self.slots()))
 
     def positions(self) -> torch.Tensor:
         return self._split(gather(self.meta, self.slots()))[0]

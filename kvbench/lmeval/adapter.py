@@ -51,7 +51,8 @@ class Measured:
 
 @register_model("kvbench-hf")
 class KVBenchLM(TemplateLM):
-    """Any registered method: `method=NAME,budget=N` plus the method's own parameters in --model_args.
+    """Any registered method: `method=NAME,budget=N` plus the method's own parameters in --model_args;
+    `kv_quant=int8|int4|int2` stores the K/V rows quantized (kvbench/kv/quant.py).
 
     `batch_size` > 1 decodes that many generation requests together (same generation settings, each on
     its own cache, so results equal batch size 1); scoring requests always run one at a time.
@@ -65,18 +66,18 @@ class KVBenchLM(TemplateLM):
     default_method = "full"
 
     def __init__(self, pretrained: str = models.DEFAULT_MODEL, method: str | None = None, budget: Any = None,
-                 positions: str = "original", query: str = "in-prompt", prefill_chunk: int = 512,
-                 device: str = "cpu", dtype: str = "float32", device_map: str | None = None,
+                 positions: str = "original", query: str = "in-prompt", kv_quant: str = "none",
+                 prefill_chunk: int = 512, device: str = "cpu", dtype: str = "float32", device_map: str | None = None,
                  batch_size: int | str = 1, max_batch_size: int | None = None, **policy_args: Any) -> None:
         try:
-            self._build(pretrained, method, budget, positions, query, prefill_chunk, device, dtype, device_map,
-                        batch_size, policy_args)
+            self._build(pretrained, method, budget, positions, query, kv_quant, prefill_chunk, device, dtype,
+                        device_map, batch_size, policy_args)
         except ModelArgsError:
             raise
         except (ValueError, FileNotFoundError) as err:
             raise ModelArgsError(str(err)) from err
 
-    def _build(self, pretrained: str, method: str | None, budget: Any, positions: str, query: str,
+    def _build(self, pretrained: str, method: str | None, budget: Any, positions: str, query: str, kv_quant: str,
                prefill_chunk: int, device: str, dtype: str, device_map: str | None, batch_size: int | str,
                policy_args: dict[str, Any]) -> None:
         batch = 1 if str(batch_size) == "auto" else batch_size
@@ -86,7 +87,7 @@ class KVBenchLM(TemplateLM):
         chunk = str(prefill_chunk)
         if not chunk.isdigit() or int(chunk) < 1:
             raise ValueError(f"prefill_chunk={prefill_chunk!r}: use a whole number of tokens >= 1")
-        run = RunSpec.build(method or self.default_method, budget, policy_args, positions, query)
+        run = RunSpec.build(method or self.default_method, budget, policy_args, positions, query, str(kv_quant))
         ranks = Ranks.from_launcher(device)
         if ranks.world_size > 1 and device_map is not None:
             raise ValueError(f"device_map={device_map!r} with {ranks.world_size} processes: each would spread its "
@@ -185,7 +186,7 @@ class KVBenchLM(TemplateLM):
                 self._warned = True
                 log.warning("kvbench: scoring %d tokens, past the model's %d-position window: positions continue "
                             "as they are (no truncation)", len(context) + len(continuation), self.engine.max_positions)
-            session = self.engine.session(self.run.policy, self.run.positions)
+            session = self.engine.session(self.run.policy, self.run.positions, kv_quant=self.run.kv_quant)
             t0 = time.perf_counter()
             out.append(session.score(session.feed(context), continuation))
             session.sync()
@@ -243,7 +244,8 @@ class KVBenchLM(TemplateLM):
         results: list[RunResult | None] = [None] * len(requests)
         for members in tqdm(groups.values(), disable=not self.progress, desc=f"kvbench query={self.run.query}"):
             ids, first = split[members[0]]
-            base, context_s = self.engine.compressed_context(ids[:first], self.run.policy, self.run.positions)
+            base, context_s = self.engine.compressed_context(ids[:first], self.run.policy, self.run.positions,
+                                                             self.run.kv_quant)
             for n, i in enumerate(members):
                 session = base if n == len(members) - 1 else base.fork()
                 out[i], results[i] = self._question(session, split[i], requests[i].args, score)
@@ -289,13 +291,14 @@ class KVBenchLM(TemplateLM):
         if separator:
             turns = [t.strip() for t in contexts[0].split(separator) if t.strip()]
             results = [merge_turns(converse(self.engine, turns, self.run.policy, max_new, until,
-                                            self.run.positions))]
+                                            self.run.positions, self.run.kv_quant))]
         elif len(contexts) > 1:
             results = generate_batch(self.engine, [self.tok_encode(c) for c in contexts], self.run.policy, max_new,
-                                                 until, ignore_eos, self.run.positions)
+                                                 until, ignore_eos, self.run.positions, self.run.kv_quant)
         else:
             results = [self.engine.generate(self.tok_encode(contexts[0]), self.run.policy, max_new, stop=until,
                                             positions=self.run.positions, ignore_eos=ignore_eos,
+                                            kv_quant=self.run.kv_quant,
                                             past_window=bool(gen_kwargs.get("past_window")))]
         self._last += results
         return [r.text for r in results]

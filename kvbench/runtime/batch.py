@@ -68,7 +68,7 @@ class BatchCache(Cache):
 @torch.inference_mode()
 def generate_batch(engine: Engine, prompts: Sequence[Sequence[int]], policy: KVPolicy, max_new_tokens: int = 32,
                    stop: Sequence[str] = (), ignore_eos: bool = False,
-                   positions: str = "original") -> list[RunResult]:
+                   positions: str = "original", kv_quant: str | None = None) -> list[RunResult]:
     """Several prompts, decoded together. Each sequence gets its own copy of `policy` and its own cache
     (own length, evictions and positions); each decode step is one forward pass over the sequences
     still running. A sequence's decode times are the batched steps it took part in."""
@@ -81,7 +81,7 @@ def generate_batch(engine: Engine, prompts: Sequence[Sequence[int]], policy: KVP
                          "cannot do; run it with batch size 1")
     replies, prefill_s = [], []
     for ids in prompts:
-        session = engine.session(copy.deepcopy(policy), positions)
+        session = engine.session(copy.deepcopy(policy), positions, kv_quant=kv_quant)
         logits, seconds = session.timed_feed(ids)
         prefill_s.append(seconds)
         replies.append(Decoding(session, logits, max_new_tokens, stop, ignore_eos))

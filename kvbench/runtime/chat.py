@@ -32,10 +32,10 @@ def encode_chat(tokenizer, user: str, assistant_prefix: str = "") -> list[int]:
 
 @torch.inference_mode()
 def converse(engine: Engine, turns: Sequence[str], policy: KVPolicy, max_new_tokens: int = 32, stop: Sequence[str] = (),
-             positions: str = "original") -> list[RunResult]:
+             positions: str = "original", kv_quant: str | None = None) -> list[RunResult]:
     """A multi-turn conversation on one cache: each user turn is fed through the policy, then answered.
     Positions may run past the model's trained window (that is what such probes measure)."""
-    session = engine.session(policy, positions)
+    session = engine.session(policy, positions, kv_quant=kv_quant)
     messages: list[dict[str, str]] = []
     results = []
     for turn in turns:

@@ -71,20 +71,21 @@ class Engine:
             )
 
     @torch.inference_mode()
-    def compressed_context(self, context: Sequence[int], policy: KVPolicy,
-                           positions: str = "original") -> tuple[Session, float]:
+    def compressed_context(self, context: Sequence[int], policy: KVPolicy, positions: str = "original",
+                           kv_quant: str | None = None) -> tuple[Session, float]:
         """A session holding `context` prefilled and compressed to completion (one-shot methods included), and
         the seconds it took. Questions then go in with `feed(..., query=True)`, positions continuing from the
         context; `fork()` answers several from the same compressed state."""
         if not context:
             raise ValueError("empty context")
-        session = self.session(policy, positions)
+        session = self.session(policy, positions, kv_quant=kv_quant)
         _, seconds = session.timed_feed(context)
         return session, seconds
 
     def session(self, policy: KVPolicy, positions: str = "original",
-                on_step: Callable[[SequenceStep], None] | None = None) -> Session:
-        return Session(self, policy, positions, on_step)
+                on_step: Callable[[SequenceStep], None] | None = None, kv_quant: str | None = None) -> Session:
+        """A sequence on a fresh cache; `kv_quant` stores its K/V rows quantized (kvbench/kv/quant.py)."""
+        return Session(self, policy, positions, on_step, kv_quant)
 
     @torch.inference_mode()
     def generate(
@@ -98,6 +99,7 @@ class Engine:
         ignore_eos: bool = False,
         positions: str = "original",
         past_window: bool = False,
+        kv_quant: str | None = None,
     ) -> RunResult:
         """Greedy generation for one prompt. `past_window=True` lets prompt + new tokens run beyond the
         model's trained window (the past-window probe measures exactly that); otherwise it is refused."""
@@ -105,7 +107,7 @@ class Engine:
             raise ValueError("empty prompt")
         if not past_window:
             self.check_fits(len(input_ids), max_new_tokens)
-        session = self.session(policy, positions, on_step)
+        session = self.session(policy, positions, on_step, kv_quant)
         logits, prefill_s = session.timed_feed(input_ids)
         reply = session.reply(logits, max_new_tokens, stop, ignore_eos, return_logits)
         return session.result(len(input_ids), prefill_s, reply)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvbench.kv.positions import POSITION_MODES
+from kvbench.kv.quant import codec
 from kvbench.policy import Budget, KVPolicy, make_policy, policy_class
 from kvbench.runtime.engine import QUERY_MODES
 
@@ -22,6 +23,7 @@ class RunSpec:
     policy: KVPolicy
     positions: str = "original"
     query: str = "in-prompt"
+    kv_quant: str | None = None  # how K/V rows are stored (kvbench/kv/quant.py); None: the model's dtype
 
     def __post_init__(self) -> None:
         name = self.policy.name
@@ -39,16 +41,21 @@ class RunSpec:
         if self.positions == "rerotate" and not self.policy.uniform_layers:
             raise ValueError(f"positions=rerotate needs the same token count in every layer; {name!r} keeps "
                              "per-layer sets of different sizes (use original or naive)")
+        if codec(self.kv_quant) is None:  # an unknown scheme raises, naming the allowed ones
+            object.__setattr__(self, "kv_quant", None)
+        elif self.positions == "rerotate":
+            raise ValueError(f"positions=rerotate turns stored keys after each eviction, which would quantize them "
+                             f"again each time; with kv_quant={self.kv_quant} use original or naive")
         if not self.policy.evicts:
             object.__setattr__(self, "positions", "original")
 
     @classmethod
     def build(cls, method: str, budget: Budget | str | int | None = None, params: dict[str, Any] | None = None,
-              positions: str = "original", query: str = "in-prompt") -> RunSpec:
+              positions: str = "original", query: str = "in-prompt", kv_quant: str | None = None) -> RunSpec:
         """The run from the values a user wrote (strings from a command line or a sweep file, numbers from
         lm-eval's model args): the method and its parameter names are checked and the values coerced by
         `make_policy`, the rest here."""
-        return cls(make_policy(method, budget, **(params or {})), positions, query)
+        return cls(make_policy(method, budget, **(params or {})), positions, query, kv_quant)
 
     @staticmethod
     def takes_budget(method: str) -> bool:

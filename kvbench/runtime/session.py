@@ -58,13 +58,13 @@ class Session:
     """One sequence: prompt chunks and decode steps can alternate (multi-turn)."""
 
     def __init__(self, engine: Engine, policy: KVPolicy, positions: str,
-                 on_step: Callable[[SequenceStep], None] | None) -> None:
+                 on_step: Callable[[SequenceStep], None] | None, kv_quant: str | None = None) -> None:
         self.engine, self.policy, self.on_step = engine, policy, on_step
         policy.reset()
         model, layout = engine.model, engine.layout
         check_positions(layout, positions, policy)
         rope = Rope.from_model(model) if positions == "rerotate" else None
-        cache = PolicyCache(policy, len(layout.windows), engine.device, positions, rope, layout.windows)
+        cache = PolicyCache(policy, len(layout.windows), engine.device, positions, rope, layout.windows, kv_quant)
         self.step = SequenceStep(policy, cache)
         self.seen = 0
         self.pending: list[int] = []  # generated tokens not yet fed back (the last one of a reply)

@@ -1,0 +1,112 @@
+"""Quantized K/V rows: each token's keys and values stored as integer codes with a scale and a minimum per group of
+channels, so a row stays self-contained and the cache moves it (evicts, freezes, thaws) as bytes like any other.
+
+A scheme `intB` (B = 8, 4 or 2 bits) quantizes each token's head vector in groups of `GROUP` channels, asymmetric
+(min-max), the axis transformers' `QuantizedCache` quantizes keys and values along (per token). A row is the codes
+(B bits each, packed into bytes) followed by each group's scale and minimum in float16; the minimum is rounded down
+and the scale up, so every value of the group lies in the range the codes span and the error of a value is at most
+half its group's step (`bound`). The bytes the cache counts are exactly these rows: codes + scales + minimums.
+
+Why not a library's tensors: optimum-quanto's and HQQ's quantized tensors hold the codes, scales and shifts of a whole
+tensor as one object (quanto packs int4 codes across rows of its group view), so a single token's row could not be
+evicted, moved into a hole or frozen without quantizing the layer again; kvbench's rows need each token's codes and
+group parameters in that token's own row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+GROUP = 32  # channels sharing one scale and minimum (KIVI's group size)
+SCHEMES = ("int8", "int4", "int2")
+PARAMS = 2  # per group: scale and minimum
+PARAM_BYTES = 2  # each a float16
+
+
+@dataclass(frozen=True)
+class RowCodec:
+    """Encode [B, K, q, D] K or V rows as uint8 rows [B, K, q, width(D)], and back."""
+
+    bits: int
+    group: int = GROUP
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}"
+
+    def sized(self, *head_dims: int) -> RowCodec:
+        """The codec for heads of these sizes: groups of GROUP channels, or one group per head when heads are
+        smaller."""
+        group = min(GROUP, *head_dims)
+        bad = [d for d in head_dims if d % group]
+        if bad or (group * self.bits) % 8:
+            raise ValueError(f"kv_quant={self.name}: head sizes {', '.join(map(str, head_dims))} do not split into "
+                             f"groups of {group} channels")
+        return RowCodec(self.bits, group)
+
+    def _groups(self, d: int) -> int:
+        return d // self.group
+
+    def width(self, d: int) -> int:
+        """Bytes of one encoded head vector of `d` channels: codes, then scale and minimum per group."""
+        return d * self.bits // 8 + self._groups(d) * PARAMS * PARAM_BYTES
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        *lead, d = x.shape
+        g = self._groups(d)
+        levels = (1 << self.bits) - 1
+        grouped = x.float().reshape(*lead, g, self.group)
+        low = _toward(grouped.amin(-1), down=True)
+        scale = _toward((grouped.amax(-1) - low.float()) / levels, down=False)
+        scale = torch.where(scale > 0, scale, torch.finfo(torch.float16).tiny)
+        codes = ((grouped - low.float()[..., None]) / scale.float()[..., None]).round_().clamp_(0, levels)
+        codes = codes.to(torch.uint8).reshape(*lead, d)
+        per = 8 // self.bits
+        if per > 1:  # `per` neighbouring channels share a byte, the first in the low bits
+            shifts = torch.arange(0, 8, self.bits, dtype=torch.uint8, device=x.device)
+            codes = (codes.reshape(*lead, d // per, per) << shifts).sum(-1, dtype=torch.uint8)
+        params = torch.cat([scale, low], -1).view(torch.uint8)  # every group's scale, then every minimum
+        return torch.cat([codes, params], -1)
+
+    def decode(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows back as [B, K, q, D] values in `dtype` (the cache's compute dtype)."""
+        *lead, w = rows.shape
+        per = 8 // self.bits
+        d = w * 8 * self.group // (self.bits * self.group + 8 * PARAMS * PARAM_BYTES)  # inverts `width`
+        g = d // self.group
+        codes, params = rows[..., : d // per], rows[..., d // per :]
+        if per > 1:
+            mask = (1 << self.bits) - 1
+            codes = torch.stack([(codes >> s) & mask for s in range(0, 8, self.bits)], -1)
+        params = params.contiguous().view(torch.float16).float()
+        scale, low = params[..., :g, None], params[..., g:, None]
+        values = codes.reshape(*lead, g, self.group).float() * scale + low
+        return values.reshape(*lead, d).to(dtype)
+
+    def bound(self, x: torch.Tensor) -> torch.Tensor:
+        """The largest error `decode(encode(x))` may have at each value of `x`: half its group's step, plus the
+        float32 rounding of the arithmetic."""
+        *lead, d = x.shape
+        grouped = x.float().reshape(*lead, d // self.group, self.group)
+        low = _toward(grouped.amin(-1), down=True).float()
+        step = _toward((grouped.amax(-1) - low) / ((1 << self.bits) - 1), down=False).float()
+        slack = 4 * torch.finfo(torch.float32).eps * (grouped.abs().amax(-1) + step)
+        return (step / 2 + slack)[..., None].expand_as(grouped).reshape(*lead, d)
+
+
+def _toward(x: torch.Tensor, down: bool) -> torch.Tensor:
+    """`x` (float32) as float16, rounded toward -inf (`down`) or +inf, so the stored range covers the true one."""
+    h = x.to(torch.float16)
+    wrong = h.float() > x if down else h.float() < x
+    return torch.where(wrong, torch.nextafter(h, torch.full_like(h, -torch.inf if down else torch.inf)), h)
+
+
+def codec(scheme: str | None) -> RowCodec | None:
+    """The codec of a `kv_quant` scheme name; None (or "none"): rows stay in the model's dtype."""
+    if scheme in (None, "none"):
+        return None
+    if scheme not in SCHEMES:
+        raise ValueError(f"kv_quant={scheme!r} is not a KV quantization scheme; allowed: none, {', '.join(SCHEMES)}")
+    return RowCodec(int(scheme.removeprefix("int")))

@@ -1,0 +1,162 @@
+"""Quantized K/V rows (kvbench/kv/quant.py): the error within the scheme's bound, the bytes counted equal to codes +
+scales + minimums, `full` on quantized rows equal to transformers' own cache holding the same quantized rows, every
+cache mechanism (eviction, freezing, sliding layers, batches) on quantized rows, refusals. Tiny random models:
+equivalence and mechanics, never reported results."""
+
+import json
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import tiny
+from conftest import assert_valid_results
+from kvbench.cli import main
+from kvbench.kv.quant import GROUP, RowCodec, codec
+from kvbench.policy import make_policy
+from kvbench.runtime import models
+from kvbench.runtime.batch import generate_batch
+from kvbench.runtime.engine import Engine
+from kvbench.runtime.runspec import RunSpec
+
+PROMPT = list(range(20, 220))
+
+
+def samples() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    wide = torch.randn(2, 3, 40, 64, generator=g) * 30
+    flat = torch.full((1, 1, 2, 64), 0.1)  # a constant group: a zero range
+    spiky = torch.randn(1, 2, 5, 32, generator=g)
+    spiky[..., 3] = 900.0  # one outlier channel, as keys have
+    return [wide, flat, spiky, wide.to(torch.bfloat16), wide.to(torch.float16)]
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "int2"])
+def test_decoding_an_encoded_row_errs_by_at_most_half_a_step_of_its_group(scheme):
+    base = codec(scheme)
+    levels = (1 << base.bits) - 1
+    for x in samples():
+        c = base.sized(x.shape[-1])
+        y = c.decode(c.encode(x), torch.float32)
+        bound = c.bound(x)
+        assert ((y - x.float()).abs() <= bound).all()
+        groups = x.float().reshape(*x.shape[:-1], -1, c.group)
+        span = (groups.amax(-1) - groups.amin(-1) + groups.abs().amax(-1) * 2**-9)[..., None]
+        assert (bound.reshape(groups.shape) <= span / levels / 2 * (1 + 2**-8) + 1e-3).all()  # the bound is tight
+        assert c.decode(c.encode(x), x.dtype).dtype == x.dtype
+
+
+def test_a_row_is_its_codes_then_a_float16_scale_and_minimum_per_group():
+    assert GROUP == 32
+    assert codec("int4").sized(64).width(64) == 64 * 4 // 8 + 2 * 2 * 2  # two groups of 32 channels
+    assert codec("int8").sized(16).width(16) == 16 + 2 * 2  # a head smaller than a group: one group
+    assert codec("int2").sized(128).width(128) == 128 * 2 // 8 + 4 * 2 * 2
+    with pytest.raises(ValueError, match="do not split into groups of 32 channels"):
+        codec("int4").sized(64, 48)
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine(tiny.build("llama", "sdpa", seed=0), models.load_tokenizer(), prefill_chunk=64)
+
+
+def row_bytes(engine: Engine, scheme: str | None) -> int:
+    """One token's K and V in one layer as stored: [B=1, K heads, width]."""
+    cfg = engine.model.config
+    d = cfg.hidden_size // cfg.num_attention_heads
+    width = codec(scheme).sized(d).width(d) if scheme else d * 4  # float32
+    return cfg.num_key_value_heads * 2 * width
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "int2"])
+def test_the_bytes_counted_are_the_stored_rows_and_full_bytes_the_models_dtype(engine, scheme):
+    layers = engine.model.config.num_hidden_layers
+    r = engine.generate(PROMPT, make_policy("full"), 6, kv_quant=scheme, ignore_eos=True)
+    seen = len(PROMPT) + 5  # the last token is never fed
+    assert r.cache.active_bytes == seen * layers * row_bytes(engine, scheme)
+    assert r.cache.full_bytes == seen * layers * row_bytes(engine, None)
+    assert r.cache.kv_compression == pytest.approx(1 - row_bytes(engine, scheme) / row_bytes(engine, None))
+
+    evicting = engine.generate(PROMPT, make_policy("streamingllm", 64), 6, kv_quant=scheme, ignore_eos=True)
+    assert evicting.cache.active_tokens == [64] * layers
+    assert evicting.cache.active_bytes == 64 * layers * row_bytes(engine, scheme)
+
+    freezing = engine.generate(PROMPT, make_policy("asrkf"), 12, kv_quant=scheme, ignore_eos=True)
+    assert sum(freezing.cache.frozen_tokens) > 0 and freezing.cache.thaws > 0  # the store holds quantized rows
+    assert freezing.cache.frozen_bytes == sum(freezing.cache.frozen_tokens) * row_bytes(engine, scheme)
+    assert freezing.cache.active_bytes == sum(freezing.cache.active_tokens) * row_bytes(engine, scheme)
+
+
+class FakeQuantCache(DynamicCache):
+    """transformers' own cache holding each new K/V row as `codec` stores it (encoded, then decoded)."""
+
+    def __init__(self, row_codec: RowCodec, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.row_codec = row_codec
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        c = self.row_codec.sized(key_states.shape[-1], value_states.shape[-1])
+        keys, values = (c.decode(c.encode(t), t.dtype) for t in (key_states, value_states))
+        return super().update(keys, values, layer_idx, *args, **kwargs)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])  # gemma3_text: sliding-window layers
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_full_on_quantized_rows_equals_transformers_cache_holding_the_same_rows(arch, scheme):
+    ours = Engine(tiny.build(arch, tiny.reference_attention(arch), seed=1), models.load_tokenizer(), prefill_chunk=64)
+    plain = tiny.build(arch, tiny.reference_attention(arch), seed=1)
+    got = ours.generate(PROMPT, make_policy("full"), 8, return_logits=True, kv_quant=scheme, ignore_eos=True)
+    cache = FakeQuantCache(codec(scheme), config=plain.config)
+    logits = []
+    with torch.inference_mode():  # the prompt in the engine's chunks: a code is a rounding, so the same K rows
+        for start in range(0, len(PROMPT), 64):
+            out = plain(input_ids=torch.tensor([PROMPT[start : start + 64]]), use_cache=True, **{ours.cache_arg: cache})
+        for _ in range(8):
+            logits.append(out.logits[0, -1])
+            out = plain(input_ids=out.logits[:, -1:].argmax(-1), use_cache=True, **{ours.cache_arg: cache})
+    assert got.tokens == [int(t.argmax()) for t in logits]
+    for mine, theirs in zip(got.logits, logits, strict=True):
+        torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=0)
+    if arch == "gemma3_text":  # its sliding layers hold their window, stored quantized
+        window = plain.config.sliding_window
+        assert min(got.cache.active_tokens) == window - 1 < max(got.cache.active_tokens)
+
+
+def test_a_batch_on_quantized_rows_gives_each_sequence_its_own_run(engine):
+    prompts = [PROMPT, PROMPT[:150], PROMPT[40:]]
+    together = generate_batch(engine, prompts, make_policy("h2o", 64), 6, ignore_eos=True, kv_quant="int4")
+    for ids, batched in zip(prompts, together, strict=True):
+        alone = engine.generate(ids, make_policy("h2o", 64), 6, ignore_eos=True, kv_quant="int4")
+        assert batched.tokens == alone.tokens
+        assert batched.cache.active_bytes == alone.cache.active_bytes
+
+
+def test_an_unknown_scheme_and_rerotated_quantized_keys_are_refused():
+    with pytest.raises(ValueError, match="kv_quant='int5' is not a KV quantization scheme; allowed: none, int8"):
+        RunSpec.build("full", kv_quant="int5")
+    with pytest.raises(ValueError, match="positions=rerotate turns stored keys .* with kv_quant=int4 use original"):
+        RunSpec.build("streamingllm", 64, positions="rerotate", kv_quant="int4")
+    assert RunSpec.build("full", kv_quant="none").kv_quant is None
+
+
+def test_compare_sweeps_the_storage_and_shows_it_in_the_records_and_table(tmp_path, capsys):
+    folder = tmp_path / "model"
+    tiny.build("llama", "sdpa", seed=0).save_pretrained(folder)
+    models.load_tokenizer().save_pretrained(folder)
+    out = tmp_path / "out"
+    args = ["compare", "--model", str(folder), "--methods", "full,streamingllm", "--budget", "64", "--tasks",
+            "needle-1k", "--limit", "1", "--no-progress"]
+    assert main([*args, "--kv-quant", "int5", "--out", str(tmp_path / "bad")]) == 2
+    assert "kv_quant='int5' is not a KV quantization scheme" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    assert main([*args, "--kv-quant", "none,int4", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert_valid_results(results)
+    rows = {(r["method"], r.get("kv_quant")): r for r in results["records"]}
+    assert set(rows) == {("full", None), ("full", "int4"), ("streamingllm", None), ("streamingllm", "int4")}
+    ratio = rows["full", "int4"]["metrics"]["active_kv_bytes"] / rows["full", None]["metrics"]["active_kv_bytes"]
+    d = 64 // 4  # the tiny model's head size
+    assert ratio == pytest.approx(codec("int4").sized(d).width(d) / (d * 4))
+    assert rows["full", "int4"]["config"]["kv_quant"] == "int4"
+    table = (out / "leaderboard.md").read_text()
+    assert "KV quant" in table and "| int4" in table
