@@ -100,20 +100,26 @@ class FakeQuantCache(DynamicCache):
         return super().update(keys, values, layer_idx, *args, **kwargs)
 
 
+@torch.inference_mode()
+def reference(plain, cache: DynamicCache, cache_arg: str, new: int = 8) -> list[torch.Tensor]:
+    """Greedy logits of transformers' forward on `cache`, the prompt fed in the engine's chunks of 64 (a code is a
+    rounding: the same K rows must come out of the same matmuls)."""
+    for start in range(0, len(PROMPT), 64):
+        out = plain(input_ids=torch.tensor([PROMPT[start : start + 64]]), use_cache=True, **{cache_arg: cache})
+    logits = []
+    for _ in range(new):
+        logits.append(out.logits[0, -1])
+        out = plain(input_ids=out.logits[:, -1:].argmax(-1), use_cache=True, **{cache_arg: cache})
+    return logits
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])  # gemma3_text: sliding-window layers
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_full_on_quantized_rows_equals_transformers_cache_holding_the_same_rows(arch, scheme):
     ours = Engine(tiny.build(arch, tiny.reference_attention(arch), seed=1), models.load_tokenizer(), prefill_chunk=64)
     plain = tiny.build(arch, tiny.reference_attention(arch), seed=1)
     got = ours.generate(PROMPT, make_policy("full"), 8, return_logits=True, kv_quant=scheme, ignore_eos=True)
-    cache = FakeQuantCache(codec(scheme), config=plain.config)
-    logits = []
-    with torch.inference_mode():  # the prompt in the engine's chunks: a code is a rounding, so the same K rows
-        for start in range(0, len(PROMPT), 64):
-            out = plain(input_ids=torch.tensor([PROMPT[start : start + 64]]), use_cache=True, **{ours.cache_arg: cache})
-        for _ in range(8):
-            logits.append(out.logits[0, -1])
-            out = plain(input_ids=out.logits[:, -1:].argmax(-1), use_cache=True, **{ours.cache_arg: cache})
+    logits = reference(plain, FakeQuantCache(codec(scheme), config=plain.config), ours.cache_arg)
     assert got.tokens == [int(t.argmax()) for t in logits]
     for mine, theirs in zip(got.logits, logits, strict=True):
         torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=0)
@@ -160,3 +166,57 @@ def test_compare_sweeps_the_storage_and_shows_it_in_the_records_and_table(tmp_pa
     assert rows["full", "int4"]["config"]["kv_quant"] == "int4"
     table = (out / "leaderboard.md").read_text()
     assert "KV quant" in table and "| int4" in table
+
+
+class FakeResidualCache(DynamicCache):
+    """transformers' own cache (full-precision rows) returning every row but the newest `residual` as `codec`
+    stores it: what a cache with a full-precision residual window attends."""
+
+    def __init__(self, row_codec: RowCodec, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.row_codec = row_codec
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        c, r = self.row_codec.sized(keys.shape[-1], values.shape[-1]), self.row_codec.residual
+        return tuple(torch.cat([c.decode(c.encode(t[:, :, :-r]), t.dtype), t[:, :, -r:]], 2) for t in (keys, values))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_the_newest_tokens_are_attended_in_full_precision_and_counted(arch):
+    """int4r48: the newest 48 tokens of each layer attended from full-precision copies, older ones quantized (a
+    prefill chunk of 64 too: its older 16 tokens attend their quantized rows), as transformers' cache holding
+    exactly that gives; the copies are counted with the quantized rows."""
+    ours = Engine(tiny.build(arch, tiny.reference_attention(arch), seed=2), models.load_tokenizer(), prefill_chunk=64)
+    plain = tiny.build(arch, tiny.reference_attention(arch), seed=2)
+    got = ours.generate(PROMPT, make_policy("full"), 8, return_logits=True, kv_quant="int4r48", ignore_eos=True)
+    logits = reference(plain, FakeResidualCache(codec("int4r48"), config=plain.config), ours.cache_arg)
+    assert got.tokens == [int(t.argmax()) for t in logits]
+    for mine, theirs in zip(got.logits, logits, strict=True):
+        torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=0)
+    plain_quantized = ours.generate(PROMPT, make_policy("full"), 8, return_logits=True, kv_quant="int4",
+                                    ignore_eos=True)
+    assert (got.logits[-1] - plain_quantized.logits[-1]).abs().max() > 1e-3  # the window changes what is attended
+    cfg = plain.config
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    quantized = cfg.num_key_value_heads * 2 * codec("int4").sized(d).width(d)
+    full_precision = cfg.num_key_value_heads * 2 * d * 4
+    assert got.cache.active_bytes == sum(got.cache.active_tokens) * quantized + 48 * len(
+        got.cache.active_tokens) * full_precision
+
+
+def test_a_rolled_back_position_is_never_read_from_the_copy_a_slot_held_for_it(engine):
+    """int4r16, 200 tokens fed and the last 10 rolled back: positions 184..189 still have their full-precision
+    copies; the slots of 174..183 held the rolled-back 190..199, so those positions are read quantized, as is
+    everything older; tokens fed again take their slots back."""
+    session = engine.session(make_policy("full"), kv_quant="int4r16")
+    session.feed(PROMPT)
+    session.rollback(10)
+    layer = session.cache.layers[0]
+    pos = layer.active.positions()[0, 0]
+    full_precision = (layer.keys != layer.active.keys()).any(-1).any(1)[0]  # per row: read from a copy
+    assert sorted(pos[full_precision].tolist()) == list(range(184, 190))
+    session.feed([7, 8, 9])
+    pos = layer.active.positions()[0, 0]
+    full_precision = (layer.keys != layer.active.keys()).any(-1).any(1)[0]
+    assert sorted(pos[full_precision].tolist()) == [*range(184, 190), 190, 191, 192]

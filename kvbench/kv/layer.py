@@ -18,8 +18,8 @@ from transformers.cache_utils import CacheLayerMixin
 
 from kvbench.kv.accounting import Ledger
 from kvbench.kv.positions import PositionMode
-from kvbench.kv.quant import RowCodec
-from kvbench.kv.rows import RowData, Rows, gather
+from kvbench.kv.quant import Recent, RowCodec
+from kvbench.kv.rows import POS, RowData, Rows, gather
 from kvbench.kv.store import FrozenStore
 from kvbench.policy import Decision, LayerView, Phase
 
@@ -100,6 +100,7 @@ class PolicyLayer(CacheLayerMixin):
         self.active = Rows(handle.token_state, torch.device("cpu"))
         self.frozen = FrozenStore(handle.token_state, pin=handle.pin_memory)
         self.codec: RowCodec | None = None  # handle.codec sized to this layer's heads, at the first update
+        self.recent: Recent | None = None  # the newest tokens in full precision (a codec with a residual)
         self.plain_row_bytes = 0  # one token's K/V in the model's dtype (what transformers' own cache stores)
         self._handed: dict[str, torch.Tensor] = {}  # the active state views handed to the policy
         self.seen = 0
@@ -116,6 +117,7 @@ class PolicyLayer(CacheLayerMixin):
         if self.handle.codec is not None:
             self.codec = self.handle.codec.sized(d, value_states.shape[-1])
             self.active.codec = self.frozen.codec = self.codec
+            self.recent = Recent(self.codec.residual) if self.codec.residual else None
         self.plain_row_bytes = b * h * (d + value_states.shape[-1]) * key_states.element_size()
         self.is_initialized = True
 
@@ -124,19 +126,27 @@ class PolicyLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         b, h, q, _ = key_states.shape
         before = self._sizes()
+        meta = self.handle.new_meta((b, h, q), self.device)
+        if self.recent is not None:
+            self.recent.add(key_states, value_states, meta[0, 0, :, POS].long())
         if self.codec is not None:
             key_states, value_states = self.codec.encode(key_states), self.codec.encode(value_states)
-        self.active.append((key_states, value_states, self.handle.new_meta((b, h, q), self.device)))
+        self.active.append((key_states, value_states, meta))
         self.seen += q
         self.new_tokens = q
         self._refresh(before)
         return self.keys, self.values
 
     def _sizes(self) -> tuple[int, int, int]:
-        return self.active.nbytes, self.frozen.nbytes, self.active.reserved_bytes
+        recent = 0 if self.recent is None else self.recent.nbytes  # full-precision copies of the newest tokens
+        return self.active.nbytes + recent, self.frozen.nbytes, self.active.reserved_bytes + recent
 
     def _refresh(self, before: tuple[int, int, int]) -> None:
         self.keys, self.values = self.active.keys(), self.active.values()
+        if self.recent is not None and self.active.n:
+            positions = self.active.positions()
+            self.keys = self.recent.overlay(self.keys, self.recent.k, positions)
+            self.values = self.recent.overlay(self.values, self.recent.v, positions)
         active, frozen, reserved = self._sizes()
         self.ledger.resized(active - before[0], frozen - before[1], reserved - before[2])
 

@@ -2,7 +2,9 @@
 channels, so a row stays self-contained and the cache moves it (evicts, freezes, thaws) as bytes like any other.
 
 A scheme `intB` (B = 8, 4 or 2 bits) quantizes each token's head vector in groups of `GROUP` channels, asymmetric
-(min-max), the axis transformers' `QuantizedCache` quantizes keys and values along (per token). A row is the codes
+(min-max), the axis transformers' `QuantizedCache` quantizes keys and values along (per token); `intBrR` also keeps
+full-precision copies of each layer's newest R tokens (`Recent`, KIVI's residual), which attention reads instead of
+their quantized rows. A row is the codes
 (B bits each, packed into bytes) followed by each group's scale and minimum in float16; the minimum is rounded down
 and the scale up, so every value of the group lies in the range the codes span and the error of a value is at most
 half its group's step (`bound`). The bytes the cache counts are exactly these rows: codes + scales + minimums.
@@ -15,6 +17,7 @@ group parameters in that token's own row.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -27,14 +30,16 @@ PARAM_BYTES = 2  # each a float16
 
 @dataclass(frozen=True)
 class RowCodec:
-    """Encode [B, K, q, D] K or V rows as uint8 rows [B, K, q, width(D)], and back."""
+    """Encode [B, K, q, D] K or V rows as uint8 rows [B, K, q, width(D)], and back; `residual`: the newest tokens
+    a layer also keeps in full precision."""
 
     bits: int
     group: int = GROUP
+    residual: int = 0
 
     @property
     def name(self) -> str:
-        return f"int{self.bits}"
+        return f"int{self.bits}" + (f"r{self.residual}" if self.residual else "")
 
     def sized(self, *head_dims: int) -> RowCodec:
         """The codec for heads of these sizes: groups of GROUP channels, or one group per head when heads are
@@ -44,7 +49,7 @@ class RowCodec:
         if bad or (group * self.bits) % 8:
             raise ValueError(f"kv_quant={self.name}: head sizes {', '.join(map(str, head_dims))} do not split into "
                              f"groups of {group} channels")
-        return RowCodec(self.bits, group)
+        return RowCodec(self.bits, group, self.residual)
 
     def _groups(self, d: int) -> int:
         return d // self.group
@@ -103,10 +108,52 @@ def _toward(x: torch.Tensor, down: bool) -> torch.Tensor:
     return torch.where(wrong, torch.nextafter(h, torch.full_like(h, -torch.inf if down else torch.inf)), h)
 
 
+class Recent:
+    """Full-precision K/V of a layer's newest `size` tokens, by position (slot = position mod size, each slot
+    remembering the position it holds), laid over the decoded rows that hold those positions. A token evicted,
+    frozen or rolled back keeps its slot until a newer position takes it; the slots are counted as stored."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.held = torch.full((size,), -1, dtype=torch.long)  # the position in each slot
+        self.filled = 0  # slots written so far
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.k is None else (self.k.nbytes + self.v.nbytes) * self.filled // self.size
+
+    def add(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        """The new tokens' rows ([B, K, q, D], in the model's dtype) at `positions` ([q], the same in every head)."""
+        keys, values, positions = keys[:, :, -self.size :], values[:, :, -self.size :], positions[-self.size :]
+        if self.k is None:
+            self.k = keys.new_empty((*keys.shape[:2], self.size, keys.shape[-1]))
+            self.v = values.new_empty((*values.shape[:2], self.size, values.shape[-1]))
+            self.held = self.held.to(keys.device)
+        slots = positions % self.size
+        self.k[:, :, slots], self.v[:, :, slots] = keys, values
+        self.held[slots] = positions
+        self.filled = min(self.size, self.filled + positions.numel())
+
+    def overlay(self, rows: torch.Tensor, store: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
+        """Decoded `rows` [B, K, n, D] with those whose position ([B, K, n]) a slot holds taken from `store`."""
+        if store is None:
+            return rows
+        slots = positions % self.size
+        mine = (self.held[slots] == positions)[..., None]
+        return torch.where(mine, store.gather(2, slots[..., None].expand(-1, -1, -1, store.shape[-1])), rows)
+
+
+SCHEME = re.compile(r"int(8|4|2)(?:r([1-9][0-9]*))?")
+
+
 def codec(scheme: str | None) -> RowCodec | None:
-    """The codec of a `kv_quant` scheme name; None (or "none"): rows stay in the model's dtype."""
+    """The codec of a `kv_quant` scheme name (`int4`, `int4r128`); None (or "none"): the model's dtype."""
     if scheme in (None, "none"):
         return None
-    if scheme not in SCHEMES:
-        raise ValueError(f"kv_quant={scheme!r} is not a KV quantization scheme; allowed: none, {', '.join(SCHEMES)}")
-    return RowCodec(int(scheme.removeprefix("int")))
+    found = SCHEME.fullmatch(str(scheme))
+    if found is None:
+        raise ValueError(f"kv_quant={scheme!r} is not a KV quantization scheme; allowed: none, {', '.join(SCHEMES)}, "
+                         "each optionally with rR to keep the newest R tokens in full precision (int4r128)")
+    return RowCodec(int(found[1]), GROUP, int(found[2] or 0))
