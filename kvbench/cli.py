@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--method-args", action="append", default=[], metavar="METHOD:K=V[,K=V]",
                    help="policy parameters, e.g. asrkf:tau=0.5|0.25 (one row per variant; repeatable)")
     b.add_argument("--new-tokens", type=int, default=32, help="decode steps timed per prompt")
+    b.add_argument("--kv-quant", type=_csv, default="none",
+                   help="how K/V rows are stored, as for compare; every method runs on each (ratios: against full "
+                        "in the model's dtype)")
     b.add_argument("--batch", type=_csv, default="1",
                    help="batch sizes, comma-separated: B > 1 decodes B prompts together (per-sequence caches)")
     b.add_argument("--repeats", type=int, default=1,
@@ -161,7 +164,8 @@ def _bench(args: argparse.Namespace) -> int:
                      contexts=[_int(c, "--contexts") for c in args.contexts],
                      budget=args.budget, new_tokens=args.new_tokens, model=args.model, device=args.device,
                      dtype=args.dtype, prefill_chunk=args.prefill_chunk,
-                     batch=tuple(_int(b, "--batch") for b in args.batch), repeats=args.repeats)
+                     batch=tuple(_int(b, "--batch") for b in args.batch), repeats=args.repeats,
+                     kv_quants=args.kv_quant)
     out = args.out or default_out_dir(spec.methods, "bench-")
     check_outputs(out, ["bench.md", "bench.json"], args.overwrite)
     run_bench(spec, out, progress=not args.no_progress)

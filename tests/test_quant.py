@@ -220,3 +220,21 @@ def test_a_rolled_back_position_is_never_read_from_the_copy_a_slot_held_for_it(e
     pos = layer.active.positions()[0, 0]
     full_precision = (layer.keys != layer.active.keys()).any(-1).any(1)[0]
     assert sorted(pos[full_precision].tolist()) == [*range(184, 190), 190, 191, 192]
+
+
+def test_bench_times_every_method_on_each_storage_against_full_in_the_models_dtype(tmp_path):
+    folder = tmp_path / "model"
+    tiny.build("llama", "sdpa", seed=0).save_pretrained(folder)
+    models.load_tokenizer().save_pretrained(folder)
+    assert main(["bench", "--model", str(folder), "--methods", "full,streamingllm", "--contexts", "200",
+                 "--new-tokens", "3", "--budget", "64", "--kv-quant", "none,int4", "--out", str(tmp_path / "b"),
+                 "--no-progress"]) == 0
+    doc = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert_valid_results(doc)
+    rows = {(r["method"], r.get("kv_quant")): r for r in doc["records"]}
+    assert set(rows) == {("full", None), ("full", "int4"), ("streamingllm", None), ("streamingllm", "int4")}
+    assert rows["full", None]["decode_vs_full"] == 1.0 and rows["full", "int4"]["decode_vs_full"] > 0
+    d = 16
+    assert rows["full", "int4"]["active_kv_bytes"] == rows["full", None]["active_kv_bytes"] * codec("int4").sized(
+        d).width(d) // (d * 4)
+    assert "| full int4 " in (tmp_path / "b" / "bench.md").read_text()

@@ -227,6 +227,9 @@ def test_plots_are_drawn_from_records(tmp_path):
                                         ("streamingllm", {"tokens": 256}, 0.0, 1e7, "after"))]
     made = draw_all(records, tmp_path)
     assert len(made) == 4 and "accuracy versus KV compression, per query mode" in made
+    from kvbench.evaluation.plots import label
+
+    assert label({**records[1], "kv_quant": "int4"}) == "streamingllm 256 int4"  # its own point on the frontier
     for path in made.values():
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
 

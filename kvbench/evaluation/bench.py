@@ -31,6 +31,8 @@ from kvbench.runtime.runspec import RunSpec
 from kvbench.runtime.session import RunResult
 from kvbench.tasks.prose import passages
 
+Variant = tuple[str, dict[str, str], str]  # method, its parameters, kv_quant
+
 
 @dataclass
 class BenchSpec:
@@ -45,6 +47,7 @@ class BenchSpec:
     prefill_chunk: int = 512
     batch: tuple[int, ...] = (1,)  # batch sizes; B > 1 decodes B different prompts together
     repeats: int = 1  # interleaved rounds per context and batch size
+    kv_quants: list[str] = field(default_factory=lambda: ["none"])  # every method on each storage; full "none": 1.0
 
 
 def prompt(engine: Engine, length: int, index: int = 0) -> list[int]:
@@ -69,12 +72,13 @@ def run_bench(spec: BenchSpec, out_dir: Path | None = None, progress: bool = Tru
     if spec.new_tokens < 2:
         raise ValueError(f"new tokens must be >= 2 (the first comes from prefill; decode is timed after it), "
                          f"got {spec.new_tokens}")
-    variants = [(name, params) for name in spec.methods for params in expand_sweep(spec.method_args.get(name, {}))]
+    variants = [(name, params, quant) for name in spec.methods
+                for params in expand_sweep(spec.method_args.get(name, {})) for quant in dict.fromkeys(spec.kv_quants)]
     stray = sorted(set(spec.method_args) - set(spec.methods))
     if stray:
         raise ValueError(f"--method-args names {', '.join(stray)}, which is not among --methods")
-    for name, params in variants:
-        _run(name, params, spec)  # fail before loading
+    for variant in variants:
+        _run(*variant, spec)  # fail before loading
     lm, tok = models.load(spec.model, device=spec.device, dtype=models.parse_dtype(spec.dtype))
     engine = Engine(lm, tok, prefill_chunk=spec.prefill_chunk)
     for n in spec.contexts:
@@ -86,12 +90,13 @@ def run_bench(spec: BenchSpec, out_dir: Path | None = None, progress: bool = Tru
     for n, batch in ((n, b) for n in spec.contexts for b in spec.batch):
         prompts = [prompt(engine, n, i) for i in range(batch)]
         rounds = [_round(engine, prompts, variants, spec, bar) for _ in range(spec.repeats)]
-        rows += [_summarise(name, params, n, batch, [r[i] for r in rounds], [_full(variants, r) for r in rounds])
-                 for i, (name, params) in enumerate(variants)]
+        rows += [_summarise(variant, n, batch, [r[i] for r in rounds], [_full(variants, r) for r in rounds])
+                 for i, variant in enumerate(variants)]
     bar.close()
     for row in rows:
         single = next(b for b in rows if b["context"] == row["context"] and b["method"] == row["method"]
-                      and b["variant"] == row["variant"] and b["batch"] == spec.batch[0])
+                      and b["variant"] == row["variant"] and b.get("kv_quant") == row.get("kv_quant")
+                      and b["batch"] == spec.batch[0])
         row["throughput_vs_first_batch"] = row["tokens_per_s"] / single["tokens_per_s"]
     run_ = {**vars(spec), "budget": Budget.parse(spec.budget).to_json(), "versions": versions(),
             "attention": engine.attention_backend, "model_sha256": models.content_digest(spec.model)}
@@ -101,21 +106,23 @@ def run_bench(spec: BenchSpec, out_dir: Path | None = None, progress: bool = Tru
     return rows
 
 
-def _round(engine: Engine, prompts: list[list[int]], variants: list[tuple[str, dict[str, str]]], spec: BenchSpec,
+def _round(engine: Engine, prompts: list[list[int]], variants: list[Variant], spec: BenchSpec,
            bar: tqdm) -> list[dict[str, Any]]:
     """One run of every variant. At batch 1 the prompts are prefilled one method after another, then all methods
     decode in lockstep (step i of each before step i + 1 of any), so a slow spell of the machine lands on every
     method alike instead of on whichever ran then. Batch > 1 runs one method after another."""
-    policies = [_run(name, params, spec).policy for name, params in variants]
+    specs = [_run(*variant, spec) for variant in variants]
+    policies = [run.policy for run in specs]
     if len(prompts) > 1:
         outcomes = []
-        for policy in policies:
-            outcomes.append(generate_batch(engine, prompts, policy, spec.new_tokens, ignore_eos=True))
+        for run in specs:
+            outcomes.append(generate_batch(engine, prompts, run.policy, spec.new_tokens, ignore_eos=True,
+                                           kv_quant=run.kv_quant))
             bar.update()
     else:
         runs = []
-        for policy in policies:
-            session = engine.session(policy)
+        for run in specs:
+            session = engine.session(run.policy, kv_quant=run.kv_quant)
             logits, prefill_s = session.timed_feed(prompts[0])
             runs.append((Decoding(session, logits, spec.new_tokens, ignore_eos=True), prefill_s))
         replies = decode([d for d, _ in runs])
@@ -125,9 +132,9 @@ def _round(engine: Engine, prompts: list[list[int]], variants: list[tuple[str, d
     return [_figures(r, policy.budget, spec) for r, policy in zip(outcomes, policies, strict=True)]
 
 
-def _run(name: str, params: dict[str, str], spec: BenchSpec) -> RunSpec:
+def _run(name: str, params: dict[str, str], kv_quant: str, spec: BenchSpec) -> RunSpec:
     """A method's run in the bench: the bench's budget where the method takes one."""
-    return RunSpec.build(name, spec.budget if RunSpec.takes_budget(name) else None, params)
+    return RunSpec.build(name, spec.budget if RunSpec.takes_budget(name) else None, params, kv_quant=kv_quant)
 
 
 def _figures(batch: list[RunResult], budget: Budget | None, spec: BenchSpec) -> dict[str, Any]:
@@ -152,13 +159,16 @@ def _figures(batch: list[RunResult], budget: Budget | None, spec: BenchSpec) -> 
             "policy_ms": 1e3 * sum(x.cache.policy_seconds["decode"] for x in batch) / len(r.decode_s)}
 
 
-def _full(variants: list[tuple[str, dict[str, str]]], round_: list[dict[str, Any]]) -> dict[str, Any] | None:
-    return next((m for (name, _), m in zip(variants, round_, strict=True) if name == "full"), None)
+def _full(variants: list[Variant], round_: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """`full`'s run in the model's dtype: what every ratio is against."""
+    return next((m for (name, _, quant), m in zip(variants, round_, strict=True) if name == "full" and quant == "none"),
+                None)
 
 
-def _summarise(name: str, params: dict[str, str], n: int, batch: int, runs: list[dict[str, Any]],
+def _summarise(variant: Variant, n: int, batch: int, runs: list[dict[str, Any]],
                fulls: list[dict[str, Any] | None]) -> dict[str, Any]:
     """One row from a method's runs (one per round) and `full`'s runs of the same rounds."""
+    name, params, quant = variant
     med = statistics.median
     step_ms = med(r["step_ms"] for r in runs)
     last = runs[-1]  # sizes and peaks are the same in every round
@@ -169,7 +179,7 @@ def _summarise(name: str, params: dict[str, str], n: int, batch: int, runs: list
            "prefill_ms": med(r["prefill_ms"] for r in runs),
            **{k: last[k] for k in ("peak_kv_bytes", "active_kv_bytes", "full_kv_bytes", "peak_kv_tokens_per_layer",
                                    "peak_bound_tokens", "transfer_ms", "mean_kv_compression", "policy")},
-           "policy_ms_per_step": med(r["policy_ms"] for r in runs)}
+           "policy_ms_per_step": med(r["policy_ms"] for r in runs), **({"kv_quant": quant} if quant != "none" else {})}
     for key, col in (("step_ms", "decode"), ("late_ms", "late_decode"), ("prefill_ms", "prefill")):
         ratios = [r[key] / f[key] for r, f in zip(runs, fulls, strict=True) if f is not None]
         row[f"{col}_vs_full"] = med(ratios) if ratios else None
@@ -188,7 +198,7 @@ def markdown(run_: dict[str, Any], rows: list[dict[str, Any]]) -> str:
                "last quarter × full", "tok/s",
                f"tok/s × batch {first}", "prefill ms", "prefill × full", "peak KV MiB", "peak KV tok/layer",
                "budget + chunk", "final active KV MiB", "mean KV comp.", "policy ms/step", "transfer ms"]
-    table = [[r["context"], r["batch"], f"{r['method']} {r.get('variant', '')}".strip(),
+    table = [[r["context"], r["batch"], " ".join(filter(None, (r["method"], r.get("variant"), r.get("kv_quant")))),
               Budget.label(r["budget"]), f"{r['decode_ms_p50']:.1f}",
               ratio(r["decode_vs_full"], r.get("decode_vs_full_range")),
               ratio(r.get("late_decode_vs_full"), r.get("late_decode_vs_full_range")), f"{r['tokens_per_s']:.1f}",

@@ -25,7 +25,7 @@ CONTEXT_BINS = (1024, 2048, 4096, 6144, 8192)
 def label(record: dict[str, Any]) -> str:
     query = record.get("query", "in-prompt")
     budget = Budget.label(record["budget"]) if record["budget"] else ""
-    parts = [record["method"], record["variant"], budget, record["positions"],
+    parts = [record["method"], record["variant"], budget, record["positions"], record.get("kv_quant") or "",
              "" if query == "in-prompt" else f"query={query}"]
     return " ".join(p for p in parts if p and p != "original")
 
@@ -137,11 +137,11 @@ def accuracy_vs_compression(records: list[dict[str, Any]], path: Path) -> Path |
         if y is None:
             continue
         mode = r.get("query", "in-prompt")
-        if r["method"] == "full":
+        if r["method"] == "full" and not r.get("kv_quant"):  # a quantized full cache is a point like any other
             fulls[mode] = y
             continue
-        name = " ".join(p for p in (r["method"], r["variant"], r["positions"], r.get("schedule") or "")
-                        if p and p != "original")
+        name = " ".join(p for p in (r["method"], r["variant"], r["positions"], r.get("schedule") or "",
+                                    r.get("kv_quant") or "") if p and p != "original")
         curves[mode][name].append((r["metrics"]["kv_compression"], y))
     if not any(curves.values()):
         return None
