@@ -238,3 +238,79 @@ def test_bench_times_every_method_on_each_storage_against_full_in_the_models_dty
     assert rows["full", "int4"]["active_kv_bytes"] == rows["full", None]["active_kv_bytes"] * codec("int4").sized(
         d).width(d) // (d * 4)
     assert "| full int4 " in (tmp_path / "b" / "bench.md").read_text()
+
+
+def test_kivi_keys_err_by_at_most_half_a_step_of_their_channel_in_their_group():
+    from kvbench.kv.quant import KeyGroups
+
+    for bits in (4, 2):
+        for keys in (torch.randn(1, 3, 32, 64) * 5, samples()[2][:, :, :4].repeat(1, 1, 8, 1)):
+            groups = KeyGroups(bits)
+            decoded = groups.decode(groups.quantize(keys), torch.float32)
+            x = keys.float()
+            step = (x.amax(2) - x.amin(2)) / ((1 << bits) - 1)  # per channel, over the group's tokens
+            slack = 2**-9 * x.abs().amax(2) + 1e-6
+            assert ((decoded - x).abs() <= (step / 2 + slack)[:, :, None]).all()
+            assert groups.count == 1 and groups.nbytes == 2 * keys.shape[1] * keys.shape[-1] * 2
+
+
+class FakeKiviCache(DynamicCache):
+    """transformers' own cache returning KIVI's reading of its full-precision rows: the newest `residual` tokens as
+    they are; older keys quantized per channel over aligned groups of 32 positions, older values per token."""
+
+    def __init__(self, bits: int, residual: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.bits, self.residual = bits, residual
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        from kvbench.kv.quant import KeyGroups
+
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        cut = max(0, keys.shape[2] - self.residual)
+        old = keys[:, :, :cut].clone()
+        for start in range(0, cut, 32):
+            groups = KeyGroups(self.bits)
+            old[:, :, start : start + 32] = groups.decode(groups.quantize(keys[:, :, start : start + 32]),
+                                                          keys.dtype)[:, :, : min(32, cut - start)]
+        c = RowCodec(self.bits).sized(values.shape[-1])
+        return (torch.cat([old, keys[:, :, cut:]], 2),
+                torch.cat([c.decode(c.encode(values[:, :, :cut]), values.dtype), values[:, :, cut:]], 2))
+
+
+@pytest.mark.parametrize("scheme", ["kivi4r48", "kivi2r32"])
+def test_kivi_equals_transformers_cache_reading_keys_per_channel_and_values_per_token(scheme):
+    ours = Engine(tiny.build("llama", tiny.reference_attention("llama"), seed=3), models.load_tokenizer(),
+                  prefill_chunk=64)
+    plain = tiny.build("llama", tiny.reference_attention("llama"), seed=3)
+    got = ours.generate(PROMPT, make_policy("full"), 8, return_logits=True, kv_quant=scheme, ignore_eos=True)
+    row_codec = codec(scheme)
+    logits = reference(plain, FakeKiviCache(row_codec.bits, row_codec.residual, config=plain.config), ours.cache_arg)
+    assert got.tokens == [int(t.argmax()) for t in logits]
+    for mine, theirs in zip(got.logits, logits, strict=True):
+        torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=0)
+    cfg = plain.config
+    d, heads, layers = cfg.hidden_size // cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_hidden_layers
+    seen = len(PROMPT) + 7
+    rows = heads * (d * row_codec.bits // 8 + 4 + row_codec.sized(d).width(d))  # key codes + group, value row
+    window = row_codec.residual * heads * 2 * d * 4
+    groups = -(-(seen - row_codec.residual) // 32)  # each group's per-channel scale and minimum, float16
+    assert got.cache.active_bytes == layers * (seen * rows + window + groups * 2 * heads * d * 2)
+
+
+def test_kivi_runs_with_eviction_freezing_rollback_sliding_layers_and_batches(engine):
+    for policy in (make_policy("h2o", 64), make_policy("asrkf"), make_policy("snapkv", 64)):
+        r = engine.generate(PROMPT, policy, 12, kv_quant="kivi4r32", ignore_eos=True)
+        assert r.tokens and r.cache.active_bytes < r.cache.full_bytes
+    session = engine.session(make_policy("full"), kv_quant="kivi4r32")
+    session.feed(PROMPT)
+    session.rollback(50)  # positions 150.. go: the groups from 128 on are quantized again when fed again
+    assert session.cache.layers[0].key_codec.upto == 150
+    session.feed(PROMPT[:60])  # positions 150..209: the window keeps 178.., so the group 150..181 is quantized
+    assert session.cache.layers[0].key_codec.upto == 182
+    gemma = Engine(tiny.build("gemma3_text", "eager", seed=0), models.load_tokenizer(), prefill_chunk=64)
+    g = gemma.generate(PROMPT, make_policy("streamingllm", 96), 8, kv_quant="kivi4r32", ignore_eos=True)
+    assert g.tokens and min(g.cache.active_tokens) <= 96
+    batch = generate_batch(engine, [PROMPT, PROMPT[:120]], make_policy("h2o", 64), 6, ignore_eos=True,
+                           kv_quant="kivi4r32")
+    assert batch[1].tokens == engine.generate(PROMPT[:120], make_policy("h2o", 64), 6, ignore_eos=True,
+                                              kv_quant="kivi4r32").tokens

@@ -18,7 +18,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from kvbench.kv.accounting import Ledger
 from kvbench.kv.positions import PositionMode
-from kvbench.kv.quant import Recent, RowCodec
+from kvbench.kv.quant import KeyGroups, Recent, RowCodec
 from kvbench.kv.rows import POS, RowData, Rows, gather
 from kvbench.kv.store import FrozenStore
 from kvbench.policy import Decision, LayerView, Phase
@@ -100,6 +100,7 @@ class PolicyLayer(CacheLayerMixin):
         self.active = Rows(handle.token_state, torch.device("cpu"))
         self.frozen = FrozenStore(handle.token_state, pin=handle.pin_memory)
         self.codec: RowCodec | None = None  # handle.codec sized to this layer's heads, at the first update
+        self.key_codec: RowCodec | KeyGroups | None = None  # the codec, or KIVI's per-channel key groups
         self.recent: Recent | None = None  # the newest tokens in full precision (a codec with a residual)
         self.plain_row_bytes = 0  # one token's K/V in the model's dtype (what transformers' own cache stores)
         self._handed: dict[str, torch.Tensor] = {}  # the active state views handed to the policy
@@ -116,7 +117,9 @@ class PolicyLayer(CacheLayerMixin):
         b, h, _, d = key_states.shape
         if self.handle.codec is not None:
             self.codec = self.handle.codec.sized(d, value_states.shape[-1])
-            self.active.codec = self.frozen.codec = self.codec
+            self.key_codec = KeyGroups(self.codec.bits) if self.codec.keys_per_channel else self.codec
+            for rows in (self.active, self.frozen):
+                rows.key_codec, rows.value_codec = self.key_codec, self.codec
             self.recent = Recent(self.codec.residual) if self.codec.residual else None
         self.plain_row_bytes = b * h * (d + value_states.shape[-1]) * key_states.element_size()
         self.is_initialized = True
@@ -127,18 +130,39 @@ class PolicyLayer(CacheLayerMixin):
         b, h, q, _ = key_states.shape
         before = self._sizes()
         meta = self.handle.new_meta((b, h, q), self.device)
+        positions = meta[0, 0, :, POS].long()
+        if self.codec is None:
+            self.active.append((key_states, value_states, meta))
+        else:
+            self.active.append((self.key_codec.encode(key_states), self.codec.encode(value_states), meta))
+        if isinstance(self.key_codec, KeyGroups):
+            self._quantize_leaving(key_states, int(positions[0]), int(positions[-1]) + 1)
         if self.recent is not None:
-            self.recent.add(key_states, value_states, meta[0, 0, :, POS].long())
-        if self.codec is not None:
-            key_states, value_states = self.codec.encode(key_states), self.codec.encode(value_states)
-        self.active.append((key_states, value_states, meta))
+            self.recent.add(key_states, value_states, positions)
         self.seen += q
         self.new_tokens = q
         self._refresh(before)
         return self.keys, self.values
 
+    def _quantize_leaving(self, new_keys: torch.Tensor, first_new: int, end: int) -> None:
+        """KIVI: quantize, a group of consecutive positions at a time, the keys of the tokens that leave the
+        full-precision window as positions up to `end` arrive (read from the window, or from the new tokens'
+        `new_keys`, which start at `first_new`), and write them into every row holding those tokens."""
+        groups, window = self.key_codec, self.recent
+        while groups.upto < end - window.size:
+            at = torch.arange(groups.upto, groups.upto + groups.group, device=self.device)
+            new = (at >= first_new)[None, None, :, None]
+            fresh = new_keys[:, :, (at - first_new).clamp(0, new_keys.shape[2] - 1)]
+            old = fresh if window.k is None else window.k[:, :, at % window.size]
+            rows = groups.quantize(torch.where(new, fresh, old))
+            self.active.rewrite_keys(groups.upto, rows)
+            self.frozen.rewrite_keys(groups.upto, rows)
+            groups.upto += groups.group
+
     def _sizes(self) -> tuple[int, int, int]:
         recent = 0 if self.recent is None else self.recent.nbytes  # full-precision copies of the newest tokens
+        if isinstance(self.key_codec, KeyGroups):
+            recent += self.key_codec.nbytes  # KIVI's per-channel scales and minimums
         return self.active.nbytes + recent, self.frozen.nbytes, self.active.reserved_bytes + recent
 
     def _refresh(self, before: tuple[int, int, int]) -> None:
@@ -200,6 +224,8 @@ class PolicyLayer(CacheLayerMixin):
         """Remove the tokens at positions >= `first`, active or frozen, as if never fed (`seen` shrinks with
         them). Those the policy had evicted are uncounted; earlier tokens it evicted stay evicted."""
         before = self._sizes()
+        if isinstance(self.key_codec, KeyGroups):  # tokens fed again at these positions are new ones to quantize
+            self.key_codec.upto = min(self.key_codec.upto, first)
         f = self.frozen
         frozen = 0
         if f.n:

@@ -36,10 +36,12 @@ class RowCodec:
     bits: int
     group: int = GROUP
     residual: int = 0
+    keys_per_channel: bool = False  # KIVI: keys quantized per channel over groups of tokens (`KeyGroups`)
 
     @property
     def name(self) -> str:
-        return f"int{self.bits}" + (f"r{self.residual}" if self.residual else "")
+        return ("kivi" if self.keys_per_channel else "int") + f"{self.bits}" + (
+            f"r{self.residual}" if self.residual else "")
 
     def sized(self, *head_dims: int) -> RowCodec:
         """The codec for heads of these sizes: groups of GROUP channels, or one group per head when heads are
@@ -49,7 +51,7 @@ class RowCodec:
         if bad or (group * self.bits) % 8:
             raise ValueError(f"kv_quant={self.name}: head sizes {', '.join(map(str, head_dims))} do not split into "
                              f"groups of {group} channels")
-        return RowCodec(self.bits, group, self.residual)
+        return RowCodec(self.bits, group, self.residual, self.keys_per_channel)
 
     def _groups(self, d: int) -> int:
         return d // self.group
@@ -67,11 +69,7 @@ class RowCodec:
         scale = _toward((grouped.amax(-1) - low.float()) / levels, down=False)
         scale = torch.where(scale > 0, scale, torch.finfo(torch.float16).tiny)
         codes = ((grouped - low.float()[..., None]) / scale.float()[..., None]).round_().clamp_(0, levels)
-        codes = codes.to(torch.uint8).reshape(*lead, d)
-        per = 8 // self.bits
-        if per > 1:  # `per` neighbouring channels share a byte, the first in the low bits
-            shifts = torch.arange(0, 8, self.bits, dtype=torch.uint8, device=x.device)
-            codes = (codes.reshape(*lead, d // per, per) << shifts).sum(-1, dtype=torch.uint8)
+        codes = _pack(codes.to(torch.uint8).reshape(*lead, d), self.bits)
         params = torch.cat([scale, low], -1).view(torch.uint8)  # every group's scale, then every minimum
         return torch.cat([codes, params], -1)
 
@@ -81,10 +79,7 @@ class RowCodec:
         per = 8 // self.bits
         d = w * 8 * self.group // (self.bits * self.group + 8 * PARAMS * PARAM_BYTES)  # inverts `width`
         g = d // self.group
-        codes, params = rows[..., : d // per], rows[..., d // per :]
-        if per > 1:
-            mask = (1 << self.bits) - 1
-            codes = torch.stack([(codes >> s) & mask for s in range(0, 8, self.bits)], -1)
+        codes, params = _unpack(rows[..., : d // per], self.bits), rows[..., d // per :]
         params = params.contiguous().view(torch.float16).float()
         scale, low = params[..., :g, None], params[..., g:, None]
         values = codes.reshape(*lead, g, self.group).float() * scale + low
@@ -99,6 +94,24 @@ class RowCodec:
         step = _toward((grouped.amax(-1) - low) / ((1 << self.bits) - 1), down=False).float()
         slack = 4 * torch.finfo(torch.float32).eps * (grouped.abs().amax(-1) + step)
         return (step / 2 + slack)[..., None].expand_as(grouped).reshape(*lead, d)
+
+
+def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes [..., D] of `bits` each as bytes [..., D * bits / 8]: neighbouring channels share a byte, the
+    first in the low bits."""
+    per = 8 // bits
+    if per == 1:
+        return codes
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
+    return (codes.reshape(*codes.shape[:-1], codes.shape[-1] // per, per) << shifts).sum(-1, dtype=torch.uint8)
+
+
+def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """`_pack`'s bytes back as codes [..., D, ...] (the trailing axis of `per` codes per byte to be flattened)."""
+    if bits == 8:
+        return packed
+    mask = (1 << bits) - 1
+    return torch.stack([(packed >> s) & mask for s in range(0, 8, bits)], -1)
 
 
 def _toward(x: torch.Tensor, down: bool) -> torch.Tensor:
@@ -145,15 +158,82 @@ class Recent:
         return torch.where(mine, store.gather(2, slots[..., None].expand(-1, -1, -1, store.shape[-1])), rows)
 
 
-SCHEME = re.compile(r"int(8|4|2)(?:r([1-9][0-9]*))?")
+class KeyGroups:
+    """KIVI's keys: quantized per channel over groups of `group` consecutive positions, asymmetric, as those tokens
+    leave the full-precision window (`Recent`, which attention reads them from until then). A key row is its codes
+    and its group's index (int32, four bytes; -1 while not yet quantized); each group's per-channel scales and
+    minimums (float16) are held here, one table per layer, and counted as stored (a group stays while the layer
+    lives, also when its tokens were evicted). `upto`: the first position not yet quantized."""
+
+    def __init__(self, bits: int, group: int = GROUP) -> None:
+        self.bits, self.group = bits, group
+        self.scale: torch.Tensor | None = None  # [B, K, groups, D] float16
+        self.low: torch.Tensor | None = None
+        self.count = 0
+        self.upto = 0
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.scale is None else 2 * self.scale[:, :, : self.count].nbytes
+
+    def width(self, d: int) -> int:
+        return d * self.bits // 8 + 4
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows for new tokens: no codes yet, group -1 (their keys are read from the window)."""
+        rows = torch.zeros((*x.shape[:-1], self.width(x.shape[-1])), dtype=torch.uint8, device=x.device)
+        rows[..., -4:] = torch.tensor([-1], dtype=torch.int32).view(torch.uint8).to(x.device)
+        return rows
+
+    def quantize(self, keys: torch.Tensor) -> torch.Tensor:
+        """One group's keys [B, K, group, D] as rows [B, K, group, width], their scales and minimums kept."""
+        levels = (1 << self.bits) - 1
+        x = keys.float()
+        low = _toward(x.amin(2), down=True)
+        scale = _toward((x.amax(2) - low.float()) / levels, down=False)
+        scale = torch.where(scale > 0, scale, torch.finfo(torch.float16).tiny)
+        codes = ((x - low.float()[:, :, None]) / scale.float()[:, :, None]).round_().clamp_(0, levels)
+        if self.scale is None or self.count == self.scale.shape[2]:
+            self._grow(low)
+        self.scale[:, :, self.count], self.low[:, :, self.count] = scale, low
+        index = torch.full((*keys.shape[:3], 1), self.count, dtype=torch.int32, device=keys.device)
+        self.count += 1
+        return torch.cat([_pack(codes.to(torch.uint8), self.bits), index.view(torch.uint8)], -1)
+
+    def _grow(self, like: torch.Tensor) -> None:
+        cap = max(16, self.count * 2)
+        new = [like.new_zeros((*like.shape[:2], cap, like.shape[-1])) for _ in range(2)]
+        if self.scale is not None:
+            new[0][:, :, : self.count], new[1][:, :, : self.count] = self.scale, self.low
+        self.scale, self.low = new
+
+    def decode(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        *lead, w = rows.shape
+        d = (w - 4) * 8 // self.bits
+        codes = _unpack(rows[..., :-4], self.bits).reshape(*lead, d).float()
+        index = rows[..., -4:].contiguous().view(torch.int32).squeeze(-1).long().clamp_(min=0)
+        if self.scale is None:  # nothing quantized yet: every row is read from the window
+            return codes.to(dtype)
+        pick = index[..., None].expand(*lead, d)
+        return (codes * self.scale.gather(2, pick).float() + self.low.gather(2, pick).float()).to(dtype)
+
+
+SCHEME = re.compile(r"(int|kivi)(8|4|2)(?:r([1-9][0-9]*))?")
+KIVI_RESIDUAL = 128  # KIVI's full-precision window when the scheme names none
 
 
 def codec(scheme: str | None) -> RowCodec | None:
-    """The codec of a `kv_quant` scheme name (`int4`, `int4r128`); None (or "none"): the model's dtype."""
+    """The codec of a `kv_quant` scheme name (`int4`, `int4r128`, `kivi2`); None (or "none"): the model's dtype."""
     if scheme in (None, "none"):
         return None
     found = SCHEME.fullmatch(str(scheme))
     if found is None:
         raise ValueError(f"kv_quant={scheme!r} is not a KV quantization scheme; allowed: none, {', '.join(SCHEMES)}, "
-                         "each optionally with rR to keep the newest R tokens in full precision (int4r128)")
-    return RowCodec(int(found[1]), GROUP, int(found[2] or 0))
+                         "each optionally with rR to keep the newest R tokens in full precision (int4r128), and "
+                         "kivi4, kivi2 (keys per channel; kivi4r64 for another window than 128)")
+    kivi = found[1] == "kivi"
+    residual = int(found[3] or (KIVI_RESIDUAL if kivi else 0))
+    if kivi and residual < GROUP:
+        raise ValueError(f"kv_quant={scheme}: KIVI quantizes keys in groups of {GROUP} tokens as they leave the "
+                         f"full-precision window, so the window must hold at least {GROUP}")
+    return RowCodec(int(found[2]), GROUP, residual, kivi)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from kvbench.kv.quant import RowCodec
+from kvbench.kv.quant import KeyGroups, RowCodec
 
 RowData = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # K, V, meta
 
@@ -65,17 +65,34 @@ def _moves(drop: list[int], n: int) -> list[tuple[int, int]]:
 
 class TokenRows:
     """What active rows and a frozen store share: `n` tokens held in K/V buffers `k`, `v` ([B, K, cap, d]), in the
-    model's dtype or, with a `codec` (kvbench/kv/quant.py), as quantized rows of bytes decoded to `dtype` on read."""
+    model's dtype or, with codecs (kvbench/kv/quant.py), as quantized rows of bytes decoded to `dtype` on read."""
 
     k: torch.Tensor | None
     v: torch.Tensor | None
+    meta: torch.Tensor | None
     n: int
-    codec: RowCodec | None = None
+    key_codec: RowCodec | KeyGroups | None = None
+    value_codec: RowCodec | None = None
     dtype: torch.dtype | None = None  # what a codec's rows decode to
     _row_bytes = 0  # fixed once the first buffers exist (batch, heads, head size and dtype never change)
 
-    def _decoded(self, rows: torch.Tensor) -> torch.Tensor:
-        return rows if self.codec is None else self.codec.decode(rows, self.dtype)
+    def _decoded(self, rows: torch.Tensor, codec: RowCodec | KeyGroups | None) -> torch.Tensor:
+        return rows if codec is None else codec.decode(rows, self.dtype)
+
+    def _written(self) -> int:
+        """Rows whose buffers hold a token's data."""
+        return self.n
+
+    def rewrite_keys(self, first: int, rows: torch.Tensor) -> None:
+        """Replace the stored key rows of the tokens at positions first .. first + q - 1 with `rows` [B, K, q, w]
+        (KIVI's keys, quantized as they leave the full-precision window); a token held in no row is skipped."""
+        n = self._written()
+        if not n:
+            return
+        at = self.meta[:, :, :n, POS].long() - first
+        hit = ((at >= 0) & (at < rows.shape[2]))[..., None]
+        new = rows.gather(2, at.clamp(0, rows.shape[2] - 1)[..., None].expand(-1, -1, -1, rows.shape[-1]))
+        self.k[:, :, :n] = torch.where(hit, new, self.k[:, :, :n])
 
     def row_bytes(self) -> int:
         if not self._row_bytes:
@@ -109,10 +126,10 @@ class Rows(TokenRows):
 
     # -- views of the valid rows -------------------------------------------------------------------
     def keys(self) -> torch.Tensor:
-        return self._decoded(self.k[:, :, : self.n])
+        return self._decoded(self.k[:, :, : self.n], self.key_codec)
 
     def values(self) -> torch.Tensor:
-        return self._decoded(self.v[:, :, : self.n])
+        return self._decoded(self.v[:, :, : self.n], self.value_codec)
 
     def positions(self) -> torch.Tensor:
         return self.meta[:, :, : self.n, POS].long()

@@ -52,13 +52,17 @@ class FrozenStore(TokenRows):
             self._slots = self.live.nonzero().squeeze(-1)
         return self._slots
 
+    def _written(self) -> int:
+        self._wait()  # a copy still landing in the buffers lands before they are read or rewritten
+        return self.used
+
     def keys(self) -> torch.Tensor:
         self._wait()
-        return self._decoded(gather(self.k, self.slots()))
+        return self._decoded(gather(self.k, self.slots()), self.key_codec)
 
     def values(self) -> torch.Tensor:
         self._wait()
-        return self._decoded(gather(self.v, self.slots()))
+        return self._decoded(gather(self.v, self.slots()), self.value_codec)
 
     def positions(self) -> torch.Tensor:
         return self._split(gather(self.meta, self.slots()))[0]
