@@ -81,6 +81,10 @@ def write(tmp_path: Path, text: str) -> Path:
     ('tasks = ["needle-1k"]\nshards = { "needle-1k" = 0 }\n[[rows]]\nmethods = ["full"]',
      "shards.needle-1k = 0 is not a whole number of shards >= 1"),
     ('tasks = ["needle-1k"]\nshards = 4\n[[rows]]\nmethods = ["full"]', "shards = 4 is not a table of task"),
+    ('tasks = ["needle-1k"]\n[[rows]]\nmethods = ["full"]\nkv_quant = ["int5"]',
+     "kv_quant='int5' is not a KV quantization scheme; allowed: none, int8, int4, int2"),
+    ('tasks = ["needle-1k"]\n[[rows]]\nmethods = ["full"]\nkv_quant = ["kivi4r16"]',
+     "the window must hold at least 32"),
 ])
 def test_bad_sweep_files_are_refused_before_anything_runs(tmp_path, text, message):
     with pytest.raises(ValueError, match=message):
