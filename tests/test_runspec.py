@@ -57,7 +57,7 @@ def test_a_budget_for_a_method_that_takes_none_is_refused_where_it_was_given_to_
     runs = plan(CompareSpec(methods=["asrkf", "h2o"], budgets=[Budget(tokens=256)], tasks=["needle-1k"]))
     assert [(r.method, r.policy.budget) for r in runs] == [("asrkf", None), ("h2o", Budget(tokens=256))]
     spec = bench.BenchSpec(["asrkf", "h2o"], [64], budget="128")
-    assert [bench._run(m, {}, spec).policy.budget for m in spec.methods] == [None, Budget(tokens=128)]
+    assert [bench._run(m, {}, "none", spec).policy.budget for m in spec.methods] == [None, Budget(tokens=128)]
 
 
 def test_a_method_that_never_evicts_runs_once_in_original_positions():
