@@ -130,19 +130,23 @@ class PolicyLayer(CacheLayerMixin):
         b, h, q, _ = key_states.shape
         before = self._sizes()
         meta = self.handle.new_meta((b, h, q), self.device)
-        positions = meta[0, 0, :, POS].long()
-        if self.codec is None:
+        if self.codec is None:  # the model's dtype: the decode step's path, nothing added
             self.active.append((key_states, value_states, meta))
         else:
-            self.active.append((self.key_codec.encode(key_states), self.codec.encode(value_states), meta))
-        if isinstance(self.key_codec, KeyGroups):
-            self._quantize_leaving(key_states, int(positions[0]), int(positions[-1]) + 1)
-        if self.recent is not None:
-            self.recent.add(key_states, value_states, positions)
+            self._append_quantized(key_states, value_states, meta)
         self.seen += q
         self.new_tokens = q
         self._refresh(before)
         return self.keys, self.values
+
+    def _append_quantized(self, key_states: torch.Tensor, value_states: torch.Tensor, meta: torch.Tensor) -> None:
+        """New rows stored quantized; KIVI's keys leaving the window quantized; the window's copies updated."""
+        self.active.append((self.key_codec.encode(key_states), self.codec.encode(value_states), meta))
+        positions = meta[0, 0, :, POS].long()
+        if isinstance(self.key_codec, KeyGroups):
+            self._quantize_leaving(key_states, int(positions[0]), int(positions[-1]) + 1)
+        if self.recent is not None:
+            self.recent.add(key_states, value_states, positions)
 
     def _quantize_leaving(self, new_keys: torch.Tensor, first_new: int, end: int) -> None:
         """KIVI: quantize, a group of consecutive positions at a time, the keys of the tokens that leave the
@@ -160,6 +164,8 @@ class PolicyLayer(CacheLayerMixin):
             groups.upto += groups.group
 
     def _sizes(self) -> tuple[int, int, int]:
+        if self.codec is None:
+            return self.active.nbytes, self.frozen.nbytes, self.active.reserved_bytes
         recent = 0 if self.recent is None else self.recent.nbytes  # full-precision copies of the newest tokens
         if isinstance(self.key_codec, KeyGroups):
             recent += self.key_codec.nbytes  # KIVI's per-channel scales and minimums
