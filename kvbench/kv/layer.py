@@ -174,9 +174,7 @@ class PolicyLayer(CacheLayerMixin):
     def _refresh(self, before: tuple[int, int, int]) -> None:
         self.keys, self.values = self.active.keys(), self.active.values()
         if self.recent is not None and self.active.n:
-            positions = self.active.positions()
-            self.keys = self.recent.overlay(self.keys, self.recent.k, positions)
-            self.values = self.recent.overlay(self.values, self.recent.v, positions)
+            self.keys, self.values = self.recent.overlay(self.keys, self.values, self.active.positions())
         active, frozen, reserved = self._sizes()
         self.ledger.resized(active - before[0], frozen - before[1], reserved - before[2])
 

@@ -149,13 +149,14 @@ class Recent:
         self.held[slots] = positions
         self.filled = min(self.size, self.filled + positions.numel())
 
-    def overlay(self, rows: torch.Tensor, store: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
-        """Decoded `rows` [B, K, n, D] with those whose position ([B, K, n]) a slot holds taken from `store`."""
-        if store is None:
-            return rows
+    def overlay(self, keys: torch.Tensor, values: torch.Tensor,
+                positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoded `keys` and `values` [B, K, n, D] with the rows whose position ([B, K, n]) a slot holds taken from
+        the slots (after the first `add`)."""
         slots = positions % self.size
         mine = (self.held[slots] == positions)[..., None]
-        return torch.where(mine, store.gather(2, slots[..., None].expand(-1, -1, -1, store.shape[-1])), rows)
+        return tuple(torch.where(mine, held.gather(2, slots[..., None].expand(-1, -1, -1, held.shape[-1])), rows)
+                     for rows, held in ((keys, self.k), (values, self.v)))
 
 
 class KeyGroups:
