@@ -116,7 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--workers", type=int, default=None,
                     help="with --executor ray and no --address: cells at once (default: the CPUs / --threads)")
     lb.add_argument("--threads", type=int, default=1, help="with --executor ray: torch threads (Ray CPUs) per cell")
+    lb.add_argument("--render", action="store_true",
+                    help="run nothing: write LEADERBOARD.md and the plots again from --out's results.json")
     lb.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
+
+    d = sub.add_parser("diff", help="pair two rows of a results file sample by sample: losses, gains, Δ, interval")
+    d.add_argument("results", type=Path, help="a results.json (kvbench compare or leaderboard)")
+    d.add_argument("a", help="row A: its key or some of its |-separated parts, e.g. 'full | query=in-prompt'")
+    d.add_argument("b", help="row B, likewise, e.g. 'snapkv | 256 | query=in-prompt'")
 
     sub.add_parser("methods", help="list the registered methods and their parameters")
     return p
@@ -180,6 +187,15 @@ def _leaderboard(args: argparse.Namespace) -> int:
     from kvbench.evaluation.records import check_outputs
 
     ray = _ray_options(args)
+    if args.render:
+        given = [flag for flag, on in (("--slice", args.slice), ("--dtype", args.dtype), ("--cells", args.cells),
+                                       ("--check", args.check), ("--executor ray", ray)) if on]
+        if given:
+            raise ValueError(f"--render runs nothing, so {', '.join(given)} cannot apply")
+        check_outputs(args.plots, [], flag="--plots")
+        sweep.render(args.out, args.plots)
+        print(f"wrote {args.out / 'LEADERBOARD.md'} from {args.out / 'results.json'}")
+        return 0
     plan = sweep.load(args.config, args.slice, args.dtype)
     cells = args.cells or models.cache_dir() / "cells"
     if args.check is not None and (args.out / "results.json").resolve() == args.check.resolve():
@@ -207,6 +223,14 @@ def _leaderboard(args: argparse.Namespace) -> int:
         print(f"deterministic columns differ from {args.check}:", *outcome.mismatches, sep="\n  ", file=sys.stderr)
         return 1
     print(f"check: the deterministic columns of all {len(outcome.ran) + len(outcome.cached)} cells match {args.check}")
+    return 0
+
+
+def _diff(args: argparse.Namespace) -> int:
+    from kvbench.evaluation import results
+    from kvbench.evaluation.leaderboard import diff
+
+    print(diff(results.load(args.results, "diff")["records"], args.a, args.b), end="")
     return 0
 
 
@@ -290,6 +314,8 @@ def _run(args: argparse.Namespace) -> int:
             return _bench(args)
         if args.command == "leaderboard":
             return _leaderboard(args)
+        if args.command == "diff":
+            return _diff(args)
         return _methods()
     except (ValueError, FileNotFoundError) as err:
         print(f"kvbench: error: {err}", file=sys.stderr)

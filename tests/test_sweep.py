@@ -3,6 +3,7 @@ cells, the check catches a moved deterministic column, plots are drawn, a partia
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +18,8 @@ from kvbench.evaluation import cells as cellstore
 from kvbench.evaluation import check, leaderboard, sweep
 from kvbench.evaluation.cells import CellStore, cell_key, read_cell, sample_fields
 from kvbench.evaluation.compare import Cell, plan
+
+REPO = Path(__file__).resolve().parent.parent
 
 SMALL = """
 tasks = ["needle-1k"]
@@ -218,7 +221,8 @@ def test_plots_are_drawn_from_records(tmp_path):
     from kvbench.evaluation.plots import draw_all
 
     def sample(n: int, depth: float, score: float) -> dict:
-        return {"task": "kvbench_needle", "score": score, "prompt_tokens": n, "decode_ms": [40.0 + n / 100] * 3,
+        return {"task": "kvbench_needle", "id": f"{n}-{depth}", "score": score, "prompt_tokens": n,
+                "decode_ms": [40.0 + n / 100] * 3,
                 "meta": {"context_length": n, "depth": depth, "filler": "simple"}}
 
     records = [{"method": m, "variant": "", "budget": b, "positions": "original", "query": q, "schedule": "decode",
@@ -240,7 +244,8 @@ def test_plots_are_drawn_from_records(tmp_path):
 
 def synthetic_row(method: str, scores: dict[tuple[str, int], list[float]], query: str = "in-prompt") -> dict:
     """A leaderboard record with given per-sample scores per (task, context length); other columns filled."""
-    samples = [{"task": t, "score": v, "meta": {"context_length": n}} for (t, n), vs in scores.items() for v in vs]
+    samples = [{"task": t, "id": f"{t}-{n}-{k}", "score": v, "meta": {"context_length": n}}
+               for (t, n), vs in scores.items() for k, v in enumerate(vs)]
     tasks = sorted({t for t, _ in scores})
     metrics = {"accuracy": {t: sum(s["score"] for s in samples if s["task"] == t) / sum(s["task"] == t for s in samples)
                             for t in tasks},
@@ -287,6 +292,38 @@ def test_intervals_are_seeded_percentile_bootstraps_of_the_mean():
     assert half == bootstrap_halfwidth([[0.0, 1.0] * 50]) and 0.08 < half < 0.12  # 1.96 * 0.05 for p = 0.5, n = 100
     # cells resampled on their own: a cell of certain outcomes adds no spread, so the suite's interval narrows
     assert bootstrap_halfwidth([[0.0, 1.0] * 50, [1.0] * 100]) == pytest.approx(half / 2, rel=0.25)
+
+
+def test_rows_are_ranked_by_their_paired_difference_and_tie_where_the_samples_do_not_separate_them(tmp_path, capsys):
+    """Hand-built rows on one task of 12 samples: B loses one sample of the full cache's (its interval reaches 0:
+    resamples without that sample have probability (11/12)^12 = 35%), C loses 6 (no resample is loss-free:
+    (6/12)^12 < 0.03%), D loses all. B ties with full; C and D are separated from the rows above them."""
+    from kvbench.cli import main
+    from kvbench.evaluation import results
+    from kvbench.evaluation.leaderboard import markdown, paired_rows, ranking
+
+    full = synthetic_row("full", {("a", 1024): [1.0] * 12})
+    b = synthetic_row("b", {("a", 1024): [0.0] + [1.0] * 11})
+    c = synthetic_row("c", {("a", 1024): [0.0] * 6 + [1.0] * 6})
+    d = synthetic_row("d", {("a", 1024): [0.0] * 12})
+    records = [d, c, full, b]  # sweep order: the table orders them
+    order, ranks = ranking(records, None) or ([], [])
+    assert [records[i]["method"] for i in order] == ["full", "b", "c", "d"] and ranks == ["1=", "1=", "3", "4"]
+    headers, table = paired_rows(records) or ([], [])
+    assert headers[-1] == "a vs full" and [row[0] for row in table] == ["1=", "1=", "3", "4"]
+    # B: a resample draws its one loss K ~ Binomial(12, 1/12) times, P(K >= 4) = 1.4% < 2.5% < P(K >= 3) = 7.2%
+    assert [row[-1] for row in table[::3]] == ["reference", "−12 +0 Δ−100 [−100, −100] *"]
+    assert table[1][-1] == "−1 +0 Δ−8 [−25, 0]" and table[2][-1].startswith("−6 +0 Δ−50 [") and table[2][-1][-1] == "*"
+    assert "#### Paired with the full cache" not in markdown(records) and "### Paired with the full cache" in markdown(
+        records)
+    path = tmp_path / "results.json"
+    path.write_text(results.dumps("compare", {}, records))
+    assert main(["diff", str(path), "full", "c | query=in-prompt"]) == 0
+    out = capsys.readouterr().out
+    assert [c.strip() for c in out.splitlines()[-1].split("|")[1:6]] == ["a", "12", "6", "0", "-50.0"]
+    assert out.rstrip().endswith("| yes         |")
+    assert main(["diff", str(path), "m", "c"]) == 2  # 'm' (the model) names every row
+    assert "names 4 rows of the results file, not one" in capsys.readouterr().err
 
 
 CONFIG = {"model": "m", "model_sha256": "0" * 64, "policy": {"name": "full"}, "task": "t", "source": "abc"}
@@ -491,7 +528,7 @@ def test_a_sweep_of_several_models_keys_each_cell_by_its_model_and_shows_a_table
     board = (tmp_path / "b" / "LEADERBOARD.md").read_text()
     assert board.index(f"## {one}") < board.index(f"## {two}")
     mine, theirs = board.split(f"## {two}")
-    assert mine.count("| streamingllm") == theirs.count("| streamingllm") == 1
+    assert mine.count("| streamingllm") == theirs.count("| streamingllm") == 2  # its row and its pairing with full
     assert (tmp_path / "b" / "plots" / "one").is_dir() and (tmp_path / "b" / "plots" / "two").is_dir()
 
     first = sweep.run_sweep(sweep.load(config, "first"), tmp_path / "c", cells, None, progress=False)
@@ -551,3 +588,19 @@ def test_a_sharded_cell_gives_the_scores_and_samples_of_one_run(tmp_path):
 
     again = sweep.run_sweep(sweep.load(split), tmp_path / "again", tmp_path / "cells", None, progress=False)
     assert again.ran == [] and sorted(again.cached) == sorted(parts.ran)  # a sweep resumes shard by shard
+
+
+def test_the_committed_leaderboard_is_what_its_results_render_to(tmp_path, capsys):
+    """LEADERBOARD.md is derived from results.json alone (`--render`): a table edited by hand, or rendering code
+    changed without rendering the committed records again, fails here."""
+    from kvbench.cli import main
+
+    out = tmp_path / "leaderboard"
+    out.mkdir()
+    shutil.copy(REPO / "leaderboard" / "results.json", out / "results.json")
+    assert main(["leaderboard", "--render", "--check", str(out / "results.json"), "--out", str(out)]) == 2
+    assert "--render runs nothing, so --check cannot apply" in capsys.readouterr().err
+    assert not (out / "LEADERBOARD.md").exists()
+    assert main(["leaderboard", "--render", "--out", str(out), "--plots", str(tmp_path / "reports" / "leaderboard"),
+                 "--no-progress"]) == 0
+    assert (out / "LEADERBOARD.md").read_text() == (REPO / "leaderboard" / "LEADERBOARD.md").read_text()

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
 from tabulate import tabulate
 
+from kvbench.evaluation.check import row_key
+from kvbench.evaluation.evidence import Paired, Scores, bootstrap_interval, paired, tiers
 from kvbench.evaluation.records import MIB
 from kvbench.policy import Budget
 
@@ -27,15 +28,10 @@ def _score(value: float, metric: str) -> str:
     return _fmt(value, 2) if _is_perplexity(metric) else _fmt(100 * value, 0) + "%"
 
 
-def bootstrap_halfwidth(groups: list[list[float]], resamples: int = 1000) -> float | None:
-    """Half the width of a 95% percentile-bootstrap interval of the mean of the groups' means, each group resampled
-    on its own (a task: one group; the suite: one per counted cell). Seeded: the same scores, the same interval."""
-    if sum(len(g) for g in groups) < 2:
-        return None
-    rng = random.Random(0)
-    means = sorted(sum(sum(rng.choices(g, k=len(g))) / len(g) for g in groups) / len(groups)
-                   for _ in range(resamples))
-    return (means[int(0.975 * resamples) - 1] - means[int(0.025 * resamples)]) / 2
+def bootstrap_halfwidth(groups: list[list[float]]) -> float | None:
+    """Half the width of the 95% bootstrap interval of the mean of the groups' means (`evidence.bootstrap_interval`)."""
+    interval = bootstrap_interval(groups)
+    return None if interval is None else (interval[1] - interval[0]) / 2
 
 
 def _with_ci(value: float | None, groups: list[list[float]]) -> str:
@@ -64,17 +60,22 @@ NOT_PASS_FAIL = ("distinct_4grams",)
 """Metrics in [0, 1] that are not a success rate (longgen's degeneration measure): never a suite-average cell."""
 
 
-def cell_scores(record: dict[str, Any]) -> dict[Cell, list[float]]:
-    """A row's sample scores per (task, context length), for tasks scored per sample as success in [0, 1] (not
-    perplexity, not a degeneration measure)."""
-    out: dict[Cell, list[float]] = {}
+def sample_scores(record: dict[str, Any]) -> dict[Cell, Scores]:
+    """A row's sample scores by sample id per (task, context length), for tasks scored per sample as success in
+    [0, 1] (not perplexity, not a degeneration measure)."""
+    out: dict[Cell, Scores] = {}
     metric = record["metrics"].get("metric", {})
     for s in record["samples"]:
         name = metric.get(s["task"], "")
         if _is_perplexity(name) or name in NOT_PASS_FAIL or not isinstance(s["score"], int | float):
             continue
-        out.setdefault((s["task"], (s.get("meta") or {}).get("context_length")), []).append(float(s["score"]))
+        out.setdefault((s["task"], (s.get("meta") or {}).get("context_length")), {})[s["id"]] = float(s["score"])
     return out
+
+
+def cell_scores(record: dict[str, Any]) -> dict[Cell, list[float]]:
+    """`sample_scores` without the ids."""
+    return {cell: list(scores.values()) for cell, scores in sample_scores(record).items()}
 
 
 def counted_cells(records: list[dict[str, Any]]) -> tuple[dict[Cell, float], dict[Cell, float]] | None:
@@ -104,12 +105,94 @@ def task_samples(record: dict[str, Any]) -> dict[str, list[float]]:
     return out
 
 
+def _on(scores: dict[Cell, Scores], cells: set[Cell]) -> dict[Cell, Scores]:
+    return {c: v for c, v in scores.items() if c in cells}
+
+
+def _pooled(scores: dict[Cell, Scores], task: str) -> dict[str, Scores]:
+    """A task's samples as one cell, whatever their context lengths: what its accuracy column averages."""
+    return {task: {i: v for (t, _), own in scores.items() if t == task for i, v in own.items()}}
+
+
+def ranking(records: list[dict[str, Any]], split: tuple[dict[Cell, float], dict[Cell, float]] | None
+            ) -> tuple[list[int], list[str]] | None:
+    """The rows best first by their paired difference to the full cache on the counted cells of the tasks shown, and
+    each one's rank: a row ties with the first row of its tier unless the samples separate them (`evidence.tiers`);
+    `=` marks a tie. None without a full row or a counted cell the rows share."""
+    full = _reference(records)
+    split = split or counted_cells(records)
+    if full is None or split is None:
+        return None
+    scores = [sample_scores(r) for r in records]
+    shown = {c for s in scores for c in s}
+    cells = set(split[0]) & shown
+    against = [paired(_on(scores[records.index(full)], cells), _on(s, cells)) for s in scores]
+    if all(a is None for a in against):
+        return None
+    order = sorted(range(len(records)), key=lambda i: -against[i].delta if against[i] else float("inf"))
+    ranked = [i for i in order if against[i] is not None]
+    rank = tiers(ranked, lambda a, b: paired(_on(scores[a], cells), _on(scores[b], cells)))
+    labels = {i: str(k) + ("=" if rank.count(k) > 1 else "") for i, k in zip(ranked, rank, strict=True)}
+    return order, [labels.get(i, "–") for i in order]
+
+
+def _reference(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The rows' `full` in the model's dtype: what KV compression, decode × full and the paired columns refer to."""
+    return next((r for r in records if r["method"] == "full" and not r.get("kv_quant")), None)
+
+
+def _row_head(r: dict[str, Any], queries: bool, quantized: bool) -> list[str]:
+    return [f"{r['method']} {r['variant']}".strip(), Budget.label(r["budget"]), r.get("positions", "original"),
+            r.get("schedule") or "–", *([r.get("query", "in-prompt")] if queries else []),
+            *([r.get("kv_quant") or "–"] if quantized else [])]
+
+
+def _head_headers(queries: bool, quantized: bool) -> list[str]:
+    return ["method", "budget", "positions", "schedule", *(["query"] if queries else []),
+            *(["KV quant"] if quantized else [])]
+
+
+def paired_rows(records: list[dict[str, Any]],
+                split: tuple[dict[Cell, float], dict[Cell, float]] | None = None
+                ) -> tuple[list[str], list[list[str]]] | None:
+    """Per row and task scored per sample (and the suite's counted cells): the row against the full cache on the
+    same samples (`evidence.Paired.label`). None without a full row or such a task."""
+    full = _reference(records)
+    if full is None:
+        return None
+    split = split or counted_cells(records)
+    reference = sample_scores(full)
+    tasks = sorted({task for r in records for task, _ in sample_scores(r)})
+    if not tasks:
+        return None
+    counted = set(split[0]) if split else set()
+    suite = len({task for task, _ in counted} & set(tasks)) > 1
+    queries = any(r.get("query", "in-prompt") != "in-prompt" for r in records)
+    quantized = any(r.get("kv_quant") for r in records)
+    headers = [*_head_headers(queries, quantized), *(f"{t} vs full" for t in tasks), *(["suite vs full"] if suite
+                                                                                       else [])]
+    table = []
+    for r in records:
+        own = sample_scores(r)
+        per = [paired(_pooled(reference, t), _pooled(own, t)) for t in tasks]
+        if suite:
+            per.append(paired(_on(reference, counted), own))
+        table.append([*_row_head(r, queries, quantized),
+                      *("reference" if r is full else _paired_cell(x) for x in per)])
+    return _ranked(headers, table, records, split)
+
+
+def _paired_cell(x: Paired | None) -> str:
+    return "–" if x is None else x.label()
+
+
 def rows(records: list[dict[str, Any]],
          split: tuple[dict[Cell, float], dict[Cell, float]] | None = None) -> tuple[list[str], list[list[str]]]:
-    """The table's headers and cells; `split` (counted and left-out cells) defaults to the one these rows give."""
+    """The table's headers and cells, best first where the paired evidence ranks the rows (`ranking`); `split`
+    (counted and left-out cells) defaults to the one these rows give."""
     tasks = sorted({t for r in records for t in r["metrics"]["accuracy"]})
     metric = {t: name for r in records for t, name in r["metrics"].get("metric", {}).items()}
-    full = next((r for r in records if r["method"] == "full" and not r.get("kv_quant")), None)  # the model's dtype
+    full = _reference(records)
     base = full["metrics"]["decode_ms_p50"] if full else None
     per_task = len(tasks) > 1
     labels = {t: "ppl" if _is_perplexity(metric.get(t, "")) else "acc" for t in tasks}
@@ -122,8 +205,7 @@ def rows(records: list[dict[str, Any]],
     split = split or counted_cells(records)
     shown = {task for samples in per_sample for task in samples}
     average = split is not None and len({task for task, _ in split[0]} & shown) > 1  # a suite: several that count
-    headers = ["method", "budget", "positions", "schedule", *(["query"] if queries else []),
-               *(["KV quant"] if quantized else []), *task_cols,
+    headers = [*_head_headers(queries, quantized), *task_cols,
                *(["suite avg"] if average else []), "KV compression",
                "active KV MiB", "peak KV MiB", "prefill ms", "decode ms p50", "decode ms p95", "tok/s", "decode × full",
                "policy ms/step"]
@@ -137,10 +219,7 @@ def rows(records: list[dict[str, Any]],
         ratio = m["decode_ms_p50"] / base if base and m["decode_ms_p50"] and same_host else None
         cells = cell_scores(r)
         table.append([
-            f"{r['method']} {r['variant']}".strip(), Budget.label(r["budget"]), r.get("positions", "original"),
-            r.get("schedule") or "–",
-            *([r.get("query", "in-prompt")] if queries else []),
-            *([r.get("kv_quant") or "–"] if quantized else []),
+            *_row_head(r, queries, quantized),
             *(cell for t in tasks for cell in _task_cells(m, t, per_task, samples.get(t))),
             *([_with_ci(suite_average(r, split[0]), [cells[c] for c in split[0] if c in cells])] if average else []),
             _fmt(m["kv_compression"], 3), _fmt(m["active_kv_bytes"] / MIB, 2), _fmt(m["peak_kv_bytes"] / MIB, 2),
@@ -152,7 +231,17 @@ def rows(records: list[dict[str, Any]],
             recoveries = sum(m["policy"].get("recoveries", {}).values())
             table[-1] += [_fmt(m["mean_kv_compression"], 3), _fmt(m["frozen_kv_bytes"] / MIB, 2),
                           str(m["thaws"]), str(recoveries)]
-    return headers, table
+    return _ranked(headers, table, records, split)
+
+
+def _ranked(headers: list[str], table: list[list[str]], records: list[dict[str, Any]],
+            split: tuple[dict[Cell, float], dict[Cell, float]] | None) -> tuple[list[str], list[list[str]]]:
+    """The table best first with a rank column where the paired evidence ranks its rows (`ranking`), else as given."""
+    ranked = ranking(records, split)
+    if ranked is None:
+        return headers, table
+    order, ranks = ranked
+    return ["rank", *headers], [[rank, *table[i]] for i, rank in zip(order, ranks, strict=True)]
 
 
 QUERY_TITLES = {"in-prompt": "Question inside the compressed prompt (in-prompt)",
@@ -162,18 +251,24 @@ QUERY_TITLES = {"in-prompt": "Question inside the compressed prompt (in-prompt)"
 
 def tables(records: list[dict[str, Any]]) -> str:
     """One table per query mode (rows of one mode run the same tasks, so their suite averages compare), each under
-    its heading when there are several; the cells that count come from the full cache's in-prompt row."""
+    its heading when there are several, and after it the same rows paired with that mode's full cache; the cells
+    that count come from the full cache's in-prompt row."""
     modes = list(dict.fromkeys(r.get("query", "in-prompt") for r in records))
-    if len(modes) <= 1:
-        headers, table = rows(records)
-        return tabulate(table, headers=headers, tablefmt="github", disable_numparse=True)
     split = counted_cells(records)
     parts = []
     for mode in modes:
-        headers, table = rows([r for r in records if r.get("query", "in-prompt") == mode], split)
-        parts += [f"### {QUERY_TITLES.get(mode, mode)}", "",
-                  tabulate(table, headers=headers, tablefmt="github", disable_numparse=True), ""]
+        own = [r for r in records if r.get("query", "in-prompt") == mode]
+        if len(modes) > 1:
+            parts += [f"### {QUERY_TITLES.get(mode, mode)}", ""]
+        parts += [_github(*rows(own, split)), ""]
+        pairs = paired_rows(own, split)
+        if pairs is not None:
+            parts += [f"{'####' if len(modes) > 1 else '###'} Paired with the full cache", "", _github(*pairs), ""]
     return "\n".join(parts).rstrip()
+
+
+def _github(headers: list[str], table: list[list[str]]) -> str:
+    return tabulate(table, headers=headers, tablefmt="github", disable_numparse=True)
 
 
 def markdown(records: list[dict[str, Any]], title: str | None = None) -> str:
@@ -197,6 +292,14 @@ def markdown(records: list[dict[str, Any]], title: str | None = None) -> str:
         "machine (– where a row's timings come from another machine than the `full` row's); "
         "policy ms/step = mean host time per decode step the method spends deciding and moving rows after attention "
         "(part of decode ms: what its smaller attention has to pay for).",
+        "",
+        "Paired with the full cache: each row against the `full` row of its table on the same samples, per task "
+        "scored per sample and over the suite's counted cells: −samples lost (full scored higher) +samples gained, "
+        "Δ = the mean per-sample difference in points (over the suite: the mean of the cells' means) and its 95% "
+        "paired bootstrap interval (seeded; samples resampled within each cell); * where the interval excludes "
+        "zero, i.e. the samples separate the row from the full cache. Rank: rows best first by that Δ on the "
+        "counted cells; a row shares the rank of the first row of its tier (marked =) unless the paired interval "
+        "between the two excludes zero. `kvbench diff RESULTS A B` pairs any two rows.",
     ]
     split = counted_cells(records)
     if split is not None and split[1]:
@@ -205,3 +308,48 @@ def markdown(records: list[dict[str, Any]], title: str | None = None) -> str:
         notes.append(f"\nCells the full cache itself fails (below {100 * COUNT_THRESHOLD:.0f}%), left out of the "
                      f"suite average: {left}.")
     return "\n".join([*head, "", body, *notes]) + "\n"
+
+
+def _selection_key(record: dict[str, Any]) -> str:
+    """`check.row_key`, naming the query mode also when it is in-prompt (so a part can pick it)."""
+    key = row_key(record)
+    return key if "query=" in key else f"{key} | query=in-prompt"
+
+
+def select(records: list[dict[str, Any]], text: str) -> dict[str, Any]:
+    """The one row `text` names: its whole key (`model | method variant | budget | positions [| kv_quant=…] [|
+    query=…]`), or some of its `|`-separated parts (e.g. `snapkv | 256 | query=after`)."""
+    keys = [_selection_key(r) for r in records]
+    exact = [r for r, k in zip(records, keys, strict=True) if text in (k, row_key(r))]
+    parts = {p.strip() for p in text.split("|") if p.strip()}
+    hits = exact or [r for r, k in zip(records, keys, strict=True) if parts <= {p.strip() for p in k.split("|")}]
+    if len(hits) != 1:
+        raise ValueError(f"{text!r} names {len(hits)} rows of the results file, not one; give the parts that pick one "
+                         "row (`|`-separated) or its whole key. Rows:\n  " + "\n  ".join(keys))
+    return hits[0]
+
+
+def diff(records: list[dict[str, Any]], a: str, b: str) -> str:
+    """Row B against row A on the samples both answered: per task, per (task, context length) where a task has
+    lengths, and over the suite's counted cells (those the file's full cache passes): n, losses, gains, Δ and its
+    paired interval."""
+    first, second = select(records, a), select(records, b)
+    x, y = sample_scores(first), sample_scores(second)
+    lines: list[tuple[str, Paired | None]] = []
+    for task in sorted({t for t, _ in x}):
+        lengths = sorted(n for t, n in x if t == task and n is not None)
+        lines.append((task, paired(_pooled(x, task), _pooled(y, task))))
+        lines += [(f"{task} @ {n}", paired({(task, n): x[task, n]}, y)) for n in lengths if len(lengths) > 1]
+    split = counted_cells(records)
+    if split is not None and len({t for t, _ in split[0]}) > 1:
+        lines.append(("suite (counted cells)", paired(_on(x, set(split[0])), y)))
+    if all(p is None for _, p in lines):
+        raise ValueError(f"{_selection_key(first)} and {_selection_key(second)} share no sample scored per sample "
+                         "(pass/fail in [0, 1]): nothing to pair")
+    table = [[name, p.n, p.lost, p.gained, f"{100 * p.delta:+.1f}",
+              "–" if p.interval is None else f"[{100 * p.interval[0]:+.1f}, {100 * p.interval[1]:+.1f}]",
+              "yes" if p.separated else "no"] for name, p in lines if p is not None]
+    head = [f"A: {_selection_key(first)}", f"B: {_selection_key(second)}", ""]
+    return "\n".join(head) + tabulate(table, headers=["cells", "paired samples", "lost (A > B)", "gained (B > A)",
+                                                      "Δ B − A (points)", "95% paired interval", "separated"],
+                                      tablefmt="github", disable_numparse=True) + "\n"

@@ -36,7 +36,7 @@ from kvbench.evaluation.lmeval_tasks import document_counts
 from kvbench.evaluation.ray_cells import RayOptions
 from kvbench.evaluation.records import cpu_model, source_hash
 from kvbench.evaluation.shards import Documents
-from kvbench.files import write_with_derived
+from kvbench.files import write_atomic, write_with_derived
 from kvbench.lmeval.tasks import check_metadata
 from kvbench.policy import Budget
 from kvbench.runtime import models
@@ -351,16 +351,38 @@ def run_sweep(sweep: Sweep, out_dir: Path, cells_dir: Path, plots_dir: Path | No
     header = _header(sweep, code, commit, outcome, Counter(c.host for c in done.values()))
     if reference is not None:
         outcome.mismatches = compare_deterministic(outcome.records, reference)
-    plots: dict[str, dict[str, str]] = {}
-    if plots_dir is not None:
-        from kvbench.evaluation.plots import draw_all
-
-        for model, records in by_model(outcome.records).items():
-            where = plots_dir if len(sweep.models) == 1 else plots_dir / _slug(model)
-            plots[model] = {name: os.path.relpath(p, out_dir) for name, p in draw_all(records, where).items()}
+    plots = _plots(outcome.records, out_dir, plots_dir, len(sweep.models))
     write_with_derived(out_dir / "results.json", results.dumps("leaderboard", header, outcome.records),
                        {out_dir / "LEADERBOARD.md": _markdown(header, outcome.records, plots)})
     return outcome
+
+
+def _plots(records: list[dict[str, Any]], out_dir: Path, plots_dir: Path | None, models_run: int
+           ) -> dict[str, dict[str, str]]:
+    """Each model's plots (in a folder of its own when the sweep ran several), by name, relative to `out_dir`."""
+    if plots_dir is None:
+        return {}
+    from kvbench.evaluation.plots import draw_all
+
+    out = {}
+    for model, own in by_model(records).items():
+        where = plots_dir if models_run == 1 else plots_dir / _slug(model)
+        out[model] = {name: os.path.relpath(p, out_dir) for name, p in draw_all(own, where).items()}
+    return out
+
+
+def render(out_dir: Path, plots_dir: Path | None) -> None:
+    """LEADERBOARD.md and the plots again from `out_dir`'s results.json, running nothing: a new table or column
+    shown for the records a sweep already made."""
+    data = results.load(out_dir / "results.json", "--render")
+    if data.get("kind") != "leaderboard":
+        raise ValueError(f"--render {out_dir / 'results.json'}: written by `kvbench {data.get('kind')}`, not by "
+                         "`kvbench leaderboard`")
+    header, records = data["run"], data["records"]
+    if "models" not in header:  # written before sweeps took several models: its one model
+        header = {**header, "models": [{"model": header["model"], "model_file": header["model_file"]}]}
+    plots = _plots(records, out_dir, plots_dir, len(header["models"]))
+    write_atomic(out_dir / "LEADERBOARD.md", _markdown(header, records, plots))
 
 
 @dataclass

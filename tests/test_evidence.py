@@ -1,0 +1,36 @@
+"""The evidence behind a leaderboard's comparisons: bootstrap intervals, paired differences, tiers."""
+
+from __future__ import annotations
+
+from kvbench.evaluation.evidence import Paired, bootstrap_interval, paired, tiers
+
+
+def test_an_interval_needs_spread_it_can_resample():
+    assert bootstrap_interval([[1.0]]) is None and bootstrap_interval([[0.0, 1.0], [1.0]]) is None
+    assert bootstrap_interval([[0.5] * 3, [1.0] * 2]) == (0.75, 0.75)
+    assert bootstrap_interval([[0.0, 1.0] * 10]) == bootstrap_interval([[0.0, 1.0] * 10])  # seeded
+
+
+def test_samples_pair_by_id_and_only_shared_ones_count():
+    a = {"x": {"1": 1.0, "2": 1.0, "3": 0.0, "only-a": 1.0}}
+    b = {"x": {"3": 1.0, "2": 1.0, "1": 0.0, "only-b": 0.0}, "y": {"1": 1.0}}
+    p = paired(a, b)
+    assert p is not None and (p.n, p.lost, p.gained, p.delta) == (3, 1, 1, 0.0) and not p.separated
+    assert paired({"x": {"1": 1.0}}, {"x": {"2": 1.0}}) is None
+
+
+def test_over_several_cells_the_difference_is_the_mean_of_cell_means_and_a_single_sample_cell_is_left_out():
+    a = {"short": {"1": 1.0, "2": 1.0}, "long": {str(i): 1.0 for i in range(6)}, "one": {"1": 1.0}}
+    b = {"short": {"1": 0.0, "2": 0.0}, "long": {str(i): 1.0 for i in range(6)}, "one": {"1": 0.0}}
+    p = paired(a, b)
+    assert p is not None and (p.n, p.lost, p.delta) == (8, 2, -0.5)  # (−1 + 0) / 2; "one" left out
+    assert p.interval == (-0.5, -0.5) and p.separated
+
+
+def test_a_tier_ends_where_its_first_row_and_the_next_are_separated():
+    def compare(first: int, second: int) -> Paired:
+        far = abs(first - second) >= 2
+        return Paired(1, 0, 0, 0.0, (-1.0, -0.5) if far else (-1.0, 0.0))
+
+    assert tiers([0, 1, 2, 3, 4], compare) == [1, 1, 3, 3, 5]
+    assert tiers([], compare) == []
