@@ -46,7 +46,9 @@ def test_compare_writes_results_and_prints_table(tmp_path, capsys):
     headers, table = leaderboard.rows(records)
     policy = [float(row[headers.index("policy ms/step")]) for row in table]
     assert policy[0] == 0.0 and policy[1] > 0.0
-    assert (out / "leaderboard.md").read_text().count("| full") == 1
+    table = (out / "leaderboard.md").read_text()
+    assert table.count("| full") == 3  # its row, its pairing ("reference") and what its bytes buy
+    assert "### Paired with the full cache" in table and "### What the bytes buy" in table
 
 
 @pytest.mark.parametrize("args,message", [
@@ -315,7 +317,7 @@ def test_every_flag_of_every_subcommand_has_help_and_its_default_shown():
             if action.option_strings and action.dest != "help":
                 assert action.help, f"kvbench {name} {action.option_strings[0]} has no help text"
         text = sub.format_help()
-        if name != "methods":
+        if any(a.option_strings and a.dest != "help" for a in sub._actions):  # `methods` and `diff` take none
             assert "(default:" in text, f"kvbench {name} --help shows no defaults"
     compare = subparsers.choices["compare"].parse_args([])
     assert compare.methods == ["full", "streamingllm", "h2o"] and compare.schedule == [] and compare.budget == ["256"]

@@ -11,6 +11,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from kvbench.evaluation import lmeval_tasks, results
+from kvbench.evaluation.deployment import ModelShape
 from kvbench.evaluation.leaderboard import markdown
 from kvbench.evaluation.records import host, numeric_versions, source_hash, summarize, versions
 from kvbench.files import write_with_derived
@@ -159,6 +160,7 @@ class Runner:
             check_positions(shape, run.positions, run.policy)
         lm, tok = models.load(spec.model, device=spec.device, dtype=spec.dtype, device_map=spec.device_map)
         self.engine = Engine(lm, tok, prefill_chunk=spec.prefill_chunk)
+        self.shape = ModelShape.of(lm)
         for task in with_lengths:  # before any cell runs, not when a sweep reaches the task hours later
             meta = {**(metadata_defaults(task) or {}), **(self.metadata[task] or {})}
             check_window(task, [*meta.get("context_lengths", []), *meta.get("varied_context_lengths", [])],
@@ -216,6 +218,7 @@ class Runner:
             "config": {**self.config, "positions": mode, "query": query, "policy": config_now, **quant,
                        "task_metadata": {t: m for t, m in self.spec.task_metadata.items() if t in self.task_names}},
             "versions": self.versions,
+            "model_shape": self.shape.to_json(),
             "hosts": sorted({c.host for c in cells}),  # a resumed sweep's cells may come from several
             "metrics": summarize(samples, {k: v for c in cells for k, v in c.scores.items()},
                                  {k: v for c in cells for k, v in c.metrics.items()}),

@@ -6,7 +6,9 @@ from typing import Any
 
 from tabulate import tabulate
 
+from kvbench.evaluation import deployment
 from kvbench.evaluation.check import row_key
+from kvbench.evaluation.deployment import BATCH_CONTEXT, GIB, KV_CAP
 from kvbench.evaluation.evidence import Paired, Scores, bootstrap_interval, paired, tiers
 from kvbench.evaluation.records import MIB
 from kvbench.policy import Budget
@@ -182,6 +184,52 @@ def paired_rows(records: list[dict[str, Any]],
     return _ranked(headers, table, records, split)
 
 
+def deployment_rows(records: list[dict[str, Any]]) -> tuple[str, list[str], list[list[str]]] | None:
+    """What each row's measured bytes buy (`deployment`): the fraction of full's KV it keeps at the end and at its
+    peak, the longest context and the largest batch that fit `KV_CAP` at its peak fraction, the decode speed-up its
+    bytes allow at batch 1 next to the measured one, and (reuse) the questions after which it has paid for its
+    prefill. With the model's shape line; None without a full row that records the model's shape."""
+    full = _reference(records)
+    if full is None or "model_shape" not in full:
+        return None
+    shape = deployment.ModelShape(**full["model_shape"])
+    f = full["metrics"]
+    queries = any(r.get("query", "in-prompt") != "in-prompt" for r in records)
+    quantized = any(r.get("kv_quant") for r in records)
+    reuse = any(r.get("query") == "reuse" for r in records)
+    headers = [*_head_headers(queries, quantized), "KV kept (end)", "KV kept (peak)",
+               f"longest context @ {KV_CAP / GIB:g} GiB", f"batch of {BATCH_CONTEXT} @ {KV_CAP / GIB:g} GiB",
+               "decode speed-up: bytes allow", "measured", *(["questions to repay prefill"] if reuse else [])]
+    table = []
+    for r in records:
+        m = r["metrics"]
+        peak = m["peak_kv_bytes"] / f["peak_kv_bytes"]
+        context, batch = deployment.longest_context(shape, peak), deployment.largest_batch(shape, peak)
+        same_host = r.get("hosts") == full.get("hosts") and len(r.get("hosts") or [""]) == 1
+        measured = f["decode_ms_p50"] / m["decode_ms_p50"] if same_host and m["decode_ms_p50"] else None
+        row = [*_row_head(r, queries, quantized), _fmt(1 - m["kv_compression"], 3), _fmt(peak, 3),
+               "any" if context is None else f"{context:,}", "–" if batch is None else f"{batch:,}",
+               _fmt(deployment.bytes_speedup(shape.weight_bytes, m["full_kv_bytes"], m["kv_compression"]), 2),
+               _fmt(measured, 2)]
+        if reuse:
+            row.append(_repaid(r, full) if r.get("query") == "reuse" else "–")
+        table.append(row)
+    line = (f"KV bytes per token from the model's shape (2 · KV heads {shape.kv_heads} · head dim {shape.head_dim} · "
+            f"{shape.dtype_bytes} bytes per layer): {shape.per_layer_type()}; weights {shape.weight_bytes / GIB:.3f} "
+            "GiB as loaded.")
+    return line, headers, table
+
+
+def _repaid(r: dict[str, Any], full: dict[str, Any]) -> str:
+    def times(record: dict[str, Any]) -> tuple[float, float]:
+        samples = record["samples"]
+        return (sum(s["context_prefill_ms"] for s in samples) / len(samples),
+                sum(s["prefill_ms"] + sum(s["decode_ms"]) for s in samples) / len(samples))
+
+    after = deployment.break_even(*times(r), *times(full))
+    return "never" if after is None else _fmt(after, 1)
+
+
 def _paired_cell(x: Paired | None) -> str:
     return "–" if x is None else x.label()
 
@@ -261,9 +309,13 @@ def tables(records: list[dict[str, Any]]) -> str:
         if len(modes) > 1:
             parts += [f"### {QUERY_TITLES.get(mode, mode)}", ""]
         parts += [_github(*rows(own, split)), ""]
+        sub = "####" if len(modes) > 1 else "###"
         pairs = paired_rows(own, split)
         if pairs is not None:
-            parts += [f"{'####' if len(modes) > 1 else '###'} Paired with the full cache", "", _github(*pairs), ""]
+            parts += [f"{sub} Paired with the full cache", "", _github(*pairs), ""]
+        deployed = deployment_rows(own)
+        if deployed is not None:
+            parts += [f"{sub} What the bytes buy", "", deployed[0], "", _github(*deployed[1:]), ""]
     return "\n".join(parts).rstrip()
 
 
@@ -301,6 +353,15 @@ def markdown(records: list[dict[str, Any]], title: str | None = None) -> str:
         "counted cells; a row shares the rank of the first row of its tier (marked =) unless the paired interval "
         "between the two excludes zero. `kvbench diff RESULTS A B` pairs any two rows.",
     ]
+    if any("model_shape" in r for r in records):
+        notes += ["", f"What the bytes buy: KV kept = active (end of each sample, mean) or peak KV over the `full` "
+                  f"row's; the longest context and the largest batch of {BATCH_CONTEXT}-token sequences whose full "
+                  f"cache times the peak fraction fits {KV_CAP / GIB:g} GiB of KV (the fraction measured here held "
+                  "at other lengths: for a method whose cache stops growing at its budget a lower bound); the "
+                  "decode speed-up the bytes allow at batch 1, (W + KV) / (W + (1 − r) · KV) with W the weights' "
+                  "bytes, KV the full cache's bytes and r the row's KV compression, next to the measured one "
+                  "(full's decode ms p50 over the row's, same machine); in reuse mode, the questions on one context "
+                  "after which the method's context prefill and questions cost no more time than full's."]
     split = counted_cells(records)
     if split is not None and split[1]:
         left = ", ".join(f"{t}" + (f" @ {n}" if n else "") + f" (full {100 * m:.0f}%)" for (t, n), m in sorted(
