@@ -7,6 +7,7 @@ scores 1 when the first number it produces is the key (tasks/lm_eval/kvbench_nee
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from collections.abc import Callable
@@ -24,10 +25,11 @@ ANSWER_PREFIX = "The pass key is:"
 
 
 def haystack(tokenizer, lengths: tuple[int, ...], depths: tuple[float, ...], seed: int,
-             fillers: tuple[str, ...], prompt_tokens: Callable[[str], int]) -> list[dict]:
+             fillers: tuple[str, ...], prompt_tokens: Callable[[str], int], exact: bool = False) -> list[dict]:
     """The user message of every (filler, length, depth) cell and its key, sized so the whole prompt
-    (`prompt_tokens` counts it, chat template included) is about `length` tokens. "simple" repeats
-    one filler paragraph; "varied" is real prose (CPython's pydoc topics)."""
+    (`prompt_tokens` counts it, chat template included) is about `length` tokens, or with `exact` the longest
+    at most `length` that whole filler units and then words of the next unit make. "simple" repeats one filler
+    paragraph; "varied" is real prose (CPython's pydoc topics)."""
     from kvbench.tasks.prose import passages
 
     rng = random.Random(seed)
@@ -50,8 +52,34 @@ def haystack(tokenizer, lengths: tuple[int, ...], depths: tuple[float, ...], see
             reps = max(1, int((length - frame) // per_unit))
             for depth in depths:
                 key = f"{rng.randrange(10000, 100000)}"
-                at = round(reps * depth)
-                text = "".join(units[:at]) + NEEDLE.format(key=key) + "".join(units[at:reps])
-                out.append({"user": INTRO + text + QUESTION, "answer": key, "context_length": length,
+                user = functools.partial(_user, units, key, depth)
+                text = fitted(user, reps, length, prompt_tokens) if exact else user(reps)
+                out.append({"user": text, "answer": key, "context_length": length,
                             "depth": depth, "filler": filler})
     return out
+
+
+def _user(units: list[str], key: str, depth: float, reps: int, words: int = 0) -> str:
+    """The user message with `reps` filler units, the needle at `depth` of them, then `words` words of the next."""
+    at = round(reps * depth)
+    tail = " ".join(units[reps].split(" ")[:words]) if words else ""
+    return INTRO + "".join(units[:at]) + NEEDLE.format(key=key) + "".join(units[at:reps]) + tail + QUESTION
+
+
+def fitted(user: Callable[..., str], reps: int, length: int, prompt_tokens: Callable[[str], int]) -> str:
+    """The longest `user(reps, words)` whose prompt is at most `length` tokens: whole units first (stepping from
+    the estimate `reps`), then words of the next unit, so it falls short by less than one word's tokens."""
+    while reps > 1 and prompt_tokens(user(reps)) > length:
+        reps -= 1
+    if prompt_tokens(user(reps)) > length:
+        raise TaskSettingsError(f"needle: no prompt with one filler unit fits {length} tokens in this model; give a "
+                                "longer context length")
+    while prompt_tokens(user(reps + 1)) <= length:
+        reps += 1
+    low, high = 0, 1  # words of unit `reps` that fit: low does, high does not (all its words = one more unit)
+    while prompt_tokens(user(reps, high)) <= length:
+        low, high = high, 2 * high
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if prompt_tokens(user(reps, mid)) <= length else (low, mid)
+    return user(reps, low)

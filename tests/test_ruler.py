@@ -87,3 +87,23 @@ def test_niah_reuse_asks_each_key_of_one_context_and_reuse_compresses_it_once(do
     assert reuse.generate_until(requests) == after.generate_until(requests)
     assert sorted(m.result.context_compressions for m in reuse.measured) == [0, 0, 0, 1]
     assert [m.result.context_compressions for m in after.measured] == [1, 1, 1, 1]
+
+
+def test_the_needle_sized_exactly_fills_its_length_in_the_models_tokens():
+    """`exact_lengths = 1`: every prompt (chat template and answer prefix included) at most its length and within 1%
+    of it, on repetitive filler and on prose; 0 keeps the estimate the committed leaderboard ran (4-5% short)."""
+    from kvbench.lmeval.tasks import check_metadata
+    from kvbench.tasks.lm_eval.utils import needle
+
+    tok = models.load_tokenizer("smollm2-135m")
+    meta = {"context_lengths": [1024, 4096], "depths": [0.1, 0.9], "varied_context_lengths": [1024]}
+    docs = needle(**meta, exact_lengths=1)["test"]
+    assert sorted({(d["filler"], d["context_length"]) for d in docs}) == [("simple", 1024), ("simple", 4096),
+                                                                        ("varied", 1024)]
+    for doc in docs:
+        assert 0.99 * doc["context_length"] <= len(tok(doc["prompt"])["input_ids"]) <= doc["context_length"]
+    nominal = needle(**meta)["test"]
+    assert len(tok(nominal[0]["prompt"])["input_ids"]) < 0.97 * 1024  # the estimate: short of its length
+    for bad in (2, True, [1]):
+        with pytest.raises(ValueError, match="exact_lengths = .* is not 0 or 1"):
+            check_metadata("kvbench_needle", {"exact_lengths": bad}, "here")

@@ -40,6 +40,7 @@ _TaskLoader.add_constructor("!function", lambda loader, node: loader.construct_s
 PROPORTIONS = {"depths"}  # metadata lists of shares in [0, 1]
 MAY_BE_EMPTY = {"varied_context_lengths"}  # metadata lists that may be empty (that part of a task left out)
 FROM_ZERO = {"seed"}  # whole numbers that may be 0; every other whole number must be positive
+SWITCHES = {"exact_lengths"}  # 0 (off) or 1 (on)
 
 
 def _yaml(name: str) -> dict[str, Any]:
@@ -106,6 +107,8 @@ def check_metadata(task: str, meta: Any, where: str) -> None:
                 ok = numbers and (bool(value) or key in MAY_BE_EMPTY) and all(
                     isinstance(v, int) and v >= low for v in value)
                 allowed = f"a {'' if key in MAY_BE_EMPTY else 'non-empty '}list of whole numbers >= {low}"
+        elif key in SWITCHES:
+            ok, allowed = isinstance(value, int) and not isinstance(value, bool) and value in (0, 1), "0 or 1"
         else:
             ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
             allowed = f"a whole number >= {low}"

@@ -57,7 +57,8 @@ def needle(**meta) -> dict[str, datasets.Dataset]:
              ("varied", tuple(meta.get("varied_context_lengths", (1024,))))]
     check_window("kvbench_needle", [n for _, lengths in cells for n in lengths], _window(meta), _model(meta))
     for i, (filler, lengths) in enumerate(cells):
-        for sample in haystack(tokenizer, lengths, depths, seed + i, (filler,), count):
+        for sample in haystack(tokenizer, lengths, depths, seed + i, (filler,), count,
+                               exact=bool(meta.get("exact_lengths", 0))):
             rows.append({"prompt": _chat(tokenizer, sample["user"], ANSWER_PREFIX), "answer": sample["answer"],
                          "context_length": sample["context_length"], "depth": sample["depth"],
                          "filler": sample["filler"], "question": QUESTION})
