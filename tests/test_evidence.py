@@ -34,3 +34,12 @@ def test_a_tier_ends_where_its_first_row_and_the_next_are_separated():
 
     assert tiers([0, 1, 2, 3, 4], compare) == [1, 1, 3, 3, 5]
     assert tiers([], compare) == []
+
+
+def test_the_smallest_separable_difference_is_where_a_loss_free_resample_gets_rare():
+    """k losses of n, all one way, are separated when fewer than 2.5% of resamples draw none of them:
+    (1 − k/n)^n < 0.025. n = 12: k = 4 (0.8%), not 3 (3.2%); n = 100: k = 4 (1.7%), not 3 (4.8%)."""
+    from kvbench.evaluation.evidence import separable
+
+    assert separable(12) == 4 / 12 and separable(100) == 0.04
+    assert separable(1) is None and separable(2) == 1.0

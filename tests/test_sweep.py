@@ -310,7 +310,7 @@ def test_rows_are_ranked_by_their_paired_difference_and_tie_where_the_samples_do
     order, ranks = ranking(records, None) or ([], [])
     assert [records[i]["method"] for i in order] == ["full", "b", "c", "d"] and ranks == ["1=", "1=", "3", "4"]
     headers, table = paired_rows(records) or ([], [])
-    assert headers[-1] == "a vs full" and [row[0] for row in table] == ["1=", "1=", "3", "4"]
+    assert headers[-1] == "a vs full (n=12, separable: 33 pts)" and [row[0] for row in table] == ["1=", "1=", "3", "4"]
     # B: a resample draws its one loss K ~ Binomial(12, 1/12) times, P(K >= 4) = 1.4% < 2.5% < P(K >= 3) = 7.2%
     assert [row[-1] for row in table[::3]] == ["reference", "−12 +0 Δ−100 [−100, −100] *"]
     assert table[1][-1] == "−1 +0 Δ−8 [−25, 0]" and table[2][-1].startswith("−6 +0 Δ−50 [") and table[2][-1][-1] == "*"

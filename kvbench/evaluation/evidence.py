@@ -92,3 +92,20 @@ def tiers(order: list[int], compare: Callable[[int, int], Paired | None]) -> lis
                 leader, rank = row, position + 1
         ranks.append(rank)
     return ranks
+
+
+def separable(n: int) -> float | None:
+    """The smallest difference `n` paired pass/fail samples can separate from zero: the fewest losses k, all one way,
+    whose paired interval excludes zero, as a share k / n (the bootstrap itself decides, by binary search: more
+    losses only narrow it). None when even n losses of n cannot (n < 2)."""
+    def apart(k: int) -> bool:
+        interval = bootstrap_interval([[-1.0] * k + [0.0] * (n - k)])
+        return interval is not None and interval[1] < 0
+
+    if n < 2 or not apart(n):
+        return None
+    low, high = 0, n  # low does not separate, high does
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if apart(mid) else (mid, high)
+    return high / n

@@ -9,7 +9,7 @@ from tabulate import tabulate
 from kvbench.evaluation import deployment
 from kvbench.evaluation.check import row_key
 from kvbench.evaluation.deployment import BATCH_CONTEXT, GIB, KV_CAP
-from kvbench.evaluation.evidence import Paired, Scores, bootstrap_interval, paired, tiers
+from kvbench.evaluation.evidence import Paired, Scores, bootstrap_interval, paired, separable, tiers
 from kvbench.evaluation.records import MIB
 from kvbench.policy import Budget
 
@@ -171,8 +171,8 @@ def paired_rows(records: list[dict[str, Any]],
     suite = len({task for task, _ in counted} & set(tasks)) > 1
     queries = any(r.get("query", "in-prompt") != "in-prompt" for r in records)
     quantized = any(r.get("kv_quant") for r in records)
-    headers = [*_head_headers(queries, quantized), *(f"{t} vs full" for t in tasks), *(["suite vs full"] if suite
-                                                                                       else [])]
+    headers = [*_head_headers(queries, quantized), *(_paired_header(t, len(_pooled(reference, t)[t])) for t in tasks),
+               *(["suite vs full"] if suite else [])]
     table = []
     for r in records:
         own = sample_scores(r)
@@ -228,6 +228,12 @@ def _repaid(r: dict[str, Any], full: dict[str, Any]) -> str:
 
     after = deployment.break_even(*times(r), *times(full))
     return "never" if after is None else _fmt(after, 1)
+
+
+def _paired_header(task: str, n: int) -> str:
+    """`TASK vs full (n=12, separable: 34 pts)`: the smallest difference its n paired samples can show (`separable`)."""
+    least = separable(n)
+    return f"{task} vs full (n={n}" + ("" if least is None else f", separable: {100 * least:.0f} pts") + ")"
 
 
 def _paired_cell(x: Paired | None) -> str:
@@ -349,9 +355,11 @@ def markdown(records: list[dict[str, Any]], title: str | None = None) -> str:
         "scored per sample and over the suite's counted cells: −samples lost (full scored higher) +samples gained, "
         "Δ = the mean per-sample difference in points (over the suite: the mean of the cells' means) and its 95% "
         "paired bootstrap interval (seeded; samples resampled within each cell); * where the interval excludes "
-        "zero, i.e. the samples separate the row from the full cache. Rank: rows best first by that Δ on the "
-        "counted cells; a row shares the rank of the first row of its tier (marked =) unless the paired interval "
-        "between the two excludes zero. `kvbench diff RESULTS A B` pairs any two rows.",
+        "zero, i.e. the samples separate the row from the full cache. A task's header gives its paired samples n "
+        "and the smallest difference they can separate (the fewest losses, all one way, whose interval excludes "
+        "zero). Rank: rows best first by that Δ on the counted cells; a row shares the rank of the first row of its "
+        "tier (marked =) unless the paired interval between the two excludes zero. `kvbench diff RESULTS A B` "
+        "pairs any two rows.",
     ]
     if any("model_shape" in r for r in records):
         notes += ["", f"What the bytes buy: KV kept = active (end of each sample, mean) or peak KV over the `full` "
