@@ -78,12 +78,27 @@ def transformers_decode(benchmark, prompt: list[int]) -> None:
 
 @pytest.mark.parametrize("method", available())
 def test_kvbench(benchmark, engine, prompt, method):
+    kvbench_decode(benchmark, engine, prompt, method)
+
+
+BLOCK = 16
+"""The decode interval of the block rows: a method that evicts at every decode step, deciding every 16th instead."""
+
+
+@pytest.mark.parametrize("method", [m for m in available() if policy_class(m).evicts
+                                    and policy_class(m).default_schedule == "decode" and policy_class(m).uses_budget])
+def test_kvbench_in_blocks(benchmark, engine, prompt, method):
+    kvbench_decode(benchmark, engine, prompt, method, {"decode_interval": BLOCK})
+
+
+def kvbench_decode(benchmark, engine: Engine, prompt: list[int], method: str, params: dict | None = None) -> None:
     budget = BUDGET if policy_class(method).uses_budget else None
-    benchmark.group, benchmark.extra_info["row"] = "decode step", method
+    row = method + "".join(f" {k}={v}" for k, v in (params or {}).items())
+    benchmark.group, benchmark.extra_info["row"] = "decode step", row
 
     @torch.inference_mode()
     def prefilled():
-        session = engine.session(make_policy(method, budget))
+        session = engine.session(make_policy(method, budget, **(params or {})))
         logits = session.feed(prompt)
         return (session, int(logits.argmax())), {}
 

@@ -264,11 +264,13 @@ def _methods() -> int:
         cls = policy_class(name)
         params = [f"{f.name}={f.default}" + (f" ({parameter_range(f)})" if parameter_range(f) else "")
                   for f in parameters(name).values()
-                  if f.name not in ("budget", "schedule") and f.default is not dataclasses.MISSING]
+                  if f.name not in ("budget", "schedule", "decode_interval") and f.default is not dataclasses.MISSING]
         if cls.evicts:
             params.insert(0, f"schedule={cls.default_schedule}" + (
                 f" (or {'|'.join(s for s in cls.schedules if s != cls.default_schedule)})" if len(cls.schedules) > 1
                 else ""))
+            if "decode" in cls.schedules:
+                params.insert(1, "decode_interval=1 (>= 1; with schedule decode)")
         print(f"{name:14s} {' '.join(params)}")
     return 0
 

@@ -204,6 +204,9 @@ class KVPolicy:
     SCHEDULES the method is defined for; `default_schedule` when the run names none), `observes` (True:
     `step` runs at every forward, so per-token scores accumulate, even where the schedule applies nothing) and
     `bounded` (False for a budgeted method that approaches its budget gradually; tests/test_method_contract.py).
+    Every method takes `budget`, `schedule` and `decode_interval` (with schedule `decode`, decisions apply at every
+    k-th decode step, evicting in blocks as kvpress's DecodingPress does: between them the cache holds up to k − 1
+    tokens over its budget, which its peak KV shows).
 
     That is all every method may use. What one method needs beyond it is an opt-in capability below (`Observes`,
     `ActsBeforeStep`, `ReadsQueries`, `RollsBack`, `Reconstructs`): a class that does not inherit one is never asked
@@ -223,6 +226,7 @@ class KVPolicy:
     bounded: ClassVar[bool] = True  # a budgeted method that holds at most its capacity once a decision applies
     budget: Budget | None = None
     schedule: str = ""  # one of `schedules`; empty: `default_schedule`
+    decode_interval: int = param(1, low=1)  # schedule `decode`: decisions apply every this many decode steps
 
     def __post_init__(self) -> None:
         if self.budget is not None and not isinstance(self.budget, Budget):
@@ -237,6 +241,10 @@ class KVPolicy:
             raise ValueError(
                 f"method {self.name!r} has no schedule {self.schedule!r}; its schedules: {', '.join(self.schedules)} "
                 "(prompt: once after the prompt, chunk: after every prefill chunk, decode: also while decoding)")
+        if self.decode_interval != 1 and (not self.evicts or self.schedule != "decode"):
+            raise ValueError(f"method {self.name!r}: decode_interval={self.decode_interval} spaces the decisions of "
+                             "the decode schedule (evicting in blocks); this run " + (
+                                 "evicts nothing" if not self.evicts else f"has schedule {self.schedule!r}"))
 
     def compresses(self, phase: Phase, last_chunk: bool) -> bool:
         """Whether the cache applies this step's decision under the run's schedule. A question fed after its

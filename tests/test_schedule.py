@@ -106,3 +106,30 @@ def test_on_the_engine_one_shot_schedules_bound_the_prompt_and_let_decoding_appe
         else:
             assert max(prompt) == budget
         assert decode == ([budget] * 4 if schedule == "decode" else [budget + i for i in range(1, 5)])
+
+
+def test_a_decode_interval_evicts_in_blocks_at_every_kth_decode_step():
+    """StreamingLLM (budget 4, 1 sink) with decode_interval=3: decode steps 1 and 2 append, step 3 evicts back to
+    the budget, keeping what the one-at-a-time run keeps at that step (sinks + the newest: the same rule). The cache
+    is at most k − 1 = 2 tokens over budget at a step's end; a prompt and a question are not decode steps."""
+    def run(interval: int) -> tuple[list[int], list[list[int]]]:
+        cache = make_cache(make_policy("streamingllm", 4, sinks=1, decode_interval=interval))
+        feed(cache, 0, 0, 8, prefill=True)
+        sizes, kept = [], []
+        for step in range(7):
+            feed(cache, 0, 8 + step, 1)
+            sizes.append(active(cache))
+            kept.append(sorted(cache.layers[0].positions[0, 0].tolist()))
+        return sizes, kept
+
+    one, blocks = run(1), run(3)
+    assert one[0] == [4] * 7 and blocks[0] == [5, 6, 4, 5, 6, 4, 5]
+    assert blocks[1][2] == one[1][2] and blocks[1][5] == one[1][5]  # where the block applies: the same kept set
+    # the prompt keeps the sink and the newest 3, [0, 5, 6, 7]; steps 1 and 2 append 8 and 9; step 3 evicts 5-7
+    assert blocks[1][:3] == [[0, 5, 6, 7, 8], [0, 5, 6, 7, 8, 9], [0, 8, 9, 10]]
+
+
+@pytest.mark.parametrize("method,params", [("snapkv", {}), ("streamingllm", {"schedule": "prompt"}), ("full", {})])
+def test_a_decode_interval_is_refused_where_no_decision_applies_while_decoding(method, params):
+    with pytest.raises(ValueError, match="decode_interval=4 spaces the decisions of the decode schedule"):
+        make_policy(method, None if method == "full" else 64, decode_interval=4, **params)

@@ -32,6 +32,7 @@ class SequenceStep:
         self.last_chunk = False
         self.attn_rows = 0  # attention rows the policy wants from this forward (the attention function computes them)
         self.applying = True  # the schedule lets this forward's decisions take effect
+        self.decodes = 0  # decode forwards so far: the schedule's `decode_interval` counts them
         self.attended = 0  # layers whose attention ran in this forward
         self.reads_queries = reads_queries(policy)
         self._acts_before = isinstance(policy, ActsBeforeStep)
@@ -50,8 +51,11 @@ class SequenceStep:
         self.cache.expect(positions, rotations)
         self.attended = 0
         self.phase, self.last_chunk = phase, last_chunk
-        self.attn_rows = self.policy.wants_attention(phase, last_chunk)
-        self.applying = self.policy.compresses(phase, last_chunk)
+        if phase == Phase.DECODE:
+            self.decodes += 1
+        due = phase != Phase.DECODE or self.decodes % self.policy.decode_interval == 0  # `decode_interval`
+        self.attn_rows = self.policy.wants_attention(phase, last_chunk) if due or self.policy.observes else 0
+        self.applying = due and self.policy.compresses(phase, last_chunk)
         if self._acts_before and self.policy.acts_before_step(self.steps, phase):
             with self.cache.ledger.policy_time(phase):
                 for layer in self.cache.layers:
