@@ -25,12 +25,12 @@ def engine():
     return Engine(tiny.build("llama", "sdpa"), models.load_tokenizer(), prefill_chunk=16)
 
 
-def run(engine: Engine, name: str) -> tuple[list[int], list[list[list[list[int]]]]]:
+def run(engine: Engine, name: str, **params: int) -> tuple[list[int], list[list[list[list[int]]]]]:
     """The generated tokens, and after each forward every layer's kept positions per head."""
     ids = encode_chat(engine.tokenizer,
                       "Archive notes. " + " ".join(f"Box {i} holds item {i * 7 % 23}." for i in range(12)))
     assert len(ids) > 4 * BUDGET
-    policy = make_policy(name, BUDGET if policy_class(name).uses_budget else None)
+    policy = make_policy(name, BUDGET if policy_class(name).uses_budget else None, **params)
     kept: list[list[list[list[int]]]] = []
 
     def check(step) -> None:
@@ -58,6 +58,21 @@ def test_every_method_loses_no_token_keeps_its_budget_and_is_deterministic(engin
         else:  # per-layer budgets that average the budget (PyramidKV)
             assert sum(counts) / len(counts) <= BUDGET + slack + 1
     assert run(engine, name) == (tokens, kept)
+
+
+BLOCK = 3
+
+
+@pytest.mark.parametrize("name", [m for m in available() if policy_class(m).evicts
+                                  and policy_class(m).default_schedule == "decode"])
+def test_every_method_evicting_in_blocks_loses_no_token_and_holds_at_most_a_block_over_its_budget(engine, name):
+    """decode_interval=3: the same invariants, the budget exceeded by at most the k − 1 tokens since a block."""
+    cls = policy_class(name)
+    tokens, kept = run(engine, name, decode_interval=BLOCK)
+    assert len(tokens) == NEW_TOKENS
+    if cls.uses_budget and cls.bounded and cls.uniform_layers:
+        assert max(len(row) for layer in kept[-1] for row in layer) <= BUDGET + BLOCK - 1
+    assert run(engine, name, decode_interval=BLOCK) == (tokens, kept)
 
 
 def out_of_range(allowed: Range) -> list[object]:
