@@ -62,7 +62,8 @@ def test_compare_writes_results_and_prints_table(tmp_path, capsys):
     (["--methods", "pyramidkv", "--positions", "rerotate"], "rerotate needs the same token count in every layer"),
     (["--model", "/nonexistent/model.gguf"], "model file not found: /nonexistent/model.gguf"),
     (["--model", "/nonexistent/dir"], "model '/nonexistent/dir' not found"),
-    (["--method-args", "h2o:heavy=0.1"], "method 'h2o' has no parameter heavy; its parameters: heavy_ratio, schedule"),
+    (["--method-args", "h2o:heavy=0.1"], "method 'h2o' has no parameter heavy; its parameters: "
+                                         "decode_interval, heavy_ratio, schedule"),
     (["--schedule", "sometimes"], "--schedule 'sometimes' is not a schedule; allowed: prompt, chunk, decode"),
     (["--methods", "full,asrkf", "--schedule", "prompt"], "method 'asrkf' has no schedule 'prompt'; its schedules: "
                                                           "decode"),

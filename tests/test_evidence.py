@@ -12,19 +12,20 @@ def test_an_interval_needs_spread_it_can_resample():
 
 
 def test_samples_pair_by_id_and_only_shared_ones_count():
-    a = {"x": {"1": 1.0, "2": 1.0, "3": 0.0, "only-a": 1.0}}
-    b = {"x": {"3": 1.0, "2": 1.0, "1": 0.0, "only-b": 0.0}, "y": {"1": 1.0}}
+    a = {"1": 1.0, "2": 1.0, "3": 0.0, "only-a": 1.0}
+    b = {"3": 1.0, "2": 1.0, "1": 0.0, "only-b": 0.0}
     p = paired(a, b)
     assert p is not None and (p.n, p.lost, p.gained, p.delta) == (3, 1, 1, 0.0) and not p.separated
-    assert paired({"x": {"1": 1.0}}, {"x": {"2": 1.0}}) is None
+    assert paired({"1": 1.0}, {"2": 1.0}) is None
 
 
-def test_over_several_cells_the_difference_is_the_mean_of_cell_means_and_a_single_sample_cell_is_left_out():
-    a = {"short": {"1": 1.0, "2": 1.0}, "long": {str(i): 1.0 for i in range(6)}, "one": {"1": 1.0}}
-    b = {"short": {"1": 0.0, "2": 0.0}, "long": {str(i): 1.0 for i in range(6)}, "one": {"1": 0.0}}
-    p = paired(a, b)
-    assert p is not None and (p.n, p.lost, p.delta) == (8, 2, -0.5)  # (−1 + 0) / 2; "one" left out
-    assert p.interval == (-0.5, -0.5) and p.separated
+def test_losses_all_one_way_are_separated_once_a_loss_free_resample_is_rare():
+    """4 losses of 12: a resample draws none with probability (8/12)^12 = 0.8% < 2.5%; 3: 3.2%, not separated."""
+    full = {str(i): 1.0 for i in range(12)}
+    four = paired(full, {**full, "0": 0.0, "1": 0.0, "2": 0.0, "3": 0.0})
+    three = paired(full, {**full, "0": 0.0, "1": 0.0, "2": 0.0})
+    assert four is not None and four.separated and four.delta == -4 / 12 and four.label().endswith(" *")
+    assert three is not None and not three.separated and three.interval is not None and three.interval[1] == 0
 
 
 def test_a_tier_ends_where_its_first_row_and_the_next_are_separated():

@@ -57,7 +57,8 @@ def write(tmp_path: Path, text: str) -> Path:
     ('tasks = ["kvbench_needle"]\ntask_metadata = 5\n[[rows]]\nmethods = ["full"]', "task_metadata = 5 is not a table"),
     ('tasks = ["kvbench_needle"]\n[task_metadata.kvbench_needle]\ncontext_length = [1024]\n'
      '[[rows]]\nmethods = ["full"]',
-     "unknown setting context_length; kvbench_needle takes: context_lengths, depths, seed, varied_context_lengths"),
+     "unknown setting context_length; kvbench_needle takes: context_lengths, depths, exact_lengths, seed, "
+     "varied_context_lengths"),
     ('tasks = ["kvbench_needle"]\n[task_metadata.kvbench_needle]\ncontext_lengths = [0]\n[[rows]]\nmethods = ["full"]',
      r"context_lengths = \[0\] is not a non-empty list of whole numbers >= 1"),
     ('tasks = ["kvbench_needle"]\n[task_metadata.kvbench_needle]\ndepths = [-3]\n[[rows]]\nmethods = ["full"]',
@@ -69,7 +70,7 @@ def write(tmp_path: Path, text: str) -> Path:
     ('tasks = ["mmlu"]\n[task_metadata.mmlu]\ndepths = [0.5]\n[[rows]]\nmethods = ["full"]',
      "is not one of kvbench's lm-eval tasks"),
     ('tasks = ["needle-1k"]\n[task_metadata.needle-1k]\ndepth = [0.5]\n[[rows]]\nmethods = ["full"]',
-     "unknown setting depth; needle-1k takes: context_lengths, depths, seed, varied_context_lengths"),
+     "unknown setting depth; needle-1k takes: context_lengths, depths, exact_lengths, seed, varied_context_lengths"),
     ('model = "a"\nmodels = ["b"]\ntasks = ["needle-1k"]\n[[rows]]\nmethods = ["full"]', "model \\(one\\) or models"),
     ('models = []\ntasks = ["needle-1k"]\n[[rows]]\nmethods = ["full"]', "models = \\[\\] is not a non-empty list"),
     ('models = ["a", "a"]\ntasks = ["needle-1k"]\n[[rows]]\nmethods = ["full"]', "models lists a more than once"),

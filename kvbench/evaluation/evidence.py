@@ -34,8 +34,8 @@ Scores = dict[str, float]
 
 @dataclass(frozen=True)
 class Paired:
-    """Row B against row A on the samples both answered: B's losses (A scored higher) and gains, the mean over cells
-    of the mean per-sample difference B − A, and its paired bootstrap interval."""
+    """Row B against row A on the samples both answered: B's losses (A scored higher) and gains, the mean
+    per-sample difference B − A, and its paired bootstrap interval."""
 
     n: int
     lost: int
@@ -60,21 +60,13 @@ def _points(x: float) -> str:
     return "0" if v == 0 else f"{v:+d}".replace("-", "−")
 
 
-def paired(a: dict[object, Scores], b: dict[object, Scores]) -> Paired | None:
-    """B against A over the cells both have, pairing samples by id within a cell; None when they share no sample.
-    Over several cells, one with a single paired sample is left out (`bootstrap_interval` could not resample it)."""
-    diffs = []
-    for cell, scores in a.items():
-        common = [i for i in scores if i in b.get(cell, {})]
-        if common:
-            diffs.append([b[cell][i] - scores[i] for i in common])
-    if len(diffs) > 1:
-        diffs = [d for d in diffs if len(d) > 1]
+def paired(a: Scores, b: Scores) -> Paired | None:
+    """B against A on the samples both scored, paired by id; None when they share none."""
+    diffs = [b[i] - score for i, score in a.items() if i in b]
     if not diffs:
         return None
-    return Paired(n=sum(len(d) for d in diffs), lost=sum(x < 0 for d in diffs for x in d),
-                  gained=sum(x > 0 for d in diffs for x in d),
-                  delta=sum(sum(d) / len(d) for d in diffs) / len(diffs), interval=bootstrap_interval(diffs))
+    return Paired(n=len(diffs), lost=sum(x < 0 for x in diffs), gained=sum(x > 0 for x in diffs),
+                  delta=sum(diffs) / len(diffs), interval=bootstrap_interval([diffs]))
 
 
 def tiers(order: list[int], compare: Callable[[int, int], Paired | None]) -> list[int]:

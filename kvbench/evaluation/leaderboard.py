@@ -107,13 +107,11 @@ def task_samples(record: dict[str, Any]) -> dict[str, list[float]]:
     return out
 
 
-def _on(scores: dict[Cell, Scores], cells: set[Cell]) -> dict[Cell, Scores]:
-    return {c: v for c, v in scores.items() if c in cells}
-
-
-def _pooled(scores: dict[Cell, Scores], task: str) -> dict[str, Scores]:
-    """A task's samples as one cell, whatever their context lengths: what its accuracy column averages."""
-    return {task: {i: v for (t, _), own in scores.items() if t == task for i, v in own.items()}}
+def _flat(scores: dict[Cell, Scores], cells: set[Cell] | None = None, task: str | None = None) -> Scores:
+    """The samples of some cells (those in `cells`, or all of `task`'s) as one group, by task and id: a paired
+    comparison resamples them together (strata of 3 samples would make a percentile bootstrap overconfident)."""
+    return {f"{c[0]}/{i}": v for c, own in scores.items() if (c in cells if cells is not None else c[0] == task)
+            for i, v in own.items()}
 
 
 def ranking(records: list[dict[str, Any]], split: tuple[dict[Cell, float], dict[Cell, float]] | None
@@ -128,12 +126,13 @@ def ranking(records: list[dict[str, Any]], split: tuple[dict[Cell, float], dict[
     scores = [sample_scores(r) for r in records]
     shown = {c for s in scores for c in s}
     cells = set(split[0]) & shown
-    against = [paired(_on(scores[records.index(full)], cells), _on(s, cells)) for s in scores]
+    flat = [_flat(s, cells) for s in scores]
+    against = [paired(flat[records.index(full)], f) for f in flat]
     if all(a is None for a in against):
         return None
     order = sorted(range(len(records)), key=lambda i: -against[i].delta if against[i] else float("inf"))
     ranked = [i for i in order if against[i] is not None]
-    rank = tiers(ranked, lambda a, b: paired(_on(scores[a], cells), _on(scores[b], cells)))
+    rank = tiers(ranked, lambda a, b: paired(flat[a], flat[b]))
     labels = {i: str(k) + ("=" if rank.count(k) > 1 else "") for i, k in zip(ranked, rank, strict=True)}
     return order, [labels.get(i, "–") for i in order]
 
@@ -171,14 +170,14 @@ def paired_rows(records: list[dict[str, Any]],
     suite = len({task for task, _ in counted} & set(tasks)) > 1
     queries = any(r.get("query", "in-prompt") != "in-prompt" for r in records)
     quantized = any(r.get("kv_quant") for r in records)
-    headers = [*_head_headers(queries, quantized), *(_paired_header(t, len(_pooled(reference, t)[t])) for t in tasks),
-               *(["suite vs full"] if suite else [])]
+    headers = [*_head_headers(queries, quantized), *(_paired_header(t, len(_flat(reference, task=t))) for t in tasks),
+               *([_paired_header("suite", len(_flat(reference, counted)))] if suite else [])]
     table = []
     for r in records:
         own = sample_scores(r)
-        per = [paired(_pooled(reference, t), _pooled(own, t)) for t in tasks]
+        per = [paired(_flat(reference, task=t), _flat(own, task=t)) for t in tasks]
         if suite:
-            per.append(paired(_on(reference, counted), own))
+            per.append(paired(_flat(reference, counted), _flat(own, counted)))
         table.append([*_row_head(r, queries, quantized),
                       *("reference" if r is full else _paired_cell(x) for x in per)])
     return _ranked(headers, table, records, split)
@@ -314,7 +313,8 @@ def tables(records: list[dict[str, Any]]) -> str:
         own = [r for r in records if r.get("query", "in-prompt") == mode]
         if len(modes) > 1:
             parts += [f"### {QUERY_TITLES.get(mode, mode)}", ""]
-        parts += [_github(*rows(own, split)), ""]
+        said = reading(own, split)
+        parts += [*([said, ""] if said else []), _github(*rows(own, split)), ""]
         sub = "####" if len(modes) > 1 else "###"
         pairs = paired_rows(own, split)
         if pairs is not None:
@@ -323,6 +323,49 @@ def tables(records: list[dict[str, Any]]) -> str:
         if deployed is not None:
             parts += [f"{sub} What the bytes buy", "", deployed[0], "", _github(*deployed[1:]), ""]
     return "\n".join(parts).rstrip()
+
+
+def reading(records: list[dict[str, Any]],
+            split: tuple[dict[Cell, float], dict[Cell, float]] | None = None) -> str | None:
+    """What the samples support in one table, in words: the rows the paired evidence puts below (or above) the
+    full cache on the counted cells, and those it does not separate from it. None without a full row or a counted
+    cell."""
+    full = _reference(records)
+    split = split or counted_cells(records)
+    if full is None or split is None:
+        return None
+    cells = set(split[0]) & set(sample_scores(full))
+    reference = _flat(sample_scores(full), cells)
+    against = [(_name(r), paired(reference, _flat(sample_scores(r), cells))) for r in records if r is not full]
+    against = [(name, p) for name, p in against if p is not None]
+    if not against:
+        return None
+    below = [f"{name} ({_points(p.delta)})" for name, p in against if p.separated and p.delta < 0]
+    above = [f"{name} ({_points(p.delta)})" for name, p in against if p.separated and p.delta > 0]
+    level = [name for name, p in against if not p.separated]
+    n = max(p.n for _, p in against)
+    least = separable(n)
+    text = (f"**What the evidence supports** (each row paired with `full` on the same {n} samples of the "
+            f"{len(cells)} counted cells, 95% intervals): {len(below)} of {len(against)} rows score below the full "
+            f"cache" + (f": {', '.join(below)}" if below else "") + ". ")
+    if above:
+        text += f"{len(above)} score above it: {', '.join(above)}. "
+    if level:
+        text += (f"{len(level)} are not separated from it: {', '.join(level)}" + (
+            f"; {n} samples cannot separate a difference below about {100 * least:.0f} points, so these may still "
+            "lose less than that" if least else "") + ".")
+    return text.strip()
+
+
+def _name(r: dict[str, Any]) -> str:
+    """A row in a sentence: method and variant, budget, and the position mode or storage when not the default."""
+    extra = [r["positions"]] if r.get("positions", "original") != "original" else []
+    extra += [r["kv_quant"]] if r.get("kv_quant") else []
+    return " ".join([f"{r['method']} {r['variant']}".strip(), Budget.label(r["budget"]), *extra]).replace(" all", "")
+
+
+def _points(delta: float) -> str:
+    return f"{100 * delta:+.0f}".replace("-", "−")
 
 
 def _github(headers: list[str], table: list[list[str]]) -> str:
@@ -353,8 +396,8 @@ def markdown(records: list[dict[str, Any]], title: str | None = None) -> str:
         "",
         "Paired with the full cache: each row against the `full` row of its table on the same samples, per task "
         "scored per sample and over the suite's counted cells: −samples lost (full scored higher) +samples gained, "
-        "Δ = the mean per-sample difference in points (over the suite: the mean of the cells' means) and its 95% "
-        "paired bootstrap interval (seeded; samples resampled within each cell); * where the interval excludes "
+        "Δ = the mean per-sample difference in points (over the suite: over the counted cells' samples) and its 95% "
+        "paired bootstrap interval (seeded; the samples resampled together); * where the interval excludes "
         "zero, i.e. the samples separate the row from the full cache. A task's header gives its paired samples n "
         "and the smallest difference they can separate (the fewest losses, all one way, whose interval excludes "
         "zero). Rank: rows best first by that Δ on the counted cells; a row shares the rank of the first row of its "
@@ -407,11 +450,12 @@ def diff(records: list[dict[str, Any]], a: str, b: str) -> str:
     lines: list[tuple[str, Paired | None]] = []
     for task in sorted({t for t, _ in x}):
         lengths = sorted(n for t, n in x if t == task and n is not None)
-        lines.append((task, paired(_pooled(x, task), _pooled(y, task))))
-        lines += [(f"{task} @ {n}", paired({(task, n): x[task, n]}, y)) for n in lengths if len(lengths) > 1]
+        lines.append((task, paired(_flat(x, task=task), _flat(y, task=task))))
+        lines += [(f"{task} @ {n}", paired(_flat(x, {(task, n)}), _flat(y, {(task, n)}))) for n in lengths
+                  if len(lengths) > 1]
     split = counted_cells(records)
     if split is not None and len({t for t, _ in split[0]}) > 1:
-        lines.append(("suite (counted cells)", paired(_on(x, set(split[0])), y)))
+        lines.append(("suite (counted cells)", paired(_flat(x, set(split[0])), _flat(y, set(split[0])))))
     if all(p is None for _, p in lines):
         raise ValueError(f"{_selection_key(first)} and {_selection_key(second)} share no sample scored per sample "
                          "(pass/fail in [0, 1]): nothing to pair")
