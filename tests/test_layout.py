@@ -64,3 +64,31 @@ def test_the_check_sees_an_upward_import(tmp_path):
     bad.write_text("from kvbench.evaluation.records import sample_record\n")
     assert imports(bad) == [("kvbench.evaluation.records.sample_record", 1)]
     assert layer("kvbench.evaluation.records.sample_record") > layer("kvbench.kv.cache")
+
+
+def closure(start: str) -> set[str]:
+    """The kvbench modules `start` imports, directly or through others (statically, every import in the file)."""
+    found, todo, known = set(), [start], modules()
+    while todo:
+        name = todo.pop()
+        if name in found:
+            continue
+        found.add(name)
+        for target, _ in imports(known[name]):
+            module = max((m for m in known if target == m or target.startswith(m + ".")), key=len, default=None)
+            if module is not None and module != "kvbench":
+                todo.append(module)
+    return found
+
+
+def test_the_files_left_out_of_a_cells_identity_are_never_imported_by_the_code_computing_a_cell():
+    """records.RENDERING is not hashed into a cell's key; lmeval_tasks.evaluate computes every cell (through the
+    adapter, the engine, the methods and the tasks), so nothing it reaches may import one of those files."""
+    from kvbench.evaluation.records import RENDERING
+
+    rendering = {"kvbench." + f.removesuffix(".py").replace("/", ".") for f in RENDERING}
+    assert rendering <= set(modules())
+    reached = closure("kvbench.evaluation.lmeval_tasks")
+    assert {"kvbench.runtime.engine", "kvbench.methods.h2o", "kvbench.kv.quant"} <= reached  # it does reach the engine
+    assert reached & rendering == set()
+    assert "kvbench.evaluation.leaderboard" in closure("kvbench.evaluation.sweep")  # the check sees such an import

@@ -46,10 +46,17 @@ def numeric_versions() -> dict[str, str]:
     return out
 
 
+RENDERING = ("evaluation/leaderboard.py", "evaluation/plots.py", "evaluation/evidence.py", "evaluation/deployment.py",
+             "evaluation/check.py")
+"""kvbench's files that only read finished records (tables, plots, paired evidence, deployment columns, `--check`):
+left out of the source hash, so a new column keeps every stored cell (a leaderboard regenerated in parts resumes
+across such changes). tests/test_layout.py holds that the code computing a cell never imports them."""
+
+
 @functools.cache
 def source_hash() -> str:
-    """Hash of kvbench's own files (core, methods, tasks: code, YAMLs, templates; bytecode left out): a change to any
-    of them is another cell."""
+    """Hash of kvbench's own files (core, methods, tasks: code, YAMLs, templates; bytecode left out), except
+    `RENDERING`: a change to any of them is another cell."""
     import kvbench
     import kvbench.methods
     import kvbench.tasks
@@ -59,6 +66,8 @@ def source_hash() -> str:
         root = Path(pkg.__file__).parent
         for f in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts
                         and p.suffix != ".pyc"):
+            if pkg is kvbench and f.relative_to(root).as_posix() in RENDERING:
+                continue
             digest.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
     return digest.hexdigest()[:16]
 
