@@ -314,3 +314,22 @@ def test_kivi_runs_with_eviction_freezing_rollback_sliding_layers_and_batches(en
                            kv_quant="kivi4r32")
     assert batch[1].tokens == engine.generate(PROMPT[:120], make_policy("h2o", 64), 6, ignore_eos=True,
                                               kv_quant="kivi4r32").tokens
+
+
+def kept_sets(engine: Engine, method: str, scheme: str | None) -> list[list[list[int]]]:
+    """After each forward, layer 0's kept positions per head."""
+    kept = []
+
+    def check(step) -> None:
+        kept.append([sorted(row) for row in step.cache.layers[0].positions[0].tolist()])
+
+    engine.generate(PROMPT, make_policy(method, 48), 6, on_step=check, ignore_eos=True, kv_quant=scheme)
+    return kept
+
+
+def test_a_method_scores_the_rows_as_stored_so_only_a_rule_on_positions_keeps_the_same_set(engine):
+    """A policy sees the attention the model computed, over the rows as stored (dequantized): that is what the
+    model attended, so a method scoring on attention (H2O, SnapKV) may keep other tokens under int4 than in the
+    model's dtype. StreamingLLM decides on positions alone, so int4 keeps exactly its tokens."""
+    quantized, plain = kept_sets(engine, "streamingllm", "int4"), kept_sets(engine, "streamingllm", None)
+    assert quantized == plain and len(plain[-1][0]) == 48 and plain[-1][0][-1] > len(PROMPT)  # it did evict
