@@ -30,7 +30,7 @@ def test_unknown_method_lists_known_ones():
 
 
 def test_unknown_parameter_lists_allowed_ones():
-    with pytest.raises(ValueError, match=r"no parameter tau; its parameters: schedule, sinks"):
+    with pytest.raises(ValueError, match=r"no parameter tau; its parameters: decode_interval, schedule, sinks"):
         make_policy("streamingllm", 256, tau="0.5")
 
 
@@ -82,7 +82,8 @@ def test_the_method_base_holds_only_what_every_method_uses():
 
     assert {n for n in vars(KVPolicy) if not n.startswith("_")} == {
         "name", "attn_rows", "token_state", "uses_budget", "evicts", "passive", "uniform_layers", "schedules",
-        "default_schedule", "observes", "bounded", "budget", "schedule", "compresses", "capacity", "wants_attention",
+        "default_schedule", "observes", "bounded", "budget", "schedule", "decode_interval", "compresses", "capacity",
+        "wants_attention",
         "step", "reset", "report", "config"}
     capabilities = (Observes, ActsBeforeStep, ReadsQueries, RollsBack, Reconstructs)
     for capability in capabilities:
