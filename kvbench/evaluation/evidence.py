@@ -50,11 +50,11 @@ class Paired:
 
     def label(self) -> str:
         """E.g. `−3 +1 Δ−17 [−33, −8] *` (points of score; * where the interval excludes zero)."""
-        span = "" if self.interval is None else f" [{_points(self.interval[0])}, {_points(self.interval[1])}]"
-        return f"−{self.lost} +{self.gained} Δ{_points(self.delta)}{span}" + (" *" if self.separated else "")
+        span = "" if self.interval is None else f" [{points(self.interval[0])}, {points(self.interval[1])}]"
+        return f"−{self.lost} +{self.gained} Δ{points(self.delta)}{span}" + (" *" if self.separated else "")
 
 
-def _points(x: float) -> str:
+def points(x: float) -> str:
     """A difference of scores in signed points, 0 unsigned, with a true minus sign."""
     v = round(100 * x)
     return "0" if v == 0 else f"{v:+d}".replace("-", "−")

@@ -9,7 +9,7 @@ from tabulate import tabulate
 from kvbench.evaluation import deployment
 from kvbench.evaluation.check import row_key
 from kvbench.evaluation.deployment import BATCH_CONTEXT, GIB, KV_CAP
-from kvbench.evaluation.evidence import Paired, Scores, bootstrap_interval, paired, separable, tiers
+from kvbench.evaluation.evidence import Paired, Scores, bootstrap_interval, paired, points, separable, tiers
 from kvbench.evaluation.records import MIB
 from kvbench.policy import Budget
 
@@ -340,8 +340,8 @@ def reading(records: list[dict[str, Any]],
     against = [(name, p) for name, p in against if p is not None]
     if not against:
         return None
-    below = [f"{name} ({_points(p.delta)})" for name, p in against if p.separated and p.delta < 0]
-    above = [f"{name} ({_points(p.delta)})" for name, p in against if p.separated and p.delta > 0]
+    below = [f"{name} ({points(p.delta)})" for name, p in against if p.separated and p.delta < 0]
+    above = [f"{name} ({points(p.delta)})" for name, p in against if p.separated and p.delta > 0]
     level = [name for name, p in against if not p.separated]
     n = max(p.n for _, p in against)
     least = separable(n)
@@ -362,10 +362,6 @@ def _name(r: dict[str, Any]) -> str:
     extra = [r["positions"]] if r.get("positions", "original") != "original" else []
     extra += [r["kv_quant"]] if r.get("kv_quant") else []
     return " ".join([f"{r['method']} {r['variant']}".strip(), Budget.label(r["budget"]), *extra]).replace(" all", "")
-
-
-def _points(delta: float) -> str:
-    return f"{100 * delta:+.0f}".replace("-", "−")
 
 
 def _github(headers: list[str], table: list[list[str]]) -> str:
