@@ -7,6 +7,7 @@ scores 1 when the first number it produces is the key (tasks/lm_eval/kvbench_nee
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 import random
@@ -62,24 +63,27 @@ def haystack(tokenizer, lengths: tuple[int, ...], depths: tuple[float, ...], see
 def _user(units: list[str], key: str, depth: float, reps: int, words: int = 0) -> str:
     """The user message with `reps` filler units, the needle at `depth` of them, then `words` words of the next."""
     at = round(reps * depth)
-    tail = " ".join(units[reps].split(" ")[:words]) if words else ""
+    tail = " ".join(units[reps].split(" ")[:words]) if words and reps < len(units) else ""
     return INTRO + "".join(units[:at]) + NEEDLE.format(key=key) + "".join(units[at:reps]) + tail + QUESTION
 
 
 def fitted(user: Callable[..., str], reps: int, length: int, prompt_tokens: Callable[[str], int]) -> str:
     """The longest `user(reps, words)` whose prompt is at most `length` tokens: whole units first (stepping from
-    the estimate `reps`), then words of the next unit, so it falls short by less than one word's tokens."""
+    the estimate `reps`), then words of the next unit, so it falls short by less than one word's tokens. Refused
+    when the filler runs out more than 1% short of `length` (the sample would be recorded at a length it is not)."""
     while reps > 1 and prompt_tokens(user(reps)) > length:
         reps -= 1
     if prompt_tokens(user(reps)) > length:
         raise TaskSettingsError(f"needle: no prompt with one filler unit fits {length} tokens in this model; give a "
                                 "longer context length")
-    while prompt_tokens(user(reps + 1)) <= length:
+    while user(reps + 1) != user(reps) and prompt_tokens(user(reps + 1)) <= length:
         reps += 1
-    low, high = 0, 1  # words of unit `reps` that fit: low does, high does not (all its words = one more unit)
-    while prompt_tokens(user(reps, high)) <= length:
-        low, high = high, 2 * high
-    while high - low > 1:
-        mid = (low + high) // 2
-        low, high = (mid, high) if prompt_tokens(user(reps, mid)) <= length else (low, mid)
-    return user(reps, low)
+    high = 1  # words of the next unit: a count that does not fit (all its words make one more unit)
+    while user(reps, high) != user(reps, high // 2) and prompt_tokens(user(reps, high)) <= length:
+        high *= 2
+    words = bisect.bisect_right(range(high), False, key=lambda w: prompt_tokens(user(reps, w)) > length) - 1
+    text = user(reps, words)
+    if prompt_tokens(text) < 0.99 * length:
+        raise TaskSettingsError(f"needle: the filler makes at most {prompt_tokens(text)} tokens, short of {length}; "
+                                "give a shorter context length")
+    return text

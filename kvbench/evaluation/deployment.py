@@ -4,6 +4,7 @@ prefill on a reused context."""
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -66,13 +67,10 @@ def longest_context(shape: ModelShape, kept: float, cap: int = KV_CAP) -> int | 
     of sliding layers only, or nothing kept)."""
     if kept <= 0 or all(w is not None for w in shape.windows):
         return None
-    low, high = 0, 1
-    while kept * shape.kv_bytes(high) <= cap:
-        low, high = high, 2 * high
-    while high - low > 1:  # kept · kv_bytes(low) fits, kept · kv_bytes(high) does not
-        mid = (low + high) // 2
-        low, high = (mid, high) if kept * shape.kv_bytes(mid) <= cap else (low, mid)
-    return low
+    high = 1
+    while kept * shape.kv_bytes(high) <= cap:  # a length that does not fit
+        high *= 2
+    return bisect.bisect_right(range(high), False, key=lambda n: kept * shape.kv_bytes(n) > cap) - 1
 
 
 def largest_batch(shape: ModelShape, kept: float, context: int = BATCH_CONTEXT, cap: int = KV_CAP) -> int | None:

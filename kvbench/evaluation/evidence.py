@@ -7,6 +7,7 @@ got right and the other wrong carry the evidence, not two unpaired means ("negat
 
 from __future__ import annotations
 
+import bisect
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -88,7 +89,7 @@ def tiers(order: list[int], compare: Callable[[int, int], Paired | None]) -> lis
 
 def separable(n: int) -> float | None:
     """The smallest difference `n` paired pass/fail samples can separate from zero: the fewest losses k, all one way,
-    whose paired interval excludes zero, as a share k / n (the bootstrap itself decides, by binary search: more
+    whose paired interval excludes zero, as a share k / n (the bootstrap itself decides, by bisection: more
     losses only narrow it). None when even n losses of n cannot (n < 2)."""
     def apart(k: int) -> bool:
         interval = bootstrap_interval([[-1.0] * k + [0.0] * (n - k)])
@@ -96,8 +97,4 @@ def separable(n: int) -> float | None:
 
     if n < 2 or not apart(n):
         return None
-    low, high = 0, n  # low does not separate, high does
-    while high - low > 1:
-        mid = (low + high) // 2
-        low, high = (low, mid) if apart(mid) else (mid, high)
-    return high / n
+    return (bisect.bisect_left(range(1, n + 1), True, key=apart) + 1) / n
