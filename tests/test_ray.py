@@ -4,6 +4,7 @@ refusals. A tiny random Llama: the mechanics of distribution, never a reported r
 
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -133,3 +134,38 @@ def test_a_failing_cell_is_retried_then_reported_while_the_others_are_stored(con
     assert report.count("RuntimeError: this method fails at its first decision") == 3
     assert report.count("failing 64 original in-prompt") == 3 and "needle-1k [shard 2/2]" in report
     assert len(list((root / "cells").glob("*.json"))) == 3 and not (root / "out" / "results.json").exists()
+
+
+class Handed(Exception):
+    """Raised by a stand-in for Ray once it has seen the cells it is handed."""
+
+
+def test_ray_is_handed_the_cells_model_by_model_and_the_longest_first(config, monkeypatch):
+    """Ray starts cells in the order it is given them: the short ones last, so no worker waits long for the last
+    cell; model by model, so a worker switches models rarely. The sweep's own order is the other way round."""
+    root = config.parent / "order"
+    root.mkdir()
+    path = root / "sweep.toml"
+    model, other = config.parent / "model", root / "other"
+    shutil.copytree(model, other)
+    path.write_text(f"""
+models = ["{model}", {{ name = "{other}", dtype = "bfloat16" }}]
+tasks = ["kvbench_ruler_niah_single_1", "needle-1k"]
+limit = 2
+[task_metadata.kvbench_ruler_niah_single_1]
+context_lengths = [256]
+[[rows]]
+methods = ["full", "h2o"]
+budgets = [64]
+""")
+    handed: list[tuple[str, str, str]] = []
+
+    def run_cells(cells, options, arrived):
+        handed.extend((spec.dtype, run.method, task) for spec, run, task, _ in cells.values())
+        raise Handed
+
+    monkeypatch.setattr(sweep.ray_cells, "run_cells", run_cells)
+    with pytest.raises(Handed):
+        sweep.run_sweep(sweep.load(path), root / "out", root / "cells", None, progress=False, ray=RayOptions())
+    assert handed == [(dtype, method, task) for dtype in ("float32", "bfloat16")
+                      for task in ("needle-1k", "kvbench_ruler_niah_single_1") for method in ("full", "h2o")]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import logging
 from collections.abc import Iterator
@@ -114,12 +115,16 @@ def evaluate(engine: Engine, model: str, run: RunSpec, task: str, limit: int | N
     return TaskScores(scores, metrics, records, responses)
 
 
-def document_counts(model: str, task: str, limit: int | None, metadata: dict[str, Any] | None) -> dict[str, int]:
-    """Each lm-eval task under `task` (itself, or a group's subtasks) -> the documents a run with `limit` evaluates."""
+def document_sizes(model: str, task: str, limit: int | None, metadata: dict[str, Any] | None
+                   ) -> dict[str, list[int]]:
+    """Each lm-eval task under `task` (itself, or a group's subtasks) -> the size of each document a run with `limit`
+    evaluates, in characters of its text and target: what it costs to run, roughly, before it runs."""
     manager = _manager(json.dumps({**(metadata or {}), "pretrained": model}, sort_keys=True))
     with quiet_lm_eval():
         loaded = manager.load([task])["tasks"]
-    return {name: min(len(t.eval_docs), limit or len(t.eval_docs)) for name, t in loaded.items()}
+    return {name: [len(str(t.doc_to_text(doc))) + len(str(t.doc_to_target(doc)))
+                   for doc in itertools.islice(t.eval_docs, limit)]
+            for name, t in loaded.items()}
 
 
 def _short(text: str) -> str:

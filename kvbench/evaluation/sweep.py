@@ -32,7 +32,7 @@ from kvbench.evaluation.cells import LEASE_S, CellStore, cell_key
 from kvbench.evaluation.check import committed, compare_deterministic
 from kvbench.evaluation.compare import Cell, CompareSpec, Runner, describe, method_params, plan
 from kvbench.evaluation.leaderboard import markdown
-from kvbench.evaluation.lmeval_tasks import document_counts
+from kvbench.evaluation.lmeval_tasks import document_sizes
 from kvbench.evaluation.ray_cells import RayOptions
 from kvbench.evaluation.records import cpu_model, source_hash
 from kvbench.evaluation.shards import Documents
@@ -247,9 +247,15 @@ class Unit:
     task: str
     documents: Documents | None = None
     shard: str = ""  # " [shard k/N]" in messages
+    size: int = 0  # characters of its documents (on Ray: the largest are handed out first)
 
     def name(self) -> str:
         return f"{describe(self.run)} {self.task}{self.shard}"
+
+
+def _size(sizes: dict[str, list[int]], documents: Documents | None) -> int:
+    """The characters of a cell's documents (`documents` None), or of a shard's."""
+    return sum(sum(s) if documents is None else sum(s[i] for i in documents[name]) for name, s in sizes.items())
 
 
 @dataclass
@@ -280,22 +286,24 @@ def run_sweep(sweep: Sweep, out_dir: Path, cells_dir: Path, plots_dir: Path | No
     configs = {}
     todo: dict[str, Unit] = {}  # what is computed: a cell, or a shard of one
     row_keys: list[list[list[str]]] = []  # per row, per task: the keys of its cell (one) or of its shards
-    split_as: dict[tuple[str, str, str], list[Documents | None]] = {}
+    sizes: dict[tuple[str, str, str], dict[str, list[int]]] = {}  # (model, dtype, task) -> its documents' sizes
     for row, run_ in plan_rows:
         runner = runners[row.model, row.dtype]
         row_keys.append([])
         for task in row.tasks:
             n = 1 if run_.query == "reuse" else sweep.shards.get(task, 1)
-            if (row.model, row.dtype, task) not in split_as:
-                split_as[row.model, row.dtype, task] = [None] if n == 1 else shards.split(
-                    document_counts(row.model, task, row.limit, runner.metadata[task]), n)
-            parts = split_as[row.model, row.dtype, task] if n > 1 else [None]
+            if (n > 1 or ray is not None) and (row.model, row.dtype, task) not in sizes:
+                sizes[row.model, row.dtype, task] = document_sizes(row.model, task, row.limit, runner.metadata[task])
+            parts = shards.split({name: len(s) for name, s in sizes[row.model, row.dtype, task].items()}, n
+                                 ) if n > 1 else [None]
             row_keys[-1].append([])
             for k, documents in enumerate(parts):
                 config = runner.cell_config(run_, task, documents)
                 key = cell_key(config)
                 configs[key] = config
-                todo[key] = Unit(runner, run_, task, documents, f" [shard {k + 1}/{len(parts)}]" if documents else "")
+                size = _size(sizes[row.model, row.dtype, task], documents) if ray is not None else 0
+                todo[key] = Unit(runner, run_, task, documents, f" [shard {k + 1}/{len(parts)}]" if documents else "",
+                                 size)
                 row_keys[-1][-1].append(key)
     outcome = Outcome([], [], [])
     store = CellStore(cells_dir)
@@ -404,7 +412,9 @@ def _on_ray(todo: dict[str, Unit], configs: dict[str, dict[str, Any]], store: Ce
     """The cells (and shards) neither stored nor claimed by another sweep, computed on Ray: each claimed first (so a
     sweep sharing the store leaves it alone), stored as it arrives, released when it fails."""
     mine = {}
-    for key, unit in todo.items():
+    model_order = {id(runner): k for k, runner in enumerate(dict.fromkeys(unit.runner for unit in todo.values()))}
+    # model by model (a worker switches models rarely), the longest first (the short ones end the sweep)
+    for key, unit in sorted(todo.items(), key=lambda item: (model_order[id(item[1].runner)], -item[1].size)):
         stored = store.get(key)
         if stored is not None:
             progress.done[key] = stored
