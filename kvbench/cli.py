@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how K/V rows are stored: none (the model's dtype), int8, int4, int2 (per token, groups of 32 "
                         "channels), each optionally with rR: the newest R tokens also in full precision (int4r128); "
                         "kivi4, kivi2: KIVI's keys per channel, values per token, 128 newest in full precision "
-                        "(kivi4r64: another window); comma-separated sweep")
+                        "(kivi4r64: another window); quanto4, quanto2: transformers' quanto QuantizedCache (heads of "
+                        "64k channels); comma-separated sweep")
     c.add_argument("--prefill-chunk", type=int, default=512, help="prefill chunk size in tokens")
     c.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     c.add_argument("--dtype", default="float32",

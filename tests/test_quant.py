@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import transformers
 from transformers import DynamicCache
 
 import tiny
@@ -205,6 +206,63 @@ def test_the_newest_tokens_are_attended_in_full_precision_and_counted(arch):
         got.cache.active_tokens) * full_precision
 
 
+@pytest.mark.parametrize("nbits", [4, 2])
+def test_full_on_quanto_rows_gives_transformers_quanto_cache(nbits):
+    """quantoB: transformers' own `QuantizedCache(backend="quanto")` (optimum-quanto's quantizer): the prompt
+    quantized as it comes, the tokens since the last flush in full precision, a flush every 128 that quantizes the
+    whole cache again from its dequantized values. 200 prompt tokens and 160 new cross two flushes; the rows are the
+    library's codes, so tokens and logits are transformers' (int4 with a sliding window of 128 differs)."""
+    ours = Engine(tiny.wide_llama(3), models.load_tokenizer(), prefill_chunk=64)
+    plain = tiny.wide_llama(3)
+    scheme = f"quanto{nbits}"
+    got = ours.generate(PROMPT, make_policy("full"), 160, return_logits=True, kv_quant=scheme, ignore_eos=True)
+    cache = transformers.QuantizedCache(backend="quanto", config=plain.config, nbits=nbits)
+    logits = reference(plain, cache, ours.cache_arg, new=160)
+    assert got.tokens == [int(t.argmax()) for t in logits]
+    for mine, theirs in zip(got.logits, logits, strict=True):
+        torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=0)
+    windowed = ours.generate(PROMPT, make_policy("full"), 160, return_logits=True, kv_quant=f"int{nbits}r128",
+                             ignore_eos=True)
+    assert max((a - b).abs().max() for a, b in zip(windowed.logits, logits, strict=True)) > 1e-3
+
+    # stored: every token's codes and its group's float32 scale and shift, and the block since the last flush
+    cfg, seen = plain.config, len(PROMPT) + 159  # the last new token is never fed
+    held = 8 + 159 - 128  # since the prompt's last flush: its last chunk of 8, the new tokens; one flush at 128
+    row = cfg.num_key_value_heads * 2 * (64 * nbits // 8 + 2 * 4)
+    assert got.cache.active_bytes == cfg.num_hidden_layers * (seen * row + held * cfg.num_key_value_heads * 2 * 64 * 4)
+
+
+@torch.inference_mode()
+def test_quanto_rows_hold_transformers_quanto_cache_bit_for_bit_after_its_flushes():
+    """After 200 prompt tokens in chunks of 64 and 150 more one at a time (flushes at the third chunk and at the
+    120th token), the first layer's stored K/V read back equals what transformers' quanto cache holds (dequantized
+    part + residual), bit for bit: the flush quantizes again from dequantized values, which moves some scales by an
+    ulp (a difference logits within 1e-4 cannot show). The first layer's K/V depend on the tokens alone; a later
+    layer's differ by an ulp where kvbench's attention and SDPA round differently in a decode step."""
+    ours = Engine(tiny.wide_llama(4), models.load_tokenizer(), prefill_chunk=64)
+    plain = tiny.wide_llama(4)
+    fed = PROMPT + list(range(300, 450))
+    session = ours.session(make_policy("full"), kv_quant="quanto4")
+    session.feed(PROMPT)
+    cache = transformers.QuantizedCache(backend="quanto", config=plain.config, nbits=4)
+    for start in range(0, len(PROMPT), 64):
+        plain(input_ids=torch.tensor([PROMPT[start : start + 64]]), use_cache=True, **{ours.cache_arg: cache})
+    for token in fed[len(PROMPT) :]:
+        session.feed([token])
+        plain(input_ids=torch.tensor([[token]]), use_cache=True, **{ours.cache_arg: cache})
+    mine, theirs = session.cache.layers[0], cache.layers[0]
+    stored = mine.block.overlay(mine.active.keys(), mine.active.values(), mine.active.positions())
+    held = [torch.cat([theirs._dequantize(q), fp], -2) for q, fp in
+            ((theirs._quantized_keys, theirs.keys), (theirs._quantized_values, theirs.values))]
+    assert mine.block.held == theirs.keys.shape[-2] == 8 + 150 - 128
+    assert torch.equal(stored[0], held[0]) and torch.equal(stored[1], held[1])
+
+
+def test_quanto_rows_are_refused_where_a_group_of_64_would_span_tokens(engine):
+    with pytest.raises(ValueError, match="heads have 16: use int4"):
+        engine.generate(PROMPT, make_policy("full"), 2, kv_quant="quanto4")
+
+
 def test_a_rolled_back_position_is_never_read_from_the_copy_a_slot_held_for_it(engine):
     """int4r16, 200 tokens fed and the last 10 rolled back: positions 184..189 still have their full-precision
     copies; the slots of 174..183 held the rolled-back 190..199, so those positions are read quantized, as is
@@ -314,6 +372,25 @@ def test_kivi_runs_with_eviction_freezing_rollback_sliding_layers_and_batches(en
                            kv_quant="kivi4r32")
     assert batch[1].tokens == engine.generate(PROMPT[:120], make_policy("h2o", 64), 6, ignore_eos=True,
                                               kv_quant="kivi4r32").tokens
+
+
+def test_quanto_rows_run_with_eviction_freezing_rollback_and_batches():
+    wide = Engine(tiny.wide_llama(0), models.load_tokenizer(), prefill_chunk=64)
+    for policy in (make_policy("h2o", 64), make_policy("asrkf"), make_policy("snapkv", 64)):
+        r = wide.generate(PROMPT, policy, 12, kv_quant="quanto4", ignore_eos=True)
+        assert r.tokens and r.cache.active_bytes < r.cache.full_bytes
+    session = wide.session(make_policy("full"), kv_quant="quanto4")
+    session.feed(PROMPT)  # chunks of 64, 64, 64, 8: the third flushed, the block holds 192..199
+    layer = session.cache.layers[0]
+    assert (layer.block.since, layer.block.held) == (192, 8)
+    session.rollback(50)  # positions 150.. go, flushed ones among them: the block starts again at 150
+    assert (layer.block.since, layer.block.held) == (150, 0)
+    session.feed(PROMPT[:60])  # 60 < 128: held in full precision, read from the block
+    assert layer.block.held == 60 and torch.equal(layer.keys[:, :, -60:], layer.block.k)
+    batch = generate_batch(wide, [PROMPT, PROMPT[:120]], make_policy("h2o", 64), 6, ignore_eos=True,
+                           kv_quant="quanto4")
+    assert batch[1].tokens == wide.generate(PROMPT[:120], make_policy("h2o", 64), 6, ignore_eos=True,
+                                            kv_quant="quanto4").tokens
 
 
 def kept_sets(engine: Engine, method: str, scheme: str | None) -> list[list[list[int]]]:

@@ -44,3 +44,11 @@ def build(arch: str, attention: str, seed: int = 0) -> torch.nn.Module:
 
 def reference_attention(arch: str) -> str:
     return REFERENCE_ATTENTION.get(arch, "sdpa")
+
+
+def wide_llama(seed: int) -> torch.nn.Module:
+    """The tiny Llama with heads of 64 channels (transformers' quanto cache groups 64 consecutive elements: one
+    token's head there), SDPA, weights drawn from `seed`."""
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(**{**_COMMON, "head_dim": 64})
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float().eval()

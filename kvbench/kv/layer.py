@@ -18,7 +18,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from kvbench.kv.accounting import Ledger
 from kvbench.kv.positions import PositionMode
-from kvbench.kv.quant import KeyGroups, Recent, RowCodec
+from kvbench.kv.quant import Block, KeyGroups, QuantoCodec, Recent, RowCodec
 from kvbench.kv.rows import POS, RowData, Rows, gather
 from kvbench.kv.store import FrozenStore
 from kvbench.policy import Decision, LayerView, Phase
@@ -102,6 +102,7 @@ class PolicyLayer(CacheLayerMixin):
         self.codec: RowCodec | None = None  # handle.codec sized to this layer's heads, at the first update
         self.key_codec: RowCodec | KeyGroups | None = None  # the codec, or KIVI's per-channel key groups
         self.recent: Recent | None = None  # the newest tokens in full precision (a codec with a residual)
+        self.block: Block | None = None  # transformers' quanto residual: the tokens since its last flush
         self.plain_row_bytes = 0  # one token's K/V in the model's dtype (what transformers' own cache stores)
         self._handed: dict[str, torch.Tensor] = {}  # the active state views handed to the policy
         self.seen = 0
@@ -121,6 +122,7 @@ class PolicyLayer(CacheLayerMixin):
             for rows in (self.active, self.frozen):
                 rows.key_codec, rows.value_codec = self.key_codec, self.codec
             self.recent = Recent(self.codec.residual) if self.codec.residual else None
+            self.block = Block(self.codec.block) if isinstance(self.codec, QuantoCodec) else None
         self.plain_row_bytes = b * h * (d + value_states.shape[-1]) * key_states.element_size()
         self.is_initialized = True
 
@@ -130,23 +132,38 @@ class PolicyLayer(CacheLayerMixin):
         b, h, q, _ = key_states.shape
         before = self._sizes()
         meta = self.handle.new_meta((b, h, q), self.device)
+        flush = False
         if self.codec is None:  # the model's dtype: the decode step's path, nothing added
             self.active.append((key_states, value_states, meta))
         else:
-            self._append_quantized(key_states, value_states, meta)
+            flush = self._append_quantized(key_states, value_states, meta)
         self.seen += q
         self.new_tokens = q
         self._refresh(before)
+        if flush:  # after the keys this step attends are read
+            self._flush()
         return self.keys, self.values
 
-    def _append_quantized(self, key_states: torch.Tensor, value_states: torch.Tensor, meta: torch.Tensor) -> None:
-        """New rows stored quantized; KIVI's keys leaving the window quantized; the window's copies updated."""
+    def _append_quantized(self, key_states: torch.Tensor, value_states: torch.Tensor, meta: torch.Tensor) -> bool:
+        """New rows stored quantized; KIVI's keys leaving the window quantized; the window's (or block's) copies
+        updated. Whether the block flushes after this step."""
         self.active.append((self.key_codec.encode(key_states), self.codec.encode(value_states), meta))
         positions = meta[0, 0, :, POS].long()
         if isinstance(self.key_codec, KeyGroups):
             self._quantize_leaving(key_states, int(positions[0]), int(positions[-1]) + 1)
         if self.recent is not None:
             self.recent.add(key_states, value_states, positions)
+        return self.block is not None and self.block.add(key_states, value_states)
+
+    def _flush(self) -> None:
+        """transformers' quanto flush: the rows quantized before the block quantized again from their values; the
+        block's tokens are stored as quantized from full precision already."""
+        before = self._sizes()
+        self.active.requantize(self.block.since)
+        self.frozen.requantize(self.block.since)
+        self.block.flushed_at(self.seen)
+        active, frozen, reserved = self._sizes()
+        self.ledger.resized(active - before[0], frozen - before[1], reserved - before[2])
 
     def _quantize_leaving(self, new_keys: torch.Tensor, first_new: int, end: int) -> None:
         """KIVI: quantize, a group of consecutive positions at a time, the keys of the tokens that leave the
@@ -167,6 +184,7 @@ class PolicyLayer(CacheLayerMixin):
         if self.codec is None:
             return self.active.nbytes, self.frozen.nbytes, self.active.reserved_bytes
         recent = 0 if self.recent is None else self.recent.nbytes  # full-precision copies of the newest tokens
+        recent += 0 if self.block is None else self.block.nbytes
         if isinstance(self.key_codec, KeyGroups):
             recent += self.key_codec.nbytes  # KIVI's per-channel scales and minimums
         return self.active.nbytes + recent, self.frozen.nbytes, self.active.reserved_bytes + recent
@@ -175,6 +193,8 @@ class PolicyLayer(CacheLayerMixin):
         self.keys, self.values = self.active.keys(), self.active.values()
         if self.recent is not None and self.active.n:
             self.keys, self.values = self.recent.overlay(self.keys, self.values, self.active.positions())
+        if self.block is not None and self.active.n:
+            self.keys, self.values = self.block.overlay(self.keys, self.values, self.active.positions())
         active, frozen, reserved = self._sizes()
         self.ledger.resized(active - before[0], frozen - before[1], reserved - before[2])
 
@@ -230,6 +250,8 @@ class PolicyLayer(CacheLayerMixin):
         before = self._sizes()
         if isinstance(self.key_codec, KeyGroups):  # tokens fed again at these positions are new ones to quantize
             self.key_codec.upto = min(self.key_codec.upto, first)
+        if self.block is not None:
+            self.block.drop_from(first)
         f = self.frozen
         frozen = 0
         if f.n:

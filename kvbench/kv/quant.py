@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 GROUP = 32  # channels sharing one scale and minimum (KIVI's group size)
+QUANTO_GROUP = 64  # transformers' q_group_size
 SCHEMES = ("int8", "int4", "int2")
 PARAMS = 2  # per group: scale and minimum
 PARAM_BYTES = 2  # each a float16
@@ -219,7 +220,111 @@ class KeyGroups:
         return (codes * self.scale.gather(2, pick).float() + self.low.gather(2, pick).float()).to(dtype)
 
 
-SCHEME = re.compile(r"(int|kivi)(8|4|2)(?:r([1-9][0-9]*))?")
+@dataclass(frozen=True)
+class QuantoCodec(RowCodec):
+    """transformers' `QuantizedCache(backend="quanto")`, reproduced on rows: optimum-quanto's `MaxOptimizer` and
+    affine quantizer over groups of 64 consecutive elements of the [B, H, T, D] tensor (axis 0), which are one token's
+    head channels when D is a multiple of 64; scale (max - min) / (2^b - 1) and shift -min kept in the model's dtype,
+    codes round((x + shift) / scale) (half to even) clamped to b bits, values scale * code - shift. The same float
+    operations in the same order, so the codes are the library's. The newest tokens are held by `Block`."""
+
+    block: int = 128  # transformers' residual_length
+
+    @property
+    def name(self) -> str:
+        return f"quanto{self.bits}"
+
+    def sized(self, *head_dims: int) -> QuantoCodec:
+        bad = [d for d in head_dims if d % QUANTO_GROUP]
+        if bad:
+            raise ValueError(f"kv_quant={self.name} reproduces transformers' quanto cache, whose groups of "
+                             f"{QUANTO_GROUP} consecutive elements of the [batch, heads, tokens, channels] tensor "
+                             f"are one token's channels only where a head has a multiple of {QUANTO_GROUP}; this "
+                             f"model's heads have {', '.join(map(str, sorted(set(head_dims))))}: use int{self.bits}")
+        return self
+
+    def width(self, d: int, dtype: torch.dtype = torch.float32) -> int:
+        return d * self.bits // 8 + d // self.group * PARAMS * dtype.itemsize
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        *lead, d = x.shape
+        levels = (1 << self.bits) - 1
+        grouped = x.reshape(*lead, d // self.group, self.group)
+        low, high = grouped.amin(-1, keepdim=True), grouped.amax(-1, keepdim=True)
+        scale, shift = (high - low) / levels, -low
+        codes = torch.round((grouped + shift) / scale).nan_to_num_(0).clamp_(0, levels)  # 0 / 0 on a flat group
+        codes = _pack(codes.to(torch.uint8).reshape(*lead, d), self.bits)
+        return torch.cat([codes, torch.cat([scale, shift], -1).flatten(-2).view(torch.uint8)], -1)
+
+    def decode(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        *lead, w = rows.shape
+        d = w * 8 * self.group // (self.bits * self.group + 8 * PARAMS * dtype.itemsize)  # inverts `width`
+        codes, params = _unpack(rows[..., : d * self.bits // 8], self.bits), rows[..., d * self.bits // 8 :]
+        params = params.contiguous().view(dtype).reshape(*lead, d // self.group, PARAMS)
+        values = params[..., :1] * codes.reshape(*lead, d // self.group, self.group).to(dtype) - params[..., 1:]
+        return values.reshape(*lead, d)
+
+    def bound(self, x: torch.Tensor) -> torch.Tensor:
+        """Half a step of each value's group, plus the rounding of the model dtype's arithmetic."""
+        *lead, d = x.shape
+        grouped = x.reshape(*lead, d // self.group, self.group)
+        step = (grouped.amax(-1) - grouped.amin(-1)) / ((1 << self.bits) - 1)
+        slack = 8 * torch.finfo(x.dtype).eps * grouped.abs().amax(-1)
+        return (step / 2 + slack)[..., None].expand_as(grouped).reshape(*lead, d)
+
+
+class Block:
+    """transformers' quanto cache's full-precision residual: the K/V of the tokens fed since the last flush, read
+    instead of their rows. Unlike KIVI's sliding window (`Recent`) it is a block: the prompt is quantized at once, and
+    when the tokens held plus a step's reach `size`, every stored row is quantized again from its dequantized values
+    (`flush`), as transformers quantizes its whole cache again; the step's own tokens are read in full precision."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.since = 0  # the first position not yet flushed
+        self.k: torch.Tensor | None = None  # [B, K, held, D]: positions since .. since + held - 1
+        self.v: torch.Tensor | None = None
+        self.flushed = False  # transformers quantizes the first update (the prompt) whatever its length
+
+    @property
+    def held(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.k is None else self.k.nbytes + self.v.nbytes
+
+    def add(self, keys: torch.Tensor, values: torch.Tensor) -> bool:
+        """The step's new tokens (the next positions); whether the step flushes after it has been attended."""
+        due = not self.flushed or self.held + keys.shape[2] >= self.size
+        self.k = keys if self.k is None else torch.cat([self.k, keys], 2)
+        self.v = values if self.v is None else torch.cat([self.v, values], 2)
+        return due
+
+    def flushed_at(self, end: int) -> None:
+        """Every position below `end` is stored quantized (the layer quantized the older rows again)."""
+        self.since, self.k, self.v, self.flushed = end, None, None, True
+
+    def drop_from(self, first: int) -> None:
+        """Forget positions >= `first` (a rollback); positions fed again start the block there."""
+        if first <= self.since:
+            self.since, self.k, self.v = first, None, None
+        elif self.k is not None:
+            self.k, self.v = self.k[:, :, : first - self.since], self.v[:, :, : first - self.since]
+
+    def overlay(self, keys: torch.Tensor, values: torch.Tensor,
+                positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoded `keys`, `values` [B, K, n, D] with the rows at the positions ([B, K, n]) the block holds from it."""
+        if self.k is None:
+            return keys, values
+        at = positions - self.since
+        mine = (at >= 0)[..., None]
+        at = at.clamp(0, self.held - 1)[..., None]
+        return tuple(torch.where(mine, held.gather(2, at.expand(-1, -1, -1, held.shape[-1])), rows)
+                     for rows, held in ((keys, self.k), (values, self.v)))
+
+
+SCHEME = re.compile(r"(int|kivi)(8|4|2)(?:r([1-9][0-9]*))?|quanto(4|2)")
 KIVI_RESIDUAL = 128  # KIVI's full-precision window when the scheme names none
 
 
@@ -228,10 +333,13 @@ def codec(scheme: str | None) -> RowCodec | None:
     if scheme in (None, "none"):
         return None
     found = SCHEME.fullmatch(str(scheme))
+    if found is not None and found[4]:
+        return QuantoCodec(int(found[4]), QUANTO_GROUP)
     if found is None:
         raise ValueError(f"kv_quant={scheme!r} is not a KV quantization scheme; allowed: none, {', '.join(SCHEMES)}, "
                          "each optionally with rR to keep the newest R tokens in full precision (int4r128), and "
-                         "kivi4, kivi2 (keys per channel; kivi4r64 for another window than 128)")
+                         "kivi4, kivi2 (keys per channel; kivi4r64 for another window than 128), quanto4, quanto2 "
+                         "(transformers' quanto QuantizedCache)")
     kivi = found[1] == "kivi"
     residual = int(found[3] or (KIVI_RESIDUAL if kivi else 0))
     if kivi and residual < GROUP:

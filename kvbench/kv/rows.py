@@ -94,6 +94,17 @@ class TokenRows:
         new = rows.gather(2, at.clamp(0, rows.shape[2] - 1)[..., None].expand(-1, -1, -1, rows.shape[-1]))
         self.k[:, :, :n] = torch.where(hit, new, self.k[:, :, :n])
 
+    def requantize(self, below: int) -> None:
+        """Quantize again, from their decoded values, the rows of the tokens at positions below `below` (transformers'
+        quanto cache quantizes its whole cache again from dequantized values when its residual block flushes)."""
+        n = self._written()
+        if not n:
+            return
+        old = (self.meta[:, :, :n, POS].long() < below)[..., None]
+        for buf, codec in ((self.k, self.key_codec), (self.v, self.value_codec)):
+            rows = buf[:, :, :n]
+            buf[:, :, :n] = torch.where(old, codec.encode(codec.decode(rows, self.dtype)), rows)
+
     def row_bytes(self) -> int:
         if not self._row_bytes:
             self._row_bytes = row_bytes(self.k, self.v)
