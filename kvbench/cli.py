@@ -13,6 +13,8 @@ from pathlib import Path
 from kvbench.runtime import models
 
 NO_PROGRESS = "no progress bars: kvbench's, lm-eval's or transformers' (loading a model)"
+PUBLISHED = Path("leaderboard")  # the leaderboard of record: its results, and its plots under reports/
+PUBLISHED_PLOTS = Path("reports") / "leaderboard"
 
 
 def _csv(text: str) -> list[str]:
@@ -102,9 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     lb = sub.add_parser("leaderboard", help="run the published sweep (resumable) and write leaderboard/", **shown)
     lb.add_argument("--config", type=Path, default=Path("leaderboard") / "sweep.toml", help="sweep definition (TOML)")
     lb.add_argument("--slice", default=None, help="run only this [slices.NAME] of the sweep (e.g. ci)")
-    lb.add_argument("--out", type=Path, default=Path("leaderboard"), help="where LEADERBOARD.md and results.json go")
+    lb.add_argument("--out", type=Path, default=PUBLISHED, help="where LEADERBOARD.md and results.json go")
     lb.add_argument("--dtype", default=None, help="model dtype, replacing the sweep file's (float32, bfloat16, ...)")
-    lb.add_argument("--plots", type=Path, default=Path("reports") / "leaderboard", help="where the PNG plots go")
+    lb.add_argument("--plots", type=Path, default=None,
+                    help="where the PNG plots go (default: reports/leaderboard for --out leaderboard, else OUT/plots, "
+                         "so a slice or a trial never replaces the published plots)")
     lb.add_argument("--cells", type=Path, default=None,
                     help="finished-cell store (default: the kvbench cache dir, ~/.cache/kvbench/cells)")
     lb.add_argument("--check", type=Path, default=None,
@@ -188,6 +192,8 @@ def _leaderboard(args: argparse.Namespace) -> int:
     from kvbench.evaluation.records import check_outputs
 
     ray = _ray_options(args)
+    if args.plots is None:
+        args.plots = PUBLISHED_PLOTS if args.out == PUBLISHED else args.out / "plots"
     if args.render:
         given = [flag for flag, on in (("--slice", args.slice), ("--dtype", args.dtype), ("--cells", args.cells),
                                        ("--check", args.check), ("--executor ray", ray)) if on]

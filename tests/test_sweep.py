@@ -605,3 +605,19 @@ def test_the_committed_leaderboard_is_what_its_results_render_to(tmp_path, capsy
     assert main(["leaderboard", "--render", "--out", str(out), "--plots", str(tmp_path / "reports" / "leaderboard"),
                  "--no-progress"]) == 0
     assert (out / "LEADERBOARD.md").read_text() == (REPO / "leaderboard" / "LEADERBOARD.md").read_text()
+
+
+def test_plots_go_under_out_unless_it_is_the_published_leaderboard(tmp_path, monkeypatch):
+    """A slice, a trial or a rendering into another folder never replaces the published plots."""
+    from kvbench.cli import main
+
+    out = tmp_path / "trial"
+    out.mkdir()
+    shutil.copy(REPO / "leaderboard" / "results.json", out / "results.json")
+    monkeypatch.chdir(tmp_path)  # where the published folders would be, relative to the working directory
+    assert main(["leaderboard", "--render", "--out", str(out)]) == 0
+    assert (out / "plots" / "pareto.png").exists() and not (tmp_path / "reports").exists()
+    (tmp_path / "leaderboard").mkdir()
+    shutil.copy(REPO / "leaderboard" / "results.json", tmp_path / "leaderboard" / "results.json")
+    assert main(["leaderboard", "--render"]) == 0
+    assert (tmp_path / "reports" / "leaderboard" / "pareto.png").exists()
