@@ -228,6 +228,7 @@ def test_full_on_quanto_rows_gives_transformers_quanto_cache(nbits):
     # stored: every token's codes and its group's float32 scale and shift, and the block since the last flush
     cfg, seen = plain.config, len(PROMPT) + 159  # the last new token is never fed
     held = 8 + 159 - 128  # since the prompt's last flush: its last chunk of 8, the new tokens; one flush at 128
+    assert codec(scheme).width(64) == 64 * nbits // 8 + 2 * 4
     row = cfg.num_key_value_heads * 2 * (64 * nbits // 8 + 2 * 4)
     assert got.cache.active_bytes == cfg.num_hidden_layers * (seen * row + held * cfg.num_key_value_heads * 2 * 64 * 4)
 
