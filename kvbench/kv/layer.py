@@ -162,8 +162,7 @@ class PolicyLayer(CacheLayerMixin):
         self.active.requantize(self.block.since)
         self.frozen.requantize(self.block.since)
         self.block.flushed_at(self.seen)
-        active, frozen, reserved = self._sizes()
-        self.ledger.resized(active - before[0], frozen - before[1], reserved - before[2])
+        self._account(before)
 
     def _quantize_leaving(self, new_keys: torch.Tensor, first_new: int, end: int) -> None:
         """KIVI: quantize, a group of consecutive positions at a time, the keys of the tokens that leave the
@@ -195,6 +194,10 @@ class PolicyLayer(CacheLayerMixin):
             self.keys, self.values = self.recent.overlay(self.keys, self.values, self.active.positions())
         if self.block is not None and self.active.n:
             self.keys, self.values = self.block.overlay(self.keys, self.values, self.active.positions())
+        self._account(before)
+
+    def _account(self, before: tuple[int, int, int]) -> None:
+        """The ledger told how the layer's active, frozen and reserved bytes moved since `before`."""
         active, frozen, reserved = self._sizes()
         self.ledger.resized(active - before[0], frozen - before[1], reserved - before[2])
 
