@@ -47,6 +47,17 @@ def test_decoding_an_encoded_row_errs_by_at_most_half_a_step_of_its_group(scheme
         assert c.decode(c.encode(x), x.dtype).dtype == x.dtype
 
 
+@pytest.mark.parametrize("scheme", ["quanto4", "quanto2"])
+def test_quanto_rows_err_by_at_most_half_a_step_of_their_group_in_the_models_dtype(scheme):
+    """transformers' scheme keeps its scale and shift in the model's dtype, so a row decodes to that dtype."""
+    c = codec(scheme).sized(64)
+    for x in samples():
+        if x.shape[-1] % 64:
+            continue
+        y = c.decode(c.encode(x), x.dtype)
+        assert y.dtype == x.dtype and ((y.float() - x.float()).abs() <= c.bound(x).float()).all()
+
+
 def test_a_row_is_its_codes_then_a_float16_scale_and_minimum_per_group():
     assert GROUP == 32
     assert codec("int4").sized(64).width(64) == 64 * 4 // 8 + 2 * 2 * 2  # two groups of 32 channels

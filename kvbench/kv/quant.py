@@ -333,13 +333,13 @@ def codec(scheme: str | None) -> RowCodec | None:
     if scheme in (None, "none"):
         return None
     found = SCHEME.fullmatch(str(scheme))
-    if found is not None and found[4]:
-        return QuantoCodec(int(found[4]), QUANTO_GROUP)
     if found is None:
         raise ValueError(f"kv_quant={scheme!r} is not a KV quantization scheme; allowed: none, {', '.join(SCHEMES)}, "
                          "each optionally with rR to keep the newest R tokens in full precision (int4r128), and "
                          "kivi4, kivi2 (keys per channel; kivi4r64 for another window than 128), quanto4, quanto2 "
                          "(transformers' quanto QuantizedCache)")
+    if found[4]:
+        return QuantoCodec(int(found[4]), QUANTO_GROUP)
     kivi = found[1] == "kivi"
     residual = int(found[3] or (KIVI_RESIDUAL if kivi else 0))
     if kivi and residual < GROUP:
