@@ -80,6 +80,8 @@ def write(tmp_path: Path, text: str) -> Path:
      "dtype 'fp7' is not one of"),
     ('models = ["a"]\ntasks = ["needle-1k"]\n[slices.one]\nmodels = ["b"]\n[[rows]]\nmethods = ["full"]',
      "names models not in the sweep: b"),
+    ('models = ["a"]\ntasks = ["needle-1k"]\n[[rows]]\nmethods = ["full"]\nmodels = ["b"]',
+     "#1 models: b not among the sweep's models; allowed: a"),
     ('tasks = ["needle-1k"]\nshards = { kvbench_ppl = 2 }\n[[rows]]\nmethods = ["full"]',
      "shards names 'kvbench_ppl', which is not among the sweep's tasks \\(needle-1k\\)"),
     ('tasks = ["needle-1k"]\nshards = { "needle-1k" = 0 }\n[[rows]]\nmethods = ["full"]',
@@ -93,6 +95,18 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_bad_sweep_files_are_refused_before_anything_runs(tmp_path, text, message):
     with pytest.raises(ValueError, match=message):
         sweep.load(write(tmp_path, text))
+
+
+def test_a_row_runs_on_the_models_it_names(tmp_path):
+    """A row without `models` runs on every model of the sweep, one with it on those alone; a slice of the other
+    model leaves no row, which is refused."""
+    text = ('models = ["a", "b"]\ntasks = ["needle-1k"]\n[[rows]]\nmethods = ["full"]\n'
+            '[[rows]]\nmodels = ["b"]\nmethods = ["h2o"]\nbudgets = [64]\n'
+            '[slices.a]\nmodels = ["a"]\nmethods = ["h2o"]\n')
+    path = write(tmp_path, text)
+    assert [(r.model, r.methods) for r in sweep.load(path).rows] == [("a", ["full"]), ("b", ["full"]), ("b", ["h2o"])]
+    with pytest.raises(ValueError, match="no rows"):
+        sweep.load(path, "a")
 
 
 def test_slices_select_methods_and_refuse_unknown_names(tmp_path):

@@ -1,12 +1,12 @@
 """`kvbench leaderboard`: the published sweep (models × methods × budgets × position modes × tasks), resumable.
 
-A sweep is a TOML file (leaderboard/sweep.toml): one `model` or several `models`, each loaded once, with a table
-per model in the leaderboard. Each (model, policy, position mode, task) is a *cell*; a
-finished cell is stored under the hash of everything that determines its results, by content (`Runner.cell_config`:
-the model's weights, policy config, task and its metadata, limit, prefill chunk, the library releases that change
-numbers and the kvbench source), so an interrupted sweep resumes where it stopped and any change reruns what it
-touches; two sweeps sharing a store never compute the same cell (`cells.py`). LEADERBOARD.md and results.json
-are written only once every cell is done, each to a temporary file then renamed.
+A sweep is a TOML file (leaderboard/sweep.toml): one `model` or several `models`, each loaded once, with a table per
+model in the leaderboard; a row runs on every model, or on those its own `models` names. Each (model, policy,
+position mode, task) is a *cell*; a finished cell is stored under the hash of everything that determines its
+results, by content (`Runner.cell_config`: the model's weights, policy config, task and its metadata, limit, prefill
+chunk, the library releases that change numbers and the kvbench source), so an interrupted sweep resumes where it
+stopped and any change reruns what it touches; two sweeps sharing a store never compute the same cell (`cells.py`).
+LEADERBOARD.md and results.json are written only once every cell is done, each to a temporary file then renamed.
 
 `--check FILE` compares the deterministic columns of every cell run against a committed results.json (check.py).
 Cells run here one after another, or as Ray tasks (`--executor ray`, ray_cells.py); a task's cells may run as shards of
@@ -45,7 +45,7 @@ from kvbench.runtime.session import check_positions
 
 SWEEP_KEYS = {"model", "models", "device", "dtype", "prefill_chunk", "limit", "tasks", "task_metadata", "shards",
               "rows", "slices"}
-ROW_KEYS = {"methods", "tasks", "budgets", "positions", "queries", "schedules", "kv_quant", "method_args"}
+ROW_KEYS = {"models", "methods", "tasks", "budgets", "positions", "queries", "schedules", "kv_quant", "method_args"}
 SLICE_KEYS = {"models", "methods", "tasks", "budgets"}
 MODEL_KEYS = {"name", "dtype"}
 
@@ -186,7 +186,7 @@ def load(path: Path, slice_name: str | None = None, dtype: str | None = None) ->
         if task not in raw.get("tasks", []):
             raise ValueError(f"{where}: {task!r} is not among the sweep's tasks ({', '.join(raw.get('tasks', []))})")
         check_metadata(task, meta, where)
-    chosen_models = _models(raw, path, dtype)
+    listed = chosen_models = _models(raw, path, dtype)
     for name, sl in slices.items():
         stray = sorted(set(sl.get("models", [])) - {m for m, _ in chosen_models})
         if stray:
@@ -203,6 +203,11 @@ def load(path: Path, slice_name: str | None = None, dtype: str | None = None) ->
         where = f"{path} [[rows]] #{i + 1}"
         _only(group, ROW_KEYS, where)
         methods = _strings(group.get("methods", []), f"{where} methods")
+        row_models = _strings(group.get("models", [m for m, _ in listed]), f"{where} models")
+        stray = sorted(set(row_models) - {m for m, _ in listed})
+        if stray:
+            raise ValueError(f"{where} models: {', '.join(stray)} not among the sweep's models; allowed: "
+                             f"{', '.join(m for m, _ in listed)}")
         if "methods" in chosen:
             methods = [m for m in methods if m in chosen["methods"]]
         row_tasks = _strings(group.get("tasks", tasks), f"{where} tasks")
@@ -220,18 +225,21 @@ def load(path: Path, slice_name: str | None = None, dtype: str | None = None) ->
                 continue
         args = {m: {k: str(v) for k, v in kv.items()} for m, kv in group.get("method_args", {}).items()
                 if m in methods}
-        rows.append(CompareSpec(**{**asdict(spec), "methods": methods, "tasks": row_tasks,
+        rows.append((row_models, CompareSpec(**{**asdict(spec), "methods": methods, "tasks": row_tasks,
                                    "budgets": budgets,
                                    "positions": _strings(group.get("positions", ["original"]), where),
                                    "queries": _strings(group.get("queries", ["in-prompt"]), where),
                                    "schedules": _strings(group.get("schedules", []), where),
                                    "kv_quants": _strings(group.get("kv_quant", ["none"]), f"{where} kv_quant"),
-                                   "method_args": args}))
+                                   "method_args": args})))
     if not rows:
         raise ValueError(f"{path}: no rows to run" + (f" in slice {slice_name!r}" if slice_name else ""))
-    for row in rows:
+    for _, row in rows:
         plan(row)  # validates methods, parameters, budgets and position modes before anything runs
-    rows = [replace(row, model=model, dtype=model_dtype) for model, model_dtype in chosen_models for row in rows]
+    rows = [replace(row, model=model, dtype=model_dtype) for model, model_dtype in chosen_models
+            for row_models, row in rows if model in row_models]
+    if not rows:
+        raise ValueError(f"{path}: no rows for the models chosen" + (f" in slice {slice_name!r}" if slice_name else ""))
     return Sweep(spec, rows, str(path), slice_name, slices, chosen_models, dict(raw.get("shards", {})))
 
 
