@@ -331,3 +331,22 @@ def test_a_full_cache_decode_step_forces_one_host_synchronisation_the_greedy_tok
     with HostSyncs() as syncs:
         bool(torch.tensor([1]).any())
     assert syncs.total == 1  # the counter does see a read
+
+
+def test_a_model_without_a_chat_template_converses_in_plain_lines(engine):
+    """A base model (Gemma-3-270M has no chat template) converses in the plain form `encode_chat` gives its first
+    turn: each message a line. The SmolLM2 tokenizer with its template removed stands in for one."""
+    import copy
+    from types import SimpleNamespace
+
+    from kvbench.runtime.chat import _turn_ids
+
+    tok = copy.deepcopy(engine.tokenizer)
+    tok.chat_template = None
+    base = SimpleNamespace(tokenizer=tok, eos_ids=engine.eos_ids)
+    assert tok.decode(_turn_ids(base, [], "Hi there.", [])) == "Hi there.\n"
+    said = [{"role": "user", "content": "Hi there."}, {"role": "assistant", "content": "Hello"}]
+    newline = tok("\n", add_special_tokens=False)["input_ids"]  # the reply stopped at a newline it generated
+    assert tok.decode(newline + _turn_ids(base, said, "Bye.", newline)) == "\nBye.\n"
+    cut = tok("Hello again", add_special_tokens=False)["input_ids"][-1:]  # a reply cut short by its token limit
+    assert tok.decode(cut + _turn_ids(base, said, "Bye.", cut)).endswith("again\nBye.\n")

@@ -63,6 +63,10 @@ def _turn_ids(engine: Engine, messages: list[dict[str, str]], turn: str, pending
     """Tokens that take a transcript (whose last reply is fed up to `pending`) to the next user turn."""
     if not messages:
         return encode_chat(engine.tokenizer, turn)
+    if not engine.tokenizer.chat_template:  # a base model: the plain transcript `encode_chat` began, a line a message
+        fed = engine.tokenizer.decode(pending[-1:]) if pending else ""
+        return engine.tokenizer(("" if fed.endswith("\n") else "\n") + turn + "\n",
+                                add_special_tokens=False)["input_ids"]
     render = engine.tokenizer.apply_chat_template
     before = render(messages, tokenize=False)
     after = render([*messages, {"role": "user", "content": turn}], tokenize=False, add_generation_prompt=True)
