@@ -635,3 +635,17 @@ def test_plots_go_under_out_unless_it_is_the_published_leaderboard(tmp_path, mon
     shutil.copy(REPO / "leaderboard" / "results.json", tmp_path / "leaderboard" / "results.json")
     assert main(["leaderboard", "--render"]) == 0
     assert (tmp_path / "reports" / "leaderboard" / "pareto.png").exists()
+
+
+def test_the_committed_record_cells_are_whole_and_share_one_source():
+    """leaderboard/cells holds the record's finished parts (leaderboard/RECORD.md): every file a whole cell under its
+    own key (configuration and checksum), every cell of a model and task the record names, and all computed by one
+    commit of kvbench's computing code, since a part at another would mix code versions in one leaderboard."""
+    record = sweep.load(REPO / "leaderboard" / "record.toml")
+    files = sorted((REPO / "leaderboard" / "cells").glob("*"))
+    assert files, "the record's first part is committed"
+    configs = [json.loads(f.read_text())["config"] for f in files]
+    assert all(f.suffix == ".json" and read_cell(f, f.stem) is not None for f in files)
+    assert {c["model"] for c in configs} <= {m for m, _ in record.models}
+    assert {c["task"] for c in configs} <= set(record.spec.tasks)
+    assert len({c["source"] for c in configs}) == 1
