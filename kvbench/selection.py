@@ -36,6 +36,24 @@ def top_k(scores: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> 
     return mask.scatter_(-1, scores.topk(k, dim=-1).indices, True) if k > 0 else mask
 
 
+def bottom_k(scores: torch.Tensor, e: int, exclude: torch.Tensor | None = None, excluded: int = 0
+             ) -> torch.Tensor | None:
+    """Indices [..., e] of the e lowest-scoring tokens of each row outside `exclude` (which must hold `excluded`
+    tokens in every row): the tokens `top_k(scores, n - excluded - e, exclude)` leaves out, found without a mask.
+    None where that set is not unique (a tie at its boundary, which top_k's own order settles) or `exclude` does not
+    hold `excluded` tokens: the caller then selects with `top_k`, so the kept set never depends on which was used."""
+    n = scores.shape[-1]
+    if e >= n:
+        return None
+    if exclude is not None:
+        scores = scores.masked_fill(exclude.expand(scores.shape), float("inf"))
+    values, indices = scores.topk(e + 1, dim=-1, largest=False)
+    unique = values[..., e - 1] < values[..., e]
+    if exclude is not None:
+        unique &= exclude.expand(scores.shape).sum(-1) == excluded
+    return indices[..., :e] if bool(unique.all()) else None
+
+
 def per_kv_head(attn: torch.Tensor) -> torch.Tensor:
     """[B, K, G, w, n] attention rows -> [B, K, n]: summed over the queries and a KV head's query heads."""
     return attn.sum(dim=(2, 3))
@@ -49,7 +67,10 @@ def per_layer(attn: torch.Tensor) -> torch.Tensor:
 def accumulate(view, name: str, contribution: torch.Tensor, decay: float = 1.0) -> torch.Tensor:
     """Running per-token score kept in the cache: score <- decay * score + contribution."""
     old = view.state[name]
-    score = (old[:, :1] if contribution.shape[1] == 1 else old) * decay + contribution
+    if decay == 1.0 and contribution.shape == old.shape:  # in place: the state is a view of the cache's rows
+        return old.add_(contribution)
+    prior = old[:, :1] if contribution.shape[1] == 1 else old
+    score = (prior if decay == 1.0 else prior * decay) + contribution  # x * 1.0 is x: one op fewer
     view.state[name] = score.expand(old.shape)
     return score
 
