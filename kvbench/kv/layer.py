@@ -56,6 +56,12 @@ def _listed(mask: torch.Tensor, shape: tuple[int, int, int]) -> list[list[int]] 
     rows: list[list[int]] = [[] for _ in range(b * h)]
     for bi, hi, i in found.tolist():
         rows[bi * h + hi].append(i)
+    return _broadcast(rows, b, h, shape)
+
+
+def _broadcast(rows: list[list[int]], b: int, h: int, shape: tuple[int, int, int]) -> list[list[int]]:
+    """Rows listed for a [b, h] decision as one list per (sequence, head) of `shape` (a row of size-1 axes serves all
+    it covers); a single row stays one."""
     if b * h == 1:
         return rows
     return [rows[(bi if b > 1 else 0) * h + (hi if h > 1 else 0)] for bi in range(shape[0]) for hi in range(shape[1])]
@@ -76,9 +82,7 @@ def _listed_indices(evict: torch.Tensor, shape: tuple[int, int, int]) -> list[li
     rows = [sorted(row) for per_b in evict.tolist() for row in per_b]
     if any(len(set(row)) != len(row) or (row and (row[0] < 0 or row[-1] >= shape[2])) for row in rows):
         raise ValueError(f"an evict decision must name distinct rows in 0..{shape[2] - 1} in every head")
-    if b * h == 1:
-        return rows
-    return [rows[(bi if b > 1 else 0) * h + (hi if h > 1 else 0)] for bi in range(shape[0]) for hi in range(shape[1])]
+    return _broadcast(rows, b, h, shape)
 
 
 def _rows_index(rows: list[list[int]], shape: tuple[int, int, int], device: torch.device) -> torch.Tensor:

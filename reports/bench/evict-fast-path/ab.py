@@ -1,35 +1,57 @@
-"""Proxy decode ratios (kvbench / transformers, best of 5 interleaved) for every method: python ab.py [methods]"""
-import sys, time
-sys.path.insert(0, "."); sys.path.insert(0, "benchmarks")
-import torch; torch.set_num_threads(1)
-import transformers
-from test_decode_step import build, _Tokenizer, PROMPT, VOCAB, BUDGET
-from kvbench.policy import make_policy, policy_class, available
-from kvbench.runtime.engine import Engine
-steps = 64
-prompt = torch.randint(0, VOCAB, (PROMPT,), generator=torch.Generator().manual_seed(1)).tolist()
-engine = Engine(build("sdpa"), _Tokenizer(), prefill_chunk=512)
-model = build("sdpa")
-def tf():
+"""Proxy decode ratios (kvbench / transformers, best of 5 rounds interleaved) per method, for the checkout it runs
+from: `cd CHECKOUT && OMP_NUM_THREADS=1 python reports/bench/evict-fast-path/ab.py [m1,m2,...]`."""
+
+import sys
+import time
+
+sys.path[:0] = [".", "benchmarks"]  # the checkout's kvbench and the benchmark's proxy model
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from test_decode_step import BUDGET, PROMPT, VOCAB, _Tokenizer, build  # noqa: E402
+
+from kvbench.policy import available, make_policy, policy_class  # noqa: E402
+from kvbench.runtime.engine import Engine  # noqa: E402
+
+STEPS, ROUNDS = 64, 5
+
+
+def transformers_seconds(model: torch.nn.Module, prompt: list[int]) -> float:
     with torch.inference_mode():
         cache = transformers.DynamicCache(config=model.config)
         out = model(input_ids=torch.tensor([prompt]), past_key_values=cache, use_cache=True, logits_to_keep=1)
-        token = int(out.logits[0, -1].argmax()); t0 = time.perf_counter()
-        for i in range(steps):
-            out = model(input_ids=torch.tensor([[token]]), past_key_values=cache, position_ids=torch.tensor([[PROMPT + i]]), use_cache=True)
+        token = int(out.logits[0, -1].argmax())
+        start = time.perf_counter()
+        for i in range(STEPS):
+            out = model(input_ids=torch.tensor([[token]]), past_key_values=cache,
+                        position_ids=torch.tensor([[PROMPT + i]]), use_cache=True)
             token = int(out.logits[0, -1].argmax())
-        return time.perf_counter() - t0
-def kv(method):
+        return time.perf_counter() - start
+
+
+def kvbench_seconds(engine: Engine, prompt: list[int], method: str) -> float:
     with torch.inference_mode():
-        s = engine.session(make_policy(method, BUDGET if policy_class(method).uses_budget else None))
-        token = int(s.feed(prompt).argmax())
-    t0 = time.perf_counter()
-    for _ in range(steps): token, _, _ = s.decode_step(token)
-    return time.perf_counter() - t0
-methods = sys.argv[1].split(",") if len(sys.argv) > 1 else available()
-out = []
-for m in methods:
-    bt = bk = 1e9
-    for r in range(5): bt = min(bt, tf()); bk = min(bk, kv(m))
-    out.append(f"{m}={bk/bt:.3f}")
-print(" ".join(out), flush=True)
+        session = engine.session(make_policy(method, BUDGET if policy_class(method).uses_budget else None))
+        token = int(session.feed(prompt).argmax())
+    start = time.perf_counter()
+    for _ in range(STEPS):
+        token, _, _ = session.decode_step(token)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    prompt = torch.randint(0, VOCAB, (PROMPT,), generator=torch.Generator().manual_seed(1)).tolist()
+    engine, model = Engine(build("sdpa"), _Tokenizer(), prefill_chunk=512), build("sdpa")
+    ratios = []
+    for method in sys.argv[1].split(",") if len(sys.argv) > 1 else available():
+        ours = theirs = float("inf")
+        for _ in range(ROUNDS):
+            theirs = min(theirs, transformers_seconds(model, prompt))
+            ours = min(ours, kvbench_seconds(engine, prompt, method))
+        ratios.append(f"{method}={ours / theirs:.3f}")
+    print(" ".join(ratios), flush=True)
+
+
+if __name__ == "__main__":
+    main()
