@@ -4,23 +4,11 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from conftest import driver, feed, make_cache
+from conftest import Scripted, driver, feed, make_cache
 from kvbench.kv.cache import PolicyCache
 from kvbench.kv.layer import RECENT_STEPS
 from kvbench.kv.rows import FEW_ROWS
 from kvbench.policy import Decision, KVPolicy, LayerView, Phase
-
-
-class Scripted(KVPolicy):
-    """Applies one pre-set decision on the next step, then nothing."""
-
-    def __init__(self):
-        super().__init__()
-        self.next: Decision | None = None
-
-    def step(self, view: LayerView) -> Decision | None:
-        d, self.next = self.next, None
-        return d
 
 
 def test_eviction_really_frees_bytes():

@@ -349,6 +349,8 @@ class PolicyLayer(CacheLayerMixin):
         prompt, judged on the rows held now). Judging on recent steps keeps a size that swings (ASR-KF-EGR's
         freeze and thaw cohorts: ~100 <-> ~600 rows every other step at 1k) from reallocating and copying the
         buffer twice a step."""
+        if isinstance(self.key_codec, KeyGroups):
+            self._drop_unused_key_groups()
         if settle:
             self._recent.clear()
         self._recent.append(self.active.n)
@@ -358,6 +360,16 @@ class PolicyLayer(CacheLayerMixin):
         before = self._sizes()
         self.active.shrink(high)
         self._refresh(before)
+
+    def _drop_unused_key_groups(self) -> None:
+        """KIVI: the key groups no active row or frozen copy refers to leave the table, the rows' indices follow."""
+        before = self._sizes()
+        stores = (self.active, self.frozen)
+        renumber = self.key_codec.compact(torch.cat([s.key_groups().flatten().to(self.device) for s in stores]))
+        if renumber is not None:
+            for s in stores:
+                s.renumber_key_groups(renumber.to(s.k.device) if s.k is not None else renumber)
+            self._account(before)
 
     # -- applying a decision ------------------------------------------------------------------
     def apply(self, d: Decision) -> None:

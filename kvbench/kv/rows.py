@@ -96,6 +96,19 @@ class TokenRows:
         new = rows.gather(2, at.clamp(0, rows.shape[2] - 1)[..., None].expand(-1, -1, -1, rows.shape[-1]))
         self.k[:, :, :n] = torch.where(hit, new, self.k[:, :, :n])
 
+    def key_groups(self) -> torch.Tensor:
+        """KIVI: the group index of every written key row (`KeyGroups.index`)."""
+        n = self._written()
+        return KeyGroups.index(self.k[:, :, :n]) if n else torch.zeros(0, dtype=torch.int32)
+
+    def renumber_key_groups(self, renumber: torch.Tensor) -> None:
+        """KIVI: every written key row's group index mapped through `renumber` (`KeyGroups.compact`)."""
+        n = self._written()
+        if n:
+            index = KeyGroups.index(self.k[:, :, :n])
+            moved = torch.where(index >= 0, renumber[index.long().clamp(min=0)], index)
+            self.k[:, :, :n, -4:] = moved[..., None].contiguous().view(torch.uint8)
+
     def requantize(self, below: int) -> None:
         """Quantize again, from their decoded values, the rows of the tokens at positions below `below` (transformers'
         quanto cache quantizes its whole cache again from dequantized values when its residual block flushes)."""
