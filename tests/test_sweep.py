@@ -287,6 +287,32 @@ def test_cells_the_full_cache_fails_are_marked_and_left_out_of_the_suite_average
     assert "| full" in inside and "snapkv" not in inside and "| snapkv" in after and "| full" not in after
 
 
+def test_a_task_only_the_full_cache_ran_has_no_column_and_per_task_compression_has_its_own_table():
+    """The record's methods skip the RULER tasks the full cache fails: those tasks would be columns of dashes, so
+    they get none (in the main, compression and paired tables) and the note lists their cells; a table of the full
+    cache alone still shows every task. Task names lose their `kvbench_` prefix; the position mode, the same for
+    every row, gets no column."""
+    from kvbench.evaluation.leaderboard import compression_rows, markdown, paired_rows, rows
+
+    full = synthetic_row("full", {("kvbench_a", 1024): [1, 1], ("kvbench_b", 1024): [1, 1],
+                                  ("kvbench_failed", 1024): [0, 0]})
+    method = synthetic_row("snapkv", {("kvbench_a", 1024): [1, 0], ("kvbench_b", 1024): [1, 1]})
+    method["metrics"]["kv_compression_by_task"] = {"kvbench_a": 0.25, "kvbench_b": 0.625}
+    headers, table = rows([full, method])
+    assert "a acc (n=2, ±95%)" in headers and not any("failed" in h for h in headers)
+    assert "positions" not in headers and "KV compression" in headers and not any("comp." in h for h in headers)
+    kept_headers, kept = compression_rows([full, method]) or ([], [])
+    assert kept_headers[-2:] == ["a", "b"] and [row[-2:] for row in kept] == [["0.500", "0.500"], ["0.250", "0.625"]]
+    assert compression_rows([full, synthetic_row("h2o", {("kvbench_a", 1024): [1, 1]})]) is None  # one task shown
+    paired_headers, _ = paired_rows([full, method]) or ([], [])
+    assert not any("failed" in h for h in paired_headers) and paired_headers[-1].startswith("suite vs full (n=4")
+    text = markdown([full, method])
+    assert "### KV compression per task" in text and "failed @ 1024 (full 0%)" in text
+    assert any("failed" in h for h in rows([full])[0])  # the full cache alone: its failed task is its result
+    rerotated = {**method, "positions": "rerotate"}
+    assert rows([full, rerotated])[0][:5] == ["rank", "method", "budget", "positions", "schedule"]
+
+
 def test_a_degeneration_measure_is_never_a_suite_average_cell():
     """longgen's distinct 4-grams lie in [0, 1] but are not a success rate: the full cache's 0.38 there does not
     make the cell 'failed', and no row's average includes it."""
