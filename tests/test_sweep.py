@@ -313,6 +313,21 @@ def test_a_task_only_the_full_cache_ran_has_no_column_and_per_task_compression_h
     assert rows([full, rerotated])[0][:5] == ["rank", "method", "budget", "positions", "schedule"]
 
 
+def test_the_frontier_plot_places_rows_at_their_suite_average_per_query_mode():
+    """The full cache alone runs the tasks it fails: a mean over each row's own tasks would put it below a method
+    that matches it on every counted cell. Its point is its suite average, each query mode on its own."""
+    from kvbench.evaluation.plots import mean_accuracy, pareto_points
+
+    full = synthetic_row("full", {("a", 1024): [1, 1], ("failed", 1024): [0, 0]})
+    method = synthetic_row("snapkv", {("a", 1024): [1, 1]})
+    after = synthetic_row("snapkv", {("a", 1024): [0, 1]}, "after")
+    assert mean_accuracy(full) == 0.5
+    counted, points = pareto_points([full, method, after])
+    assert counted == {("a", 1024): 1.0}
+    assert [(y, r["method"]) for _, y, r in points["in-prompt"]] == [(1.0, "full"), (1.0, "snapkv")]
+    assert [y for _, y, _ in points["after"]] == [0.5]
+
+
 def test_a_degeneration_measure_is_never_a_suite_average_cell():
     """longgen's distinct 4-grams lie in [0, 1] but are not a success rate: the full cache's 0.38 there does not
     make the cell 'failed', and no row's average includes it."""
