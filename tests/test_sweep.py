@@ -328,6 +328,31 @@ def test_the_frontier_plot_places_rows_at_their_suite_average_per_query_mode():
     assert [y for _, y, _ in points["after"]] == [0.5]
 
 
+def test_the_reading_names_the_rows_level_with_the_full_cache_by_what_they_free_and_the_rest_by_their_loss():
+    """Hand-built rows of 12 samples (the ranking test's): B, one loss, is not separated from the full cache; C and D
+    are, below it, C closest. Level rows come most compressed first with their freed and peak KV; the query mode
+    titles the reading when a table has several; the readings of all modes come before the tables."""
+    from kvbench.evaluation.leaderboard import reading, tables
+
+    full = synthetic_row("full", {("a", 1024): [1.0] * 12})
+    b = synthetic_row("b", {("a", 1024): [0.0] + [1.0] * 11})
+    b["metrics"].update(kv_compression=0.75, peak_kv_bytes=0.5)
+    c = synthetic_row("c", {("a", 1024): [0.0] * 6 + [1.0] * 6})
+    d = synthetic_row("d", {("a", 1024): [0.0] * 12})
+    text = reading([full, d, b, c]) or ""
+    assert text.startswith("**What the evidence supports** (each row paired with `full` on the same 12 samples of "
+                           "the 1 counted cells, 95% intervals; 12 samples cannot separate a difference below about "
+                           "33 points):")
+    assert "- level with the full cache, 1 of 3 rows, most compressed first (KV freed at the end; peak KV against " \
+           "full's): b (75%; 50%)" in text
+    assert text.endswith("- below it, 2 of 3, closest first (points lost): c (−50), d (−100)") and "above" not in text
+    after = synthetic_row("d", {("a", 1024): [1.0] * 12}, "after")
+    board = tables([full, b, after, synthetic_row("full", {("a", 1024): [1.0] * 12}, "after")])
+    assert board.index("**Question after its context was compressed (after): what the evidence supports**") < \
+        board.index("### Question inside the compressed prompt")
+    assert "- level with the full cache, 1 of 1 rows" in board.split("(after): what")[1]
+
+
 def test_a_degeneration_measure_is_never_a_suite_average_cell():
     """longgen's distinct 4-grams lie in [0, 1] but are not a success rate: the full cache's 0.38 there does not
     make the cell 'failed', and no row's average includes it."""

@@ -338,18 +338,21 @@ QUERY_TITLES = {"in-prompt": "Question inside the compressed prompt (in-prompt)"
 
 
 def tables(records: list[dict[str, Any]]) -> str:
-    """One table per query mode (rows of one mode run the same tasks, so their suite averages compare), each under
-    its heading when there are several, and after it the same rows paired with that mode's full cache; the cells
-    that count come from the full cache's in-prompt row."""
+    """What the evidence supports, per query mode, first (`reading`); then one table per query mode (rows of one mode
+    run the same tasks, so their suite averages compare), each under its heading when there are several, followed
+    by the same rows' KV compression per task, their pairing with that mode's full cache and what their bytes buy.
+    The cells that count come from the full cache's in-prompt row."""
     modes = list(dict.fromkeys(r.get("query", "in-prompt") for r in records))
     split = counted_cells(records)
+    by_mode = {mode: [r for r in records if r.get("query", "in-prompt") == mode] for mode in modes}
     parts = []
-    for mode in modes:
-        own = [r for r in records if r.get("query", "in-prompt") == mode]
+    for mode, own in by_mode.items():
+        said = reading(own, split, QUERY_TITLES.get(mode, mode) if len(modes) > 1 else None)
+        parts += [said, ""] if said else []
+    for mode, own in by_mode.items():
         if len(modes) > 1:
             parts += [f"### {QUERY_TITLES.get(mode, mode)}", ""]
-        said = reading(own, split)
-        parts += [*([said, ""] if said else []), _github(*rows(own, split)), ""]
+        parts += [_github(*rows(own, split)), ""]
         sub = "####" if len(modes) > 1 else "###"
         kept = compression_rows(own, split)
         if kept is not None:
@@ -363,36 +366,42 @@ def tables(records: list[dict[str, Any]]) -> str:
     return "\n".join(parts).rstrip()
 
 
-def reading(records: list[dict[str, Any]],
-            split: tuple[dict[Cell, float], dict[Cell, float]] | None = None) -> str | None:
-    """What the samples support in one table, in words: the rows the paired evidence puts below (or above) the
-    full cache on the counted cells, and those it does not separate from it. None without a full row or a counted
-    cell."""
+def reading(records: list[dict[str, Any]], split: tuple[dict[Cell, float], dict[Cell, float]] | None = None,
+            title: str | None = None) -> str | None:
+    """What the samples support in one table (of query mode `title`), in words: the rows the paired evidence does not
+    separate from the full cache on the counted cells, most compressed first (what they free is what they buy);
+    those it puts above it; those it puts below it, closest first. None without a full row or a counted cell."""
     full = _reference(records)
     split = split or counted_cells(records)
     if full is None or split is None:
         return None
     cells = set(split[0]) & set(sample_scores(full))
     reference = _flat(sample_scores(full), cells)
-    against = [(_name(r), paired(reference, _flat(sample_scores(r), cells))) for r in records if r is not full]
-    against = [(name, p) for name, p in against if p is not None]
+    against = [(r, paired(reference, _flat(sample_scores(r), cells))) for r in records if r is not full]
+    against = [(r, p) for r, p in against if p is not None]
     if not against:
         return None
-    below = [f"{name} ({points(p.delta)})" for name, p in against if p.separated and p.delta < 0]
-    above = [f"{name} ({points(p.delta)})" for name, p in against if p.separated and p.delta > 0]
-    level = [name for name, p in against if not p.separated]
     n = max(p.n for _, p in against)
     least = separable(n)
-    text = (f"**What the evidence supports** (each row paired with `full` on the same {n} samples of the "
-            f"{len(cells)} counted cells, 95% intervals): {len(below)} of {len(against)} rows score below the full "
-            f"cache" + (f": {', '.join(below)}" if below else "") + ". ")
-    if above:
-        text += f"{len(above)} score above it: {', '.join(above)}. "
+    lines = [f"**{title + ': w' if title else 'W'}hat the evidence supports** (each row paired with `full` on the same "
+             f"{n} samples of the {len(cells)} counted cells, 95% intervals"
+             + (f"; {n} samples cannot separate a difference below about {100 * least:.0f} points" if least else "")
+             + "):", ""]
+    level = sorted(((r, p) for r, p in against if not p.separated), key=lambda rp: -rp[0]["metrics"]["kv_compression"])
+    above = sorted(((r, p) for r, p in against if p.separated and p.delta > 0), key=lambda rp: -rp[1].delta)
+    below = sorted(((r, p) for r, p in against if p.separated and p.delta < 0), key=lambda rp: -rp[1].delta)
     if level:
-        text += (f"{len(level)} are not separated from it: {', '.join(level)}" + (
-            f"; {n} samples cannot separate a difference below about {100 * least:.0f} points, so these may still "
-            "lose less than that" if least else "") + ".")
-    return text.strip()
+        peak = full["metrics"]["peak_kv_bytes"]
+        lines.append(f"- level with the full cache, {len(level)} of {len(against)} rows, most compressed first (KV "
+                     "freed at the end; peak KV against full's): " + ", ".join(
+                         f"{_name(r)} ({_pct(r['metrics']['kv_compression'])}; "
+                         f"{_pct(r['metrics']['peak_kv_bytes'] / peak) if peak else '–'})" for r, _ in level))
+    if above:
+        lines.append(f"- above it, {len(above)}: " + ", ".join(f"{_name(r)} ({points(p.delta)})" for r, p in above))
+    if below:
+        lines.append(f"- below it, {len(below)} of {len(against)}, closest first (points lost): "
+                     + ", ".join(f"{_name(r)} ({points(p.delta)})" for r, p in below))
+    return "\n".join(lines)
 
 
 def _name(r: dict[str, Any]) -> str:
