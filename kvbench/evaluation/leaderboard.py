@@ -201,11 +201,14 @@ def paired_rows(records: list[dict[str, Any]],
     return _ranked(headers, table, records, split)
 
 
-def deployment_rows(records: list[dict[str, Any]]) -> tuple[str, list[str], list[list[str]]] | None:
+def deployment_rows(records: list[dict[str, Any]],
+                    split: tuple[dict[Cell, float], dict[Cell, float]] | None = None
+                    ) -> tuple[str, list[str], list[list[str]]] | None:
     """What each row's measured bytes buy (`deployment`): the fraction of full's KV it keeps at the end and at its
     peak, the longest context and the largest batch that fit `KV_CAP` at its peak fraction, the decode speed-up its
     bytes allow at batch 1 next to the measured one, and (reuse) the questions after which it has paid for its
-    prefill. With the model's shape line; None without a full row that records the model's shape."""
+    prefill; ranked as the main table. With the model's shape line; None without a full row that records the model's
+    shape."""
     full = _reference(records)
     if full is None or "model_shape" not in full:
         return None
@@ -233,7 +236,7 @@ def deployment_rows(records: list[dict[str, Any]]) -> tuple[str, list[str], list
     line = (f"KV bytes per token from the model's shape (2 · KV heads {shape.kv_heads} · head dim {shape.head_dim} · "
             f"{shape.dtype_bytes} bytes per layer): {shape.per_layer_type()}; weights {shape.weight_bytes / GIB:.3f} "
             "GiB as loaded.")
-    return line, headers, table
+    return line, *_ranked(headers, table, records, split or counted_cells(records))
 
 
 def _repaid(r: dict[str, Any], full: dict[str, Any]) -> str:
@@ -360,7 +363,7 @@ def tables(records: list[dict[str, Any]]) -> str:
         pairs = paired_rows(own, split)
         if pairs is not None:
             parts += [f"{sub} Paired with the full cache", "", _github(*pairs), ""]
-        deployed = deployment_rows(own)
+        deployed = deployment_rows(own, split)
         if deployed is not None:
             parts += [f"{sub} What the bytes buy", "", deployed[0], "", _github(*deployed[1:]), ""]
     return "\n".join(parts).rstrip()
