@@ -71,3 +71,15 @@ def test_a_rows_deployment_columns_are_the_formulas_at_its_measured_bytes():
     assert dict(zip(headers, table[0], strict=True))["measured"] == "1.00"
     assert deployment_rows([row]) is None  # no full row: nothing to refer to
     assert deployment_rows([{k: v for k, v in full.items() if k != "model_shape"}, row]) is None  # an older record
+
+
+def test_the_deployment_rows_are_ranked_as_the_main_table_where_samples_rank_them():
+    """Rows scored per sample rank by their paired difference with the full cache (`leaderboard.ranking`): the
+    deployment table lists them in that order with the same rank column, whatever order the sweep gave."""
+    full, worse = record("full", 4e8, 0.0, 50.0), record("snapkv", 1e8, 0.75, 40.0)
+    full["samples"] = [{**full["samples"][0], "id": f"t-{i}", "score": 1.0} for i in range(12)]
+    worse["samples"] = [{**worse["samples"][0], "id": f"t-{i}", "score": 0.0} for i in range(12)]
+    for r in (full, worse):
+        r["metrics"]["metric"] = {"t": "exact_match"}
+    _, headers, table = deployment_rows([worse, full]) or ("", [], [])
+    assert headers[:2] == ["rank", "method"] and [row[:2] for row in table] == [["1", "full"], ["2", "snapkv"]]

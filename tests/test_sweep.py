@@ -287,6 +287,72 @@ def test_cells_the_full_cache_fails_are_marked_and_left_out_of_the_suite_average
     assert "| full" in inside and "snapkv" not in inside and "| snapkv" in after and "| full" not in after
 
 
+def test_a_task_only_the_full_cache_ran_has_no_column_and_per_task_compression_has_its_own_table():
+    """The record's methods skip the RULER tasks the full cache fails: those tasks would be columns of dashes, so
+    they get none (in the main, compression and paired tables) and the note lists their cells; a table of the full
+    cache alone still shows every task. Task names lose their `kvbench_` prefix; the position mode, the same for
+    every row, gets no column."""
+    from kvbench.evaluation.leaderboard import compression_rows, markdown, paired_rows, rows
+
+    full = synthetic_row("full", {("kvbench_a", 1024): [1, 1], ("kvbench_b", 1024): [1, 1],
+                                  ("kvbench_failed", 1024): [0, 0]})
+    method = synthetic_row("snapkv", {("kvbench_a", 1024): [1, 0], ("kvbench_b", 1024): [1, 1]})
+    method["metrics"]["kv_compression_by_task"] = {"kvbench_a": 0.25, "kvbench_b": 0.625}
+    headers, table = rows([full, method])
+    assert "a acc (n=2, ±95%)" in headers and not any("failed" in h for h in headers)
+    assert "positions" not in headers and "KV compression" in headers and not any("comp." in h for h in headers)
+    kept_headers, kept = compression_rows([full, method]) or ([], [])
+    assert kept_headers[-2:] == ["a", "b"] and [row[-2:] for row in kept] == [["0.500", "0.500"], ["0.250", "0.625"]]
+    assert compression_rows([full, synthetic_row("h2o", {("kvbench_a", 1024): [1, 1]})]) is None  # one task shown
+    paired_headers, _ = paired_rows([full, method]) or ([], [])
+    assert not any("failed" in h for h in paired_headers) and paired_headers[-1].startswith("suite vs full (n=4")
+    text = markdown([full, method])
+    assert "### KV compression per task" in text and "failed @ 1024 (full 0%)" in text
+    assert any("failed" in h for h in rows([full])[0])  # the full cache alone: its failed task is its result
+    rerotated = {**method, "positions": "rerotate"}
+    assert rows([full, rerotated])[0][:5] == ["rank", "method", "budget", "positions", "schedule"]
+
+
+def test_the_frontier_plot_places_rows_at_their_suite_average_per_query_mode():
+    """The full cache alone runs the tasks it fails: a mean over each row's own tasks would put it below a method
+    that matches it on every counted cell. Its point is its suite average, each query mode on its own."""
+    from kvbench.evaluation.plots import mean_accuracy, pareto_points
+
+    full = synthetic_row("full", {("a", 1024): [1, 1], ("failed", 1024): [0, 0]})
+    method = synthetic_row("snapkv", {("a", 1024): [1, 1]})
+    after = synthetic_row("snapkv", {("a", 1024): [0, 1]}, "after")
+    assert mean_accuracy(full) == 0.5
+    counted, points = pareto_points([full, method, after])
+    assert counted == {("a", 1024): 1.0}
+    assert [(y, r["method"]) for _, y, r in points["in-prompt"]] == [(1.0, "full"), (1.0, "snapkv")]
+    assert [y for _, y, _ in points["after"]] == [0.5]
+
+
+def test_the_reading_names_the_rows_level_with_the_full_cache_by_what_they_free_and_the_rest_by_their_loss():
+    """Hand-built rows of 12 samples (the ranking test's): B, one loss, is not separated from the full cache; C and D
+    are, below it, C closest. Level rows come most compressed first with their freed and peak KV; the query mode
+    titles the reading when a table has several; the readings of all modes come before the tables."""
+    from kvbench.evaluation.leaderboard import reading, tables
+
+    full = synthetic_row("full", {("a", 1024): [1.0] * 12})
+    b = synthetic_row("b", {("a", 1024): [0.0] + [1.0] * 11})
+    b["metrics"].update(kv_compression=0.75, peak_kv_bytes=0.5)
+    c = synthetic_row("c", {("a", 1024): [0.0] * 6 + [1.0] * 6})
+    d = synthetic_row("d", {("a", 1024): [0.0] * 12})
+    text = reading([full, d, b, c]) or ""
+    assert text.startswith("**What the evidence supports** (each row paired with `full` on the same 12 samples of "
+                           "the 1 counted cells, 95% intervals; 12 samples cannot separate a difference below about "
+                           "33 points):")
+    assert "- level with the full cache, 1 of 3 rows, most compressed first (KV freed at the end; peak KV against " \
+           "full's): b (75%; 50%)" in text
+    assert text.endswith("- below it, 2 of 3, closest first (points lost): c (−50), d (−100)") and "above" not in text
+    after = synthetic_row("d", {("a", 1024): [1.0] * 12}, "after")
+    board = tables([full, b, after, synthetic_row("full", {("a", 1024): [1.0] * 12}, "after")])
+    assert board.index("**Question after its context was compressed (after): what the evidence supports**") < \
+        board.index("### Question inside the compressed prompt")
+    assert "- level with the full cache, 1 of 1 rows" in board.split("(after): what")[1]
+
+
 def test_a_degeneration_measure_is_never_a_suite_average_cell():
     """longgen's distinct 4-grams lie in [0, 1] but are not a success rate: the full cache's 0.38 there does not
     make the cell 'failed', and no row's average includes it."""

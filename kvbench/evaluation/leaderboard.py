@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from tabulate import tabulate
@@ -41,14 +42,25 @@ def _with_ci(value: float | None, groups: list[list[float]]) -> str:
     return _pct(value) + ("" if half is None else f" ±{100 * half:.0f}")
 
 
-def _task_cells(m: dict[str, Any], task: str, with_compression: bool, samples: list[float] | None) -> list[str]:
+def _task_cell(m: dict[str, Any], task: str, samples: list[float] | None) -> str:
     if task not in m["accuracy"]:
-        return ["–", "–"] if with_compression else ["–"]
+        return "–"
     metric = m.get("metric", {}).get(task, "accuracy")
-    cells = [_with_ci(m["accuracy"][task], [samples]) if samples else _score(m["accuracy"][task], metric)]
-    if with_compression:
-        cells.append(_fmt(m["kv_compression_by_task"].get(task), 3))  # a group: on its subtasks' columns
-    return cells
+    return _with_ci(m["accuracy"][task], [samples]) if samples else _score(m["accuracy"][task], metric)
+
+
+def task_name(task: str) -> str:
+    """A task in a header or a note: its lm-eval name without the `kvbench_` every suite task has."""
+    return task.removeprefix("kvbench_")
+
+
+def shown_tasks(records: list[dict[str, Any]], tasks: list[str]) -> list[str]:
+    """The tasks that get a column: those some row besides the full cache ran. A task only `full` ran (a RULER task
+    it fails, which the methods skip) would be a column of dashes; the note under the tables lists its cells. All
+    of them in a table of the full cache alone."""
+    full = _reference(records)
+    others = {t for r in records if r is not full for t in r["metrics"]["accuracy"]}
+    return [t for t in tasks if t in others] if others else tasks
 
 
 COUNT_THRESHOLD = 0.5
@@ -142,15 +154,23 @@ def _reference(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     return next((r for r in records if r["method"] == "full" and not r.get("kv_quant")), None)
 
 
-def _row_head(r: dict[str, Any], queries: bool, quantized: bool) -> list[str]:
-    return [f"{r['method']} {r['variant']}".strip(), Budget.label(r["budget"]), r.get("positions", "original"),
-            r.get("schedule") or "–", *([r.get("query", "in-prompt")] if queries else []),
-            *([r.get("kv_quant") or "–"] if quantized else [])]
+Head = list[tuple[str, Callable[[dict[str, Any]], str]]]
+"""The columns that name a row: header and value."""
 
 
-def _head_headers(queries: bool, quantized: bool) -> list[str]:
-    return ["method", "budget", "positions", "schedule", *(["query"] if queries else []),
-            *(["KV quant"] if quantized else [])]
+def _head(records: list[dict[str, Any]]) -> Head:
+    """Method, budget and schedule always; the position mode, query mode and KV storage where some row leaves the
+    default (original positions, the question in the prompt, the model's dtype)."""
+    head: Head = [("method", lambda r: f"{r['method']} {r['variant']}".strip()),
+                  ("budget", lambda r: Budget.label(r["budget"]))]
+    if any(r.get("positions", "original") != "original" for r in records):
+        head.append(("positions", lambda r: r.get("positions", "original")))
+    head.append(("schedule", lambda r: r.get("schedule") or "–"))
+    if any(r.get("query", "in-prompt") != "in-prompt" for r in records):
+        head.append(("query", lambda r: r.get("query", "in-prompt")))
+    if any(r.get("kv_quant") for r in records):
+        head.append(("KV quant", lambda r: r.get("kv_quant") or "–"))
+    return head
 
 
 def paired_rows(records: list[dict[str, Any]],
@@ -163,14 +183,13 @@ def paired_rows(records: list[dict[str, Any]],
         return None
     split = split or counted_cells(records)
     reference = sample_scores(full)
-    tasks = sorted({task for r in records for task, _ in sample_scores(r)})
+    tasks = shown_tasks(records, sorted({task for r in records for task, _ in sample_scores(r)}))
     if not tasks:
         return None
     counted = set(split[0]) if split else set()
     suite = len({task for task, _ in counted} & set(tasks)) > 1
-    queries = any(r.get("query", "in-prompt") != "in-prompt" for r in records)
-    quantized = any(r.get("kv_quant") for r in records)
-    headers = [*_head_headers(queries, quantized), *(_paired_header(t, len(_flat(reference, task=t))) for t in tasks),
+    head = _head(records)
+    headers = [*(h for h, _ in head), *(_paired_header(t, len(_flat(reference, task=t))) for t in tasks),
                *([_paired_header("suite", len(_flat(reference, counted)))] if suite else [])]
     table = []
     for r in records:
@@ -178,25 +197,26 @@ def paired_rows(records: list[dict[str, Any]],
         per = [paired(_flat(reference, task=t), _flat(own, task=t)) for t in tasks]
         if suite:
             per.append(paired(_flat(reference, counted), _flat(own, counted)))
-        table.append([*_row_head(r, queries, quantized),
-                      *("reference" if r is full else _paired_cell(x) for x in per)])
+        table.append([*(value(r) for _, value in head), *("reference" if r is full else _paired_cell(x) for x in per)])
     return _ranked(headers, table, records, split)
 
 
-def deployment_rows(records: list[dict[str, Any]]) -> tuple[str, list[str], list[list[str]]] | None:
+def deployment_rows(records: list[dict[str, Any]],
+                    split: tuple[dict[Cell, float], dict[Cell, float]] | None = None
+                    ) -> tuple[str, list[str], list[list[str]]] | None:
     """What each row's measured bytes buy (`deployment`): the fraction of full's KV it keeps at the end and at its
     peak, the longest context and the largest batch that fit `KV_CAP` at its peak fraction, the decode speed-up its
     bytes allow at batch 1 next to the measured one, and (reuse) the questions after which it has paid for its
-    prefill. With the model's shape line; None without a full row that records the model's shape."""
+    prefill; ranked as the main table. With the model's shape line; None without a full row that records the model's
+    shape."""
     full = _reference(records)
     if full is None or "model_shape" not in full:
         return None
     shape = deployment.ModelShape(**full["model_shape"])
     f = full["metrics"]
-    queries = any(r.get("query", "in-prompt") != "in-prompt" for r in records)
-    quantized = any(r.get("kv_quant") for r in records)
+    head = _head(records)
     reuse = any(r.get("query") == "reuse" for r in records)
-    headers = [*_head_headers(queries, quantized), "KV kept (end)", "KV kept (peak)",
+    headers = [*(h for h, _ in head), "KV kept (end)", "KV kept (peak)",
                f"longest context @ {KV_CAP / GIB:g} GiB", f"batch of {BATCH_CONTEXT} @ {KV_CAP / GIB:g} GiB",
                "decode speed-up: bytes allow", "measured", *(["questions to repay prefill"] if reuse else [])]
     table = []
@@ -206,7 +226,7 @@ def deployment_rows(records: list[dict[str, Any]]) -> tuple[str, list[str], list
         context, batch = deployment.longest_context(shape, peak), deployment.largest_batch(shape, peak)
         same_host = r.get("hosts") == full.get("hosts") and len(r.get("hosts") or [""]) == 1
         measured = f["decode_ms_p50"] / m["decode_ms_p50"] if same_host and m["decode_ms_p50"] else None
-        row = [*_row_head(r, queries, quantized), _fmt(1 - m["kv_compression"], 3), _fmt(peak, 3),
+        row = [*(value(r) for _, value in head), _fmt(1 - m["kv_compression"], 3), _fmt(peak, 3),
                "any" if context is None else f"{context:,}", "–" if batch is None else f"{batch:,}",
                _fmt(deployment.bytes_speedup(shape.weight_bytes, m["full_kv_bytes"], m["kv_compression"]), 2),
                _fmt(measured, 2)]
@@ -216,7 +236,7 @@ def deployment_rows(records: list[dict[str, Any]]) -> tuple[str, list[str], list
     line = (f"KV bytes per token from the model's shape (2 · KV heads {shape.kv_heads} · head dim {shape.head_dim} · "
             f"{shape.dtype_bytes} bytes per layer): {shape.per_layer_type()}; weights {shape.weight_bytes / GIB:.3f} "
             "GiB as loaded.")
-    return line, headers, table
+    return line, *_ranked(headers, table, records, split or counted_cells(records))
 
 
 def _repaid(r: dict[str, Any], full: dict[str, Any]) -> str:
@@ -232,7 +252,7 @@ def _repaid(r: dict[str, Any], full: dict[str, Any]) -> str:
 def _paired_header(task: str, n: int) -> str:
     """`TASK vs full (n=12, separable: 34 pts)`: the smallest difference its n paired samples can show (`separable`)."""
     least = separable(n)
-    return f"{task} vs full (n={n}" + ("" if least is None else f", separable: {100 * least:.0f} pts") + ")"
+    return f"{task_name(task)} vs full (n={n}" + ("" if least is None else f", separable: {100 * least:.0f} pts") + ")"
 
 
 def _paired_cell(x: Paired | None) -> str:
@@ -243,22 +263,16 @@ def rows(records: list[dict[str, Any]],
          split: tuple[dict[Cell, float], dict[Cell, float]] | None = None) -> tuple[list[str], list[list[str]]]:
     """The table's headers and cells, best first where the paired evidence ranks the rows (`ranking`); `split`
     (counted and left-out cells) defaults to the one these rows give."""
-    tasks = sorted({t for r in records for t in r["metrics"]["accuracy"]})
-    metric = {t: name for r in records for t, name in r["metrics"].get("metric", {}).items()}
+    tasks = shown_tasks(records, sorted({t for r in records for t in r["metrics"]["accuracy"]}))
     full = _reference(records)
     base = full["metrics"]["decode_ms_p50"] if full else None
-    per_task = len(tasks) > 1
-    labels = {t: "ppl" if _is_perplexity(metric.get(t, "")) else "acc" for t in tasks}
     per_sample = [task_samples(r) for r in records]
-    counts = {t: len(ps[t]) for ps in reversed(per_sample) for t in ps}  # n of each task (the first row's)
-    labels = {t: f"{label} (n={counts[t]}, ±95%)" if t in counts else label for t, label in labels.items()}
-    task_cols = [f"{t} {what}" for t in tasks for what in ((labels[t], "KV comp.") if per_task else (labels[t],))]
-    queries = any(r.get("query", "in-prompt") != "in-prompt" for r in records)
-    quantized = any(r.get("kv_quant") for r in records)
+    task_cols = [_task_header(t, records, per_sample) for t in tasks]
+    head = _head(records)
     split = split or counted_cells(records)
     shown = {task for samples in per_sample for task in samples}
     average = split is not None and len({task for task, _ in split[0]} & shown) > 1  # a suite: several that count
-    headers = [*_head_headers(queries, quantized), *task_cols,
+    headers = [*(h for h, _ in head), *task_cols,
                *(["suite avg"] if average else []), "KV compression",
                "active KV MiB", "peak KV MiB", "prefill ms", "decode ms p50", "decode ms p95", "tok/s", "decode × full",
                "policy ms/step"]
@@ -272,8 +286,8 @@ def rows(records: list[dict[str, Any]],
         ratio = m["decode_ms_p50"] / base if base and m["decode_ms_p50"] and same_host else None
         cells = cell_scores(r)
         table.append([
-            *_row_head(r, queries, quantized),
-            *(cell for t in tasks for cell in _task_cells(m, t, per_task, samples.get(t))),
+            *(value(r) for _, value in head),
+            *(_task_cell(m, t, samples.get(t)) for t in tasks),
             *([_with_ci(suite_average(r, split[0]), [cells[c] for c in split[0] if c in cells])] if average else []),
             _fmt(m["kv_compression"], 3), _fmt(m["active_kv_bytes"] / MIB, 2), _fmt(m["peak_kv_bytes"] / MIB, 2),
             _fmt(m["prefill_ms"], 0), _fmt(m["decode_ms_p50"]),
@@ -285,6 +299,30 @@ def rows(records: list[dict[str, Any]],
             table[-1] += [_fmt(m["mean_kv_compression"], 3), _fmt(m["frozen_kv_bytes"] / MIB, 2),
                           str(m["thaws"]), str(recoveries)]
     return _ranked(headers, table, records, split)
+
+
+def _task_header(task: str, records: list[dict[str, Any]], per_sample: list[dict[str, list[float]]]) -> str:
+    """`needle acc (n=21, ±95%)`, `ppl`: the task, its metric and the first row's sample count."""
+    metric = next((r["metrics"].get("metric", {})[task] for r in records if task in r["metrics"].get("metric", {})), "")
+    label = "ppl" if _is_perplexity(metric) else "acc"
+    n = next((len(samples[task]) for samples in per_sample if task in samples), None)
+    label += "" if n is None else f" (n={n}, ±95%)"
+    return label if task_name(task) == label else f"{task_name(task)} {label}"
+
+
+def compression_rows(records: list[dict[str, Any]],
+                     split: tuple[dict[Cell, float], dict[Cell, float]] | None = None
+                     ) -> tuple[list[str], list[list[str]]] | None:
+    """Each row's KV compression on each task shown, ranked as the main table: a method that adapts its cache to
+    the input (thresholds, freezing) compresses each task differently, so its accuracy on a task reads with what
+    it kept there. None with a single task (the main table's KV compression is that one)."""
+    tasks = shown_tasks(records, sorted({t for r in records for t in r["metrics"]["accuracy"]}))
+    if len(tasks) < 2:
+        return None
+    head = _head(records)
+    table = [[*(value(r) for _, value in head),
+              *(_fmt(r["metrics"]["kv_compression_by_task"].get(t), 3) for t in tasks)] for r in records]
+    return _ranked([*(h for h, _ in head), *map(task_name, tasks)], table, records, split or counted_cells(records))
 
 
 def _ranked(headers: list[str], table: list[list[str]], records: list[dict[str, Any]],
@@ -303,58 +341,70 @@ QUERY_TITLES = {"in-prompt": "Question inside the compressed prompt (in-prompt)"
 
 
 def tables(records: list[dict[str, Any]]) -> str:
-    """One table per query mode (rows of one mode run the same tasks, so their suite averages compare), each under
-    its heading when there are several, and after it the same rows paired with that mode's full cache; the cells
-    that count come from the full cache's in-prompt row."""
+    """What the evidence supports, per query mode, first (`reading`); then one table per query mode (rows of one mode
+    run the same tasks, so their suite averages compare), each under its heading when there are several, followed
+    by the same rows' KV compression per task, their pairing with that mode's full cache and what their bytes buy.
+    The cells that count come from the full cache's in-prompt row."""
     modes = list(dict.fromkeys(r.get("query", "in-prompt") for r in records))
     split = counted_cells(records)
+    by_mode = {mode: [r for r in records if r.get("query", "in-prompt") == mode] for mode in modes}
     parts = []
-    for mode in modes:
-        own = [r for r in records if r.get("query", "in-prompt") == mode]
+    for mode, own in by_mode.items():
+        said = reading(own, split, QUERY_TITLES.get(mode, mode) if len(modes) > 1 else None)
+        parts += [said, ""] if said else []
+    for mode, own in by_mode.items():
         if len(modes) > 1:
             parts += [f"### {QUERY_TITLES.get(mode, mode)}", ""]
-        said = reading(own, split)
-        parts += [*([said, ""] if said else []), _github(*rows(own, split)), ""]
+        parts += [_github(*rows(own, split)), ""]
         sub = "####" if len(modes) > 1 else "###"
+        kept = compression_rows(own, split)
+        if kept is not None:
+            parts += [f"{sub} KV compression per task", "", _github(*kept), ""]
         pairs = paired_rows(own, split)
         if pairs is not None:
             parts += [f"{sub} Paired with the full cache", "", _github(*pairs), ""]
-        deployed = deployment_rows(own)
+        deployed = deployment_rows(own, split)
         if deployed is not None:
             parts += [f"{sub} What the bytes buy", "", deployed[0], "", _github(*deployed[1:]), ""]
     return "\n".join(parts).rstrip()
 
 
-def reading(records: list[dict[str, Any]],
-            split: tuple[dict[Cell, float], dict[Cell, float]] | None = None) -> str | None:
-    """What the samples support in one table, in words: the rows the paired evidence puts below (or above) the
-    full cache on the counted cells, and those it does not separate from it. None without a full row or a counted
-    cell."""
+def reading(records: list[dict[str, Any]], split: tuple[dict[Cell, float], dict[Cell, float]] | None = None,
+            title: str | None = None) -> str | None:
+    """What the samples support in one table (of query mode `title`), in words: the rows the paired evidence does not
+    separate from the full cache on the counted cells, most compressed first (what they free is what they buy);
+    those it puts above it; those it puts below it, closest first. None without a full row or a counted cell."""
     full = _reference(records)
     split = split or counted_cells(records)
     if full is None or split is None:
         return None
     cells = set(split[0]) & set(sample_scores(full))
     reference = _flat(sample_scores(full), cells)
-    against = [(_name(r), paired(reference, _flat(sample_scores(r), cells))) for r in records if r is not full]
-    against = [(name, p) for name, p in against if p is not None]
+    against = [(r, paired(reference, _flat(sample_scores(r), cells))) for r in records if r is not full]
+    against = [(r, p) for r, p in against if p is not None]
     if not against:
         return None
-    below = [f"{name} ({points(p.delta)})" for name, p in against if p.separated and p.delta < 0]
-    above = [f"{name} ({points(p.delta)})" for name, p in against if p.separated and p.delta > 0]
-    level = [name for name, p in against if not p.separated]
     n = max(p.n for _, p in against)
     least = separable(n)
-    text = (f"**What the evidence supports** (each row paired with `full` on the same {n} samples of the "
-            f"{len(cells)} counted cells, 95% intervals): {len(below)} of {len(against)} rows score below the full "
-            f"cache" + (f": {', '.join(below)}" if below else "") + ". ")
-    if above:
-        text += f"{len(above)} score above it: {', '.join(above)}. "
+    lines = [f"**{title + ': w' if title else 'W'}hat the evidence supports** (each row paired with `full` on the same "
+             f"{n} samples of the {len(cells)} counted cells, 95% intervals"
+             + (f"; {n} samples cannot separate a difference below about {100 * least:.0f} points" if least else "")
+             + "):", ""]
+    level = sorted(((r, p) for r, p in against if not p.separated), key=lambda rp: -rp[0]["metrics"]["kv_compression"])
+    above = sorted(((r, p) for r, p in against if p.separated and p.delta > 0), key=lambda rp: -rp[1].delta)
+    below = sorted(((r, p) for r, p in against if p.separated and p.delta < 0), key=lambda rp: -rp[1].delta)
     if level:
-        text += (f"{len(level)} are not separated from it: {', '.join(level)}" + (
-            f"; {n} samples cannot separate a difference below about {100 * least:.0f} points, so these may still "
-            "lose less than that" if least else "") + ".")
-    return text.strip()
+        peak = full["metrics"]["peak_kv_bytes"]
+        lines.append(f"- level with the full cache, {len(level)} of {len(against)} rows, most compressed first (KV "
+                     "freed at the end; peak KV against full's): " + ", ".join(
+                         f"{_name(r)} ({_pct(r['metrics']['kv_compression'])}; "
+                         f"{_pct(r['metrics']['peak_kv_bytes'] / peak) if peak else '–'})" for r, _ in level))
+    if above:
+        lines.append(f"- above it, {len(above)}: " + ", ".join(f"{_name(r)} ({points(p.delta)})" for r, p in above))
+    if below:
+        lines.append(f"- below it, {len(below)} of {len(against)}, closest first (points lost): "
+                     + ", ".join(f"{_name(r)} ({points(p.delta)})" for r, p in below))
+    return "\n".join(lines)
 
 
 def _name(r: dict[str, Any]) -> str:
@@ -382,9 +432,12 @@ def markdown(records: list[dict[str, Any]], title: str | None = None) -> str:
     )
     notes = [
         "",
+        "Tasks are lm-eval's `kvbench_<name>`; acc = the share of samples right, with its 95% bootstrap interval. "
         "Schedule = when the method's decisions apply: once after the prompt (prompt), after every prefill chunk "
-        "(chunk), or also at every decode step (decode). "
-        "KV compression = 1 − active/full KV bytes at the end of each sample (mean); peak KV = high-water "
+        "(chunk), or also at every decode step (decode). Positions (a column where some row leaves them): true "
+        "positions (original), re-rotated keys (rerotate) or positions in the cache (naive). "
+        "KV compression = 1 − active/full KV bytes at the end of each sample (mean; per task in its own table); "
+        "peak KV = high-water "
         "mark of active KV over the run (max); decode × full = decode ms p50 over the `full` row's, same run and "
         "machine (– where a row's timings come from another machine than the `full` row's); "
         "policy ms/step = mean host time per decode step the method spends deciding and moving rows after attention "
@@ -411,10 +464,11 @@ def markdown(records: list[dict[str, Any]], title: str | None = None) -> str:
                   "after which the method's context prefill and questions cost no more time than full's."]
     split = counted_cells(records)
     if split is not None and split[1]:
-        left = ", ".join(f"{t}" + (f" @ {n}" if n else "") + f" (full {100 * m:.0f}%)" for (t, n), m in sorted(
+        left = ", ".join(task_name(t) + (f" @ {n}" if n else "") + f" (full {100 * m:.0f}%)" for (t, n), m in sorted(
             split[1].items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)))
         notes.append(f"\nCells the full cache itself fails (below {100 * COUNT_THRESHOLD:.0f}%), left out of the "
-                     f"suite average: {left}.")
+                     f"suite average (a task failed at every length is run by the full cache alone and has no "
+                     f"column): {left}.")
     return "\n".join([*head, "", body, *notes]) + "\n"
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 
 from kvbench.evaluation.leaderboard import counted_cells, suite_average  # noqa: E402
 from kvbench.evaluation.records import MIB  # noqa: E402
@@ -40,11 +41,18 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _in_prompt(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows with the question in the prompt, where there are any (else all): a figure of one panel or line per
+    row stays readable with one query mode; the tables hold the others."""
+    own = [r for r in records if r.get("query", "in-prompt") == "in-prompt"]
+    return own or records
+
+
 def needle_heatmap(records: list[dict[str, Any]], path: Path) -> Path | None:
-    """Exact match by context length (rows) and needle depth (columns), one panel per row of the leaderboard,
-    on the simple-filler needle samples."""
+    """Exact match by context length (rows) and needle depth (columns), one panel per row of the leaderboard with
+    the question in the prompt, on the simple-filler needle samples."""
     grids = []
-    for r in records:
+    for r in _in_prompt(records):
         cells: dict[tuple[int, float], list[float]] = defaultdict(list)
         for s in r["samples"]:
             meta = s["meta"]
@@ -85,37 +93,82 @@ def mean_accuracy(record: dict[str, Any]) -> float | None:
     return statistics.fmean(accs) if accs else None
 
 
-def pareto(records: list[dict[str, Any]], path: Path) -> Path | None:
-    """Mean accuracy over the accuracy-type tasks against mean active KV memory; the frontier is drawn."""
-    points = []
+MARKERS = {None: "o", "int8": "s", "int4": "^", "int2": "v"}
+"""A point's marker: the KV storage (other schemes: a diamond)."""
+
+
+def _colors(names: list[str]) -> dict[str, Any]:
+    palette = list(plt.get_cmap("tab10").colors) + list(plt.get_cmap("tab20").colors[1::2])  # distinct first
+    return {n: palette[i % len(palette)] for i, n in enumerate(sorted(names))}
+
+
+def _method(record: dict[str, Any]) -> str:
+    """A row's method and variant: one colour in the plots, whatever its budget or storage."""
+    return f"{record['method']} {record['variant']}".strip()
+
+
+Point = tuple[float, float, dict[str, Any]]  # active KV MiB, accuracy, the row
+
+
+def pareto_points(records: list[dict[str, Any]]) -> tuple[dict | None, dict[str, list[Point]]]:
+    """The counted cells (None without a full row) and, per query mode with any, each row's point: its mean active
+    KV MiB and its suite average over the counted cells, as the tables rank it (a mean over all its tasks would put
+    the full cache below the methods: it alone runs the tasks it fails)."""
+    split = counted_cells(records)
+    counted = split[0] if split else None
+    points: dict[str, list[Point]] = {}
     for r in records:
-        accuracy = mean_accuracy(r)
-        if accuracy is not None:
-            points.append((r["metrics"]["active_kv_bytes"] / MIB, accuracy, label(r)))
-    if not points:
+        y = _accuracy(r, counted)
+        if y is not None:
+            points.setdefault(r.get("query", "in-prompt"), []).append((r["metrics"]["active_kv_bytes"] / MIB, y, r))
+    return counted, points
+
+
+def pareto(records: list[dict[str, Any]], path: Path) -> Path | None:
+    """One panel per query mode: each row's accuracy (the suite average over the cells the full cache passes, as in
+    the tables; else its mean over accuracy-type tasks) against its mean active KV bytes, a colour per method, a
+    marker per KV storage, the budget (and a position mode or storage other than the default) beside each point and
+    the frontier drawn: eviction and quantization on one
+    scale of bytes."""
+    counted, points = pareto_points(records)
+    modes = list(points)
+    if not modes:
         return None
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    ax.scatter([p[0] for p in points], [p[1] for p in points], color="tab:blue", zorder=3)
-    clusters: dict[tuple[float, float], list[str]] = defaultdict(list)  # near-identical points share one label
-    for x, y, name in points:
-        key = next((k for k in clusters if abs(math.log(k[0] / x)) < 0.03 and abs(k[1] - y) < 0.015), (x, y))
-        clusters[key].append(name)
-    for (x, y), names in clusters.items():
-        ax.annotate("\n".join(names), (x, y), textcoords="offset points", xytext=(5, 0), fontsize=7, va="center")
-    frontier, best = [], -1.0
-    for x, y, _ in sorted(points):
-        if y > best:
-            frontier.append((x, y))
-            best = y
-    ax.step([p[0] for p in frontier], [p[1] for p in frontier], where="post", color="tab:orange", alpha=0.6,
-            label="Pareto frontier")
-    ax.set_xscale("log")
-    ax.set_xlabel("active KV MiB at the end of a sample (mean, log scale)")
-    ax.set_ylabel("mean accuracy over the accuracy tasks")
-    ax.set_ylim(-0.05, 1.05)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    ax.set_title("Accuracy versus KV memory")
+    colors = _colors(list({_method(r) for pts in points.values() for _, _, r in pts}))
+    fig, axes = plt.subplots(1, len(modes), figsize=(7 * len(modes), 5.5), squeeze=False, sharey=True)
+    for ax, mode in zip(axes.flat, modes, strict=True):
+        for x, y, r in points[mode]:
+            ax.scatter([x], [y], color=colors[_method(r)], marker=MARKERS.get(r.get("kv_quant"), "D"), zorder=3,
+                       edgecolors="black" if r["method"] == "full" else "none", s=40)
+            budget = Budget.label(r["budget"]) if r["budget"] else ""
+            positions = r.get("positions", "original")
+            ax.annotate(" ".join(p for p in (budget, "" if positions == "original" else positions,
+                                             r.get("kv_quant") or "") if p), (x, y),
+                        textcoords="offset points", xytext=(4, 3), fontsize=6)
+        frontier, best = [], -1.0
+        for x, y, r in sorted(points[mode], key=lambda p: (p[0], -p[1])):
+            if y > best:
+                frontier.append((x, y, r))
+                best = y
+        ax.step([p[0] for p in frontier], [p[1] for p in frontier], where="post", color="tab:orange", alpha=0.5,
+                zorder=2, label="frontier")
+        for x, y, r in frontier:
+            ax.annotate(label(r), (x, y), textcoords="offset points", xytext=(4, -9), fontsize=7, color="tab:orange")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))  # labels inside a single decade too
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.set_xlabel("active KV MiB at the end of a sample (mean, log scale)")
+        ax.set_title(f"question {mode}" if mode != "in-prompt" else "question in the prompt", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes.flat[0].set_ylabel("suite average (cells the full cache passes)" if counted else "mean accuracy")
+    axes.flat[0].set_ylim(-0.05, 1.05)
+    handles = [plt.Line2D([], [], color=c, marker="o", linestyle="", label=n) for n, c in colors.items()]
+    handles += [plt.Line2D([], [], color="black", marker=m, linestyle="", label=q or "model dtype")
+                for q, m in MARKERS.items() if any(r.get("kv_quant") == q for pts in points.values() for *_, r in pts)]
+    handles.append(plt.Line2D([], [], color="tab:orange", alpha=0.5, label="frontier"))
+    axes.flat[-1].legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle("Accuracy versus KV memory (budget and storage beside each point)")
     return _save(fig, path)
 
 
@@ -145,9 +198,7 @@ def accuracy_vs_compression(records: list[dict[str, Any]], path: Path) -> Path |
         curves[mode][name].append((r["metrics"]["kv_compression"], y))
     if not any(curves.values()):
         return None
-    names = sorted({n for c in curves.values() for n in c})
-    palette = list(plt.get_cmap("tab10").colors) + list(plt.get_cmap("tab20").colors[1::2])  # distinct first
-    colors = {n: palette[i % len(palette)] for i, n in enumerate(names)}
+    colors = _colors(list({n for c in curves.values() for n in c}))
     fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.8), squeeze=False, sharey=True)
     for ax, mode in zip(axes.flat, modes, strict=True):
         for name, pts in sorted(curves[mode].items()):
@@ -167,7 +218,14 @@ def accuracy_vs_compression(records: list[dict[str, Any]], path: Path) -> Path |
 
 
 def decode_vs_context(records: list[dict[str, Any]], path: Path) -> Path | None:
-    """Median decode ms/token of single-prompt samples, by prompt length (binned), one line per row."""
+    """Median decode ms/token of single-prompt samples, by prompt length (binned), one line per row with the
+    question in the prompt; only the rows timed on one machine (the one most rows were), as timings of two do not
+    compare."""
+    records = _in_prompt(records)
+    machines = Counter(tuple(r.get("hosts") or ()) for r in records if len(r.get("hosts") or ()) <= 1)
+    machine = machines.most_common(1)[0][0] if machines else ()
+    left_out = sum(tuple(r.get("hosts") or ()) != machine for r in records)
+    records = [r for r in records if tuple(r.get("hosts") or ()) == machine]
     fig, ax = plt.subplots(figsize=(8, 5.5))
     styles = [(c, m) for m in ("o", "s", "^", "D") for c in plt.get_cmap("tab10").colors]
     drawn, skipped = 0, []
@@ -192,8 +250,10 @@ def decode_vs_context(records: list[dict[str, Any]], path: Path) -> Path | None:
     ax.set_xlabel("prompt length (tokens, binned)")
     ax.set_ylabel("decode ms / token (median)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     title = "Decode time per token versus context length"
+    if machine and left_out:
+        title += f"\n(rows timed on {machine[0]}; {left_out} rows timed on other machines left out)"
     if skipped:  # e.g. a row whose answers all end at once: no decode steps to time
         title += f"\n(no decode steps at two or more lengths: {', '.join(skipped)})"
     ax.set_title(title, fontsize=10)
