@@ -353,6 +353,30 @@ def test_the_reading_names_the_rows_level_with_the_full_cache_by_what_they_free_
     assert "- level with the full cache, 1 of 1 rows" in board.split("(after): what")[1]
 
 
+def test_the_overview_gives_each_model_and_query_mode_its_level_rows_and_the_most_compressed_of_them():
+    """Two models, each a full cache and two rows on 12 samples: on model m the row losing one sample is level (the
+    most compressed level row is named, with its freed and peak KV), the one losing all is below; model n's row
+    loses all. A single model has no overview (its section opens with its readings)."""
+    from kvbench.evaluation.leaderboard import overview
+
+    def on(model: str, row: dict, compression: float = 0.5) -> dict:
+        row["config"] = {**row["config"], "model": model}
+        row["metrics"].update(kv_compression=compression, peak_kv_bytes=0.25 if compression > 0.5 else 1)
+        return row
+
+    rows = [on("m", synthetic_row("full", {("a", 1024): [1.0] * 12}), 0.0),
+            on("m", synthetic_row("b", {("a", 1024): [0.0] + [1.0] * 11}), 0.75),
+            on("m", synthetic_row("d", {("a", 1024): [0.0] * 12})),
+            on("n", synthetic_row("full", {("a", 1024): [1.0] * 12}), 0.0),
+            on("n", synthetic_row("d", {("a", 1024): [0.0] * 12}))]
+    assert (overview(rows) or "").split("\n") == [
+        "- **m**, question inside the compressed prompt: 1 of 2 rows level with its full cache; the most compressed "
+        "of them b frees 75% of the KV, its peak 25% of full's; 0 above, 1 below (12 paired samples)",
+        "- **n**, question inside the compressed prompt: 0 of 1 rows level with its full cache; 0 above, 1 below "
+        "(12 paired samples)"]
+    assert overview([*rows[:3], {**rows[1], "query": "after"}]) is None
+
+
 def test_a_degeneration_measure_is_never_a_suite_average_cell():
     """longgen's distinct 4-grams lie in [0, 1] but are not a success rate: the full cache's 0.38 there does not
     make the cell 'failed', and no row's average includes it."""

@@ -31,7 +31,7 @@ from kvbench.evaluation import ray_cells, results, shards
 from kvbench.evaluation.cells import LEASE_S, CellStore, cell_key
 from kvbench.evaluation.check import committed, compare_deterministic
 from kvbench.evaluation.compare import Cell, CompareSpec, Runner, describe, method_params, plan
-from kvbench.evaluation.leaderboard import markdown
+from kvbench.evaluation.leaderboard import markdown, overview
 from kvbench.evaluation.lmeval_tasks import document_sizes
 from kvbench.evaluation.ray_cells import RayOptions
 from kvbench.evaluation.records import cpu_model, source_hash
@@ -510,6 +510,10 @@ def _markdown(header: dict[str, Any], records: list[dict[str, Any]], plots: dict
         "(task scores, KV compression, KV bytes) moves. " + _timings_note(header.get("hosts", {})),
         "",
     ]
+    summary = overview(records)
+    if summary:
+        lines += ["**At a glance** (each row paired with its model's full cache on the samples of the cells that cache "
+                  "passes, 95% intervals; a row is level where they cannot separate it):", "", summary, ""]
     groups = by_model(records)
     for model, own in groups.items():
         if len(groups) > 1:  # a table per model (and query mode): rows compare with their own model's full cache
