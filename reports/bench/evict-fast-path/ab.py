@@ -1,5 +1,6 @@
-"""Proxy decode ratios (kvbench / transformers, best of 5 rounds interleaved) per method, for the checkout it runs
-from: `cd CHECKOUT && OMP_NUM_THREADS=1 python reports/bench/evict-fast-path/ab.py [m1,m2,...]`."""
+"""Proxy decode ratios (kvbench / transformers, best of 5 rounds interleaved) per method, with the policy's share of
+kvbench's step, for the checkout it runs from:
+`cd CHECKOUT && OMP_NUM_THREADS=1 python reports/bench/evict-fast-path/ab.py [m1,m2,...]`."""
 
 import sys
 import time
@@ -29,14 +30,16 @@ def transformers_seconds(model: torch.nn.Module, prompt: list[int]) -> float:
         return time.perf_counter() - start
 
 
-def kvbench_seconds(engine: Engine, prompt: list[int], method: str) -> float:
+def kvbench_seconds(engine: Engine, prompt: list[int], method: str) -> tuple[float, float]:
+    """The decode steps' seconds and the part the ledger counts as the policy's (after attention: the view, `step`,
+    applying its decision)."""
     with torch.inference_mode():
         session = engine.session(make_policy(method, BUDGET if policy_class(method).uses_budget else None))
         token = int(session.feed(prompt).argmax())
     start = time.perf_counter()
     for _ in range(STEPS):
         token, _, _ = session.decode_step(token)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, session.cache.ledger.figures()["policy_seconds"].get("decode", 0.0)
 
 
 def main() -> None:
@@ -45,11 +48,11 @@ def main() -> None:
     engine, model = Engine(build("sdpa"), _Tokenizer(), prefill_chunk=512), build("sdpa")
     ratios = []
     for method in sys.argv[1].split(",") if len(sys.argv) > 1 else available():
-        ours = theirs = float("inf")
+        theirs, ours = float("inf"), (float("inf"), 0.0)
         for _ in range(ROUNDS):
             theirs = min(theirs, transformers_seconds(model, prompt))
             ours = min(ours, kvbench_seconds(engine, prompt, method))
-        ratios.append(f"{method}={ours / theirs:.3f}")
+        ratios.append(f"{method}={ours[0] / theirs:.3f} (policy {100 * ours[1] / ours[0]:.0f}%)")
     print(" ".join(ratios), flush=True)
 
 
