@@ -172,7 +172,7 @@ class LayerView:
 
     @property
     def n(self) -> int:
-        return self.keys.shape[2]
+        return self.positions.shape[-1]
 
     @property
     def prefill(self) -> bool:
@@ -345,6 +345,17 @@ class RollsBack:
         """Positions each sliding layer keeps beyond its window (masked, counted as active) so that a rollback of up
         to this many tokens stays exact."""
         raise NotImplementedError
+
+
+class AcrossLayers:
+    """Capability: at a decode step, one `step` for every layer at once, after the forward, instead of one per layer
+    after its attention (a step's decisions never change its later layers, so the kept sets are the same; the host
+    work of a decision is paid once instead of per layer). The view then carries a leading layer axis on
+    `positions`, `state` ([L, B, K, n]) and `attn` ([L, B, K, G, w, n]), has no `keys`, `values` or `layer_idx`
+    (None), and the decision's `keep` or `evict` carries it too. So a method opts in only if its `step` reads
+    nothing else and reduces over trailing axes only (the `selection` helpers do); the contract test holds every
+    method that does to the kept sets and state of the per-layer steps. The cost: every layer holds its decode token
+    until the last layer's attention, so the active KV within a step peaks up to one row per layer higher."""
 
 
 class Reconstructs:

@@ -1,8 +1,9 @@
 """Token-selection helpers shared by the methods: masks over a layer's active tokens, per row.
 
-All take and return [B, K, n] tensors (or anything broadcastable), so a method written with them
-works unchanged for per-layer and per-head decisions. Windows are defined on true positions, never
-on the physical order of rows in the cache, which evictions, thaws and re-appends change.
+All take and return [B, K, n] tensors (or anything broadcastable, with any leading axes), so a method written with
+them works unchanged for per-layer and per-head decisions, and for every layer at once (`policy.AcrossLayers`).
+Windows are defined on true positions, never on the physical order of rows in the cache, which evictions, thaws and
+re-appends change.
 """
 
 from __future__ import annotations
@@ -55,13 +56,13 @@ def bottom_k(scores: torch.Tensor, e: int, exclude: torch.Tensor | None = None, 
 
 
 def per_kv_head(attn: torch.Tensor) -> torch.Tensor:
-    """[B, K, G, w, n] attention rows -> [B, K, n]: summed over the queries and a KV head's query heads."""
-    return attn.sum(dim=(2, 3))
+    """[..., B, K, G, w, n] attention rows -> [..., B, K, n]: summed over the queries and a KV head's query heads."""
+    return attn.sum(dim=(-3, -2))
 
 
 def per_layer(attn: torch.Tensor) -> torch.Tensor:
-    """[B, K, G, w, n] attention rows -> [B, 1, n]: mean over query heads, summed over the queries."""
-    return attn.mean(dim=(1, 2)).sum(dim=1)[:, None]
+    """[..., B, K, G, w, n] attention rows -> [..., B, 1, n]: mean over query heads, summed over the queries."""
+    return attn.mean(dim=(-4, -3)).sum(dim=-2).unsqueeze(-2)
 
 
 def accumulate(view, name: str, contribution: torch.Tensor, decay: float = 1.0) -> torch.Tensor:
@@ -69,7 +70,7 @@ def accumulate(view, name: str, contribution: torch.Tensor, decay: float = 1.0) 
     old = view.state[name]
     if decay == 1.0 and contribution.shape == old.shape:  # in place: the state is a view of the cache's rows
         return old.add_(contribution)
-    prior = old[:, :1] if contribution.shape[1] == 1 else old
+    prior = old[..., :1, :] if contribution.shape[-2] == 1 else old  # one set per layer: its first head's scores
     score = (prior if decay == 1.0 else prior * decay) + contribution  # x * 1.0 is x: one op fewer
     view.state[name] = score.expand(old.shape)
     return score

@@ -10,13 +10,13 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from kvbench.policy import ALL_ROWS, Decision, KVPolicy, LayerView, keep_top, param, register
+from kvbench.policy import ALL_ROWS, AcrossLayers, Decision, KVPolicy, LayerView, keep_top, param, register
 from kvbench.selection import accumulate, per_layer
 
 
 @register("attentiontop")
 @dataclass
-class AttentionTop(KVPolicy):
+class AttentionTop(KVPolicy, AcrossLayers):
     attn_rows: ClassVar[int] = ALL_ROWS
     token_state: ClassVar[tuple[str, ...]] = ("score",)
     observes: ClassVar[bool] = True
