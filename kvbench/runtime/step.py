@@ -52,6 +52,7 @@ class SequenceStep:
         the positions the model rotates them at (in-cache positions under `rerotate` and `naive`)."""
         self.cache.expect(positions, rotations)
         self.attended = 0
+        self._held = []  # what a forward that raised left undecided is not this one's
         self.phase, self.last_chunk = phase, last_chunk
         if phase == Phase.DECODE:
             self.decodes += 1
