@@ -696,18 +696,19 @@ def test_plots_go_under_out_unless_it_is_the_published_leaderboard(tmp_path, mon
     shutil.copy(REPO / "leaderboard" / "results.json", out / "results.json")
     monkeypatch.chdir(tmp_path)  # where the published folders would be, relative to the working directory
     assert main(["leaderboard", "--render", "--out", str(out)]) == 0
-    assert (out / "plots" / "pareto.png").exists() and not (tmp_path / "reports").exists()
+    models = [m["model"] for m in json.loads((out / "results.json").read_text())["run"]["models"]]
+    assert all((out / "plots" / m / "pareto.png").exists() for m in models) and not (tmp_path / "reports").exists()
     (tmp_path / "leaderboard").mkdir()
     shutil.copy(REPO / "leaderboard" / "results.json", tmp_path / "leaderboard" / "results.json")
     assert main(["leaderboard", "--render"]) == 0
-    assert (tmp_path / "reports" / "leaderboard" / "pareto.png").exists()
+    assert all((tmp_path / "reports" / "leaderboard" / m / "pareto.png").exists() for m in models)
 
 
 def test_the_committed_record_cells_are_whole_and_share_one_source():
     """leaderboard/cells holds the record's finished parts (leaderboard/RECORD.md): every file a whole cell under its
     own key (configuration and checksum), every cell of a model and task the record names, and all computed by one
     commit of kvbench's computing code, since a part at another would mix code versions in one leaderboard."""
-    record = sweep.load(REPO / "leaderboard" / "record.toml")
+    record = sweep.load(REPO / "leaderboard" / "sweep.toml")
     # a part under way keeps its claims and partial writes there too; .gitignore keeps them out of the commit
     files = sorted(f for f in (REPO / "leaderboard" / "cells").glob("*") if f.suffix not in (".claim", ".tmp"))
     assert files, "the record's first part is committed"
