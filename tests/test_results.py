@@ -1,6 +1,7 @@
 """The versioned results file: the shipped JSON Schema, and `--check` refusing files of another version."""
 
 import json
+import re
 from pathlib import Path
 
 import jsonschema
@@ -24,7 +25,7 @@ def test_the_committed_leaderboard_conforms():
     """`--check` compares CI's cells against this file: it must be a schema-1 file, typed budgets included."""
     results = json.loads((ROOT / "leaderboard" / "results.json").read_text())
     assert_valid_results(results)
-    assert {json.dumps(r["budget"]) for r in results["records"]} >= {"null", '{"tokens": 256}'}
+    assert {json.dumps(r["budget"]) for r in results["records"]} >= {"null", '{"ratio": 0.25}', '{"ratio": 0.75}'}
 
 
 @pytest.mark.parametrize("budget", ["256", "0.25", "1", "1.0"])
@@ -72,3 +73,18 @@ def test_leaderboard_check_of_an_old_results_file_exits_2_before_any_work(tmp_pa
     assert code == 2
     assert f"--check {old}: no schema_version" in capsys.readouterr().err
     assert not out.exists() and not (tmp_path / "cells").exists()
+
+
+@pytest.mark.parametrize("name", ["int8", "int4", "int2r64", "kivi4", "kivi2r128", "quanto4", "quanto2", "int16",
+                                  "quanto8", "kivi4r0", "fp8", "none"])
+def test_the_schema_admits_exactly_the_kv_storage_names_a_run_takes(name):
+    """A record's kv_quant is a name `--kv-quant` parsed (the record's rows include transformers' quanto4): the schema
+    and the parser must agree, or a valid leaderboard fails its own schema."""
+    from kvbench.kv.quant import SCHEME
+
+    schema = json.loads(SCHEMA_PATH.read_text())
+    patterns = {schema["$defs"][d]["properties"]["kv_quant"]["pattern"] for d in schema["$defs"]
+                if "kv_quant" in schema["$defs"][d].get("properties", {})}
+    assert patterns, "the schema types kv_quant"
+    parsed = SCHEME.fullmatch(name) is not None
+    assert all((re.fullmatch(p, name) is not None) == parsed for p in patterns)

@@ -127,6 +127,21 @@ def test_a_slice_keeps_only_its_budgets_and_never_drops_a_row_without_one(tmp_pa
         sweep.load(write(tmp_path, text.replace("budgets = [64]\n", "budgets = [0]\n")), "small")
 
 
+def test_a_slice_keeps_only_its_kv_storages_and_refuses_one_no_row_names(tmp_path):
+    """CI's slice leaves out the quantized rows (not reproducible across CPUs): a row keeps the storages the slice
+    names, a row left with none is dropped, and a storage no row names is an error, not an empty slice."""
+    text = ('tasks = ["needle-1k"]\n[[rows]]\nmethods = ["full"]\nkv_quant = ["none", "int4"]\n'
+            '[[rows]]\nmethods = ["h2o"]\nbudgets = [64]\nkv_quant = ["int8"]\n'
+            '[[rows]]\nmethods = ["streamingllm"]\nbudgets = [64]\n[slices.plain]\nkv_quant = ["none"]\n')
+    rows = sweep.load(write(tmp_path, text), "plain").rows
+    assert [(r.methods, r.kv_quants) for r in rows] == [(["full"], ["none"]), (["streamingllm"], ["none"])]
+    assert [(r.methods, r.kv_quants) for r in sweep.load(write(tmp_path, text)).rows] == [
+        (["full"], ["none", "int4"]), (["h2o"], ["int8"]), (["streamingllm"], ["none"])]
+    with pytest.raises(ValueError, match=r"\[slices.plain\] kv_quant: int2 not in any row; the rows name int4, int8, "
+                                         "none"):
+        sweep.load(write(tmp_path, text.replace('kv_quant = ["none"]\n', 'kv_quant = ["int2"]\n')), "plain")
+
+
 def test_a_row_runs_only_its_own_tasks_which_must_be_the_sweeps(tmp_path):
     text = ('tasks = ["needle-1k", "kvbench_needle"]\n[[rows]]\nmethods = ["full"]\n'
             '[[rows]]\nmethods = ["h2o"]\nbudgets = [64]\ntasks = ["kvbench_needle"]\nqueries = ["after"]\n'
@@ -151,6 +166,7 @@ def test_the_committed_sweep_and_its_ci_slice_are_valid():
     ci = sweep.load(root / "leaderboard" / "sweep.toml", "ci")
     assert set(ci.spec.tasks) < set(full.spec.tasks)
     assert {m for r in ci.rows for m in r.methods} < {m for r in full.rows for m in r.methods}
+    assert {q for r in ci.rows for q in r.kv_quants} == {"none"}  # a quantized row differs across CPUs
 
 
 def test_check_reports_every_moved_deterministic_column_beyond_cross_host_rounding():
@@ -720,18 +736,19 @@ def test_plots_go_under_out_unless_it_is_the_published_leaderboard(tmp_path, mon
     shutil.copy(REPO / "leaderboard" / "results.json", out / "results.json")
     monkeypatch.chdir(tmp_path)  # where the published folders would be, relative to the working directory
     assert main(["leaderboard", "--render", "--out", str(out)]) == 0
-    assert (out / "plots" / "pareto.png").exists() and not (tmp_path / "reports").exists()
+    models = [m["model"] for m in json.loads((out / "results.json").read_text())["run"]["models"]]
+    assert all((out / "plots" / m / "pareto.png").exists() for m in models) and not (tmp_path / "reports").exists()
     (tmp_path / "leaderboard").mkdir()
     shutil.copy(REPO / "leaderboard" / "results.json", tmp_path / "leaderboard" / "results.json")
     assert main(["leaderboard", "--render"]) == 0
-    assert (tmp_path / "reports" / "leaderboard" / "pareto.png").exists()
+    assert all((tmp_path / "reports" / "leaderboard" / m / "pareto.png").exists() for m in models)
 
 
 def test_the_committed_record_cells_are_whole_and_share_one_source():
     """leaderboard/cells holds the record's finished parts (leaderboard/RECORD.md): every file a whole cell under its
     own key (configuration and checksum), every cell of a model and task the record names, and all computed by one
     commit of kvbench's computing code, since a part at another would mix code versions in one leaderboard."""
-    record = sweep.load(REPO / "leaderboard" / "record.toml")
+    record = sweep.load(REPO / "leaderboard" / "sweep.toml")
     # a part under way keeps its claims and partial writes there too; .gitignore keeps them out of the commit
     files = sorted(f for f in (REPO / "leaderboard" / "cells").glob("*") if f.suffix not in (".claim", ".tmp"))
     assert files, "the record's first part is committed"

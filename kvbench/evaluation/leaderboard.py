@@ -55,11 +55,12 @@ def task_name(task: str) -> str:
     return task.removeprefix("kvbench_")
 
 
-def shown_tasks(records: list[dict[str, Any]], tasks: list[str]) -> list[str]:
+def shown_tasks(records: list[dict[str, Any]], tasks: list[str] | None = None) -> list[str]:
     """The tasks that get a column: those some row besides the full cache ran. A task only `full` ran (a RULER task
     it fails, which the methods skip) would be a column of dashes; the note under the tables lists its cells. All
     of them in a table of the full cache alone."""
     full = _reference(records)
+    tasks = tasks if tasks is not None else sorted({t for r in records for t in r["metrics"]["accuracy"]})
     others = {t for r in records if r is not full for t in r["metrics"]["accuracy"]}
     return [t for t in tasks if t in others] if others else tasks
 
@@ -237,7 +238,7 @@ def deployment_rows(records: list[dict[str, Any]],
     line = (f"KV bytes per token from the model's shape (2 · KV heads {shape.kv_heads} · head dim {shape.head_dim} · "
             f"{shape.dtype_bytes} bytes per layer): {shape.per_layer_type()}; weights {shape.weight_bytes / GIB:.3f} "
             "GiB as loaded.")
-    return line, *_ranked(headers, table, records, split or counted_cells(records))
+    return line, *_ranked(headers, table, records, split)
 
 
 def _repaid(r: dict[str, Any], full: dict[str, Any]) -> str:
@@ -264,7 +265,7 @@ def rows(records: list[dict[str, Any]],
          split: tuple[dict[Cell, float], dict[Cell, float]] | None = None) -> tuple[list[str], list[list[str]]]:
     """The table's headers and cells, best first where the paired evidence ranks the rows (`ranking`); `split`
     (counted and left-out cells) defaults to the one these rows give."""
-    tasks = shown_tasks(records, sorted({t for r in records for t in r["metrics"]["accuracy"]}))
+    tasks = shown_tasks(records)
     full = _reference(records)
     base = full["metrics"]["decode_ms_p50"] if full else None
     per_sample = [task_samples(r) for r in records]
@@ -317,13 +318,13 @@ def compression_rows(records: list[dict[str, Any]],
     """Each row's KV compression on each task shown, ranked as the main table: a method that adapts its cache to
     the input (thresholds, freezing) compresses each task differently, so its accuracy on a task reads with what
     it kept there. None with a single task (the main table's KV compression is that one)."""
-    tasks = shown_tasks(records, sorted({t for r in records for t in r["metrics"]["accuracy"]}))
+    tasks = shown_tasks(records)
     if len(tasks) < 2:
         return None
     head = _head(records)
     table = [[*(value(r) for _, value in head),
               *(_fmt(r["metrics"]["kv_compression_by_task"].get(t), 3) for t in tasks)] for r in records]
-    return _ranked([*(h for h, _ in head), *map(task_name, tasks)], table, records, split or counted_cells(records))
+    return _ranked([*(h for h, _ in head), *map(task_name, tasks)], table, records, split)
 
 
 def _ranked(headers: list[str], table: list[list[str]], records: list[dict[str, Any]],

@@ -46,7 +46,7 @@ from kvbench.runtime.session import check_positions
 SWEEP_KEYS = {"model", "models", "device", "dtype", "prefill_chunk", "limit", "tasks", "task_metadata", "shards",
               "rows", "slices"}
 ROW_KEYS = {"models", "methods", "tasks", "budgets", "positions", "queries", "schedules", "kv_quant", "method_args"}
-SLICE_KEYS = {"models", "methods", "tasks", "budgets"}
+SLICE_KEYS = {"models", "methods", "tasks", "budgets", "kv_quant"}
 MODEL_KEYS = {"name", "dtype"}
 
 
@@ -170,6 +170,13 @@ def load(path: Path, slice_name: str | None = None, dtype: str | None = None) ->
             slice_budgets[name] = {Budget.parse(b) for b in sl.get("budgets", [])}
         except ValueError as err:
             raise ValueError(f"{path} [slices.{name}] budgets: {err}") from None
+    named = {str(q) for group in raw.get("rows", []) if isinstance(group.get("kv_quant", []), list)
+             for q in group.get("kv_quant", ["none"])}
+    for name, sl in slices.items():
+        stray = sorted(set(sl.get("kv_quant", [])) - named)
+        if stray:
+            raise ValueError(f"{path} [slices.{name}] kv_quant: {', '.join(stray)} not in any row; the rows name "
+                             f"{', '.join(sorted(named))}")
     if slice_name is not None and slice_name not in slices:
         raise ValueError(f"{path} has no slice {slice_name!r}; slices: {', '.join(slices) or 'none'}")
     chosen = slices.get(slice_name, {})
@@ -223,6 +230,11 @@ def load(path: Path, slice_name: str | None = None, dtype: str | None = None) ->
             budgets = [b for b in budgets if b in slice_budgets[slice_name]]
             if not budgets:
                 continue
+        kv_quants = _strings(group.get("kv_quant", ["none"]), f"{where} kv_quant")
+        if "kv_quant" in chosen:  # a slice keeps the storages it names
+            kv_quants = [q for q in kv_quants if q in chosen["kv_quant"]]
+            if not kv_quants:
+                continue
         args = {m: {k: str(v) for k, v in kv.items()} for m, kv in group.get("method_args", {}).items()
                 if m in methods}
         rows.append((row_models, CompareSpec(**{**asdict(spec), "methods": methods, "tasks": row_tasks,
@@ -230,7 +242,7 @@ def load(path: Path, slice_name: str | None = None, dtype: str | None = None) ->
                                    "positions": _strings(group.get("positions", ["original"]), where),
                                    "queries": _strings(group.get("queries", ["in-prompt"]), where),
                                    "schedules": _strings(group.get("schedules", []), where),
-                                   "kv_quants": _strings(group.get("kv_quant", ["none"]), f"{where} kv_quant"),
+                                   "kv_quants": kv_quants,
                                    "method_args": args})))
     if not rows:
         raise ValueError(f"{path}: no rows to run" + (f" in slice {slice_name!r}" if slice_name else ""))
