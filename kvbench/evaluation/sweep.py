@@ -162,6 +162,8 @@ def load(path: Path, slice_name: str | None = None, dtype: str | None = None) ->
     _check_types(raw, path)
     slices = raw.get("slices", {})
     slice_budgets: dict[str, set[Budget]] = {}
+    named = {str(q) for group in raw.get("rows", []) if isinstance(group.get("kv_quant", []), list)
+             for q in group.get("kv_quant", ["none"])}
     for name, sl in slices.items():
         _only(sl, SLICE_KEYS, f"{path} [slices.{name}]")
         for key, value in sl.items():
@@ -170,9 +172,6 @@ def load(path: Path, slice_name: str | None = None, dtype: str | None = None) ->
             slice_budgets[name] = {Budget.parse(b) for b in sl.get("budgets", [])}
         except ValueError as err:
             raise ValueError(f"{path} [slices.{name}] budgets: {err}") from None
-    named = {str(q) for group in raw.get("rows", []) if isinstance(group.get("kv_quant", []), list)
-             for q in group.get("kv_quant", ["none"])}
-    for name, sl in slices.items():
         stray = sorted(set(sl.get("kv_quant", [])) - named)
         if stray:
             raise ValueError(f"{path} [slices.{name}] kv_quant: {', '.join(stray)} not in any row; the rows name "
