@@ -16,11 +16,14 @@ from typing import Any, ClassVar
 
 import torch
 
-from kvbench.selection import top_k
+from kvbench.selection import bottom_k, top_k
 
 ALL_ROWS = sys.maxsize
 """`attn_rows` value asking for the attention of every query of the step (H2O's accumulation)."""
 
+FEW_EVICTED = 8
+"""At most this many evicted tokens a row (a decode step's), a scorer names them (`Decision.evict`) instead of a mask
+of the kept ones, where `bottom_k` finds them unambiguous."""
 SCHEDULES = ("prompt", "chunk", "decode")
 """When a method's decisions are applied: once at the end of each prompt (kvpress's default), after every prefill
 chunk, or also at every decode step and question token. Compared across tools, a schedule changes the kept set as
@@ -169,7 +172,7 @@ class LayerView:
 
     @property
     def n(self) -> int:
-        return self.keys.shape[2]
+        return self.positions.shape[-1]
 
     @property
     def prefill(self) -> bool:
@@ -185,11 +188,18 @@ class Decision:
     freeze: active tokens moved to the off-device store (must not overlap `keep`).
     thaw:   frozen tokens restored to the active cache.
     Active tokens neither kept nor frozen are evicted for good.
+    evict:  instead of `keep`, the rows evicted as indices [B, K|1, e] (the same count in every row, nothing frozen
+            or thawed): what a ranking already holds at a decode step, so no mask is built and searched again.
     """
 
     keep: torch.Tensor | None = None
     freeze: torch.Tensor | None = None
     thaw: torch.Tensor | None = None
+    evict: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.evict is not None and (self.keep is not None or self.freeze is not None or self.thaw is not None):
+            raise ValueError("a decision gives either `evict` (row indices) alone or masks (`keep`, `freeze`, `thaw`)")
 
 
 @dataclass
@@ -337,6 +347,17 @@ class RollsBack:
         raise NotImplementedError
 
 
+class AcrossLayers:
+    """Capability: at a decode step, one `step` for every layer at once, after the forward, instead of one per layer
+    after its attention (a step's decisions never change its later layers, so the kept sets are the same; the host
+    work of a decision is paid once instead of per layer). The view then carries a leading layer axis on
+    `positions`, `state` ([L, B, K, n]) and `attn` ([L, B, K, G, w, n]), has no `keys`, `values` or `layer_idx`
+    (None), and the decision's `keep` or `evict` carries it too. So a method opts in only if its `step` reads
+    nothing else and reduces over trailing axes only (the `selection` helpers do); the contract test holds every
+    method that does to the kept sets and state of the per-layer steps. The cost: every layer holds its decode token
+    until the last layer's attention, so the active KV within a step peaks up to one row per layer higher."""
+
+
 class Reconstructs:
     """Capability: after a prompt, a context-reconstruction pass whose attention scores the context (KVzip)."""
 
@@ -372,9 +393,22 @@ class ScorerPolicy(KVPolicy):
             return None
         kept = self.protected(view, cap)
         if kept is None:
-            return Decision(keep=top_k(score, cap))
+            return keep_top(score, cap)
         mask, taken = kept
-        return Decision(keep=mask | top_k(score, cap - taken, exclude=mask))
+        return keep_top(score, cap - taken, mask, taken)
+
+
+def keep_top(score: torch.Tensor, k: int, protected: torch.Tensor | None = None, taken: int = 0) -> Decision:
+    """The decision that keeps, in each row, the `protected` tokens (`taken` of them) and the k highest-scoring
+    others. A decode step evicts a few: where `bottom_k` finds them unambiguous the decision names them
+    (`Decision.evict`), else it is the mask; the kept set is the same either way."""
+    evicted = score.shape[-1] - taken - k
+    if 0 < evicted <= FEW_EVICTED:
+        lowest = bottom_k(score, evicted, exclude=protected, excluded=taken)
+        if lowest is not None:
+            return Decision(evict=lowest)
+    keep = top_k(score, k, exclude=protected)
+    return Decision(keep=keep if protected is None else protected | keep)
 
 
 _REGISTRY: dict[str, type[KVPolicy]] = {}

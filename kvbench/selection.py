@@ -1,8 +1,9 @@
 """Token-selection helpers shared by the methods: masks over a layer's active tokens, per row.
 
-All take and return [B, K, n] tensors (or anything broadcastable), so a method written with them
-works unchanged for per-layer and per-head decisions. Windows are defined on true positions, never
-on the physical order of rows in the cache, which evictions, thaws and re-appends change.
+All take and return [B, K, n] tensors (or anything broadcastable, with any leading axes), so a method written with
+them works unchanged for per-layer and per-head decisions, and for every layer at once (`policy.AcrossLayers`).
+Windows are defined on true positions, never on the physical order of rows in the cache, which evictions, thaws and
+re-appends change.
 """
 
 from __future__ import annotations
@@ -36,20 +37,41 @@ def top_k(scores: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> 
     return mask.scatter_(-1, scores.topk(k, dim=-1).indices, True) if k > 0 else mask
 
 
+def bottom_k(scores: torch.Tensor, e: int, exclude: torch.Tensor | None = None, excluded: int = 0
+             ) -> torch.Tensor | None:
+    """Indices [..., e] of the e lowest-scoring tokens of each row outside `exclude` (which must hold `excluded`
+    tokens in every row): the tokens `top_k(scores, n - excluded - e, exclude)` leaves out, found without a mask.
+    None where that set is not unique (a tie at its boundary, which top_k's own order settles) or `exclude` does not
+    hold `excluded` tokens: the caller then selects with `top_k`, so the kept set never depends on which was used."""
+    n = scores.shape[-1]
+    if e >= n:
+        return None
+    if exclude is not None:
+        scores = scores.masked_fill(exclude.expand(scores.shape), float("inf"))
+    values, indices = scores.topk(e + 1, dim=-1, largest=False)
+    unique = values[..., e - 1] < values[..., e]
+    if exclude is not None:
+        unique &= exclude.expand(scores.shape).sum(-1) == excluded
+    return indices[..., :e] if bool(unique.all()) else None
+
+
 def per_kv_head(attn: torch.Tensor) -> torch.Tensor:
-    """[B, K, G, w, n] attention rows -> [B, K, n]: summed over the queries and a KV head's query heads."""
-    return attn.sum(dim=(2, 3))
+    """[..., B, K, G, w, n] attention rows -> [..., B, K, n]: summed over the queries and a KV head's query heads."""
+    return attn.sum(dim=(-3, -2))
 
 
 def per_layer(attn: torch.Tensor) -> torch.Tensor:
-    """[B, K, G, w, n] attention rows -> [B, 1, n]: mean over query heads, summed over the queries."""
-    return attn.mean(dim=(1, 2)).sum(dim=1)[:, None]
+    """[..., B, K, G, w, n] attention rows -> [..., B, 1, n]: mean over query heads, summed over the queries."""
+    return attn.mean(dim=(-4, -3)).sum(dim=-2).unsqueeze(-2)
 
 
 def accumulate(view, name: str, contribution: torch.Tensor, decay: float = 1.0) -> torch.Tensor:
     """Running per-token score kept in the cache: score <- decay * score + contribution."""
     old = view.state[name]
-    score = (old[:, :1] if contribution.shape[1] == 1 else old) * decay + contribution
+    if decay == 1.0 and contribution.shape == old.shape:  # in place: the state is a view of the cache's rows
+        return old.add_(contribution)
+    prior = old[..., :1, :] if contribution.shape[-2] == 1 else old  # one set per layer: its first head's scores
+    score = (prior if decay == 1.0 else prior * decay) + contribution  # x * 1.0 is x: one op fewer
     view.state[name] = score.expand(old.shape)
     return score
 

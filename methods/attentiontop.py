@@ -10,13 +10,13 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from kvbench.policy import ALL_ROWS, Decision, KVPolicy, LayerView, param, register
-from kvbench.selection import accumulate, per_layer, top_k
+from kvbench.policy import ALL_ROWS, AcrossLayers, Decision, KVPolicy, LayerView, keep_top, param, register
+from kvbench.selection import accumulate, per_layer
 
 
 @register("attentiontop")
 @dataclass
-class AttentionTop(KVPolicy):
+class AttentionTop(KVPolicy, AcrossLayers):
     attn_rows: ClassVar[int] = ALL_ROWS
     token_state: ClassVar[tuple[str, ...]] = ("score",)
     observes: ClassVar[bool] = True
@@ -28,4 +28,4 @@ class AttentionTop(KVPolicy):
         score = accumulate(view, "score", per_layer(view.attn))
         if view.n <= self.capacity(view.full_tokens):
             return None
-        return Decision(keep=top_k(score, math.ceil(self.r * view.n)))
+        return keep_top(score, math.ceil(self.r * view.n))

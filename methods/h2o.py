@@ -15,13 +15,13 @@ from typing import ClassVar
 
 import torch
 
-from kvbench.policy import ALL_ROWS, LayerView, ScorerPolicy, param, register
+from kvbench.policy import ALL_ROWS, AcrossLayers, LayerView, ScorerPolicy, param, register
 from kvbench.selection import accumulate, per_kv_head, recent
 
 
 @register("h2o")
 @dataclass
-class H2O(ScorerPolicy):
+class H2O(ScorerPolicy, AcrossLayers):
     attn_rows: ClassVar[int] = ALL_ROWS
     token_state: ClassVar[tuple[str, ...]] = ("score",)
     observes: ClassVar[bool] = True  # scores accumulate over every query, whatever the schedule

@@ -10,13 +10,13 @@ after the prompt; with schedule `prompt` the kept set is the same (reports/parit
 
 from dataclasses import dataclass
 
-from kvbench.policy import Decision, KVPolicy, LayerView, param, register
+from kvbench.policy import AcrossLayers, Decision, KVPolicy, LayerView, param, register
 from kvbench.selection import recent, sinks
 
 
 @register("streamingllm")
 @dataclass
-class StreamingLLM(KVPolicy):
+class StreamingLLM(KVPolicy, AcrossLayers):
     sinks: int = param(4, low=0)
 
     def step(self, view: LayerView) -> Decision | None:

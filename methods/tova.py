@@ -14,13 +14,13 @@ from typing import ClassVar
 
 import torch
 
-from kvbench.policy import LayerView, ScorerPolicy, register
+from kvbench.policy import AcrossLayers, LayerView, ScorerPolicy, register
 from kvbench.selection import per_layer
 
 
 @register("tova")
 @dataclass
-class TOVA(ScorerPolicy):
+class TOVA(ScorerPolicy, AcrossLayers):
     attn_rows: ClassVar[int] = 1
 
     def score(self, view: LayerView) -> torch.Tensor:

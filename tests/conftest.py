@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kvbench.kv.cache import PolicyCache
-from kvbench.policy import KVPolicy, Phase
+from kvbench.policy import Decision, KVPolicy, LayerView, Phase
 from kvbench.runtime.step import SequenceStep
 
 
@@ -63,12 +63,25 @@ def feed(cache: PolicyCache, layer: int, start: int, q: int, heads: int = 2, dim
     return k, v
 
 
+class Scripted(KVPolicy):
+    """Applies one pre-set decision on the next step, then nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.next: Decision | None = None
+
+    def step(self, view: LayerView) -> Decision | None:
+        d, self.next = self.next, None
+        return d
+
+
 _drivers: dict[int, SequenceStep] = {}
 
 
-def make_cache(policy: KVPolicy, layers: int = 1, windows: tuple[int | None, ...] | None = None) -> PolicyCache:
+def make_cache(policy: KVPolicy, layers: int = 1, windows: tuple[int | None, ...] | None = None,
+               kv_quant: str | None = None) -> PolicyCache:
     """A cache for hand-fed steps; `driver(cache)` is the step driver that runs `policy` on it."""
-    cache = PolicyCache(policy, layers, windows=windows)
+    cache = PolicyCache(policy, layers, windows=windows, kv_quant=kv_quant)
     _drivers[id(cache)] = SequenceStep(policy, cache)
     return cache
 

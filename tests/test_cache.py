@@ -4,23 +4,11 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from conftest import driver, feed, make_cache
+from conftest import Scripted, driver, feed, make_cache
 from kvbench.kv.cache import PolicyCache
 from kvbench.kv.layer import RECENT_STEPS
 from kvbench.kv.rows import FEW_ROWS
 from kvbench.policy import Decision, KVPolicy, LayerView, Phase
-
-
-class Scripted(KVPolicy):
-    """Applies one pre-set decision on the next step, then nothing."""
-
-    def __init__(self):
-        super().__init__()
-        self.next: Decision | None = None
-
-    def step(self, view: LayerView) -> Decision | None:
-        d, self.next = self.next, None
-        return d
 
 
 def test_eviction_really_frees_bytes():
@@ -384,3 +372,49 @@ def test_a_decisions_index_is_the_same_whether_grouped_on_the_host_or_on_the_dev
     for index in (_index, _index_rows):
         with pytest.raises(ValueError, match="same number of tokens"):
             index(uneven, shape)
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_an_evict_decision_leaves_the_cache_its_keep_mask_leaves(per_head):
+    """`Decision(evict=rows)` and `Decision(keep=every other row)` give the same rows in the same order, the same data
+    and the same accounting, step after step (a scorer names a decode step's few evicted rows instead of a mask)."""
+    gen = torch.Generator().manual_seed(5)
+    policies = [Scripted(), Scripted()]
+    caches = [make_cache(policy) for policy in policies]
+    keys = torch.randn(1, 3, 60, 4, generator=gen)
+    for cache in caches:
+        torch.manual_seed(0)
+        feed(cache, 0, 0, 40, heads=3, keys=keys[:, :, :40])
+    for step in range(20):
+        n = caches[0].layers[0].active.n + 1
+        heads = 3 if per_head else 1
+        evict = torch.stack([torch.randperm(n - 1, generator=gen)[: 1 + step % 3] for _ in range(heads)])[None]
+        keep = torch.ones(1, heads, n, dtype=torch.bool).scatter_(-1, evict, False)
+        policies[0].next, policies[1].next = Decision(evict=evict), Decision(keep=keep)
+        for cache in caches:
+            torch.manual_seed(step)  # the same values in both caches (`feed` draws them)
+            feed(cache, 0, 40 + step, 1, heads=3, keys=keys[:, :, 40 + step : 41 + step])
+    a, b = (cache.layers[0] for cache in caches)
+    assert torch.equal(a.positions, b.positions) and torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    assert (a.evicted, a.heads_aligned) == (b.evicted, b.heads_aligned) == (sum(1 + s % 3 for s in range(20)),
+                                                                             not per_head)
+    figures = [{k: v for k, v in cache.ledger.figures().items() if k != "policy_seconds"} for cache in caches]
+    assert figures[0] == figures[1]
+
+
+@pytest.mark.parametrize("evict", [[[[3, 3]]], [[[0, 11]]], [[[-1]]]])
+def test_an_evict_decision_naming_a_row_twice_or_outside_the_cache_is_refused_with_nothing_moved(evict):
+    policy = Scripted()
+    cache = make_cache(policy)
+    feed(cache, 0, 0, 10)
+    layer = cache.layers[0]
+    before = layer.positions.clone()
+    policy.next = Decision(evict=torch.tensor(evict))
+    with pytest.raises(ValueError, match="distinct rows in 0..10"):
+        feed(cache, 0, 10, 1)
+    assert torch.equal(layer.positions[..., :10], before) and layer.evicted == 0
+
+
+def test_an_evict_decision_takes_no_masks():
+    with pytest.raises(ValueError, match="either `evict`"):
+        Decision(evict=torch.tensor([[[0]]]), keep=torch.ones(3, dtype=torch.bool))

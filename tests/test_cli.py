@@ -68,6 +68,9 @@ def test_compare_writes_results_and_prints_table(tmp_path, capsys):
     (["--methods", "full,asrkf", "--schedule", "prompt"], "method 'asrkf' has no schedule 'prompt'; its schedules: "
                                                           "decode"),
     (["--method-args", "h2o"], "must look like METHOD:key=value"),
+    (["--methods", "h2o", "--method-args", "h2o:heavy_ratio=0.3", "--method-args", "h2o:heavy_ratio=0.7"],
+     "h2o's heavy_ratio is given twice (0.3 and 0.7); a method's parameters are merged into one set, so write "
+     "variants as one value, heavy_ratio=0.3|0.7"),
     (["--methods", ""], "--methods names no method; known methods: " + ", ".join(available())),
     (["--tasks", ""], "--tasks names no task"),
     (["--device", "tpu9"], "--device 'tpu9' is not a torch device"),
@@ -226,6 +229,7 @@ def test_bench_figures_last_quarter_and_policy_time_per_step():
 def test_bench_refuses_bad_method_args_before_loading_the_model(tmp_path, capsys):
     for args, message in ((["--method-args", "h2o:sinks=4"], "h2o, which is not among --methods"),
                           (["--method-args", "streamingllm:sink=4"], "method 'streamingllm' has no parameter sink"),
+                          (["--method-args", "streamingllm:sinks=4,sinks=8"], "streamingllm's sinks is given twice"),
                           (["--repeats", "0"], "repeats must be >= 1, got 0"),
                           (["--contexts", "-5"], "--contexts must be positive token counts (e.g. 1024,4096), got [-5]"),
                           (["--contexts", "1024,0"], "--contexts must be positive token counts"),

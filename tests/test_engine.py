@@ -77,7 +77,11 @@ def test_h2o_on_the_real_model_keeps_top_accumulated_scores_plus_recent_half(eng
 
     def spy(view):
         decision = step(view)
-        seen_by_policy[view.layer_idx] = (view.positions.clone(), view.state["score"].clone(), view.seen)
+        if view.layer_idx is None:  # a decode step decided across layers (policy.AcrossLayers): a leading layer axis
+            for i, (pos, score) in enumerate(zip(view.positions, view.state["score"], strict=True)):
+                seen_by_policy[i] = (pos.clone(), score.clone(), view.seen)
+        else:
+            seen_by_policy[view.layer_idx] = (view.positions.clone(), view.state["score"].clone(), view.seen)
         return decision
 
     policy.step = spy

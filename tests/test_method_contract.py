@@ -10,7 +10,7 @@ import math
 import pytest
 
 import tiny
-from kvbench.policy import Range, available, make_policy, parameter_range, parameters, policy_class
+from kvbench.policy import AcrossLayers, Range, available, make_policy, parameter_range, parameters, policy_class
 from kvbench.runtime.chat import encode_chat
 from kvbench.runtime.engine import Engine
 
@@ -103,3 +103,41 @@ def test_every_parameter_declares_its_range_and_values_outside_it_are_refused(na
             refusal = "(is out of range|is not a valid int)" if nonfinite else "is out of range: it must be "
             with pytest.raises(ValueError, match=rf"{key}=\S+ {refusal}"):
                 make_policy(name, budget, **{key: str(value)})
+
+
+def _decode_run(engine: Engine, name: str, budget: str, across: bool) -> tuple[list[int], list, list, int]:
+    """Tokens, each layer's rows (meta: positions, rotations, slots, state) in position order, each layer's active
+    count at every step, and the peak active KV, with decode decisions across layers or one layer at a time."""
+    ids = encode_chat(engine.tokenizer,
+                      "Archive notes. " + " ".join(f"Box {i} holds item {i * 7 % 23}." for i in range(12)))
+    session = engine.session(make_policy(name, budget))
+    session.step._across = across
+    token = int(session.feed(ids).argmax())
+    tokens, counts = [], []
+    for _ in range(3 * NEW_TOKENS):
+        token, _, _ = session.decode_step(token)
+        tokens.append(token)
+        counts.append([layer.active.n for layer in session.cache.layers])
+    rows = []
+    for layer in session.cache.layers:
+        meta = layer.active.meta[:, :, : layer.active.n]
+        order = meta[..., 0].argsort(-1)[..., None].expand(-1, -1, -1, meta.shape[-1])
+        rows.append(meta.gather(2, order))
+    return tokens, rows, counts, session.cache.ledger.figures()["peak_active_bytes"]
+
+
+@pytest.mark.parametrize("name", [m for m in available() if issubclass(policy_class(m), AcrossLayers)])
+@pytest.mark.parametrize("budget", [str(BUDGET), "0.5"])
+def test_every_method_deciding_across_layers_keeps_what_its_per_layer_steps_keep(engine, name, budget):
+    """A decode step's decisions taken for every layer at once keep, in every layer and head, the rows (their
+    positions, slots and policy state) that the per-layer steps keep, at every step, and generate the same tokens.
+    The peak differs only by the decode token every layer holds until the last layer's attention: at most one row
+    per layer more (a ratio budget grows during decode, so the peak can fall in a decode step)."""
+    import torch
+
+    across, alone = (_decode_run(engine, name, budget, flag) for flag in (True, False))
+    assert across[0] == alone[0] and across[2] == alone[2]
+    assert all(torch.equal(a, b) for a, b in zip(across[1], alone[1], strict=True))
+    config = engine.model.config
+    row = 2 * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 4
+    assert alone[3] <= across[3] <= alone[3] + (config.num_hidden_layers - 1) * row

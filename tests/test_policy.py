@@ -93,3 +93,38 @@ def test_the_method_base_holds_only_what_every_method_uses():
     assert opted.pop("asrkf") == {"Observes", "ActsBeforeStep", "ReadsQueries", "RollsBack"}
     assert opted.pop("kvzip") == {"Reconstructs"}
     assert all(not used for used in opted.values()), opted  # every other method reads the base alone
+
+
+def test_bottom_k_names_what_top_k_leaves_out_or_declines_a_tie():
+    """On scores with and without ties at the boundary, and with an excluded (protected) set: where `bottom_k` answers,
+    its rows are exactly those `top_k` does not keep; where the e-th and (e+1)-th lowest tie, it declines (None), so a
+    scorer's kept set never depends on which of the two chose it."""
+    import torch
+
+    from kvbench.selection import bottom_k, top_k
+
+    gen = torch.Generator().manual_seed(0)
+    answered = declined = 0
+    for trial in range(300):
+        n, e = 12 + trial % 7, 1 + trial % 4
+        scores = torch.randint(0, 6 if trial % 2 else 1000, (1, 3, n), generator=gen).float()  # odd trials: ties
+        exclude = (torch.rand(1, 3, n, generator=gen) < 0.3) if trial % 3 else None
+        if exclude is not None:
+            exclude = exclude[:, :1].expand(1, 3, n).clone()  # the same count in every row, as `protected` gives
+        excluded = 0 if exclude is None else int(exclude[0, 0].sum())
+        if n - excluded < e:
+            continue
+        lowest = bottom_k(scores, e, exclude, excluded)
+        if lowest is None:
+            declined += 1
+            continue
+        answered += 1
+        kept = top_k(scores, n - excluded - e, exclude)
+        if exclude is not None:
+            kept |= exclude
+        expected = (~kept).nonzero()[:, 2].view(1, 3, e)
+        assert torch.equal(lowest.sort(-1).values, expected)
+    assert answered > 50 and declined > 50
+    wrong_count = torch.zeros(1, 1, 8, dtype=torch.bool)
+    wrong_count[..., :2] = True  # holds 2 where the caller says 3: declined
+    assert bottom_k(torch.arange(8.0)[None, None], 1, wrong_count, 3) is None

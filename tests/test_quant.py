@@ -11,10 +11,10 @@ import transformers
 from transformers import DynamicCache
 
 import tiny
-from conftest import assert_valid_results
+from conftest import Scripted, assert_valid_results, feed, make_cache
 from kvbench.cli import main
-from kvbench.kv.quant import GROUP, RowCodec, codec
-from kvbench.policy import make_policy
+from kvbench.kv.quant import GROUP, KeyGroups, RowCodec, codec
+from kvbench.policy import Decision, make_policy
 from kvbench.runtime import models
 from kvbench.runtime.batch import generate_batch
 from kvbench.runtime.engine import Engine
@@ -384,6 +384,75 @@ def test_kivi_runs_with_eviction_freezing_rollback_sliding_layers_and_batches(en
                            kv_quant="kivi4r32")
     assert batch[1].tokens == engine.generate(PROMPT[:120], make_policy("h2o", 64), 6, ignore_eos=True,
                                               kv_quant="kivi4r32").tokens
+
+
+def _kivi_run(engine, policy, rollback: int = 0):
+    """Logits of 12 decode steps under KIVI (rolling `rollback` tokens back and feeding them again first) and the
+    session, whose layers hold the key-group tables."""
+    session = engine.session(policy, kv_quant="kivi4r32")
+    logits = [session.feed(PROMPT)]
+    if rollback:
+        session.rollback(rollback)
+        logits.append(session.feed(PROMPT[-rollback:]))
+    token = int(logits[-1].argmax())
+    for _ in range(12):
+        token, step_logits, _ = session.decode_step(token)
+        logits.append(step_logits)
+    return logits, session
+
+
+@pytest.mark.parametrize("method, budget, rollback", [("streamingllm", 64, 0), ("h2o", 48, 0), ("asrkf", None, 0),
+                                                      ("full", None, 80)])
+def test_kivi_drops_the_key_groups_no_stored_row_refers_to(engine, monkeypatch, method, budget, rollback):
+    """Tokens evicted (StreamingLLM: whole groups between its sinks and its window; H2O: scattered, per head) or
+    rolled back (80 tokens: the group 128..159 goes whole) leave groups of scales and minimums no row refers to:
+    they leave the table, and the bytes counted fall by exactly their size. Renumbering never changes a decoded
+    key, so the logits are those of a run that keeps every group; frozen copies (ASR-KF-EGR) keep their groups."""
+    def policy():
+        return make_policy(method, budget)
+
+    logits, session = _kivi_run(engine, policy(), rollback)
+    with monkeypatch.context() as m:
+        m.setattr(KeyGroups, "compact", lambda self, used: None)  # every group kept
+        hoarded_logits, hoarded = _kivi_run(engine, policy(), rollback)
+    for mine, theirs in zip(logits, hoarded_logits, strict=True):
+        assert torch.equal(mine, theirs)
+    dropped = 0
+    for layer, other in zip(session.cache.layers, hoarded.cache.layers, strict=True):
+        groups = layer.key_codec
+        used = torch.cat([layer.active.key_groups().flatten(), layer.frozen.key_groups().flatten()])
+        assert sorted(used[used >= 0].unique().tolist()) == list(range(groups.count))  # every group held is used
+        assert other.key_codec.count >= groups.count
+        dropped += (other.key_codec.count - groups.count) * groups.scale[:, :, :1].nbytes * 2
+    if method == "asrkf":  # it freezes and evicts nothing: every group stays, its copies in the frozen store among them
+        assert dropped == 0 and any(layer.frozen.used for layer in session.cache.layers)
+    else:
+        assert dropped > 0
+    assert hoarded.cache.ledger.active_bytes - session.cache.ledger.active_bytes == dropped
+
+
+def test_a_kivi_key_group_held_only_by_frozen_copies_stays_and_one_evicted_whole_goes():
+    """Hand-fed: 160 prompt tokens leave groups 0..3 quantized (window 32); a decode step freezes group 0's tokens,
+    evicts group 1's and quantizes group 4. Group 1 leaves the table (its scales and minimums no longer counted),
+    group 0 stays for its frozen copies, which decode, and thaw, to the keys they held."""
+    policy = Scripted()
+    cache = make_cache(policy, kv_quant="kivi4r32")
+    feed(cache, 0, 0, 160, heads=2, dim=32, prefill=True)
+    layer = cache.layers[0]
+    assert layer.key_codec.count == 4
+    before = layer.keys[:, :, :32].clone()
+    positions = torch.arange(161)
+    policy.next = Decision(keep=positions >= 64, freeze=positions < 32)
+    feed(cache, 0, 160, 1, heads=2, dim=32)
+    assert layer.key_codec.count == 4  # groups 0, 2, 3 and the new 4; group 1 gone
+    assert torch.equal(layer.frozen.keys(), before)
+    rows = layer.active.n * layer.active.row_bytes()
+    table = 2 * layer.key_codec.scale[:, :, :1].nbytes  # one group's scales and minimums (float16)
+    assert cache.ledger.active_bytes == rows + layer.recent.nbytes + 4 * table
+    policy.next = Decision(thaw=torch.ones(32, dtype=torch.bool))
+    feed(cache, 0, 161, 1, heads=2, dim=32)
+    thawed = layer.positions[0, 0] < 32
+    assert torch.equal(layer.keys[:, :, thawed], before)
 
 
 def test_quanto_rows_run_with_eviction_freezing_rollback_and_batches():

@@ -18,6 +18,7 @@ import pytest
 from kvbench import policy
 from kvbench.cli import main
 from kvbench.evaluation import sweep
+from kvbench.evaluation.check import Comparison
 from kvbench.evaluation.ray_cells import RETRIES, RayOptions
 from kvbench.methods.streamingllm import StreamingLLM
 
@@ -78,7 +79,7 @@ def test_ray_gives_the_local_cells_survives_a_killed_worker_and_a_rerun_takes_ev
         stop.set()
         killer.join()
     assert killed, "a worker must be killed while it computes a cell"
-    assert len(ray.ran) == 6 and ray.mismatches == []  # every deterministic column: the local executor's
+    assert len(ray.ran) == 6 and ray.check == Comparison()  # every deterministic column: the local executor's
     assert _predictions(root / "ray") == _predictions(root / "local")
     workers = ray.model_loads
     assert f"{socket.gethostname()}:{killed[0]}" not in ray.worker_cells  # its cell was finished by another worker

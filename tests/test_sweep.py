@@ -173,25 +173,51 @@ def test_check_reports_every_moved_deterministic_column_beyond_cross_host_roundi
     sample = {"task": "t", "kv_compression": 0.5, "active_kv_bytes": 100, "peak_kv_bytes": 200, "frozen_kv_bytes": 0}
     record = {"method": "h2o", "variant": "", "budget": {"tokens": 64}, "positions": "original", "query": "in-prompt",
               "config": {"model": "m"}, "metrics": {"accuracy": {"t": 0.5}}, "samples": [sample]}
-    assert check.compare_deterministic([record], [record]) == []
+
+    def problems(now: dict, then: dict) -> list[str]:
+        found = check.compare_deterministic([now], check.Reference([then]))
+        assert found.allowed == []
+        return found.problems
+
+    assert problems(record, record) == []
     moved = json.loads(json.dumps(record))
     moved["samples"][0]["peak_kv_bytes"] = 208
     moved["metrics"]["accuracy"]["t"] = 0.75
-    problems = check.compare_deterministic([moved], [record])
-    assert len(problems) == 2 and any("peak_kv_bytes" in p for p in problems) and any("score" in p for p in problems)
+    found = problems(moved, record)
+    assert len(found) == 2 and any("peak_kv_bytes" in p for p in found) and any("score" in p for p in found)
     big = json.loads(json.dumps(record))
     big["samples"][0]["active_kv_bytes"] = 31645696
     flipped = json.loads(json.dumps(big))
     flipped["samples"][0]["active_kv_bytes"] = 31645440  # one token-layer flipped on another CPU: tolerated
-    assert check.compare_deterministic([flipped], [big]) == []
+    assert problems(flipped, big) == []
     flipped["samples"][0]["active_kv_bytes"] = 31645696 * 0.999  # 0.1%: a real change
-    assert len(check.compare_deterministic([flipped], [big])) == 1
+    assert len(problems(flipped, big)) == 1
     other = {**record, "budget": {"tokens": 128}}
-    missing = check.compare_deterministic([other], [record])
-    assert missing == ["m | h2o | 128 | original / t: not in the committed leaderboard"]
+    assert problems(other, record) == ["m | h2o | 128 | original / t: not in the committed leaderboard"]
     elsewhere = {**record, "config": {"model": "another model"}}  # the same row of another model is another row
-    assert check.compare_deterministic([elsewhere], [record]) == [
-        "another model | h2o | 64 | original / t: not in the committed leaderboard"]
+    assert problems(elsewhere, record) == ["another model | h2o | 64 | original / t: not in the committed leaderboard"]
+
+
+@pytest.mark.parametrize(("method", "rise", "allowed"), [
+    ("h2o", 29 * 1536, True),  # measured on CI's slice: StreamingLLM and H2O 0.5, needle, question after
+    ("h2o", 29 * 1536 + 1, False),  # beyond L - 1 rows
+    ("h2o", -29 * 1536, False),  # deciding across layers never peaks lower
+    ("snapkv", 29 * 1536, False),  # decides once after the prompt, per layer: no slack
+])
+def test_check_lets_through_only_the_peak_rows_of_deciding_across_layers_against_a_per_layer_record(
+        method, rise, allowed):
+    shape = {"kv_heads": 3, "head_dim": 64, "windows": [None] * 30, "dtype_bytes": 4, "weight_bytes": 1}
+    peak = 47_325_696
+    sample = {"task": "t", "kv_compression": 0.5, "active_kv_bytes": 100, "peak_kv_bytes": peak, "frozen_kv_bytes": 0}
+    then = {"method": method, "variant": "", "budget": {"ratio": 0.5}, "positions": "original", "query": "after",
+            "config": {"model": "m"}, "model_shape": shape, "metrics": {"accuracy": {"t": 0.5}}, "samples": [sample]}
+    now = json.loads(json.dumps(then))
+    now["samples"][0]["peak_kv_bytes"] = peak + rise
+    per_layer = check.compare_deterministic([now], check.Reference([then], next(iter(check.DECIDED_PER_LAYER))))
+    assert (per_layer.problems == []) is allowed and len(per_layer.allowed) == int(allowed)
+    assert all("within the (L - 1) rows" in a for a in per_layer.allowed)
+    later = check.compare_deterministic([now], check.Reference([then], "0123456789abcdef"))  # a record made since
+    assert len(later.problems) == 1 and later.allowed == []
 
 
 @pytest.mark.model
@@ -225,12 +251,12 @@ def test_killed_sweep_resumes_with_only_the_unfinished_cells(tmp_path):
     assert "| streamingllm" in board and "keep the timings of the run that made them" in board
 
     again = sweep.run_sweep(sweep.load(config), out, cells, None, check=out / "results.json", progress=False)
-    assert again.ran == [] and len(again.cached) == 3 and again.mismatches == []
+    assert again.ran == [] and len(again.cached) == 3 and again.check == check.Comparison()
 
     broken = cells / f"{again.cached[1]}.json"  # a cell cut short (a full disk, a copy interrupted)
     broken.write_text(broken.read_text()[:100])
     healed = sweep.run_sweep(sweep.load(config), out, cells, None, check=out / "results.json", progress=False)
-    assert healed.ran == [again.cached[1]] and healed.mismatches == []  # recomputed, the same numbers
+    assert healed.ran == [again.cached[1]] and healed.check == check.Comparison()  # recomputed, the same numbers
     assert json.loads(broken.read_text())["cell"]["samples"]
 
     moved = json.loads((cells / f"{again.cached[1]}.json").read_text())  # streamingllm's, made on another machine
@@ -367,6 +393,30 @@ def test_the_reading_names_the_rows_level_with_the_full_cache_by_what_they_free_
     assert board.index("**Question after its context was compressed (after): what the evidence supports**") < \
         board.index("### Question inside the compressed prompt")
     assert "- level with the full cache, 1 of 1 rows" in board.split("(after): what")[1]
+
+
+def test_the_overview_gives_each_model_and_query_mode_its_level_rows_and_the_most_compressed_of_them():
+    """Two models, each a full cache and two rows on 12 samples: on model m the row losing one sample is level (the
+    most compressed level row is named, with its freed and peak KV), the one losing all is below; model n's row
+    loses all. A single model has no overview (its section opens with its readings)."""
+    from kvbench.evaluation.leaderboard import overview
+
+    def on(model: str, row: dict, compression: float = 0.5) -> dict:
+        row["config"] = {**row["config"], "model": model}
+        row["metrics"].update(kv_compression=compression, peak_kv_bytes=0.25 if compression > 0.5 else 1)
+        return row
+
+    rows = [on("m", synthetic_row("full", {("a", 1024): [1.0] * 12}), 0.0),
+            on("m", synthetic_row("b", {("a", 1024): [0.0] + [1.0] * 11}), 0.75),
+            on("m", synthetic_row("d", {("a", 1024): [0.0] * 12})),
+            on("n", synthetic_row("full", {("a", 1024): [1.0] * 12}), 0.0),
+            on("n", synthetic_row("d", {("a", 1024): [0.0] * 12}))]
+    assert (overview(rows) or "").split("\n") == [
+        "- **m**, question inside the compressed prompt: 1 of 2 rows level with its full cache; the most compressed "
+        "of them b frees 75% of the KV, its peak 25% of full's; 0 above, 1 below (12 paired samples)",
+        "- **n**, question inside the compressed prompt: 0 of 1 rows level with its full cache; 0 above, 1 below "
+        "(12 paired samples)"]
+    assert overview([*rows[:3], {**rows[1], "query": "after"}]) is None
 
 
 def test_a_degeneration_measure_is_never_a_suite_average_cell():
@@ -673,7 +723,7 @@ def test_a_sharded_cell_gives_the_scores_and_samples_of_one_run(tmp_path):
                             check=tmp_path / "one" / "results.json", progress=False)
     assert len(one.ran) == 8
     assert len(parts.ran) == 2 * (2 + 2 + 3 + 3)  # the rope probe has 3 documents: 3 shards, not 9
-    assert parts.mismatches == []
+    assert parts.check == check.Comparison()
     for a, b in zip(one.records, parts.records, strict=True):
         assert a["metrics"]["accuracy"] == b["metrics"]["accuracy"]
         assert [(s["id"], s["prediction"], s["score"], s["prompt_tokens"], s["peak_kv_bytes"]) for s in a["samples"]] \

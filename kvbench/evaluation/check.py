@@ -8,22 +8,41 @@ query mode; a cell is a row on one task.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kvbench.evaluation import results
-from kvbench.policy import Budget
+from kvbench.policy import AcrossLayers, Budget, policy_class
 
 
-def committed(path: Path) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class Reference:
+    """A committed results file: its records and the source hash its cells were computed with (None when its
+    header names none, as `kvbench compare`'s do)."""
+
+    records: list[dict[str, Any]]
+    source: str | None = None
+
+
+@dataclass
+class Comparison:
+    """What `--check` found: the columns that moved, and the cells it let through by a documented bound, named."""
+
+    problems: list[str] = field(default_factory=list)
+    allowed: list[str] = field(default_factory=list)
+
+
+def committed(path: Path) -> Reference:
     """The committed records, refused before any work when their deterministic columns cannot be read."""
-    records = results.load(path, "--check")["records"]
+    data = results.load(path, "--check")
+    records = data["records"]
     try:
         deterministic(records)
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:
         raise ValueError(f"--check {path}: its records do not hold what the check compares (every record's samples "
                          f"with their scores, KV compression and bytes): {type(err).__name__}: {err}") from None
-    return records
+    return Reference(records, data.get("run", {}).get("source_hash"))
 
 
 def row_key(record: dict[str, Any]) -> str:
@@ -59,18 +78,43 @@ def deterministic(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[s
     return out
 
 
-def compare_deterministic(records: list[dict[str, Any]], committed: list[dict[str, Any]]) -> list[str]:
-    """Every cell run now must be in the committed leaderboard with the same deterministic values."""
-    now, then = deterministic(records), deterministic(committed)
-    problems = []
+# Source hashes of committed records whose cells were computed while every method decided layer by layer. Since
+# `policy.AcrossLayers`, a method taking it holds each decode token in every layer until the last layer's attention,
+# so where a run's peak falls in a decode step (the question asked after compression; a long answer under a ratio
+# budget) its peak KV is up to L - 1 rows above such a record's, never below: the bound tests/test_method_contract.py
+# proves. Measured on the record's CI slice: StreamingLLM and H2O 0.5, needle, query after, +29 rows of SmolLM2's
+# 1,536 bytes. Against these records `--check` lets exactly that through, and names each cell it let through.
+DECIDED_PER_LAYER = frozenset({"23208a9f3ecb7eca"})
+
+
+def _across_layers_rows(record: dict[str, Any]) -> int:
+    """How many bytes above a per-layer record's peak this record's method may now peak: (L - 1) rows of one
+    layer's keys and values (0 for a method deciding per layer, or a record without its model's shape)."""
+    shape = record.get("model_shape")
+    if shape is None or not issubclass(policy_class(record["method"]), AcrossLayers):
+        return 0
+    return (len(shape["windows"]) - 1) * 2 * shape["kv_heads"] * shape["head_dim"] * shape["dtype_bytes"]
+
+
+def compare_deterministic(records: list[dict[str, Any]], committed: Reference) -> Comparison:
+    """Every cell run now must be in the committed leaderboard with the same deterministic values (the peak of a
+    method deciding across layers against a record of `DECIDED_PER_LAYER`: at most its (L - 1) rows above)."""
+    now, then = deterministic(records), deterministic(committed.records)
+    slack = {row_key(r): _across_layers_rows(r) for r in records} if committed.source in DECIDED_PER_LAYER else {}
+    out = Comparison()
     for key, values in now.items():
         if key not in then:
-            problems.append(f"{key[0]} / {key[1]}: not in the committed leaderboard")
+            out.problems.append(f"{key[0]} / {key[1]}: not in the committed leaderboard")
             continue
         for column, value in values.items():
             old = then[key][column]
             close = math.isclose(value, old, rel_tol=CHECK_TOLERANCE[column], abs_tol=1e-12) or (
                 math.isnan(value) and math.isnan(old))
-            if not close:
-                problems.append(f"{key[0]} / {key[1]} / {column}: committed {old!r}, now {value!r}")
-    return problems
+            if close:
+                continue
+            if column == "peak_kv_bytes" and 0 < value - old <= slack.get(key[0], 0):
+                out.allowed.append(f"{key[0]} / {key[1]} / {column}: committed {old!r}, now {value!r} "
+                                   f"(+{value - old:g} bytes, within the (L - 1) rows of deciding across layers)")
+                continue
+            out.problems.append(f"{key[0]} / {key[1]} / {column}: committed {old!r}, now {value!r}")
+    return out

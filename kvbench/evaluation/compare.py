@@ -55,7 +55,8 @@ class CompareSpec:
 
 
 def parse_method_args(items: list[str]) -> dict[str, dict[str, str]]:
-    """['asrkf:tau=0.5,window=32', 'h2o:heavy_ratio=0.3'] -> {'asrkf': {'tau': '0.5', ...}, ...}."""
+    """['asrkf:tau=0.5,window=32', 'h2o:heavy_ratio=0.3'] -> {'asrkf': {'tau': '0.5', ...}, ...}. A key given twice
+    for one method is refused: the second value would silently replace the first where variants were meant."""
     out: dict[str, dict[str, str]] = {}
     for item in items:
         method, sep, rest = item.partition(":")
@@ -65,7 +66,13 @@ def parse_method_args(items: list[str]) -> dict[str, dict[str, str]]:
             key, eq, value = pair.partition("=")
             if not eq or not key.strip():
                 raise ValueError(f"--method-args {item!r}: {pair!r} is not key=value")
-            out.setdefault(method.strip(), {})[key.strip()] = value.strip()
+            own = out.setdefault(method.strip(), {})
+            if key.strip() in own:
+                raise ValueError(f"--method-args {item!r}: {method.strip()}'s {key.strip()} is given twice "
+                                 f"({own[key.strip()]} and {value.strip()}); a method's parameters are merged into "
+                                 f"one set, so write variants as one value, {key.strip()}={own[key.strip()]}|"
+                                 f"{value.strip()} (a row per combination of the values)")
+            own[key.strip()] = value.strip()
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from tabulate import tabulate
@@ -370,11 +371,31 @@ def tables(records: list[dict[str, Any]]) -> str:
     return "\n".join(parts).rstrip()
 
 
-def reading(records: list[dict[str, Any]], split: tuple[dict[Cell, float], dict[Cell, float]] | None = None,
-            title: str | None = None) -> str | None:
-    """What the samples support in one table (of query mode `title`), in words: the rows the paired evidence does not
-    separate from the full cache on the counted cells, most compressed first (what they free is what they buy);
-    those it puts above it; those it puts below it, closest first. None without a full row or a counted cell."""
+@dataclass
+class Verdict:
+    """One table's rows against its full cache on the counted cells (`reading`, `overview`): those the paired
+    evidence does not separate from it, most compressed first; those above it and below it, closest first."""
+
+    full: dict[str, Any]
+    n: int  # paired samples
+    cells: int  # counted cells
+    level: list[dict[str, Any]]
+    above: list[tuple[dict[str, Any], Paired]]
+    below: list[tuple[dict[str, Any], Paired]]
+
+    @property
+    def rows(self) -> int:
+        return len(self.level) + len(self.above) + len(self.below)
+
+    def peak(self, r: dict[str, Any]) -> str:
+        """A row's peak KV against the full cache's, as a percentage."""
+        full = self.full["metrics"]["peak_kv_bytes"]
+        return _pct(r["metrics"]["peak_kv_bytes"] / full) if full else "–"
+
+
+def verdict(records: list[dict[str, Any]],
+            split: tuple[dict[Cell, float], dict[Cell, float]] | None = None) -> Verdict | None:
+    """None without a full row, a counted cell or a row paired with the full cache on them."""
     full = _reference(records)
     split = split or counted_cells(records)
     if full is None or split is None:
@@ -385,27 +406,62 @@ def reading(records: list[dict[str, Any]], split: tuple[dict[Cell, float], dict[
     against = [(r, p) for r, p in against if p is not None]
     if not against:
         return None
-    n = max(p.n for _, p in against)
-    least = separable(n)
+    return Verdict(
+        full, max(p.n for _, p in against), len(cells),
+        sorted((r for r, p in against if not p.separated), key=lambda r: -r["metrics"]["kv_compression"]),
+        sorted(((r, p) for r, p in against if p.separated and p.delta > 0), key=lambda rp: -rp[1].delta),
+        sorted(((r, p) for r, p in against if p.separated and p.delta < 0), key=lambda rp: -rp[1].delta))
+
+
+def reading(records: list[dict[str, Any]], split: tuple[dict[Cell, float], dict[Cell, float]] | None = None,
+            title: str | None = None) -> str | None:
+    """What the samples support in one table (of query mode `title`), in words: the rows the paired evidence does not
+    separate from the full cache on the counted cells, most compressed first (what they free is what they buy);
+    those it puts above it; those it puts below it, closest first. None without a full row or a counted cell."""
+    v = verdict(records, split)
+    if v is None:
+        return None
+    least = separable(v.n)
     lines = [f"**{title + ': w' if title else 'W'}hat the evidence supports** (each row paired with `full` on the same "
-             f"{n} samples of the {len(cells)} counted cells, 95% intervals"
-             + (f"; {n} samples cannot separate a difference below about {100 * least:.0f} points" if least else "")
+             f"{v.n} samples of the {v.cells} counted cells, 95% intervals"
+             + (f"; {v.n} samples cannot separate a difference below about {100 * least:.0f} points" if least else "")
              + "):", ""]
-    level = sorted(((r, p) for r, p in against if not p.separated), key=lambda rp: -rp[0]["metrics"]["kv_compression"])
-    above = sorted(((r, p) for r, p in against if p.separated and p.delta > 0), key=lambda rp: -rp[1].delta)
-    below = sorted(((r, p) for r, p in against if p.separated and p.delta < 0), key=lambda rp: -rp[1].delta)
-    if level:
-        peak = full["metrics"]["peak_kv_bytes"]
-        lines.append(f"- level with the full cache, {len(level)} of {len(against)} rows, most compressed first (KV "
-                     "freed at the end; peak KV against full's): " + ", ".join(
-                         f"{_name(r)} ({_pct(r['metrics']['kv_compression'])}; "
-                         f"{_pct(r['metrics']['peak_kv_bytes'] / peak) if peak else '–'})" for r, _ in level))
-    if above:
-        lines.append(f"- above it, {len(above)}: " + ", ".join(f"{_name(r)} ({points(p.delta)})" for r, p in above))
-    if below:
-        lines.append(f"- below it, {len(below)} of {len(against)}, closest first (points lost): "
-                     + ", ".join(f"{_name(r)} ({points(p.delta)})" for r, p in below))
+    if v.level:
+        lines.append(f"- level with the full cache, {len(v.level)} of {v.rows} rows, most compressed first (KV "
+                     "freed at the end; peak KV against full's): "
+                     + ", ".join(f"{_name(r)} ({_pct(r['metrics']['kv_compression'])}; {v.peak(r)})"
+                                 for r in v.level))
+    if v.above:
+        lines.append(f"- above it, {len(v.above)}: " + ", ".join(f"{_name(r)} ({points(p.delta)})" for r, p in v.above))
+    if v.below:
+        lines.append(f"- below it, {len(v.below)} of {v.rows}, closest first (points lost): "
+                     + ", ".join(f"{_name(r)} ({points(p.delta)})" for r, p in v.below))
     return "\n".join(lines)
+
+
+def overview(records: list[dict[str, Any]]) -> str | None:
+    """The leaderboard's opening reading, a line per model and query mode: how many rows the paired evidence leaves
+    level with that model's full cache and the most compressed of them, how many it puts below (each model's section
+    names them all). None with a single model (its section opens with its readings)."""
+    tables_ = {}
+    for r in records:
+        tables_.setdefault((r["config"]["model"], r.get("query", "in-prompt")), []).append(r)
+    if len({model for model, _ in tables_}) < 2:
+        return None
+    lines = []
+    for model in dict.fromkeys(m for m, _ in tables_):
+        split = counted_cells([r for (m, _), own in tables_.items() if m == model for r in own])
+        for (m, mode), own in tables_.items():
+            v = verdict(own, split) if m == model else None
+            if v is None:
+                continue
+            top = v.level[0] if v.level else None
+            best = (f"; the most compressed of them {_name(top)} frees {_pct(top['metrics']['kv_compression'])} of "
+                    f"the KV, its peak {v.peak(top)} of full's" if top else "")
+            lines.append(f"- **{model}**, {QUERY_TITLES.get(mode, mode).split(' (')[0].lower()}: {len(v.level)} of "
+                         f"{v.rows} rows level with its full cache{best}; {len(v.above)} above, {len(v.below)} below "
+                         f"({v.n} paired samples)")
+    return "\n".join(lines) or None
 
 
 def _name(r: dict[str, Any]) -> str:

@@ -29,9 +29,9 @@ from tqdm.auto import tqdm
 
 from kvbench.evaluation import ray_cells, results, shards
 from kvbench.evaluation.cells import LEASE_S, CellStore, cell_key
-from kvbench.evaluation.check import committed, compare_deterministic
+from kvbench.evaluation.check import Comparison, committed, compare_deterministic
 from kvbench.evaluation.compare import Cell, CompareSpec, Runner, describe, method_params, plan
-from kvbench.evaluation.leaderboard import markdown
+from kvbench.evaluation.leaderboard import markdown, overview
 from kvbench.evaluation.lmeval_tasks import document_sizes
 from kvbench.evaluation.ray_cells import RayOptions
 from kvbench.evaluation.records import cpu_model, source_hash
@@ -282,7 +282,7 @@ class Outcome:
     records: list[dict[str, Any]]
     ran: list[str]  # cell keys run now
     cached: list[str]  # cell keys taken from the cell store
-    mismatches: list[str] = field(default_factory=list)
+    check: Comparison | None = None  # with --check: what moved against the committed file
     model_loads: dict[str, int] = field(default_factory=dict)  # on Ray: worker (host:pid) -> models it loaded
     worker_cells: dict[str, int] = field(default_factory=dict)  # on Ray: worker (host:pid) -> cells it computed
 
@@ -377,7 +377,7 @@ def run_sweep(sweep: Sweep, out_dir: Path, cells_dir: Path, plots_dir: Path | No
         outcome.records.append(runners[row.model, row.dtype].record(run_, cells, set(method_params(row, run_.method))))
     header = _header(sweep, code, commit, outcome, Counter(c.host for c in done.values()))
     if reference is not None:
-        outcome.mismatches = compare_deterministic(outcome.records, reference)
+        outcome.check = compare_deterministic(outcome.records, reference)
     plots = _plots(outcome.records, out_dir, plots_dir, len(sweep.models))
     write_with_derived(out_dir / "results.json", results.dumps("leaderboard", header, outcome.records),
                        {out_dir / "LEADERBOARD.md": _markdown(header, outcome.records, plots)})
@@ -521,6 +521,10 @@ def _markdown(header: dict[str, Any], records: list[dict[str, Any]], plots: dict
         "(task scores, KV compression, KV bytes) moves. " + _timings_note(header.get("hosts", {})),
         "",
     ]
+    summary = overview(records)
+    if summary:
+        lines += ["**At a glance** (each row paired with its model's full cache on the samples of the cells that cache "
+                  "passes, 95% intervals; a row is level where they cannot separate it):", "", summary, ""]
     groups = by_model(records)
     for model, own in groups.items():
         if len(groups) > 1:  # a table per model (and query mode): rows compare with their own model's full cache

@@ -16,8 +16,8 @@ from kvbench.kv.layer import LayerHandle, PolicyLayer
 from kvbench.kv.positions import PositionMode
 from kvbench.kv.quant import codec
 from kvbench.kv.rope import Rope
-from kvbench.kv.rows import new_meta
-from kvbench.policy import KVPolicy, rollback_reserve
+from kvbench.kv.rows import POS, STATE, new_meta
+from kvbench.policy import KVPolicy, LayerView, Phase, rollback_reserve
 
 
 class PolicyCache(Cache):
@@ -93,6 +93,30 @@ class PolicyCache(Cache):
         for layer in self.layers:
             layer.compact(2 if settle else 4, settle)
         self.ledger.step_ended(self.full_bytes())
+
+    # -- every layer at once (policy.AcrossLayers) ---------------------------------------------------
+    def stacked_view(self, attn: torch.Tensor | None, step: int, phase: Phase) -> LayerView | None:
+        """Every layer's view in one: positions and per-token state [L, B, K, n] (the state a copy: written back by
+        `store_stacked_state`), `attn` as given; no keys, values or layer index. None where the layers differ in the
+        tokens they hold, window or storage, or hold frozen tokens: each then needs a view of its own."""
+        first = self.layers[0]
+        n = first.active.n
+        if any(layer.window is not None or layer.codec is not None or layer.frozen.n or layer.active.n != n
+               or layer.seen != first.seen for layer in self.layers):
+            return None
+        meta = torch.stack([layer.active.meta[:, :, :n] for layer in self.layers])
+        names = first.active.state_names
+        return LayerView(layer_idx=None, num_layers=len(self.layers), keys=None, values=None,
+                         positions=meta[..., POS].long(), new_tokens=first.new_tokens, seen=first.seen, attn=attn,
+                         state={name: meta[..., STATE + i] for i, name in enumerate(names)}, step=step, phase=phase,
+                         full_tokens=first.full_tokens())
+
+    def store_stacked_state(self, view: LayerView) -> None:
+        """Each layer's per-token state from a `stacked_view` the policy edited."""
+        n = self.layers[0].active.n
+        for i, name in enumerate(self.layers[0].active.state_names):
+            torch._foreach_copy_([layer.active.meta[:, :, :n, STATE + i] for layer in self.layers],
+                                 list(view.state[name].unbind(0)))
 
     # -- accounting (kvbench/kv/accounting.py) ---------------------------------------------------
     def full_bytes(self) -> int:

@@ -19,7 +19,7 @@ from transformers.cache_utils import CacheLayerMixin
 from kvbench.kv.accounting import Ledger
 from kvbench.kv.positions import PositionMode
 from kvbench.kv.quant import Block, KeyGroups, QuantoCodec, Recent, RowCodec
-from kvbench.kv.rows import POS, RowData, Rows, gather
+from kvbench.kv.rows import FEW_ROWS, POS, RowData, Rows, gather
 from kvbench.kv.store import FrozenStore
 from kvbench.policy import Decision, LayerView, Phase
 
@@ -38,21 +38,58 @@ def _index(mask: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
     from positions, as StreamingLLM's, usually is), else [B, K, k]. The mask is read once (`nonzero`); a decode
     step's few entries are then grouped by row on the host instead of by a further device pass per check."""
     mask = _as3d(mask)
+    mask = mask.expand(*mask.shape[:2], shape[2])
+    if mask.shape[0] * mask.shape[1] == 1:
+        return mask.nonzero()[:, 2]
+    rows = _listed(mask, shape)
+    return _index_rows(mask, shape) if rows is None else _rows_index(rows, shape, mask.device)
+
+
+def _listed(mask: torch.Tensor, shape: tuple[int, int, int]) -> list[list[int]] | None:
+    """The True entries of a [B|1, K|1, n] mask with few of them, as one list of rows per (sequence, head) of
+    `shape` (a broadcast mask's row serves all it covers), read from the device once (`nonzero`); None when there
+    are more than FEW_ENTRIES (a prompt's eviction: `_index_rows` compares the rows on the device)."""
     b, h = mask.shape[:2]
-    mask = mask.expand(b, h, shape[2])
     found = mask.nonzero()
-    if b * h == 1:
-        return found[:, 2]
     if found.shape[0] > FEW_ENTRIES:
-        return _index_rows(mask, shape)
+        return None
     rows: list[list[int]] = [[] for _ in range(b * h)]
     for bi, hi, i in found.tolist():
         rows[bi * h + hi].append(i)
+    return _broadcast(rows, b, h, shape)
+
+
+def _broadcast(rows: list[list[int]], b: int, h: int, shape: tuple[int, int, int]) -> list[list[int]]:
+    """Rows listed for a [b, h] decision as one list per (sequence, head) of `shape` (a row of size-1 axes serves all
+    it covers); a single row stays one."""
+    if b * h == 1:
+        return rows
+    return [rows[(bi if b > 1 else 0) * h + (hi if h > 1 else 0)] for bi in range(shape[0]) for hi in range(shape[1])]
+
+
+def _aligned(rows: list[list[int]]) -> bool:
+    """Whether every row selects the same tokens (else the same number of them, or the decision is refused)."""
     if all(row == rows[0] for row in rows):
-        return found[: len(rows[0]), 2]  # row-major: the first row's entries come first
+        return True
     if any(len(row) != len(rows[0]) for row in rows):
         raise ValueError("a decision must select the same number of tokens in every head and sequence")
-    return torch.tensor(rows, dtype=torch.long, device=mask.device).view(b, h, -1).expand(shape[0], shape[1], -1)
+    return False
+
+
+def _listed_indices(evict: torch.Tensor, shape: tuple[int, int, int]) -> list[list[int]]:
+    """An `evict` decision's [B|1, K|1, e] row indices as one ascending list per (sequence, head) of `shape`."""
+    b, h = evict.shape[:2]
+    rows = [sorted(row) for per_b in evict.tolist() for row in per_b]
+    if any(len(set(row)) != len(row) or (row and (row[0] < 0 or row[-1] >= shape[2])) for row in rows):
+        raise ValueError(f"an evict decision must name distinct rows in 0..{shape[2] - 1} in every head")
+    return _broadcast(rows, b, h, shape)
+
+
+def _rows_index(rows: list[list[int]], shape: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+    """`_index`'s answer for rows listed on the host: 1-D when every row holds the same, else [B, K, k]."""
+    if _aligned(rows):
+        return torch.tensor(rows[0], dtype=torch.long, device=device)
+    return torch.tensor(rows, dtype=torch.long, device=device).view(shape[0], shape[1], -1)
 
 
 def _index_rows(mask: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
@@ -130,15 +167,18 @@ class PolicyLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         b, h, q, _ = key_states.shape
-        before = self._sizes()
         meta = self.handle.new_meta((b, h, q), self.device)
-        flush = False
-        if self.codec is None:  # the model's dtype: the decode step's path, nothing added
-            self.active.append((key_states, value_states, meta))
-        else:
-            flush = self._append_quantized(key_states, value_states, meta)
         self.seen += q
         self.new_tokens = q
+        if self.codec is None:  # the model's dtype: the decode step's path, nothing added, the bytes counted directly
+            rows = self.active
+            cap = rows.cap
+            rows.append((key_states, value_states, meta))
+            self.keys, self.values = rows.keys(), rows.values()
+            self.ledger.resized(q * rows.row_bytes(), 0, (rows.cap - cap) * rows.row_bytes())
+            return self.keys, self.values
+        before = self._sizes()
+        flush = self._append_quantized(key_states, value_states, meta)
         self._refresh(before)
         if flush:  # after the keys this step attends are read
             self._flush()
@@ -309,6 +349,8 @@ class PolicyLayer(CacheLayerMixin):
         prompt, judged on the rows held now). Judging on recent steps keeps a size that swings (ASR-KF-EGR's
         freeze and thaw cohorts: ~100 <-> ~600 rows every other step at 1k) from reallocating and copying the
         buffer twice a step."""
+        if isinstance(self.key_codec, KeyGroups):
+            self._drop_unused_key_groups()
         if settle:
             self._recent.clear()
         self._recent.append(self.active.n)
@@ -319,8 +361,26 @@ class PolicyLayer(CacheLayerMixin):
         self.active.shrink(high)
         self._refresh(before)
 
+    def _drop_unused_key_groups(self) -> None:
+        """KIVI: the key groups no active row or frozen copy refers to leave the table, the rows' indices follow."""
+        before = self._sizes()
+        stores = (self.active, self.frozen)
+        renumber = self.key_codec.compact(torch.cat([s.key_groups().flatten().to(self.device) for s in stores]))
+        if renumber is not None:
+            for s in stores:
+                s.renumber_key_groups(renumber.to(s.k.device) if s.k is not None else renumber)
+            self._account(before)
+
     # -- applying a decision ------------------------------------------------------------------
     def apply(self, d: Decision) -> None:
+        if d.evict is not None:
+            d = Decision(keep=self._keep_mask(_as3d(d.evict))) if self.codec is not None else d
+        if d.freeze is None and d.thaw is None and self.codec is None:
+            if d.evict is not None:
+                self._evict(rows=_listed_indices(_as3d(d.evict), self._shape()))
+            elif d.keep is not None:
+                self._evict(keep=_as3d(d.keep))
+            return
         b, h, n = self.keys.shape[:3]
         shape = (b, h, n)
         before = self._sizes()
@@ -350,6 +410,44 @@ class PolicyLayer(CacheLayerMixin):
         self.evicted += drop_idx.shape[-1] - frozen
         self.handle.position_mode.settle(self.active)
         self._refresh(before)
+
+    def _shape(self) -> tuple[int, int, int]:
+        """[B, K, n] of the active rows."""
+        return self.active.k.shape[0], self.active.k.shape[1], self.active.n
+
+    def _keep_mask(self, evict: torch.Tensor) -> torch.Tensor:
+        """The keep mask of an `evict` decision, for the paths that take masks (quantized rows)."""
+        b, h, n = self._shape()
+        return torch.ones(b, h, n, dtype=torch.bool, device=evict.device).scatter_(
+            -1, evict.expand(b, h, -1), False)
+
+    def _evict(self, keep: torch.Tensor | None = None, rows: list[list[int]] | None = None) -> None:
+        """`apply` of a decision that only evicts (a `keep` mask, or the evicted `rows` listed per (sequence, head)),
+        on rows in the model's dtype: the decode step's case, with the bytes counted directly instead of measured
+        before and after. A few rows per head on the host move as row copies (`Rows.remove_few`); the rest as
+        `apply` moves them."""
+        active, shape = self.active, self._shape()
+        drop = None
+        if rows is None:
+            drop = ~keep
+            drop = drop.expand(*drop.shape[:2], shape[2])
+            rows = _listed(drop, shape) if self.device.type == "cpu" else None
+        if rows is not None and len(rows[0]) <= FEW_ROWS and self.device.type == "cpu":
+            aligned = _aligned(rows)
+            count = len(rows[0])
+            if count:
+                active.remove_few(rows[:1] if aligned else rows)
+        else:
+            idx = _index(drop, shape) if drop is not None else _rows_index(rows, shape, self.device)
+            aligned, count = idx.dim() == 1, idx.shape[-1]
+            active.remove(idx)
+        if not count:
+            return
+        self.heads_aligned &= aligned
+        self.evicted += count
+        self.handle.position_mode.settle(active)
+        self.keys, self.values = active.keys(), active.values()
+        self.ledger.resized(-count * active.row_bytes(), 0, 0)
 
     def _shared_index(self, mask: torch.Tensor, n: int, what: str) -> torch.Tensor:
         """1-D indices of a freeze or thaw mask. The frozen store keeps one slot per token for all KV

@@ -164,8 +164,9 @@ class KeyGroups:
     """KIVI's keys: quantized per channel over groups of `group` consecutive positions, asymmetric, as those tokens
     leave the full-precision window (`Recent`, which attention reads them from until then). A key row is its codes
     and its group's index (int32, four bytes; -1 while not yet quantized); each group's per-channel scales and
-    minimums (float16) are held here, one table per layer, and counted as stored (a group stays while the layer
-    lives, also when its tokens were evicted). `upto`: the first position not yet quantized."""
+    minimums (float16) are held here, one table per layer, and counted as stored; a group no stored row refers to
+    any more (its tokens evicted or rolled back) leaves the table at the end of the step (`compact`). `upto`: the
+    first position not yet quantized."""
 
     def __init__(self, bits: int, group: int = GROUP) -> None:
         self.bits, self.group = bits, group
@@ -209,11 +210,30 @@ class KeyGroups:
             new[0][:, :, : self.count], new[1][:, :, : self.count] = self.scale, self.low
         self.scale, self.low = new
 
+    @staticmethod
+    def index(rows: torch.Tensor) -> torch.Tensor:
+        """The group index each key row refers to ([...]; -1: not quantized yet)."""
+        return rows[..., -4:].contiguous().view(torch.int32).squeeze(-1)
+
+    def compact(self, used: torch.Tensor) -> torch.Tensor | None:
+        """Drop the groups that no index in `used` (every stored key row's, any shape) refers to, keeping the others
+        in order. The old-to-new index map ([count] int32, -1 for a dropped group), or None when all are in use."""
+        held = torch.zeros(self.count, dtype=torch.bool, device=used.device)
+        held[used[used >= 0].long()] = True
+        if bool(held.all()):
+            return None
+        kept = held.nonzero().squeeze(-1)
+        self.scale[:, :, : kept.numel()], self.low[:, :, : kept.numel()] = self.scale[:, :, kept], self.low[:, :, kept]
+        renumber = torch.full((self.count,), -1, dtype=torch.int32, device=used.device)
+        renumber[kept] = torch.arange(kept.numel(), dtype=torch.int32, device=used.device)
+        self.count = kept.numel()
+        return renumber
+
     def decode(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         *lead, w = rows.shape
         d = (w - 4) * 8 // self.bits
         codes = _unpack(rows[..., :-4], self.bits).reshape(*lead, d).float()
-        index = rows[..., -4:].contiguous().view(torch.int32).squeeze(-1).long().clamp_(min=0)
+        index = self.index(rows).long().clamp_(min=0)
         if self.scale is None:  # nothing quantized yet: every row is read from the window
             return codes.to(dtype)
         pick = index[..., None].expand(*lead, d)

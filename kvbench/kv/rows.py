@@ -54,11 +54,13 @@ def full_index(idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return idx.unsqueeze(-1).expand(-1, -1, -1, rows.shape[-1])
 
 
-FEW_ROWS = 8  # removals up to this many rows per head run as plain row copies on CPU (`Rows._remove_few`)
+FEW_ROWS = 8  # removals up to this many rows per head run as plain row copies on CPU (`Rows.remove_few`)
 
 
 def _moves(drop: list[int], n: int) -> list[tuple[int, int]]:
     """(hole, row) pairs that fill the holes among the first n - len(drop) rows with the valid rows beyond."""
+    if len(drop) == 1:  # a decode step's eviction: the last row fills the hole
+        return [] if drop[0] == n - 1 else [(drop[0], n - 1)]
     m, gone = n - len(drop), set(drop)
     return list(zip([i for i in drop if i < m], [j for j in range(m, n) if j not in gone], strict=True))
 
@@ -93,6 +95,19 @@ class TokenRows:
         hit = ((at >= 0) & (at < rows.shape[2]))[..., None]
         new = rows.gather(2, at.clamp(0, rows.shape[2] - 1)[..., None].expand(-1, -1, -1, rows.shape[-1]))
         self.k[:, :, :n] = torch.where(hit, new, self.k[:, :, :n])
+
+    def key_groups(self) -> torch.Tensor:
+        """KIVI: the group index of every written key row (`KeyGroups.index`)."""
+        n = self._written()
+        return KeyGroups.index(self.k[:, :, :n]) if n else torch.zeros(0, dtype=torch.int32)
+
+    def renumber_key_groups(self, renumber: torch.Tensor) -> None:
+        """KIVI: every written key row's group index mapped through `renumber` (`KeyGroups.compact`)."""
+        n = self._written()
+        if n:
+            index = KeyGroups.index(self.k[:, :, :n])
+            moved = torch.where(index >= 0, renumber[index.long().clamp(min=0)], index)
+            self.k[:, :, :n, -4:] = moved[..., None].contiguous().view(torch.uint8)
 
     def requantize(self, below: int) -> None:
         """Quantize again, from their decoded values, the rows of the tokens at positions below `below` (transformers'
@@ -201,10 +216,12 @@ class Rows(TokenRows):
         k = idx.shape[-1]
         if k == 0:
             return
-        n, m = self.n, self.n - k
         if k <= FEW_ROWS and idx.device.type == "cpu":
-            self._remove_few(idx)
-        elif idx.dim() == 1:
+            per_head = idx if idx.dim() == 1 else idx.expand(*self.k.shape[:2], -1).flatten(0, 1)
+            self.remove_few([per_head.tolist()] if idx.dim() == 1 else per_head.tolist())
+            return
+        n, m = self.n, self.n - k
+        if idx.dim() == 1:
             hole = torch.zeros(n, dtype=torch.bool, device=idx.device)
             hole[idx] = True
             dst = idx[idx < m]
@@ -216,21 +233,24 @@ class Rows(TokenRows):
             self._remove_per_row(idx)
         self.n = m
 
-    def _remove_few(self, idx: torch.Tensor) -> None:
-        """`remove` of a few rows (a decode step's eviction) as plain row copies: each vectorised index op costs
-        ~10 us of fixed overhead on CPU, and the general paths take a dozen of them per layer and step. Rows that
-        differ per head move in one indexed copy per buffer for all heads."""
-        if idx.dim() == 1:
-            for hole, row in _moves(idx.tolist(), self.n):
+    def remove_few(self, rows: list[list[int]]) -> None:
+        """`remove` of a few rows (a decode step's eviction), given on the host as one ascending list for every head
+        or one per (sequence, head), as plain row copies: each vectorised index op costs ~10 us of fixed overhead on
+        CPU, and the general paths take a dozen of them per layer and step. Rows that differ per head move in one
+        indexed copy per buffer for all heads."""
+        if len(rows) == 1:
+            for hole, row in _moves(rows[0], self.n):
                 for t in self._buffers():
                     t.select(2, hole).copy_(t.select(2, row))
-            return
-        moves = [(b, h, hole, row) for b, per_b in enumerate(idx.expand(*self.k.shape[:2], -1).tolist())
-                 for h, rows in enumerate(per_b) for hole, row in _moves(rows, self.n)]
-        if moves:
-            b, h, hole, row = torch.tensor(moves, device=idx.device).unbind(1)
-            for t in self._buffers():
-                t[b, h, hole] = t[b, h, row]
+        else:
+            heads = self.k.shape[1]
+            moves = [(i // heads, i % heads, hole, row) for i, per_head in enumerate(rows)
+                     for hole, row in _moves(per_head, self.n)]
+            if moves:
+                b, h, hole, row = torch.tensor(moves, device=self.device).unbind(1)
+                for t in self._buffers():
+                    t[b, h, hole] = t[b, h, row]
+        self.n -= len(rows[0])
 
     def _remove_per_row(self, idx: torch.Tensor) -> None:
         """`remove` for a [B, K, k] index (k rows per head, different rows in each): as in the 1-D case, each

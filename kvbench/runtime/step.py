@@ -16,7 +16,7 @@ import torch
 
 from kvbench.kv.cache import PolicyCache
 from kvbench.kv.layer import PolicyLayer
-from kvbench.policy import ActsBeforeStep, Decision, KVPolicy, LayerView, Phase, reads_queries
+from kvbench.policy import AcrossLayers, ActsBeforeStep, Decision, KVPolicy, LayerView, Phase, reads_queries
 from kvbench.runtime.architectures import UnsupportedModel
 
 Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -37,6 +37,8 @@ class SequenceStep:
         self.reads_queries = reads_queries(policy)
         self._acts_before = isinstance(policy, ActsBeforeStep)
         self._runs = not policy.passive
+        self._across = isinstance(policy, AcrossLayers)
+        self._held: list[torch.Tensor | None] = []  # a decode step's attention rows per layer, for `_decide_across`
 
     @property
     def steps(self) -> int:
@@ -50,6 +52,7 @@ class SequenceStep:
         the positions the model rotates them at (in-cache positions under `rerotate` and `naive`)."""
         self.cache.expect(positions, rotations)
         self.attended = 0
+        self._held = []  # what a forward that raised left undecided is not this one's
         self.phase, self.last_chunk = phase, last_chunk
         if phase == Phase.DECODE:
             self.decodes += 1
@@ -85,8 +88,35 @@ class SequenceStep:
             attn = layer.expire(attn)
         if not self._runs or not (self.applying or self.policy.observes):
             return
+        if self._across and self.phase == Phase.DECODE:
+            self._held.append(attn)  # decided with every other layer's at the end of the forward
+            return
         with self.cache.ledger.policy_time(self.phase):
             self._decide(layer, layer.view(attn, self.steps, self.phase), self.policy.step, self.applying)
+
+    def _decide_across(self) -> None:
+        """`AcrossLayers`: one `step` for every layer of a decode forward, each layer's part of its decision applied;
+        where the layers cannot share a view (`PolicyCache.stacked_view`), one step per layer as usual."""
+        held, self._held = self._held, []
+        with self.cache.ledger.policy_time(self.phase):
+            same = all(a is None for a in held) or all(a is not None and a.shape == held[0].shape for a in held)
+            view = self.cache.stacked_view(torch.stack(held) if same and held[0] is not None else None, self.steps,
+                                           self.phase) if same and len(held) == len(self.cache.layers) else None
+            if view is None:
+                for layer, attn in zip(self.cache.layers, held, strict=True):
+                    self._decide(layer, layer.view(attn, self.steps, self.phase), self.policy.step, self.applying)
+                return
+            decision = self.policy.step(view)
+            if self.policy.token_state:
+                self.cache.store_stacked_state(view)
+            if decision is None or not self.applying:
+                return
+            if decision.freeze is not None or decision.thaw is not None:
+                raise ValueError(f"method {self.policy.name!r} decides across layers, which evicts only; it froze or "
+                                 "thawed")
+            for i, layer in enumerate(self.cache.layers):
+                layer.apply(Decision(keep=None if decision.keep is None else decision.keep[i],
+                                     evict=None if decision.evict is None else decision.evict[i]))
 
     def _decide(self, layer: PolicyLayer, view: LayerView, decide: Callable[[LayerView], Decision | None],
                 apply: bool = True) -> Decision | None:
@@ -109,7 +139,10 @@ class SequenceStep:
 
     def end(self) -> None:
         """At the end of a prompt the cache gives back what prefill chunks reserved; at other steps only clearly idle
-        space, so a cache whose size swings (freeze and thaw) does not reallocate every step."""
+        space, so a cache whose size swings (freeze and thaw) does not reallocate every step. A decode step's
+        decisions across layers are taken first."""
+        if self._held:
+            self._decide_across()
         self.cache.step_ended(settle=self.phase != Phase.DECODE and self.last_chunk)
 
     def compress(self) -> None:
