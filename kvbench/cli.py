@@ -233,7 +233,9 @@ def _leaderboard(args: argparse.Namespace) -> int:
         print(f"deterministic columns differ from {args.check}:", *outcome.check.problems, sep="\n  ",
               file=sys.stderr)
         return 1
-    print(f"check: the deterministic columns of all {len(outcome.ran) + len(outcome.cached)} cells match {args.check}")
+    bound = f" ({len(outcome.check.allowed)} peaks within the bound above)" if outcome.check.allowed else ""
+    print(f"check: the deterministic columns of all {len(outcome.ran) + len(outcome.cached)} cells match "
+          f"{args.check}{bound}")
     return 0
 
 

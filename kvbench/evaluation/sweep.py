@@ -497,10 +497,10 @@ def _header(sweep: Sweep, code: str, commit: str, outcome: Outcome, hosts: Count
 def _timings_note(hosts: dict[str, int]) -> str:
     """Where the timings come from: one machine, or (a sweep resumed elsewhere) several, which do not compare."""
     if len(hosts) <= 1:
-        return "Timings are from this machine and are not compared."
+        return "Timings are from this machine and never checked."
     where = "; ".join(f"{host}: {n} cells" for host, n in hosts.items())
     return (f"Timings come from {len(hosts)} machines ({where}) and do not compare across them: decode × full is "
-            "shown only for a row measured on the machine of the `full` row. They are not compared.")
+            "shown only for a row measured on the machine of the `full` row. Timings are never checked.")
 
 
 def _markdown(header: dict[str, Any], records: list[dict[str, Any]], plots: dict[str, dict[str, str]]) -> str:
@@ -517,8 +517,12 @@ def _markdown(header: dict[str, Any], records: list[dict[str, Any]], plots: dict
         + f": {header['cells_run']} cells run, {header['cells_cached']} taken from the cell store"
         + (" (they keep the timings of the run that made them, so decode × full may compare two runs). "
            if header["cells_cached"] else ". ")
-        + "Regenerate with `kvbench leaderboard`; CI reruns a slice and fails if a deterministic column "
-        "(task scores, KV compression, KV bytes) moves. " + _timings_note(header.get("hosts", {})),
+        + f"The cells are those of kvbench's computing code at source hash `{header.get('source_hash', '?')}`: "
+        "`kvbench leaderboard` takes a stored cell only at that code (at any other, it computes the cell again), and "
+        "`kvbench leaderboard --render` writes this page again from results.json. CI reruns a slice at its own code "
+        "and fails if a deterministic column (task scores, KV compression, KV bytes) moves beyond the bounds "
+        "kvbench/evaluation/check.py documents. "
+        + _timings_note(header.get("hosts", {})),
         "",
     ]
     summary = overview(records)
