@@ -7,7 +7,7 @@ from torch.overrides import TorchFunctionMode
 from conftest import Scripted, driver, feed, make_cache
 from kvbench.kv.cache import PolicyCache
 from kvbench.kv.layer import RECENT_STEPS
-from kvbench.kv.rows import FEW_ROWS
+from kvbench.kv.rows import COPIED_MOVES, FEW_ROWS
 from kvbench.policy import Decision, KVPolicy, LayerView, Phase
 
 
@@ -91,10 +91,11 @@ def test_per_head_decisions_keep_separate_sets():
     assert torch.equal(layer.keys[0, 1, row], k_new[0, 1, 0])
 
 
-@pytest.mark.parametrize("start, fewest", [(40, 1), (300, FEW_ROWS + 1)])  # row copies / vectorised moves
-def test_per_head_evictions_keep_each_heads_own_tokens_and_data(start, fewest):
-    """Many steps of different per-head evictions (rows shuffled by earlier moves): every head keeps exactly
-    the tokens it was told to, each with the K/V it was fed."""
+@pytest.mark.parametrize("shared", [False, True])  # each head its own rows / the same rows in every head
+@pytest.mark.parametrize("start, fewest", [(40, 1), (150, COPIED_MOVES + 1), (300, FEW_ROWS + 1)])
+def test_per_head_evictions_keep_each_heads_own_tokens_and_data(start, fewest, shared):
+    """Many steps of evictions (rows shuffled by earlier moves), by row copies, indexed copies from host lists and
+    vectorised moves: every head keeps exactly the tokens it was told to, each with the K/V it was fed."""
     policy = Scripted()
     cache = make_cache(policy)
     gen = torch.Generator().manual_seed(3)
@@ -107,6 +108,8 @@ def test_per_head_evictions_keep_each_heads_own_tokens_and_data(start, fewest):
         keep = torch.ones(1, 3, n, dtype=torch.bool)
         for h in range(3):
             keep[0, h, torch.randperm(n - 1, generator=gen)[:drop]] = False  # never the new token
+        if shared:  # the rows the first head drops (the heads hold the same tokens in the same rows)
+            keep = keep[:, :1].expand(1, 3, n)
         rows = layer.positions[0].tolist()
         policy.next = Decision(keep=keep)
         k, v = feed(cache, 0, start + step, 1, heads=3, gen=gen)

@@ -19,7 +19,7 @@ from transformers.cache_utils import CacheLayerMixin
 from kvbench.kv.accounting import Ledger
 from kvbench.kv.positions import PositionMode
 from kvbench.kv.quant import Block, KeyGroups, QuantoCodec, Recent, RowCodec
-from kvbench.kv.rows import FEW_ROWS, POS, RowData, Rows, gather
+from kvbench.kv.rows import POS, RowData, Rows, gather
 from kvbench.kv.store import FrozenStore
 from kvbench.policy import Decision, LayerView, Phase
 
@@ -424,15 +424,15 @@ class PolicyLayer(CacheLayerMixin):
     def _evict(self, keep: torch.Tensor | None = None, rows: list[list[int]] | None = None) -> None:
         """`apply` of a decision that only evicts (a `keep` mask, or the evicted `rows` listed per (sequence, head)),
         on rows in the model's dtype: the decode step's case, with the bytes counted directly instead of measured
-        before and after. A few rows per head on the host move as row copies (`Rows.remove_few`); the rest as
-        `apply` moves them."""
+        before and after. Rows listed on the host (at most FEW_ENTRIES) move from those lists (`Rows.remove_few`);
+        the rest as `apply` moves them."""
         active, shape = self.active, self._shape()
         drop = None
         if rows is None:
             drop = ~keep
             drop = drop.expand(*drop.shape[:2], shape[2])
             rows = _listed(drop, shape) if self.device.type == "cpu" else None
-        if rows is not None and len(rows[0]) <= FEW_ROWS and self.device.type == "cpu":
+        if rows is not None and self.device.type == "cpu":
             aligned = _aligned(rows)
             count = len(rows[0])
             if count:

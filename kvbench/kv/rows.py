@@ -54,7 +54,8 @@ def full_index(idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return idx.unsqueeze(-1).expand(-1, -1, -1, rows.shape[-1])
 
 
-FEW_ROWS = 8  # removals up to this many rows per head run as plain row copies on CPU (`Rows.remove_few`)
+FEW_ROWS = 8  # removals up to this many rows per head run on CPU from host lists (`Rows.remove_few`)
+COPIED_MOVES = 2  # up to this many row moves as plain copies (~3 us a buffer each); more as one indexed copy (~7 us)
 
 
 def _moves(drop: list[int], n: int) -> list[tuple[int, int]]:
@@ -234,14 +235,21 @@ class Rows(TokenRows):
         self.n = m
 
     def remove_few(self, rows: list[list[int]]) -> None:
-        """`remove` of a few rows (a decode step's eviction), given on the host as one ascending list for every head
-        or one per (sequence, head), as plain row copies: each vectorised index op costs ~10 us of fixed overhead on
-        CPU, and the general paths take a dozen of them per layer and step. Rows that differ per head move in one
-        indexed copy per buffer for all heads."""
+        """`remove` of rows listed on the host (a decode step's eviction) as one ascending list for every head or one
+        per (sequence, head): the moves are worked out on the host, where the general path takes a dozen vectorised
+        index ops per layer and step (~10 us of fixed overhead each on CPU). One or two moves run as plain row
+        copies, more as one indexed copy per buffer; rows that differ per head move in one indexed copy per buffer
+        for all heads."""
         if len(rows) == 1:
-            for hole, row in _moves(rows[0], self.n):
+            moves = _moves(rows[0], self.n)
+            if len(moves) <= COPIED_MOVES:
+                for hole, row in moves:
+                    for t in self._buffers():
+                        t.select(2, hole).copy_(t.select(2, row))
+            else:
+                hole, row = torch.tensor(moves, device=self.device).unbind(1)
                 for t in self._buffers():
-                    t.select(2, hole).copy_(t.select(2, row))
+                    t.index_copy_(2, hole, t.index_select(2, row))
         else:
             heads = self.k.shape[1]
             moves = [(i // heads, i % heads, hole, row) for i, per_head in enumerate(rows)
