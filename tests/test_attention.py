@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kvbench.runtime.attention import _sdpa, attention_rows, kvbench_attention
+from kvbench.runtime.attention import _sdpa, _weighted_values, attention_rows, kvbench_attention
 
 
 def reference(query, key, value, scaling):
@@ -73,6 +73,18 @@ def test_decode_output_and_rows_from_one_pass_match_the_reference():
     assert layer == 4 and attn.shape == (1, 2, 3, 1, 11)
     torch.testing.assert_close(attn.reshape(1, 6, 1, 11), probs, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(out, _sdpa(q, k, v, 0.4), atol=1e-5, rtol=1e-5)  # same as without a policy
+
+
+@pytest.mark.parametrize("batch,kv_heads,group,q,n,d", [(1, 3, 3, 1, 2064, 64), (1, 1, 4, 1, 700, 256),
+                                                         (1, 3, 1, 5, 300, 16), (2, 2, 2, 7, 513, 32)])
+def test_weighted_values_are_bit_equal_to_the_values_broadcast_over_each_group(batch, kv_heads, group, q, n, d):
+    """The output of a policy's decode step without copying the values per query head is, bit for bit, what the
+    broadcast product gave (the record's cells were computed with it), also over the strided rows a cache holds."""
+    g = torch.Generator().manual_seed(n)
+    attn = torch.rand(batch, kv_heads, group, q, n, generator=g).softmax(-1)
+    value = torch.randn(batch, kv_heads, n + 37, d, generator=g)[:, :, :n]  # a cache's rows: a slice of its buffer
+    broadcast = torch.matmul(attn, value[:, :, None]).permute(0, 3, 1, 2, 4).reshape(batch, q, kv_heads * group, d)
+    assert torch.equal(_weighted_values(attn, value), broadcast)
 
 
 def eager(query, key, value, scaling, window=None, softcap=None):

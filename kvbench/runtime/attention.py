@@ -237,9 +237,18 @@ def frozen_attention(query: torch.Tensor, key: torch.Tensor, frozen_keys: torch.
 
 
 def _weighted_values(attn: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """Attention output from probabilities [B, K, G, q, n]: [B, q, H, d]."""
+    """Attention output from probabilities [B, K, G, q, n]: [B, q, H, d]. With query groups (G > 1), a batched
+    product per KV head whose G query heads read its values through a stride-0 view: `matmul` broadcasting the
+    values over the group axis copies them G times at every step (most of a decode step's attention at thousands of
+    tokens), and one [G * q, n] product per KV head, though faster still, rounds differently. tests/test_attention.py
+    holds this bit-equal to the broadcast product the record's cells were computed with."""
     b, kv_heads, g, q, n = attn.shape
-    out = torch.matmul(attn, value.float()[:, :, None])  # [B, K, G, q, d]
+    values = value.float()
+    if g == 1:  # nothing to broadcast: one product for every head
+        out = torch.matmul(attn, values[:, :, None])
+    else:
+        out = torch.stack([torch.bmm(attn[i, k], values[i, k].expand(g, n, -1)) for i in range(b)
+                           for k in range(kv_heads)]).view(b, kv_heads, g, q, -1)
     return out.permute(0, 3, 1, 2, 4).reshape(b, q, kv_heads * g, -1)
 
 
