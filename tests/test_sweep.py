@@ -203,14 +203,19 @@ def test_check_reports_every_moved_deterministic_column_beyond_cross_host_roundi
     ("h2o", 29 * 1536 + 1, False),  # beyond L - 1 rows
     ("h2o", -29 * 1536, False),  # deciding across layers never peaks lower
     ("snapkv", 29 * 1536, False),  # decides once after the prompt, per layer: no slack
+    ("h2o sliding", 29 * 1536, False),  # a model with sliding layers keeps the per-layer step
+    ("h2o int4", 29 * 1536, False),  # so do quantized rows
 ])
 def test_check_lets_through_only_the_peak_rows_of_deciding_across_layers_against_a_per_layer_record(
         method, rise, allowed):
-    shape = {"kv_heads": 3, "head_dim": 64, "windows": [None] * 30, "dtype_bytes": 4, "weight_bytes": 1}
+    method, _, case = method.partition(" ")
+    windows = [None] * 30 if case != "sliding" else [512] * 25 + [None] * 5
+    shape = {"kv_heads": 3, "head_dim": 64, "windows": windows, "dtype_bytes": 4, "weight_bytes": 1}
     peak = 47_325_696
     sample = {"task": "t", "kv_compression": 0.5, "active_kv_bytes": 100, "peak_kv_bytes": peak, "frozen_kv_bytes": 0}
     then = {"method": method, "variant": "", "budget": {"ratio": 0.5}, "positions": "original", "query": "after",
-            "config": {"model": "m"}, "model_shape": shape, "metrics": {"accuracy": {"t": 0.5}}, "samples": [sample]}
+            "config": {"model": "m"}, "model_shape": shape, "metrics": {"accuracy": {"t": 0.5}}, "samples": [sample],
+            **({"kv_quant": "int4"} if case == "int4" else {})}
     now = json.loads(json.dumps(then))
     now["samples"][0]["peak_kv_bytes"] = peak + rise
     per_layer = check.compare_deterministic([now], check.Reference([then], next(iter(check.DECIDED_PER_LAYER))))

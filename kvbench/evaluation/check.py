@@ -89,9 +89,11 @@ DECIDED_PER_LAYER = frozenset({"23208a9f3ecb7eca"})
 
 def _across_layers_rows(record: dict[str, Any]) -> int:
     """How many bytes above a per-layer record's peak this record's method may now peak: (L - 1) rows of one
-    layer's keys and values (0 for a method deciding per layer, or a record without its model's shape)."""
+    layer's keys and values; 0 where the step still decides layer by layer (a method without the capability, a
+    model with sliding layers, quantized rows: `PolicyCache.stacked_view`) or the record lacks its model's shape."""
     shape = record.get("model_shape")
-    if shape is None or not issubclass(policy_class(record["method"]), AcrossLayers):
+    if (shape is None or record.get("kv_quant") or any(w is not None for w in shape["windows"])
+            or not issubclass(policy_class(record["method"]), AcrossLayers)):
         return 0
     return (len(shape["windows"]) - 1) * 2 * shape["kv_heads"] * shape["head_dim"] * shape["dtype_bytes"]
 
