@@ -421,3 +421,46 @@ def test_an_evict_decision_naming_a_row_twice_or_outside_the_cache_is_refused_wi
 def test_an_evict_decision_takes_no_masks():
     with pytest.raises(ValueError, match="either `evict`"):
         Decision(evict=torch.tensor([[[0]]]), keep=torch.ones(3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("kind", ["keep", "evict"])
+def test_a_decision_across_layers_leaves_each_layer_what_its_own_part_leaves(kind, per_head, monkeypatch):
+    """`PolicyCache.evict_stacked` reads a [L, ...] decision once and applies each layer's part: every layer then
+    holds the rows, data and counts that applying its own slice gives; the device indices it hands a layer (what a
+    GPU moves rows by, instead of copying the host lists back) are that layer's rows, ascending, where every head
+    evicts the same, and none otherwise."""
+    from kvbench.kv.layer import PolicyLayer
+
+    gen = torch.Generator().manual_seed(7)
+    layers, heads, n = 3, 3, 30
+    caches = [make_cache(Scripted(), layers=layers) for _ in range(2)]
+    keys = torch.randn(1, heads, n, 4, generator=gen)
+    for cache in caches:
+        for i in range(layers):
+            torch.manual_seed(i)
+            feed(cache, i, 0, n, heads=heads, keys=keys, prefill=True)
+    rows = heads if per_head else 1
+    order = torch.stack([torch.randperm(n, generator=gen) for _ in range(layers * rows)]).view(layers, 1, rows, n)
+    keep = [torch.ones(1, rows, n, dtype=torch.bool).scatter_(-1, order[i, ..., : 2 + i], False)
+            for i in range(layers)]  # layer i evicts 2 + i rows
+    handed = []
+    listed = PolicyLayer.evict_listed
+    monkeypatch.setattr(PolicyLayer, "evict_listed", lambda self, r, index=None: (
+        handed.append(None if index is None else index.tolist()), listed(self, r, index))[1])
+    if kind == "evict":  # a decision across layers names the same count in every layer: the first 2 of each
+        evict = order[..., :2]
+        keep = [torch.ones(1, rows, n, dtype=torch.bool).scatter_(-1, evict[i], False) for i in range(layers)]
+        caches[0].evict_stacked(Decision(evict=evict))
+    else:
+        caches[0].evict_stacked(Decision(keep=torch.stack(keep)))
+    monkeypatch.setattr(PolicyLayer, "evict_listed", listed)
+    for i in range(layers):
+        caches[1].layers[i].apply(Decision(keep=keep[i]))
+    for a, b, kept in zip(caches[0].layers, caches[1].layers, keep, strict=True):
+        assert torch.equal(a.positions, b.positions) and torch.equal(a.keys, b.keys)
+        assert torch.equal(a.values, b.values) and a.evicted == b.evicted == int((~kept[0, 0]).sum())
+    figures = [{k: v for k, v in cache.ledger.figures().items() if k != "policy_seconds"} for cache in caches]
+    assert figures[0] == figures[1]
+    assert handed == ([None] * layers if per_head else [sorted((~k[0, 0]).nonzero().squeeze(-1).tolist())
+                                                        for k in keep])

@@ -337,6 +337,32 @@ def test_a_full_cache_decode_step_forces_one_host_synchronisation_the_greedy_tok
     assert syncs.total == 1  # the counter does see a read
 
 
+@pytest.mark.parametrize("layers", [3, 12])
+def test_an_eviction_decided_across_layers_is_read_on_the_host_once_per_step_whatever_the_depth(layers):
+    """StreamingLLM decides for every layer at once (`policy.AcrossLayers`); its decision is read on the host once
+    for all layers (`PolicyCache.evict_stacked`: the evicted entries found, then listed), not per layer: a decode
+    step's host reads are the greedy token and those two, at 3 layers as at 12, and every layer evicts."""
+    import transformers
+
+    import tiny
+    from kvbench.runtime import models
+    from kvbench.runtime.engine import Engine
+    from kvbench.runtime.syncs import HostSyncs
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**{**tiny._COMMON, "num_hidden_layers": layers})
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float().eval()
+    session = Engine(model, models.load_tokenizer(), prefill_chunk=32).session(make_policy("streamingllm", 40))
+    token = int(session.feed(list(range(100, 180))).argmax())
+    with HostSyncs() as syncs:
+        for _ in range(5):
+            token, _, _ = session.decode_step(token)
+    assert sorted(syncs.sites.values()) == [5, 5, 5], dict(syncs.sites)
+    assert [site.split(":")[0] for site in sorted(syncs.sites)] == ["kv/cache.py", "kv/cache.py",
+                                                                   "runtime/session.py"]
+    assert session.cache.stats().active_tokens == [40] * layers
+
+
 def test_a_model_without_a_chat_template_converses_in_plain_lines(engine):
     """A base model (Gemma-3-270M has no chat template) converses in the plain form `encode_chat` gives its first
     turn: each message a line. The SmolLM2 tokenizer with its template removed stands in for one."""

@@ -76,10 +76,11 @@ def _aligned(rows: list[list[int]]) -> bool:
     return False
 
 
-def _listed_indices(evict: torch.Tensor, shape: tuple[int, int, int]) -> list[list[int]]:
-    """An `evict` decision's [B|1, K|1, e] row indices as one ascending list per (sequence, head) of `shape`."""
-    b, h = evict.shape[:2]
-    rows = [sorted(row) for per_b in evict.tolist() for row in per_b]
+def _listed_indices(evict: list[list[list[int]]], shape: tuple[int, int, int]) -> list[list[int]]:
+    """An `evict` decision's [B|1, K|1, e] row indices, read on the host (`tolist`), as one ascending list per
+    (sequence, head) of `shape`."""
+    b, h = len(evict), len(evict[0])
+    rows = [sorted(row) for per_b in evict for row in per_b]
     if any(len(set(row)) != len(row) or (row and (row[0] < 0 or row[-1] >= shape[2])) for row in rows):
         raise ValueError(f"an evict decision must name distinct rows in 0..{shape[2] - 1} in every head")
     return _broadcast(rows, b, h, shape)
@@ -377,7 +378,7 @@ class PolicyLayer(CacheLayerMixin):
             d = Decision(keep=self._keep_mask(_as3d(d.evict))) if self.codec is not None else d
         if d.freeze is None and d.thaw is None and self.codec is None:
             if d.evict is not None:
-                self._evict(rows=_listed_indices(_as3d(d.evict), self._shape()))
+                self.evict_listed(_as3d(d.evict).tolist())
             elif d.keep is not None:
                 self._evict(keep=_as3d(d.keep))
             return
@@ -421,11 +422,20 @@ class PolicyLayer(CacheLayerMixin):
         return torch.ones(b, h, n, dtype=torch.bool, device=evict.device).scatter_(
             -1, evict.expand(b, h, -1), False)
 
-    def _evict(self, keep: torch.Tensor | None = None, rows: list[list[int]] | None = None) -> None:
-        """`apply` of a decision that only evicts (a `keep` mask, or the evicted `rows` listed per (sequence, head)),
-        on rows in the model's dtype: the decode step's case, with the bytes counted directly instead of measured
-        before and after. Rows listed on the host (at most FEW_ENTRIES) move from those lists (`Rows.remove_few`);
-        the rest as `apply` moves them."""
+    def evict_listed(self, evict: list[list[list[int]]], index: torch.Tensor | None = None) -> None:
+        """`apply` of an `evict` decision already read on the host ([B|1, K|1, e] row indices, any order), on rows in
+        the model's dtype; `index`: the same rows ascending on the device ([e] for one row serving every head),
+        where the caller holds them, so that a GPU need not copy the lists back."""
+        rows = _listed_indices(evict, self._shape())
+        self._evict(rows=rows, index=index if index is not None and _aligned(rows) else None)
+
+    def _evict(self, keep: torch.Tensor | None = None, rows: list[list[int]] | None = None,
+               index: torch.Tensor | None = None) -> None:
+        """`apply` of a decision that only evicts (a `keep` mask, or the evicted `rows` listed per (sequence, head),
+        with `index` their 1-D device indices where every head evicts the same and the caller has them), on rows in
+        the model's dtype: the decode step's case, with the bytes counted directly instead of measured before and
+        after. Rows listed on the host (at most FEW_ENTRIES) move from those lists on a CPU (`Rows.remove_few`); the
+        rest as `apply` moves them."""
         active, shape = self.active, self._shape()
         drop = None
         if rows is None:
@@ -438,7 +448,8 @@ class PolicyLayer(CacheLayerMixin):
             if count:
                 active.remove_few(rows[:1] if aligned else rows)
         else:
-            idx = _index(drop, shape) if drop is not None else _rows_index(rows, shape, self.device)
+            idx = index if index is not None else (
+                _index(drop, shape) if drop is not None else _rows_index(rows, shape, self.device))
             aligned, count = idx.dim() == 1, idx.shape[-1]
             active.remove(idx)
         if not count:

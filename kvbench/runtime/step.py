@@ -114,9 +114,7 @@ class SequenceStep:
             if decision.freeze is not None or decision.thaw is not None:
                 raise ValueError(f"method {self.policy.name!r} decides across layers, which evicts only; it froze or "
                                  "thawed")
-            for i, layer in enumerate(self.cache.layers):
-                layer.apply(Decision(keep=None if decision.keep is None else decision.keep[i],
-                                     evict=None if decision.evict is None else decision.evict[i]))
+            self.cache.evict_stacked(decision)
 
     def _decide(self, layer: PolicyLayer, view: LayerView, decide: Callable[[LayerView], Decision | None],
                 apply: bool = True) -> Decision | None:
