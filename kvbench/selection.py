@@ -61,19 +61,21 @@ def per_kv_head(attn: torch.Tensor) -> torch.Tensor:
 
 
 def per_layer(attn: torch.Tensor) -> torch.Tensor:
-    """[..., B, K, G, w, n] attention rows -> [..., B, 1, n]: mean over query heads, summed over the queries."""
-    return attn.mean(dim=(-4, -3)).sum(dim=-2).unsqueeze(-2)
+    """[..., B, K, G, w, n] attention rows -> [..., B, 1, n]: mean over query heads, summed over the queries (a
+    decode step's one query: nothing to sum)."""
+    mean = attn.mean(dim=(-4, -3))
+    return mean if mean.shape[-2] == 1 else mean.sum(dim=-2, keepdim=True)
 
 
 def accumulate(view, name: str, contribution: torch.Tensor, decay: float = 1.0) -> torch.Tensor:
-    """Running per-token score kept in the cache: score <- decay * score + contribution."""
+    """Running per-token score kept in the cache: score <- decay * score + contribution, in place (the state is a
+    view of the cache's rows, so nothing is written back). A per-layer contribution ([..., 1, n]) updates every KV
+    head's copy alike and its first head's scores are returned, in the contribution's shape."""
     old = view.state[name]
-    if decay == 1.0 and contribution.shape == old.shape:  # in place: the state is a view of the cache's rows
-        return old.add_(contribution)
-    prior = old[..., :1, :] if contribution.shape[-2] == 1 else old  # one set per layer: its first head's scores
-    score = (prior if decay == 1.0 else prior * decay) + contribution  # x * 1.0 is x: one op fewer
-    view.state[name] = score.expand(old.shape)
-    return score
+    if decay != 1.0:  # x * 1.0 is x: one op fewer
+        old.mul_(decay)
+    old.add_(contribution)
+    return old if contribution.shape == old.shape else old[..., :1, :]
 
 
 
