@@ -44,6 +44,10 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
     syncs = {b.extra_info.get("row", b.name): b.extra_info["host_syncs_per_step"] for b in session.benchmarks
              if "host_syncs_per_step" in b.extra_info}
     saved = json.loads(BASELINE.read_text()) if BASELINE.is_file() else {}
+    here = machine()
+    if saved and not saved.get("machine", "").startswith(here):
+        terminalreporter.write_line(f"the baseline's ratios come from another machine ({saved.get('machine')}); this "
+                                    f"is {here}: ratios move between hosts, so set them side by side only on one")
     for group, rows in found.items():
         base = saved.get("ratios", {}).get(group, {})
         terminalreporter.write_sep("-", f"{group}: fastest round × {REFERENCE}'s (same run, same weights)")
@@ -54,8 +58,12 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
             count = f"{syncs[row]:16.1f}" if row in syncs else f"{'-':>16s}"
             terminalreporter.write_line(f"  {row:28s} {ratio:6.2f} {was} {count}")
     if os.environ.get("KVBENCH_BENCH_SAVE"):
-        from kvbench.evaluation.records import cpu_model
-
-        machine = f"{cpu_model()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}"
-        BASELINE.write_text(json.dumps({"machine": machine, "ratios": found}, indent=1, sort_keys=True) + "\n")
+        BASELINE.write_text(json.dumps({"machine": here, "ratios": found}, indent=1, sort_keys=True) + "\n")
         terminalreporter.write_line(f"wrote {BASELINE}")
+
+
+def machine() -> str:
+    """The host a run's ratios belong to: CPU model and vector unit, threads, torch."""
+    from kvbench.evaluation.records import cpu_model
+
+    return f"{cpu_model()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}"

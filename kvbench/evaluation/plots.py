@@ -152,8 +152,13 @@ def pareto(records: list[dict[str, Any]], path: Path) -> Path | None:
                 best = y
         ax.step([p[0] for p in frontier], [p[1] for p in frontier], where="post", color="tab:orange", alpha=0.5,
                 zorder=2, label="frontier")
-        for x, y, r in frontier:
-            ax.annotate(label(r), (x, y), textcoords="offset points", xytext=(4, -9), fontsize=7, color="tab:orange")
+        # frontier rows numbered at their points and named in a key under the panel: their full labels (a variant's
+        # parameters) are too long to sit beside points that lie close together
+        for i, (x, y, _) in enumerate(frontier, 1):
+            ax.annotate(str(i), (x, y), textcoords="offset points", xytext=(-6 if i % 2 else 3, -11), fontsize=8,
+                        color="tab:orange", fontweight="bold")  # neighbours' numbers side by side, not stacked
+        ax.text(0, -0.14, "frontier: " + "\n".join(f"{i} {label(r)}" for i, (*_, r) in enumerate(frontier, 1)),
+                transform=ax.transAxes, va="top", fontsize=7, color="tab:orange")
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))  # labels inside a single decade too
         ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
@@ -164,8 +169,12 @@ def pareto(records: list[dict[str, Any]], path: Path) -> Path | None:
     axes.flat[0].set_ylabel("suite average (cells the full cache passes)" if counted else "mean accuracy")
     axes.flat[0].set_ylim(-0.05, 1.05)
     handles = [plt.Line2D([], [], color=c, marker="o", linestyle="", label=n) for n, c in colors.items()]
+    stored = {r.get("kv_quant") for pts in points.values() for *_, r in pts}
     handles += [plt.Line2D([], [], color="black", marker=m, linestyle="", label=q or "model dtype")
-                for q, m in MARKERS.items() if any(r.get("kv_quant") == q for pts in points.values() for *_, r in pts)]
+                for q, m in MARKERS.items() if q in stored]
+    others = sorted(q for q in stored if q not in MARKERS)
+    if others:
+        handles.append(plt.Line2D([], [], color="black", marker="D", linestyle="", label=", ".join(others)))
     handles.append(plt.Line2D([], [], color="tab:orange", alpha=0.5, label="frontier"))
     axes.flat[-1].legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle("Accuracy versus KV memory (budget and storage beside each point)")
