@@ -1,12 +1,13 @@
-"""`make bench`: pytest-benchmark over the decode step. Every figure that matters is a ratio within one run (a row's
-fastest round over the fastest round of the group's transformers rows, which run first and last so that a machine
-drifting during the run biases no row), printed at the end and saved with the run; the fastest round is the one a
-shared machine disturbed least. Absolute times move with the machine and are not compared."""
+"""`make bench`: pytest-benchmark over the decode step. Every figure that matters is a ratio within one run: each
+round of a row over transformers' own decode timed just before it on the same weights (so a machine drifting during
+the run moves both sides alike), the median over the rounds, printed at the end and saved with the run. Absolute
+times move with the machine and are not compared."""
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 from pathlib import Path
 
 import pytest
@@ -22,14 +23,15 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def ratios(benchmarks: list) -> dict[str, dict[str, float]]:
-    """{group: {row: fastest round / the group's reference's fastest round}} for the groups with a reference row."""
-    fastest: dict[str, dict[str, float]] = {}
+    """{group: {row: the median over its rounds of round / the reference run just before it}} for the rows timed so
+    (`paired_ratios`), with the reference's own row at 1."""
+    found: dict[str, dict[str, float]] = {}
     for bench in benchmarks:
-        rows = fastest.setdefault(bench.group or "", {})
-        row = bench.extra_info.get("row", bench.name)
-        rows[row] = min(rows.get(row, float("inf")), bench.stats.min)
-    return {group: {row: m / rows[REFERENCE] for row, m in rows.items()}
-            for group, rows in fastest.items() if REFERENCE in rows}
+        paired = bench.extra_info.get("paired_ratios")
+        if paired:
+            rows = found.setdefault(bench.group or "", {REFERENCE: 1.0})
+            rows[bench.extra_info.get("row", bench.name)] = statistics.median(paired)
+    return found
 
 
 BASELINE = Path(__file__).with_name("baseline.json")  # the committed ratios (`KVBENCH_BENCH_SAVE=1 make bench`)
@@ -50,7 +52,7 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
                                     f"is {here}: ratios move between hosts, so set them side by side only on one")
     for group, rows in found.items():
         base = saved.get("ratios", {}).get(group, {})
-        terminalreporter.write_sep("-", f"{group}: fastest round × {REFERENCE}'s (same run, same weights)")
+        terminalreporter.write_sep("-", f"{group}: × {REFERENCE}'s, round by round (median; same run, same weights)")
         terminalreporter.write_line(f"  {'row':28s} {'now':>6s} {'baseline':>9s} {'host syncs/step':>16s}   "
                                     f"({saved.get('machine', 'none')})")
         for row, ratio in sorted(rows.items(), key=lambda kv: kv[1]):
