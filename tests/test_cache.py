@@ -9,6 +9,7 @@ from kvbench.kv.cache import PolicyCache
 from kvbench.kv.layer import RECENT_STEPS
 from kvbench.kv.rows import COPIED_MOVES, FEW_ROWS
 from kvbench.policy import Decision, KVPolicy, LayerView, Phase
+from kvbench.runtime.syncs import HostSyncs
 
 
 def test_eviction_really_frees_bytes():
@@ -425,13 +426,10 @@ def test_an_evict_decision_takes_no_masks():
 
 @pytest.mark.parametrize("per_head", [False, True])
 @pytest.mark.parametrize("kind", ["keep", "evict"])
-def test_a_decision_across_layers_leaves_each_layer_what_its_own_part_leaves(kind, per_head, monkeypatch):
-    """`PolicyCache.evict_stacked` reads a [L, ...] decision once and applies each layer's part: every layer then
-    holds the rows, data and counts that applying its own slice gives; the device indices it hands a layer (what a
-    GPU moves rows by, instead of copying the host lists back) are that layer's rows, ascending, where every head
-    evicts the same, and none otherwise."""
-    from kvbench.kv.layer import PolicyLayer
-
+def test_a_decision_across_layers_leaves_each_layer_what_its_own_part_leaves(kind, per_head):
+    """`PolicyCache.evict_stacked` reads a [L, ...] decision once and applies each layer's part from the host lists,
+    reading the device no more: every layer then holds the rows, data and counts that applying its own slice gives
+    (3 layers evicting 2, 3 and 4 rows: row copies and indexed copies; per head: one indexed copy for all heads)."""
     gen = torch.Generator().manual_seed(7)
     layers, heads, n = 3, 3, 30
     caches = [make_cache(Scripted(), layers=layers) for _ in range(2)]
@@ -444,17 +442,16 @@ def test_a_decision_across_layers_leaves_each_layer_what_its_own_part_leaves(kin
     order = torch.stack([torch.randperm(n, generator=gen) for _ in range(layers * rows)]).view(layers, 1, rows, n)
     keep = [torch.ones(1, rows, n, dtype=torch.bool).scatter_(-1, order[i, ..., : 2 + i], False)
             for i in range(layers)]  # layer i evicts 2 + i rows
-    handed = []
-    listed = PolicyLayer.evict_listed
-    monkeypatch.setattr(PolicyLayer, "evict_listed", lambda self, r, index=None: (
-        handed.append(None if index is None else index.tolist()), listed(self, r, index))[1])
     if kind == "evict":  # a decision across layers names the same count in every layer: the first 2 of each
         evict = order[..., :2]
         keep = [torch.ones(1, rows, n, dtype=torch.bool).scatter_(-1, evict[i], False) for i in range(layers)]
-        caches[0].evict_stacked(Decision(evict=evict))
+        decision = Decision(evict=evict)
     else:
-        caches[0].evict_stacked(Decision(keep=torch.stack(keep)))
-    monkeypatch.setattr(PolicyLayer, "evict_listed", listed)
+        decision = Decision(keep=torch.stack(keep))
+    with HostSyncs() as syncs:
+        caches[0].evict_stacked(decision)
+    assert syncs.total == (1 if kind == "evict" else 2)  # the decision read once (`tolist`; `nonzero` first for a
+    # mask), then each layer's rows moved from the lists without a read of the device: none a GPU would wait for
     for i in range(layers):
         caches[1].layers[i].apply(Decision(keep=keep[i]))
     for a, b, kept in zip(caches[0].layers, caches[1].layers, keep, strict=True):
@@ -462,5 +459,3 @@ def test_a_decision_across_layers_leaves_each_layer_what_its_own_part_leaves(kin
         assert torch.equal(a.values, b.values) and a.evicted == b.evicted == int((~kept[0, 0]).sum())
     figures = [{k: v for k, v in cache.ledger.figures().items() if k != "policy_seconds"} for cache in caches]
     assert figures[0] == figures[1]
-    assert handed == ([None] * layers if per_head else [sorted((~k[0, 0]).nonzero().squeeze(-1).tolist())
-                                                        for k in keep])

@@ -120,27 +120,21 @@ class PolicyCache(Cache):
 
     def evict_stacked(self, decision: Decision) -> None:
         """A stacked view's decision (`keep` or `evict` with a leading layer axis), read on the host once for every
-        layer instead of once per layer (on a GPU each read stalls the step), each layer's part then applied."""
+        layer instead of once per layer (on a GPU each read stalls the step), each layer's part then applied from
+        the host lists (`PolicyLayer.evict_listed`, which reads the device no more)."""
         if decision.keep is None and decision.evict is None:
             return
         layers = self.layers
         picked = decision.evict if decision.evict is not None else ~decision.keep
         picked = picked.reshape(len(layers), *(1,) * (4 - picked.dim()), *picked.shape[1:])  # [L, B|1, K|1, *]
-        shared = picked.shape[1] * picked.shape[2] == 1  # one row for every sequence and head: 1-D device indices
         if decision.evict is not None:
-            index = picked.sort(-1).values
-            for layer, rows, idx in zip(layers, index.tolist(), index[:, 0, 0], strict=True):
-                layer.evict_listed(rows, idx if shared else None)
-            return
-        found = picked.nonzero()
-        listed = [[[[] for _ in range(picked.shape[2])] for _ in range(picked.shape[1])] for _ in layers]
-        for i, b, h, t in found.tolist():
-            listed[i][b][h].append(t)
-        start = 0
+            listed = picked.tolist()
+        else:
+            listed = [[[[] for _ in range(picked.shape[2])] for _ in range(picked.shape[1])] for _ in layers]
+            for i, b, h, t in picked.nonzero().tolist():
+                listed[i][b][h].append(t)
         for layer, rows in zip(layers, listed, strict=True):
-            count = sum(len(row) for per_b in rows for row in per_b)
-            layer.evict_listed(rows, found[start:start + count, 3] if shared else None)
-            start += count
+            layer.evict_listed(rows)
 
     # -- accounting (kvbench/kv/accounting.py) ---------------------------------------------------
     def full_bytes(self) -> int:

@@ -422,34 +422,29 @@ class PolicyLayer(CacheLayerMixin):
         return torch.ones(b, h, n, dtype=torch.bool, device=evict.device).scatter_(
             -1, evict.expand(b, h, -1), False)
 
-    def evict_listed(self, evict: list[list[list[int]]], index: torch.Tensor | None = None) -> None:
+    def evict_listed(self, evict: list[list[list[int]]]) -> None:
         """`apply` of an `evict` decision already read on the host ([B|1, K|1, e] row indices, any order), on rows in
-        the model's dtype; `index`: the same rows ascending on the device ([e] for one row serving every head),
-        where the caller holds them, so that a GPU need not copy the lists back."""
-        rows = _listed_indices(evict, self._shape())
-        self._evict(rows=rows, index=index if index is not None and _aligned(rows) else None)
+        the model's dtype."""
+        self._evict(rows=_listed_indices(evict, self._shape()))
 
-    def _evict(self, keep: torch.Tensor | None = None, rows: list[list[int]] | None = None,
-               index: torch.Tensor | None = None) -> None:
-        """`apply` of a decision that only evicts (a `keep` mask, or the evicted `rows` listed per (sequence, head),
-        with `index` their 1-D device indices where every head evicts the same and the caller has them), on rows in
-        the model's dtype: the decode step's case, with the bytes counted directly instead of measured before and
-        after. Rows listed on the host (at most FEW_ENTRIES) move from those lists on a CPU (`Rows.remove_few`); the
-        rest as `apply` moves them."""
+    def _evict(self, keep: torch.Tensor | None = None, rows: list[list[int]] | None = None) -> None:
+        """`apply` of a decision that only evicts (a `keep` mask, or the evicted `rows` listed per (sequence, head)),
+        on rows in the model's dtype: the decode step's case, with the bytes counted directly instead of measured
+        before and after. Rows listed on the host (given so, or a CPU mask's at most FEW_ENTRIES) move from those
+        lists (`Rows.remove_few`, which never reads the device); the rest as `apply` moves them."""
         active, shape = self.active, self._shape()
         drop = None
         if rows is None:
             drop = ~keep
             drop = drop.expand(*drop.shape[:2], shape[2])
             rows = _listed(drop, shape) if self.device.type == "cpu" else None
-        if rows is not None and self.device.type == "cpu":
+        if rows is not None:
             aligned = _aligned(rows)
             count = len(rows[0])
             if count:
                 active.remove_few(rows[:1] if aligned else rows)
         else:
-            idx = index if index is not None else (
-                _index(drop, shape) if drop is not None else _rows_index(rows, shape, self.device))
+            idx = _index(drop, shape)
             aligned, count = idx.dim() == 1, idx.shape[-1]
             active.remove(idx)
         if not count:

@@ -58,6 +58,13 @@ FEW_ROWS = 8  # removals up to this many rows per head run on CPU from host list
 COPIED_MOVES = 2  # up to this many row moves as plain copies (~3 us a buffer each); more as one indexed copy (~7 us)
 
 
+def _on_device(values: list, device: torch.device) -> torch.Tensor:
+    """Indices worked out on the host, on `device`; to a GPU through pinned memory without waiting (a copy from
+    pageable memory would hold the host until the device had caught up)."""
+    host = torch.tensor(values, dtype=torch.long)
+    return host if device.type == "cpu" else host.pin_memory().to(device, non_blocking=True)
+
+
 def _moves(drop: list[int], n: int) -> list[tuple[int, int]]:
     """(hole, row) pairs that fill the holes among the first n - len(drop) rows with the valid rows beyond."""
     if len(drop) == 1:  # a decode step's eviction: the last row fills the hole
@@ -239,7 +246,7 @@ class Rows(TokenRows):
         per (sequence, head): the moves are worked out on the host, where the general path takes a dozen vectorised
         index ops per layer and step (~10 us of fixed overhead each on CPU). One or two moves run as plain row
         copies, more as one indexed copy per buffer; rows that differ per head move in one indexed copy per buffer
-        for all heads."""
+        for all heads. Nothing here reads the device, so on a GPU the host does not wait for it."""
         if len(rows) == 1:
             moves = _moves(rows[0], self.n)
             if len(moves) <= COPIED_MOVES:
@@ -247,7 +254,7 @@ class Rows(TokenRows):
                     for t in self._buffers():
                         t.select(2, hole).copy_(t.select(2, row))
             else:
-                hole, row = torch.tensor(moves, device=self.device).unbind(1)
+                hole, row = _on_device(moves, self.device).unbind(1)
                 for t in self._buffers():
                     t.index_copy_(2, hole, t.index_select(2, row))
         else:
@@ -255,7 +262,7 @@ class Rows(TokenRows):
             moves = [(i // heads, i % heads, hole, row) for i, per_head in enumerate(rows)
                      for hole, row in _moves(per_head, self.n)]
             if moves:
-                b, h, hole, row = torch.tensor(moves, device=self.device).unbind(1)
+                b, h, hole, row = _on_device(moves, self.device).unbind(1)
                 for t in self._buffers():
                     t[b, h, hole] = t[b, h, row]
         self.n -= len(rows[0])
