@@ -76,7 +76,8 @@ def test_decode_output_and_rows_from_one_pass_match_the_reference():
 
 
 @pytest.mark.parametrize("batch,kv_heads,group,q,n,d", [(1, 3, 3, 1, 2064, 64), (1, 1, 4, 1, 700, 256),
-                                                         (1, 3, 1, 5, 300, 16), (2, 2, 2, 7, 513, 32)])
+                                                         (1, 3, 1, 5, 300, 16), (2, 2, 2, 7, 513, 32),
+                                                         (2, 3, 1, 1, 1088, 16)])
 def test_weighted_values_are_bit_equal_to_the_values_broadcast_over_each_group(batch, kv_heads, group, q, n, d):
     """The output of a policy's decode step without copying the values per query head is, bit for bit, what the
     broadcast product gave (the record's cells were computed with it), also over the strided rows a cache holds."""

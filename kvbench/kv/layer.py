@@ -316,7 +316,7 @@ class PolicyLayer(CacheLayerMixin):
     def view(self, attn: torch.Tensor | None, step: int, phase: Phase) -> LayerView:
         f = self.frozen
         frozen_positions, frozen_state = f.view() if f.n else (None, {})
-        self._handed = self.active.state_view()
+        positions, self._handed = self.active.positions_and_state()
         return LayerView(
             layer_idx=self.layer_idx,
             num_layers=self.handle.num_layers,
@@ -324,7 +324,7 @@ class PolicyLayer(CacheLayerMixin):
             full_tokens=self.full_tokens(),
             keys=self.keys,
             values=self.values,
-            positions=self.active.positions(),
+            positions=positions,
             new_tokens=self.new_tokens,
             seen=self.seen,
             attn=attn,

@@ -174,13 +174,20 @@ class Rows(TokenRows):
 
     def state_view(self) -> dict[str, torch.Tensor]:
         """Per-token policy state as [B, K, n] views: in-place edits land in the buffer."""
-        return {name: self.meta[:, :, : self.n, STATE + i] for i, name in enumerate(self.state_names)}
+        return self.positions_and_state()[1]
+
+    def positions_and_state(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`positions()` and the per-token policy state as [B, K, n] views (in-place edits land in the buffer), from
+        one slice of the meta rows: a policy's view is built at every layer and step, where each op counts."""
+        columns = self.meta[:, :, : self.n].unbind(-1)
+        return columns[POS].long(), {name: columns[STATE + i] for i, name in enumerate(self.state_names)}
 
     def set_state(self, state: dict[str, torch.Tensor]) -> None:
         """Write a policy's replaced per-token state (each [B, K, n] or broadcastable) back in place."""
+        columns = self.meta[:, :, : self.n].unbind(-1)
         for i, name in enumerate(self.state_names):
             if name in state:
-                self.meta[:, :, : self.n, STATE + i] = state[name]
+                columns[STATE + i].copy_(state[name])
 
     def _buffers(self) -> list[torch.Tensor]:
         return [self.k, self.v, self.meta]

@@ -96,8 +96,8 @@ def attention_rows(query: torch.Tensor, key: torch.Tensor, rows: int, scaling: f
     kv_heads, n = key.shape[1], key.shape[2]
     w = min(rows, q)
     g = h // kv_heads
-    qw = query[:, :, q - w :, :].float().reshape(b, kv_heads, g * w, d)
-    scores = torch.matmul(qw, key.float().transpose(-1, -2)).mul_(scaling).view(b, kv_heads, g, w, n)
+    qw = _float32(query if w == q else query[:, :, q - w :, :]).reshape(b, kv_heads, g * w, d)
+    scores = torch.matmul(qw, _float32(key).mT).mul_(scaling).view(b, kv_heads, g, w, n)
     if softcap is not None:
         scores = torch.tanh(scores / softcap).mul_(softcap)
     if mask is not None:
@@ -201,13 +201,13 @@ def _attend(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, val
     if shape.softcap is not None and (backend != "flash-attn" or mask is not None):
         # no fused SDPA kernel soft-caps logits: every query's probabilities, as eager attention computes them
         probs = attention_rows(query, key, q, shape.scaling, mask, shape.softcap)
-        out = _weighted_values(probs, value).to(query.dtype)
+        out = _weighted_values(probs, value, query.dtype)
         attn = probs[:, :, :, q - min(rows, q) :] if rows else None
     elif rows and q == 1 and backend == "sdpa":
         # decode step of a policy that reads attention: the output from the same probabilities, so the
         # keys are read once instead of once by SDPA and once more for the rows
         attn = attention_rows(query, key, 1, shape.scaling, mask)
-        out = _weighted_values(attn, value).to(query.dtype)
+        out = _weighted_values(attn, value, query.dtype)
     else:
         if backend == "flash-attn" and mask is None:
             out = _flash(query, key, value, shape.scaling, shape.softcap)
@@ -236,20 +236,27 @@ def frozen_attention(query: torch.Tensor, key: torch.Tensor, frozen_keys: torch.
     return probs[..., :m]
 
 
-def _weighted_values(attn: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """Attention output from probabilities [B, K, G, q, n]: [B, q, H, d]. With query groups (G > 1), a batched
-    product per KV head whose G query heads read its values through a stride-0 view: `matmul` broadcasting the
+def _float32(t: torch.Tensor) -> torch.Tensor:
+    """`t` in float32, without a dispatched no-op cast when it is already (every layer, every step counts)."""
+    return t if t.dtype == torch.float32 else t.float()
+
+
+def _weighted_values(attn: torch.Tensor, value: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Attention output in `dtype` from probabilities [B, K, G, q, n]: [B, q, H, d]. With query groups (G > 1), a
+    batched product per KV head whose G query heads read its values through a stride-0 view: `matmul` broadcasting the
     values over the group axis copies them G times at every step (most of a decode step's attention at thousands of
     tokens), and one [G * q, n] product per KV head, though faster still, rounds differently. tests/test_attention.py
     holds this bit-equal to the broadcast product the record's cells were computed with."""
     b, kv_heads, g, q, n = attn.shape
-    values = value.float()
+    values = _float32(value)
     if g == 1:  # nothing to broadcast: one product for every head
-        out = torch.matmul(attn, values[:, :, None])
+        out = torch.matmul(attn, values.unsqueeze(2))
     else:
         out = torch.stack([torch.bmm(attn[i, k], values[i, k].expand(g, n, -1)) for i in range(b)
                            for k in range(kv_heads)]).view(b, kv_heads, g, q, -1)
-    return out.permute(0, 3, 1, 2, 4).reshape(b, q, kv_heads * g, -1)
+    # one query: [B, K, G, 1, d] is already [B, 1, H, d] in memory
+    out = out.view(b, 1, kv_heads * g, -1) if q == 1 else out.permute(0, 3, 1, 2, 4).reshape(b, q, kv_heads * g, -1)
+    return out if out.dtype == dtype else out.to(dtype)
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, kvbench_attention)
