@@ -185,7 +185,8 @@ class ASRKF(KVPolicy, Observes, ActsBeforeStep, ReadsQueries, RollsBack):
 
     def step(self, view: LayerView) -> Decision | None:
         s, pos = view.state, view.positions[:, :1]  # per-layer decision: one row serves every KV head
-        rows = view.attn.mean(dim=3)  # [B, K, G, n]: mean over the last queries
+        attn = view.attn  # [B, K, G, w, n]; [B, K, G, n] below: mean over the last queries (one row is its own mean)
+        rows = attn.squeeze(3) if attn.shape[3] == 1 else attn.mean(dim=3)
         seen_attn = (rows.mean(dim=(1, 2)) if self.heads == "mean" else rows.amax(dim=(1, 2)))[:, None]  # [B, 1, n]
         rate = 1.0 if view.prefill else 1.0 / self.window
         importance = s["importance"][:, :1]
@@ -197,8 +198,8 @@ class ASRKF(KVPolicy, Observes, ActsBeforeStep, ReadsQueries, RollsBack):
         duration = self._duration(count)
         freeze = low & (duration >= 1)
         until = torch.where(freeze, view.step + duration, s["until"][:, :1])
-        shape = s["count"].shape
-        s["importance"], s["count"], s["until"] = (t.expand(shape) for t in (importance, count, until))
+        for name, value in (("importance", importance), ("count", count), ("until", until)):
+            s[name].copy_(value)  # in place, into every KV head's copy
 
         thaw = None
         if view.frozen_positions is not None:

@@ -61,11 +61,12 @@ class Lethe(KVPolicy):
                 "threshold_doublings": self._doublings}
 
     def step(self, view: LayerView) -> Decision | None:
-        score = accumulate(view, "score", per_layer(view.attn), decay=self.gamma)[:, 0]  # [B, n]
+        score = accumulate(view, "score", per_layer(view.attn), decay=self.gamma)
         cap = self.capacity(view.full_tokens)
         threshold = self._threshold.setdefault(view.layer_idx, cap)
         if view.n <= threshold:
             return None
+        score = score[:, 0]  # [B, n]
         self._sparsity.setdefault(view.layer_idx, []).append(hoyer(score[0]))
         ordered = score.sort(dim=-1, descending=True)
         cumulative = ordered.values.cumsum(-1) / ordered.values.sum(-1, keepdim=True).clamp_min(1e-12)
