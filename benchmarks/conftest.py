@@ -43,8 +43,8 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
     if session is None or not session.benchmarks:
         return
     found = ratios(session.benchmarks)
-    syncs = {b.extra_info.get("row", b.name): b.extra_info["host_syncs_per_step"] for b in session.benchmarks
-             if "host_syncs_per_step" in b.extra_info}
+    syncs, ops = ({b.extra_info.get("row", b.name): b.extra_info[key] for b in session.benchmarks
+                   if key in b.extra_info} for key in ("host_syncs_per_step", "ops_per_step"))
     saved = json.loads(BASELINE.read_text()) if BASELINE.is_file() else {}
     here = machine()
     if saved and not saved.get("machine", "").startswith(here):
@@ -53,12 +53,13 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
     for group, rows in found.items():
         base = saved.get("ratios", {}).get(group, {})
         terminalreporter.write_sep("-", f"{group}: × {REFERENCE}'s, round by round (median; same run, same weights)")
-        terminalreporter.write_line(f"  {'row':28s} {'now':>6s} {'baseline':>9s} {'host syncs/step':>16s}   "
-                                    f"({saved.get('machine', 'none')})")
+        terminalreporter.write_line(f"  {'row':28s} {'now':>6s} {'baseline':>9s} {'host syncs/step':>16s} "
+                                    f"{'ops/step':>9s}   (baseline: {saved.get('machine', 'none')})")
         for row, ratio in sorted(rows.items(), key=lambda kv: kv[1]):
             was = f"{base[row]:9.2f}" if row in base else f"{'-':>9s}"
             count = f"{syncs[row]:16.1f}" if row in syncs else f"{'-':>16s}"
-            terminalreporter.write_line(f"  {row:28s} {ratio:6.2f} {was} {count}")
+            launched = f"{ops[row]:9.0f}" if row in ops else f"{'-':>9s}"
+            terminalreporter.write_line(f"  {row:28s} {ratio:6.2f} {was} {count} {launched}")
     if os.environ.get("KVBENCH_BENCH_SAVE"):
         BASELINE.write_text(json.dumps({"machine": here, "ratios": found}, indent=1, sort_keys=True) + "\n")
         terminalreporter.write_line(f"wrote {BASELINE}")
