@@ -12,11 +12,10 @@ from collections.abc import Callable
 import pytest
 import torch
 import transformers
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from kvbench.policy import available, make_policy, policy_class
 from kvbench.runtime.engine import Engine
-from kvbench.runtime.syncs import HostSyncs
+from kvbench.runtime.syncs import DispatchedOps, HostSyncs
 
 PROMPT, STEPS, BUDGET, VOCAB = 1024, 64, 256, 512
 CONFIG = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=30, num_attention_heads=3,
@@ -33,19 +32,6 @@ class _Tokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return " ".join(map(str, ids))
-
-
-class Ops(TorchDispatchMode):
-    """`with Ops() as ops: ...`; then `ops.count`, the tensor ops dispatched (views included). Where the host decides
-    the step, each is a launch: unlike a time, the count does not move with the host's load."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def build(attention: str) -> torch.nn.Module:
@@ -105,9 +91,9 @@ def test_transformers(benchmark, prompt):
     model = build("sdpa")
     benchmark.group, benchmark.extra_info["row"] = "decode step", "transformers"
     cache, token = transformers_prefill(model, prompt)
-    with Ops() as ops:
+    with DispatchedOps() as ops:
         transformers_steps(model, cache, token)
-    benchmark.extra_info["ops_per_step"] = ops.count / STEPS
+    benchmark.extra_info["ops_per_step"] = ops.total / STEPS
     benchmark.pedantic(lambda cache, token: transformers_steps(model, cache, token),
                        setup=lambda: (transformers_prefill(model, prompt), {}), rounds=ROUNDS, warmup_rounds=1)
 
@@ -155,9 +141,9 @@ def kvbench_decode(benchmark, engine: Engine, prompt: list[int], reference: Call
 
     (session, token), _ = prefilled()
     references.clear()
-    with HostSyncs() as syncs, Ops() as ops:
+    with HostSyncs() as syncs, DispatchedOps() as ops:
         steps(session, token)
     benchmark.extra_info["host_syncs_per_step"] = syncs.total / STEPS  # what each step would stall a GPU for
-    benchmark.extra_info["ops_per_step"] = ops.count / STEPS
+    benchmark.extra_info["ops_per_step"] = ops.total / STEPS  # what each step launches
     benchmark.pedantic(decode, setup=prefilled, rounds=ROUNDS, warmup_rounds=1)
     benchmark.extra_info["paired_ratios"] = [t / r for r, t in zip(references, rounds, strict=True)][1:]

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from kvbench.runtime.attention import _sdpa, _weighted_values, attention_rows, kvbench_attention
+from kvbench.runtime.syncs import DispatchedOps
 
 
 def reference(query, key, value, scaling):
@@ -73,6 +74,25 @@ def test_decode_output_and_rows_from_one_pass_match_the_reference():
     assert layer == 4 and attn.shape == (1, 2, 3, 1, 11)
     torch.testing.assert_close(attn.reshape(1, 6, 1, 11), probs, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(out, _sdpa(q, k, v, 0.4), atol=1e-5, rtol=1e-5)  # same as without a policy
+
+
+def test_a_float32_decode_step_that_reads_attention_casts_nothing():
+    """Where the host decides the step, every dispatched op is a launch: in float32 the probabilities and the output
+    are computed without a cast (a no-op `.float()` or `.to()` is still dispatched); in bfloat16 the output comes back
+    in the model's dtype."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 6, 1, 8, generator=g)
+    k, v = torch.randn(2, 1, 2, 11, 8, generator=g)
+    module = torch.nn.Module()
+    module.layer_idx = 0
+    wanted = RowsWanted(32)
+    with torch.inference_mode(), DispatchedOps() as ops:  # as the engine runs a forward
+        out, _ = kvbench_attention(module, q, k, v, None, scaling=0.4, kvbench_step=wanted)
+    assert out.dtype == torch.float32 and len(wanted.handed) == 1  # the path that reads attention ran
+    assert not [name for name in ops.names if name.startswith(("aten.to.", "aten._to_copy."))], ops.names
+    half, _ = kvbench_attention(module, q.bfloat16(), k.bfloat16(), v.bfloat16(), None, scaling=0.4,
+                                kvbench_step=RowsWanted(32))
+    assert half.dtype == torch.bfloat16 and half.shape == out.shape
 
 
 @pytest.mark.parametrize("batch,kv_heads,group,q,n,d", [(1, 3, 3, 1, 2064, 64), (1, 1, 4, 1, 700, 256),

@@ -10,29 +10,30 @@ sys.path[:0] = [".", "benchmarks", str(Path(__file__).parent)]
 
 import floor  # noqa: E402, F401  (registers `observer`)
 import torch  # noqa: E402
-from test_decode_step import BUDGET, PROMPT, STEPS, VOCAB, Ops, _Tokenizer, build, transformers_prefill  # noqa: E402
+from test_decode_step import BUDGET, PROMPT, STEPS, VOCAB, _Tokenizer, build, transformers_prefill  # noqa: E402
 
 from kvbench.policy import make_policy, policy_class  # noqa: E402
 from kvbench.runtime.engine import Engine  # noqa: E402
+from kvbench.runtime.syncs import DispatchedOps  # noqa: E402
 
 
 def transformers_ops(model: torch.nn.Module, prompt: list[int]) -> float:
     cache, token = transformers_prefill(model, prompt)
-    with Ops() as ops:
+    with DispatchedOps() as ops:
         for i in range(STEPS):
             out = model(input_ids=torch.tensor([[token]]), past_key_values=cache,
                         position_ids=torch.tensor([[PROMPT + i]]), use_cache=True)
             token = int(out.logits[0, -1].argmax())
-    return ops.count / STEPS
+    return ops.total / STEPS
 
 
 def kvbench_ops(engine: Engine, prompt: list[int], method: str) -> float:
     session = engine.session(make_policy(method, BUDGET if policy_class(method).uses_budget else None))
     token = int(session.feed(prompt).argmax())
-    with Ops() as ops:
+    with DispatchedOps() as ops:
         for _ in range(STEPS):
             token, _, _ = session.decode_step(token)
-    return ops.count / STEPS
+    return ops.total / STEPS
 
 
 def main() -> None:
