@@ -59,13 +59,19 @@ class RowsWanted:
         self.handed.append((layer_idx, attn))
 
 
-def test_decode_output_and_rows_from_one_pass_match_the_reference():
-    # a decode step of a policy that reads attention computes the output from the rows it hands over
-    g = torch.Generator().manual_seed(3)
+def decode_step(seed: int, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.nn.Module]:
+    """One decode query of 6 heads over 11 keys of 2 KV heads (d = 8), and the layer module attending them."""
+    g = torch.Generator().manual_seed(seed)
     q = torch.randn(1, 6, 1, 8, generator=g)
     k, v = torch.randn(2, 1, 2, 11, 8, generator=g)
     module = torch.nn.Module()
-    module.layer_idx = 4
+    module.layer_idx = layer_idx
+    return q, k, v, module
+
+
+def test_decode_output_and_rows_from_one_pass_match_the_reference():
+    # a decode step of a policy that reads attention computes the output from the rows it hands over
+    q, k, v, module = decode_step(3, layer_idx=4)
     wanted = RowsWanted(32)
     out, _ = kvbench_attention(module, q, k, v, None, scaling=0.4, kvbench_step=wanted)
     ref, probs = reference(q, k, v, 0.4)
@@ -80,11 +86,7 @@ def test_a_float32_decode_step_that_reads_attention_casts_nothing():
     """Where the host decides the step, every dispatched op is a launch: in float32 the probabilities and the output
     are computed without a cast (a no-op `.float()` or `.to()` is still dispatched); in bfloat16 the output comes back
     in the model's dtype."""
-    g = torch.Generator().manual_seed(5)
-    q = torch.randn(1, 6, 1, 8, generator=g)
-    k, v = torch.randn(2, 1, 2, 11, 8, generator=g)
-    module = torch.nn.Module()
-    module.layer_idx = 0
+    q, k, v, module = decode_step(5, layer_idx=0)
     wanted = RowsWanted(32)
     with torch.inference_mode(), DispatchedOps() as ops:  # as the engine runs a forward
         out, _ = kvbench_attention(module, q, k, v, None, scaling=0.4, kvbench_step=wanted)
